@@ -2,7 +2,12 @@
 //! and property tests, and by anyone embedding the server without storage.
 //!
 //! Blocks of 4 KiB are allocated on first write; unallocated blocks read as zeros and
-//! are reported as holes. Memory is bounded by the export size.
+//! are reported as holes. Memory is bounded by twice the export size.
+//!
+//! It models a volatile cache in front of stable storage: writes land in `volatile`;
+//! FLUSH copies it to `durable`; FUA applies the same change to both; [`MemBackend::crash`]
+//! throws away what was not made durable. Tests use that to check that the server
+//! keeps the NBD durability contract (for instance, multi-connection FLUSH).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -16,27 +21,48 @@ use crate::wire;
 
 const BLOCK: u64 = 4096;
 
+type Blocks = BTreeMap<u64, Box<[u8]>>;
+
+#[derive(Default)]
+struct State {
+    volatile: Blocks,
+    durable: Blocks,
+}
+
 pub struct MemBackend {
     size: u64,
-    blocks: Mutex<BTreeMap<u64, Box<[u8]>>>,
+    state: Mutex<State>,
 }
 
 impl MemBackend {
     pub fn new(size: u64) -> MemBackend {
-        MemBackend { size, blocks: Mutex::new(BTreeMap::new()) }
+        MemBackend { size, state: Mutex::new(State::default()) }
     }
 
     /// Number of allocated 4 KiB blocks (for tests of TRIM and zeroing).
     pub fn allocated_blocks(&self) -> usize {
-        self.blocks.lock().unwrap().len()
+        self.state.lock().unwrap().volatile.len()
+    }
+
+    /// Simulates a power loss: everything not flushed (or written with FUA) is lost.
+    pub fn crash(&self) {
+        let mut st = self.state.lock().unwrap();
+        st.volatile = st.durable.clone();
     }
 
     fn block_len(&self, index: u64) -> usize {
         (self.size - index * BLOCK).min(BLOCK) as usize
     }
 
-    fn zero_range(&self, offset: u64, len: u32, punch: bool) {
-        let mut blocks = self.blocks.lock().unwrap();
+    fn apply(&self, fua: bool, change: impl Fn(&mut Blocks)) {
+        let mut st = self.state.lock().unwrap();
+        change(&mut st.volatile);
+        if fua {
+            change(&mut st.durable);
+        }
+    }
+
+    fn zero_range(&self, blocks: &mut Blocks, offset: u64, len: u32, punch: bool) {
         let end = offset + u64::from(len);
         let mut pos = offset;
         while pos < end {
@@ -62,7 +88,8 @@ impl Backend for MemBackend {
         assert!(offset + u64::from(len) <= self.size);
         let mut out = BytesMut::zeroed(len as usize);
         {
-            let blocks = self.blocks.lock().unwrap();
+            let st = self.state.lock().unwrap();
+            let blocks = &st.volatile;
             let end = offset + u64::from(len);
             for (&index, data) in blocks.range(offset / BLOCK..end.div_ceil(BLOCK)) {
                 let b_start = index * BLOCK;
@@ -75,29 +102,20 @@ impl Backend for MemBackend {
         Ok(crate::backend::split_zero_runs(offset, out.freeze()))
     }
 
-    async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> BackendResult<()> {
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> BackendResult<()> {
         assert!(offset + data.len() as u64 <= self.size);
-        let mut blocks = self.blocks.lock().unwrap();
-        let mut pos = 0usize;
-        while pos < data.len() {
-            let at = offset + pos as u64;
-            let index = at / BLOCK;
-            let in_block = (at % BLOCK) as usize;
-            let n = ((BLOCK as usize) - in_block).min(data.len() - pos);
-            let block_len = self.block_len(index);
-            let b = blocks.entry(index).or_insert_with(|| vec![0u8; block_len].into_boxed_slice());
-            b[in_block..in_block + n].copy_from_slice(&data[pos..pos + n]);
-            pos += n;
-        }
+        self.apply(fua, |blocks| self.write_into(blocks, offset, &data));
         Ok(())
     }
 
     async fn flush(&self) -> BackendResult<()> {
+        let mut st = self.state.lock().unwrap();
+        st.durable = st.volatile.clone();
         Ok(())
     }
 
-    async fn trim(&self, offset: u64, len: u32, _fua: bool) -> BackendResult<()> {
-        self.zero_range(offset, len, true);
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> BackendResult<()> {
+        self.apply(fua, |blocks| self.zero_range(blocks, offset, len, true));
         Ok(())
     }
 
@@ -106,12 +124,13 @@ impl Backend for MemBackend {
             // Zeroing while keeping allocation costs as much as writing here.
             return Err(BackendError::NotSupported("fast zero with NO_HOLE"));
         }
-        self.zero_range(offset, len, !flags.no_hole);
+        self.apply(flags.fua, |blocks| self.zero_range(blocks, offset, len, !flags.no_hole));
         Ok(())
     }
 
     async fn block_status(&self, offset: u64, len: u32, extents_max: usize) -> BackendResult<Vec<Extent>> {
-        let blocks = self.blocks.lock().unwrap();
+        let st = self.state.lock().unwrap();
+        let blocks = &st.volatile;
         let end = (offset + u64::from(len)).min(self.size);
         let mut extents: Vec<Extent> = Vec::new();
         let mut pos = offset;
@@ -131,6 +150,22 @@ impl Backend for MemBackend {
 
     async fn cache(&self, _offset: u64, _len: u32) -> BackendResult<()> {
         Ok(())
+    }
+}
+
+impl MemBackend {
+    fn write_into(&self, blocks: &mut Blocks, offset: u64, data: &[u8]) {
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let at = offset + pos as u64;
+            let index = at / BLOCK;
+            let in_block = (at % BLOCK) as usize;
+            let n = ((BLOCK as usize) - in_block).min(data.len() - pos);
+            let block_len = self.block_len(index);
+            let b = blocks.entry(index).or_insert_with(|| vec![0u8; block_len].into_boxed_slice());
+            b[in_block..in_block + n].copy_from_slice(&data[pos..pos + n]);
+            pos += n;
+        }
     }
 }
 
