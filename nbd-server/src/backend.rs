@@ -42,13 +42,22 @@ impl BlockSizes {
     /// Checks the spec's rules on advertised sizes.
     pub fn validate(&self) -> Result<(), String> {
         if !self.minimum.is_power_of_two() || self.minimum > 65536 {
-            return Err(format!("minimum block size {} must be a power of two <= 65536", self.minimum));
+            return Err(format!(
+                "minimum block size {} must be a power of two <= 65536",
+                self.minimum
+            ));
         }
         if !self.preferred.is_power_of_two() || self.preferred < self.minimum.max(512) {
-            return Err(format!("preferred block size {} must be a power of two >= max(minimum, 512)", self.preferred));
+            return Err(format!(
+                "preferred block size {} must be a power of two >= max(minimum, 512)",
+                self.preferred
+            ));
         }
         if self.maximum < self.preferred {
-            return Err(format!("maximum payload {} must be >= preferred {}", self.maximum, self.preferred));
+            return Err(format!(
+                "maximum payload {} must be >= preferred {}",
+                self.maximum, self.preferred
+            ));
         }
         Ok(())
     }
@@ -88,7 +97,10 @@ impl ExportInfo {
         set(self.can_flush, wire::FLAG_SEND_FLUSH);
         set(self.can_fua, wire::FLAG_SEND_FUA);
         set(self.can_trim && !self.read_only, wire::FLAG_SEND_TRIM);
-        set(self.can_write_zeroes && !self.read_only, wire::FLAG_SEND_WRITE_ZEROES);
+        set(
+            self.can_write_zeroes && !self.read_only,
+            wire::FLAG_SEND_WRITE_ZEROES,
+        );
         set(
             self.can_write_zeroes && self.can_fast_zero && !self.read_only,
             wire::FLAG_SEND_FAST_ZERO,
@@ -253,11 +265,30 @@ pub type BackendResult<T> = Result<T, BackendError>;
 /// `flags.fua` or `flush` returns `Ok`, the data they cover (for `flush`: every write
 /// that returned `Ok` before `flush` was called, on any connection) survives a crash.
 pub trait Backend: Send + Sync + 'static {
-    fn read(&self, offset: u64, len: u32) -> impl Future<Output = BackendResult<Vec<ReadChunk>>> + Send;
-    fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = BackendResult<()>> + Send;
+    fn read(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = BackendResult<Vec<ReadChunk>>> + Send;
+    fn write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> impl Future<Output = BackendResult<()>> + Send;
     fn flush(&self) -> impl Future<Output = BackendResult<()>> + Send;
-    fn trim(&self, offset: u64, len: u32, fua: bool) -> impl Future<Output = BackendResult<()>> + Send;
-    fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> impl Future<Output = BackendResult<()>> + Send;
+    fn trim(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    ) -> impl Future<Output = BackendResult<()>> + Send;
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        flags: ZeroFlags,
+    ) -> impl Future<Output = BackendResult<()>> + Send;
     /// Allocation status from `offset`, covering at least one byte and at most
     /// `extents_max` extents; the extents may stop short of `len` and the last may run
     /// past it (but never past the export's end).
@@ -279,7 +310,10 @@ pub struct Export<B> {
 
 impl<B> Clone for Export<B> {
     fn clone(&self) -> Self {
-        Export { info: self.info.clone(), backend: Arc::clone(&self.backend) }
+        Export {
+            info: self.info.clone(),
+            backend: Arc::clone(&self.backend),
+        }
     }
 }
 
@@ -298,7 +332,10 @@ mod tests {
     use super::*;
 
     fn lens(chunks: &[ReadChunk]) -> Vec<(bool, u32)> {
-        chunks.iter().map(|c| (matches!(c, ReadChunk::Zero(_)), c.len())).collect()
+        chunks
+            .iter()
+            .map(|c| (matches!(c, ReadChunk::Zero(_)), c.len()))
+            .collect()
     }
 
     #[test]
@@ -306,7 +343,10 @@ mod tests {
         let mut v = vec![0u8; 5 * 4096];
         v[4096 + 7] = 1; // block 1 has data
         let chunks = split_zero_runs(0, Bytes::from(v.clone()));
-        assert_eq!(lens(&chunks), vec![(true, 4096), (false, 4096), (true, 3 * 4096)]);
+        assert_eq!(
+            lens(&chunks),
+            vec![(true, 4096), (false, 4096), (true, 3 * 4096)]
+        );
 
         // Unaligned start: the partial first grain stays data even if zero.
         let chunks = split_zero_runs(100, Bytes::from(v[..8192].to_vec()));

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use crate::backend::{
-    Backend, BackendError, BackendResult, BlockSizes, Catalog, Export, ExportInfo, Extent, ReadChunk, ZeroFlags,
+    Backend, BackendError, BackendResult, BlockSizes, Catalog, Export, ExportInfo, Extent,
+    ReadChunk, ZeroFlags,
 };
 use crate::wire;
 
@@ -30,7 +31,10 @@ impl FileBackend {
     pub fn open(path: &Path, read_only: bool) -> std::io::Result<FileBackend> {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         let size = file.metadata()?.len();
-        Ok(FileBackend { file: Arc::new(file), size })
+        Ok(FileBackend {
+            file: Arc::new(file),
+            size,
+        })
     }
 
     pub fn size(&self) -> u64 {
@@ -59,7 +63,12 @@ impl FileBackend {
             let rest = &mut buf[done..];
             // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes.
             let n = unsafe {
-                libc::pread(self.fd(), rest.as_mut_ptr().cast(), rest.len(), (offset + done as u64) as libc::off_t)
+                libc::pread(
+                    self.fd(),
+                    rest.as_mut_ptr().cast(),
+                    rest.len(),
+                    (offset + done as u64) as libc::off_t,
+                )
             };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
@@ -83,10 +92,14 @@ fn pwrite_all(fd: i32, data: &[u8], offset: u64, dsync: bool) -> std::io::Result
     let mut done = 0usize;
     while done < data.len() {
         let rest = &data[done..];
-        let iov = libc::iovec { iov_base: rest.as_ptr() as *mut _, iov_len: rest.len() };
+        let iov = libc::iovec {
+            iov_base: rest.as_ptr() as *mut _,
+            iov_len: rest.len(),
+        };
         let flags = if dsync { libc::RWF_DSYNC } else { 0 };
         // SAFETY: one iovec over a live, readable buffer.
-        let n = unsafe { libc::pwritev2(fd, &iov, 1, (offset + done as u64) as libc::off_t, flags) };
+        let n =
+            unsafe { libc::pwritev2(fd, &iov, 1, (offset + done as u64) as libc::off_t, flags) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -101,7 +114,14 @@ fn pwrite_all(fd: i32, data: &[u8], offset: u64, dsync: bool) -> std::io::Result
 
 fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
     // SAFETY: plain syscall on an owned descriptor.
-    let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
     if r < 0 {
         Err(std::io::Error::last_os_error())
     } else {
@@ -110,7 +130,10 @@ fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> std::io::Result<(
 }
 
 fn is_unsupported(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)
+    )
 }
 
 /// Writes zeros with ordinary writes, for filesystems without fallocate modes.
@@ -144,21 +167,26 @@ impl Backend for FileBackend {
         // SAFETY: pread_exact fills every byte of the buffer (or zero-fills at EOF)
         // before it is read; on error the buffer is dropped unread.
         unsafe { buf.set_len(len as usize) };
-        self.pread_exact(&mut buf, offset).map_err(|e| BackendError::io("read export file", e))?;
+        self.pread_exact(&mut buf, offset)
+            .map_err(|e| BackendError::io("read export file", e))?;
         Ok(crate::backend::split_zero_runs(offset, buf.freeze()))
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> BackendResult<()> {
         if fua {
             return self
-                .blocking("write export file (FUA)", move |f| pwrite_all(f.as_raw_fd(), &data, offset, true))
+                .blocking("write export file (FUA)", move |f| {
+                    pwrite_all(f.as_raw_fd(), &data, offset, true)
+                })
                 .await;
         }
-        pwrite_all(self.fd(), &data, offset, false).map_err(|e| BackendError::io("write export file", e))
+        pwrite_all(self.fd(), &data, offset, false)
+            .map_err(|e| BackendError::io("write export file", e))
     }
 
     async fn flush(&self) -> BackendResult<()> {
-        self.blocking("fdatasync export file", |f| f.sync_data()).await
+        self.blocking("fdatasync export file", |f| f.sync_data())
+            .await
     }
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> BackendResult<()> {
@@ -208,7 +236,12 @@ impl Backend for FileBackend {
         Ok(())
     }
 
-    async fn block_status(&self, offset: u64, len: u32, extents_max: usize) -> BackendResult<Vec<Extent>> {
+    async fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+        extents_max: usize,
+    ) -> BackendResult<Vec<Extent>> {
         let end = (offset + u64::from(len)).min(self.size);
         let size = self.size;
         let fd = self.fd();
@@ -216,16 +249,28 @@ impl Backend for FileBackend {
         let mut pos = offset;
         let io = |e| BackendError::io("seek data/hole in export file", e);
         while pos < end && extents.len() < extents_max {
-            let data = lseek(fd, pos, libc::SEEK_DATA).map_err(io)?.unwrap_or(size).min(size);
+            let data = lseek(fd, pos, libc::SEEK_DATA)
+                .map_err(io)?
+                .unwrap_or(size)
+                .min(size);
             if data > pos {
                 let hole_end = data.min(end);
-                extents.push(Extent { length: (hole_end - pos) as u32, flags: wire::STATE_HOLE | wire::STATE_ZERO });
+                extents.push(Extent {
+                    length: (hole_end - pos) as u32,
+                    flags: wire::STATE_HOLE | wire::STATE_ZERO,
+                });
                 pos = hole_end;
                 continue;
             }
-            let hole = lseek(fd, pos, libc::SEEK_HOLE).map_err(io)?.unwrap_or(size).min(size);
+            let hole = lseek(fd, pos, libc::SEEK_HOLE)
+                .map_err(io)?
+                .unwrap_or(size)
+                .min(size);
             let data_end = hole.min(end).max(pos + 1);
-            extents.push(Extent { length: (data_end - pos) as u32, flags: 0 });
+            extents.push(Extent {
+                length: (data_end - pos) as u32,
+                flags: 0,
+            });
             pos = data_end;
         }
         Ok(extents)
@@ -234,9 +279,19 @@ impl Backend for FileBackend {
     async fn cache(&self, offset: u64, len: u32) -> BackendResult<()> {
         let fd = self.fd();
         // SAFETY: plain syscall; advisory only.
-        let r = unsafe { libc::posix_fadvise(fd, offset as libc::off_t, len as libc::off_t, libc::POSIX_FADV_WILLNEED) };
+        let r = unsafe {
+            libc::posix_fadvise(
+                fd,
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
         if r != 0 {
-            return Err(BackendError::io("fadvise export file", std::io::Error::from_raw_os_error(r)));
+            return Err(BackendError::io(
+                "fadvise export file",
+                std::io::Error::from_raw_os_error(r),
+            ));
         }
         Ok(())
     }
@@ -248,7 +303,12 @@ pub struct FileCatalog {
 }
 
 impl FileCatalog {
-    pub fn new(path: &Path, name: &str, description: &str, read_only: bool) -> std::io::Result<FileCatalog> {
+    pub fn new(
+        path: &Path,
+        name: &str,
+        description: &str,
+        read_only: bool,
+    ) -> std::io::Result<FileCatalog> {
         let backend = FileBackend::open(path, read_only)?;
         let size = backend.size();
         let info = ExportInfo {
@@ -265,7 +325,12 @@ impl FileCatalog {
             can_cache: true,
             can_multi_conn: true,
         };
-        Ok(FileCatalog { export: Export { info, backend: Arc::new(backend) } })
+        Ok(FileCatalog {
+            export: Export {
+                info,
+                backend: Arc::new(backend),
+            },
+        })
     }
 
     pub fn info(&self) -> &ExportInfo {
@@ -277,7 +342,10 @@ impl Catalog for FileCatalog {
     type Backend = FileBackend;
 
     fn list(&self) -> Vec<(String, String)> {
-        vec![(self.export.info.name.clone(), self.export.info.description.clone())]
+        vec![(
+            self.export.info.name.clone(),
+            self.export.info.description.clone(),
+        )]
     }
 
     fn lookup(&self, name: &str) -> Option<Export<FileBackend>> {
@@ -298,15 +366,32 @@ mod tests {
         drop(f);
         let b = FileBackend::open(&path, false).unwrap();
         let all_hole = b.block_status(0, 1 << 20, 100).await.unwrap();
-        assert_eq!(all_hole, vec![Extent { length: 1 << 20, flags: 3 }]);
-        b.write(65536, Bytes::from(vec![1u8; 4096]), false).await.unwrap();
+        assert_eq!(
+            all_hole,
+            vec![Extent {
+                length: 1 << 20,
+                flags: 3
+            }]
+        );
+        b.write(65536, Bytes::from(vec![1u8; 4096]), false)
+            .await
+            .unwrap();
         let st = b.block_status(0, 1 << 20, 100).await.unwrap();
-        assert!(st.iter().any(|e| e.flags == 0), "written block must show as data: {st:?}");
+        assert!(
+            st.iter().any(|e| e.flags == 0),
+            "written block must show as data: {st:?}"
+        );
         let total: u64 = st.iter().map(|e| u64::from(e.length)).sum();
         assert_eq!(total, 1 << 20);
         b.trim(65536, 4096, true).await.unwrap();
         let st = b.block_status(0, 1 << 20, 100).await.unwrap();
-        assert_eq!(st, vec![Extent { length: 1 << 20, flags: 3 }]);
+        assert_eq!(
+            st,
+            vec![Extent {
+                length: 1 << 20,
+                flags: 3
+            }]
+        );
         let r = b.read(65536, 4096).await.unwrap();
         assert_eq!(r, vec![ReadChunk::Zero(4096)]);
     }

@@ -98,10 +98,19 @@ impl Negotiation {
     }
 
     /// Handles one option with its whole payload.
-    pub fn option<C: Catalog>(&mut self, opt: u32, data: &[u8], catalog: &C, out: &mut BytesMut) -> Step<C::Backend> {
+    pub fn option<C: Catalog>(
+        &mut self,
+        opt: u32,
+        data: &[u8],
+        catalog: &C,
+        out: &mut BytesMut,
+    ) -> Step<C::Backend> {
         self.options_seen += 1;
         if self.options_seen > limits::OPTIONS_PER_HANDSHAKE_MAX {
-            return Step::Disconnect(format!("more than {} options", limits::OPTIONS_PER_HANDSHAKE_MAX));
+            return Step::Disconnect(format!(
+                "more than {} options",
+                limits::OPTIONS_PER_HANDSHAKE_MAX
+            ));
         }
         match opt {
             wire::OPT_EXPORT_NAME => self.export_name(data, catalog, out),
@@ -111,7 +120,12 @@ impl Negotiation {
             }
             wire::OPT_LIST => {
                 if !data.is_empty() {
-                    option_reply(out, opt, wire::REP_ERR_INVALID, b"NBD_OPT_LIST takes no data");
+                    option_reply(
+                        out,
+                        opt,
+                        wire::REP_ERR_INVALID,
+                        b"NBD_OPT_LIST takes no data",
+                    );
                     return Step::Continue;
                 }
                 for (name, description) in catalog.list() {
@@ -126,18 +140,38 @@ impl Negotiation {
             }
             wire::OPT_STARTTLS => {
                 if !data.is_empty() {
-                    option_reply(out, opt, wire::REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data");
+                    option_reply(
+                        out,
+                        opt,
+                        wire::REP_ERR_INVALID,
+                        b"NBD_OPT_STARTTLS takes no data",
+                    );
                 } else {
-                    option_reply(out, opt, wire::REP_ERR_POLICY, b"TLS is not enabled on this server");
+                    option_reply(
+                        out,
+                        opt,
+                        wire::REP_ERR_POLICY,
+                        b"TLS is not enabled on this server",
+                    );
                 }
                 Step::Continue
             }
             wire::OPT_INFO | wire::OPT_GO => self.info_or_go(opt, data, catalog, out),
             wire::OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    option_reply(out, opt, wire::REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data");
+                    option_reply(
+                        out,
+                        opt,
+                        wire::REP_ERR_INVALID,
+                        b"NBD_OPT_STRUCTURED_REPLY takes no data",
+                    );
                 } else if self.structured_replies {
-                    option_reply(out, opt, wire::REP_ERR_INVALID, b"structured replies already negotiated");
+                    option_reply(
+                        out,
+                        opt,
+                        wire::REP_ERR_INVALID,
+                        b"structured replies already negotiated",
+                    );
                 } else {
                     self.structured_replies = true;
                     option_reply(out, opt, wire::REP_ACK, b"");
@@ -155,7 +189,12 @@ impl Negotiation {
         }
     }
 
-    fn export_name<C: Catalog>(&mut self, data: &[u8], catalog: &C, out: &mut BytesMut) -> Step<C::Backend> {
+    fn export_name<C: Catalog>(
+        &mut self,
+        data: &[u8],
+        catalog: &C,
+        out: &mut BytesMut,
+    ) -> Step<C::Backend> {
         let Ok(name) = std::str::from_utf8(data) else {
             return Step::Disconnect("EXPORT_NAME is not UTF-8".into());
         };
@@ -171,7 +210,12 @@ impl Negotiation {
         Step::Transmission(export, negotiated)
     }
 
-    fn negotiated(&self, requested_name: &str, info: &ExportInfo, block_size_agreed: bool) -> Negotiated {
+    fn negotiated(
+        &self,
+        requested_name: &str,
+        info: &ExportInfo,
+        block_size_agreed: bool,
+    ) -> Negotiated {
         let base_allocation = self.structured_replies
             && matches!(&self.meta_selection, Some((name, true)) if name == requested_name);
         Negotiated {
@@ -182,7 +226,13 @@ impl Negotiation {
         }
     }
 
-    fn info_or_go<C: Catalog>(&mut self, opt: u32, data: &[u8], catalog: &C, out: &mut BytesMut) -> Step<C::Backend> {
+    fn info_or_go<C: Catalog>(
+        &mut self,
+        opt: u32,
+        data: &[u8],
+        catalog: &C,
+        out: &mut BytesMut,
+    ) -> Step<C::Backend> {
         let mut r = Reader::new(data);
         let parsed = (|| {
             let name = r.string_u32()?;
@@ -195,7 +245,12 @@ impl Negotiation {
             Some((name, requests))
         })();
         let Some((name, requests)) = parsed else {
-            option_reply(out, opt, wire::REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO payload");
+            option_reply(
+                out,
+                opt,
+                wire::REP_ERR_INVALID,
+                b"malformed NBD_OPT_INFO/GO payload",
+            );
             return Step::Continue;
         };
         let Some(export) = catalog.lookup(&name) else {
@@ -250,7 +305,12 @@ impl Negotiation {
             self.meta_selection = None;
         }
         if !self.structured_replies {
-            option_reply(out, opt, wire::REP_ERR_INVALID, b"negotiate structured replies first");
+            option_reply(
+                out,
+                opt,
+                wire::REP_ERR_INVALID,
+                b"negotiate structured replies first",
+            );
             return;
         }
         let mut r = Reader::new(data);
@@ -260,11 +320,21 @@ impl Negotiation {
             Some((name, n))
         })();
         let Some((name, n_queries)) = parsed else {
-            option_reply(out, opt, wire::REP_ERR_INVALID, b"malformed meta context request");
+            option_reply(
+                out,
+                opt,
+                wire::REP_ERR_INVALID,
+                b"malformed meta context request",
+            );
             return;
         };
         if n_queries > limits::META_QUERIES_MAX {
-            option_reply(out, opt, wire::REP_ERR_TOO_BIG, b"too many meta context queries");
+            option_reply(
+                out,
+                opt,
+                wire::REP_ERR_TOO_BIG,
+                b"too many meta context queries",
+            );
             return;
         }
         let mut queries = Vec::with_capacity(n_queries as usize);
@@ -272,13 +342,23 @@ impl Negotiation {
             match r.string_u32() {
                 Some(q) => queries.push(q),
                 None => {
-                    option_reply(out, opt, wire::REP_ERR_INVALID, b"malformed meta context query");
+                    option_reply(
+                        out,
+                        opt,
+                        wire::REP_ERR_INVALID,
+                        b"malformed meta context query",
+                    );
                     return;
                 }
             }
         }
         if r.finish().is_none() {
-            option_reply(out, opt, wire::REP_ERR_INVALID, b"trailing bytes in meta context request");
+            option_reply(
+                out,
+                opt,
+                wire::REP_ERR_INVALID,
+                b"trailing bytes in meta context request",
+            );
             return;
         }
         if catalog.lookup(&name).is_none() {
@@ -301,7 +381,11 @@ impl Negotiation {
         };
         if chosen {
             let mut payload = BytesMut::new();
-            payload.put_u32(if set { wire::META_BASE_ALLOCATION_ID } else { 0 });
+            payload.put_u32(if set {
+                wire::META_BASE_ALLOCATION_ID
+            } else {
+                0
+            });
             payload.put_slice(wire::META_BASE_ALLOCATION.as_bytes());
             option_reply(out, opt, wire::REP_META_CONTEXT, &payload);
         }
@@ -346,7 +430,8 @@ impl<'a> Reader<'a> {
         self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
     }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        self.take(4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
     /// A string prefixed by its 32-bit length: at most 4096 bytes of UTF-8.
     fn string_u32(&mut self) -> Option<String> {
@@ -382,7 +467,10 @@ mod tests {
     fn replies(mut out: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
         let mut v = Vec::new();
         while !out.is_empty() {
-            assert_eq!(u64::from_be_bytes(out[..8].try_into().unwrap()), wire::OPTION_REPLY_MAGIC);
+            assert_eq!(
+                u64::from_be_bytes(out[..8].try_into().unwrap()),
+                wire::OPTION_REPLY_MAGIC
+            );
             let opt = u32::from_be_bytes(out[8..12].try_into().unwrap());
             let ty = u32::from_be_bytes(out[12..16].try_into().unwrap());
             let len = u32::from_be_bytes(out[16..20].try_into().unwrap()) as usize;
@@ -396,10 +484,18 @@ mod tests {
     fn go_sends_export_and_block_size_then_enters_transmission() {
         let catalog = MemCatalog::single("vm1", 1 << 20);
         let mut n = Negotiation::new();
-        n.client_flags(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES).unwrap();
+        n.client_flags(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES)
+            .unwrap();
         let mut out = BytesMut::new();
-        let step = n.option(wire::OPT_GO, &go_payload("vm1", &[wire::INFO_BLOCK_SIZE]), &catalog, &mut out);
-        let Step::Transmission(export, neg) = step else { panic!("expected transmission") };
+        let step = n.option(
+            wire::OPT_GO,
+            &go_payload("vm1", &[wire::INFO_BLOCK_SIZE]),
+            &catalog,
+            &mut out,
+        );
+        let Step::Transmission(export, neg) = step else {
+            panic!("expected transmission")
+        };
         assert_eq!(export.info.size, 1 << 20);
         assert!(neg.block_size_agreed);
         assert!(!neg.structured_replies);
@@ -416,17 +512,29 @@ mod tests {
         let catalog = MemCatalog::single("vm1", 1 << 20);
         let mut n = Negotiation::new();
         let mut out = BytesMut::new();
-        assert!(matches!(n.option(wire::OPT_GO, &go_payload("nope", &[]), &catalog, &mut out), Step::Continue));
+        assert!(matches!(
+            n.option(wire::OPT_GO, &go_payload("nope", &[]), &catalog, &mut out),
+            Step::Continue
+        ));
         assert_eq!(replies(&out)[0].1, wire::REP_ERR_UNKNOWN);
         out.clear();
         // Name length pointing past the end.
-        assert!(matches!(n.option(wire::OPT_GO, &[0, 0, 0, 9, b'a'], &catalog, &mut out), Step::Continue));
+        assert!(matches!(
+            n.option(wire::OPT_GO, &[0, 0, 0, 9, b'a'], &catalog, &mut out),
+            Step::Continue
+        ));
         assert_eq!(replies(&out)[0].1, wire::REP_ERR_INVALID);
         out.clear();
-        assert!(matches!(n.option(99, b"", &catalog, &mut out), Step::Continue));
+        assert!(matches!(
+            n.option(99, b"", &catalog, &mut out),
+            Step::Continue
+        ));
         assert_eq!(replies(&out)[0].1, wire::REP_ERR_UNSUP);
         out.clear();
-        assert!(matches!(n.option(wire::OPT_STARTTLS, b"", &catalog, &mut out), Step::Continue));
+        assert!(matches!(
+            n.option(wire::OPT_STARTTLS, b"", &catalog, &mut out),
+            Step::Continue
+        ));
         assert_eq!(replies(&out)[0].1, wire::REP_ERR_POLICY);
     }
 
@@ -436,9 +544,15 @@ mod tests {
         let mut n = Negotiation::new();
         n.client_flags(wire::FLAG_C_FIXED_NEWSTYLE).unwrap();
         let mut out = BytesMut::new();
-        assert!(matches!(n.option(wire::OPT_EXPORT_NAME, b"zz", &catalog, &mut out), Step::Disconnect(_)));
+        assert!(matches!(
+            n.option(wire::OPT_EXPORT_NAME, b"zz", &catalog, &mut out),
+            Step::Disconnect(_)
+        ));
         assert!(out.is_empty());
-        assert!(matches!(n.option(wire::OPT_EXPORT_NAME, b"vm1", &catalog, &mut out), Step::Transmission(..)));
+        assert!(matches!(
+            n.option(wire::OPT_EXPORT_NAME, b"vm1", &catalog, &mut out),
+            Step::Transmission(..)
+        ));
         assert_eq!(out.len(), 8 + 2 + 124);
     }
 
@@ -463,7 +577,9 @@ mod tests {
         assert_eq!(r[0].1, wire::REP_META_CONTEXT);
         assert_eq!(r[1].1, wire::REP_ACK);
         out.clear();
-        let Step::Transmission(_, neg) = n.option(wire::OPT_GO, &go_payload("vm1", &[]), &catalog, &mut out) else {
+        let Step::Transmission(_, neg) =
+            n.option(wire::OPT_GO, &go_payload("vm1", &[]), &catalog, &mut out)
+        else {
             panic!()
         };
         assert!(neg.base_allocation);

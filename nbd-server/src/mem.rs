@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 
 use crate::backend::{
-    Backend, BackendError, BackendResult, BlockSizes, Catalog, Export, ExportInfo, Extent, ReadChunk, ZeroFlags,
+    Backend, BackendError, BackendResult, BlockSizes, Catalog, Export, ExportInfo, Extent,
+    ReadChunk, ZeroFlags,
 };
 use crate::wire;
 
@@ -36,7 +37,10 @@ pub struct MemBackend {
 
 impl MemBackend {
     pub fn new(size: u64) -> MemBackend {
-        MemBackend { size, state: Mutex::new(State::default()) }
+        MemBackend {
+            size,
+            state: Mutex::new(State::default()),
+        }
     }
 
     /// Number of allocated 4 KiB blocks (for tests of TRIM and zeroing).
@@ -124,11 +128,18 @@ impl Backend for MemBackend {
             // Zeroing while keeping allocation costs as much as writing here.
             return Err(BackendError::NotSupported("fast zero with NO_HOLE"));
         }
-        self.apply(flags.fua, |blocks| self.zero_range(blocks, offset, len, !flags.no_hole));
+        self.apply(flags.fua, |blocks| {
+            self.zero_range(blocks, offset, len, !flags.no_hole)
+        });
         Ok(())
     }
 
-    async fn block_status(&self, offset: u64, len: u32, extents_max: usize) -> BackendResult<Vec<Extent>> {
+    async fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+        extents_max: usize,
+    ) -> BackendResult<Vec<Extent>> {
         let st = self.state.lock().unwrap();
         let blocks = &st.volatile;
         let end = (offset + u64::from(len)).min(self.size);
@@ -138,7 +149,11 @@ impl Backend for MemBackend {
             let index = pos / BLOCK;
             let block_end = ((index + 1) * BLOCK).min(self.size);
             let n = (block_end.min(end) - pos) as u32;
-            let flags = if blocks.contains_key(&index) { 0 } else { wire::STATE_HOLE | wire::STATE_ZERO };
+            let flags = if blocks.contains_key(&index) {
+                0
+            } else {
+                wire::STATE_HOLE | wire::STATE_ZERO
+            };
             match extents.last_mut() {
                 Some(last) if last.flags == flags => last.length += n,
                 _ => extents.push(Extent { length: n, flags }),
@@ -162,7 +177,9 @@ impl MemBackend {
             let in_block = (at % BLOCK) as usize;
             let n = ((BLOCK as usize) - in_block).min(data.len() - pos);
             let block_len = self.block_len(index);
-            let b = blocks.entry(index).or_insert_with(|| vec![0u8; block_len].into_boxed_slice());
+            let b = blocks
+                .entry(index)
+                .or_insert_with(|| vec![0u8; block_len].into_boxed_slice());
             b[in_block..in_block + n].copy_from_slice(&data[pos..pos + n]);
             pos += n;
         }
@@ -176,7 +193,12 @@ pub struct MemCatalog {
 
 impl MemCatalog {
     pub fn single(name: &str, size: u64) -> MemCatalog {
-        MemCatalog { exports: vec![Export { info: mem_info(name, size), backend: Arc::new(MemBackend::new(size)) }] }
+        MemCatalog {
+            exports: vec![Export {
+                info: mem_info(name, size),
+                backend: Arc::new(MemBackend::new(size)),
+            }],
+        }
     }
 
     /// The first export's info (test helper).
@@ -210,7 +232,10 @@ impl Catalog for MemCatalog {
     type Backend = MemBackend;
 
     fn list(&self) -> Vec<(String, String)> {
-        self.exports.iter().map(|e| (e.info.name.clone(), e.info.description.clone())).collect()
+        self.exports
+            .iter()
+            .map(|e| (e.info.name.clone(), e.info.description.clone()))
+            .collect()
     }
 
     fn lookup(&self, name: &str) -> Option<Export<MemBackend>> {
@@ -239,16 +264,33 @@ mod tests {
     #[tokio::test]
     async fn unaligned_write_read_trim() {
         let m = MemBackend::new(10 * 4096);
-        m.write(4000, Bytes::from(vec![7u8; 200]), false).await.unwrap();
+        m.write(4000, Bytes::from(vec![7u8; 200]), false)
+            .await
+            .unwrap();
         let got = flatten(m.read(3990, 220).await.unwrap());
         assert_eq!(&got[..10], &[0u8; 10]);
         assert_eq!(&got[10..210], &[7u8; 200][..]);
         assert_eq!(m.allocated_blocks(), 2);
         let bs = m.block_status(0, 10 * 4096, 100).await.unwrap();
-        assert_eq!(bs[0], Extent { length: 8192, flags: 0 });
+        assert_eq!(
+            bs[0],
+            Extent {
+                length: 8192,
+                flags: 0
+            }
+        );
         m.trim(0, 8192, false).await.unwrap();
         assert_eq!(m.allocated_blocks(), 0);
-        m.write_zeroes(0, 4096, ZeroFlags { no_hole: true, ..Default::default() }).await.unwrap();
+        m.write_zeroes(
+            0,
+            4096,
+            ZeroFlags {
+                no_hole: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
         assert_eq!(m.allocated_blocks(), 1);
     }
 }

@@ -34,7 +34,9 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::backend::{Backend, BackendError, Catalog, Extent, ReadChunk};
 use crate::handshake::{self, Negotiation, Step};
-use crate::transmission::{normalize_extents, validate, Decoded, Op, OutQueue, RequestDecoder, Session};
+use crate::transmission::{
+    normalize_extents, validate, Decoded, Op, OutQueue, RequestDecoder, Session,
+};
 use crate::{limits, wire};
 
 /// Counters an operator can scrape (the storage node exports them as Prometheus
@@ -83,7 +85,9 @@ impl<C: Catalog> Server<C> {
     /// finish their in-flight requests.
     pub async fn serve_tcp(&self, listener: TcpListener) -> std::io::Result<()> {
         loop {
-            let Some(permit) = self.connection_permit().await else { break };
+            let Some(permit) = self.connection_permit().await else {
+                break;
+            };
             let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(x) => x,
@@ -108,7 +112,9 @@ impl<C: Catalog> Server<C> {
     /// Serves unix-socket connections until shutdown.
     pub async fn serve_unix(&self, listener: UnixListener) -> std::io::Result<()> {
         loop {
-            let Some(permit) = self.connection_permit().await else { break };
+            let Some(permit) = self.connection_permit().await else {
+                break;
+            };
             let stream = tokio::select! {
                 r = listener.accept() => match r {
                     Ok((s, _)) => s,
@@ -138,8 +144,13 @@ impl<C: Catalog> Server<C> {
         self.tracker.wait().await;
     }
 
-    fn spawn_connection<R, W>(&self, rd: R, wr: W, peer: String, permit: tokio::sync::OwnedSemaphorePermit)
-    where
+    fn spawn_connection<R, W>(
+        &self,
+        rd: R,
+        wr: W,
+        peer: String,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
@@ -188,11 +199,18 @@ where
     W: AsyncWrite + Unpin + Send,
 {
     let deadline = Duration::from_secs(limits::HANDSHAKE_DEADLINE_SECS);
-    let negotiated = match tokio::time::timeout(deadline, handshake(catalog, &mut rd, &mut wr)).await {
-        Err(_) => return Err(ConnError::HandshakeDeadline(limits::HANDSHAKE_DEADLINE_SECS)),
-        Ok(r) => r?,
+    let negotiated =
+        match tokio::time::timeout(deadline, handshake(catalog, &mut rd, &mut wr)).await {
+            Err(_) => {
+                return Err(ConnError::HandshakeDeadline(
+                    limits::HANDSHAKE_DEADLINE_SECS,
+                ))
+            }
+            Ok(r) => r?,
+        };
+    let Some((export, negotiated)) = negotiated else {
+        return Ok(());
     };
-    let Some((export, negotiated)) = negotiated else { return Ok(()) };
     let session = Session {
         size: export.info.size,
         read_only: export.info.read_only,
@@ -200,12 +218,18 @@ where
         negotiated,
     };
     let span = tracing::info_span!("export", name = %export.info.name);
-    transmission(export.backend, session, rd, wr, stats, shutdown).instrument(span).await
+    transmission(export.backend, session, rd, wr, stats, shutdown)
+        .instrument(span)
+        .await
 }
 
 type Negotiated<B> = Option<(crate::backend::Export<B>, handshake::Negotiated)>;
 
-async fn handshake<C, R, W>(catalog: &C, rd: &mut R, wr: &mut W) -> Result<Negotiated<C::Backend>, ConnError>
+async fn handshake<C, R, W>(
+    catalog: &C,
+    rd: &mut R,
+    wr: &mut W,
+) -> Result<Negotiated<C::Backend>, ConnError>
 where
     C: Catalog,
     R: AsyncRead + Unpin + Send,
@@ -218,7 +242,10 @@ where
     let mut negotiation = Negotiation::new();
     let flags = rd.read_u32().await?;
     if let Err(bad) = negotiation.client_flags(flags) {
-        return Err(ConnError::Protocol(format!("unknown client flags {:#x}", bad.0)));
+        return Err(ConnError::Protocol(format!(
+            "unknown client flags {:#x}",
+            bad.0
+        )));
     }
     let mut data = Vec::new();
     loop {
@@ -232,7 +259,9 @@ where
         let len = u32::from_be_bytes(header[12..16].try_into().expect("4 bytes"));
         let step = if len > limits::OPTION_PAYLOAD_MAX_BYTES {
             // Drop the payload as it arrives rather than buffering it.
-            let skipped = tokio::io::copy(&mut (&mut *rd).take(u64::from(len)), &mut tokio::io::sink()).await?;
+            let skipped =
+                tokio::io::copy(&mut (&mut *rd).take(u64::from(len)), &mut tokio::io::sink())
+                    .await?;
             if skipped < u64::from(len) {
                 return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into()));
             }
@@ -261,7 +290,12 @@ where
 /// What a finished backend call produced.
 enum Outcome {
     Done,
-    Read { offset: u64, len: u32, df: bool, chunks: Vec<ReadChunk> },
+    Read {
+        offset: u64,
+        len: u32,
+        df: bool,
+        chunks: Vec<ReadChunk>,
+    },
     BlockStatus(Vec<Extent>),
     Failed(BackendError),
 }
@@ -284,19 +318,42 @@ fn start<B: Backend>(backend: &Arc<B>, cookie: u64, op: Op) -> (InFlight, usize)
     };
     let fut = async move {
         let result = match op {
-            Op::Read { offset, len, df } => backend.read(offset, len).await.map(|chunks| Outcome::Read { offset, len, df, chunks }),
-            Op::Write { offset, data, fua } => backend.write(offset, data, fua).await.map(|()| Outcome::Done),
+            Op::Read { offset, len, df } => {
+                backend.read(offset, len).await.map(|chunks| Outcome::Read {
+                    offset,
+                    len,
+                    df,
+                    chunks,
+                })
+            }
+            Op::Write { offset, data, fua } => backend
+                .write(offset, data, fua)
+                .await
+                .map(|()| Outcome::Done),
             Op::Flush => backend.flush().await.map(|()| Outcome::Done),
-            Op::Trim { offset, len, fua } => backend.trim(offset, len, fua).await.map(|()| Outcome::Done),
-            Op::WriteZeroes { offset, len, flags } => backend.write_zeroes(offset, len, flags).await.map(|()| Outcome::Done),
-            Op::BlockStatus { offset, len, req_one } => backend
+            Op::Trim { offset, len, fua } => {
+                backend.trim(offset, len, fua).await.map(|()| Outcome::Done)
+            }
+            Op::WriteZeroes { offset, len, flags } => backend
+                .write_zeroes(offset, len, flags)
+                .await
+                .map(|()| Outcome::Done),
+            Op::BlockStatus {
+                offset,
+                len,
+                req_one,
+            } => backend
                 .block_status(offset, len, limits::BLOCK_STATUS_EXTENTS_MAX)
                 .await
                 .map(|e| Outcome::BlockStatus(normalize_extents(e, len, req_one))),
             Op::Cache { offset, len } => backend.cache(offset, len).await.map(|()| Outcome::Done),
             Op::Disconnect => unreachable!("DISC is handled by the connection loop"),
         };
-        Completion { cookie, charge, outcome: result.unwrap_or_else(Outcome::Failed) }
+        Completion {
+            cookie,
+            charge,
+            outcome: result.unwrap_or_else(Outcome::Failed),
+        }
     };
     (Box::pin(fut), charge)
 }
@@ -329,25 +386,38 @@ where
     let mut closing = false;
 
     loop {
-        let has_room =
-            |n: usize, bytes: usize, q: &OutQueue| n < limits::INFLIGHT_REQUESTS_MAX && bytes + q.bytes() < limits::INFLIGHT_BYTES_MAX;
+        let has_room = |n: usize, bytes: usize, q: &OutQueue| {
+            n < limits::INFLIGHT_REQUESTS_MAX && bytes + q.bytes() < limits::INFLIGHT_BYTES_MAX
+        };
 
         while !closing && has_room(inflight.len(), inflight_bytes, &outq) {
-            let decoded = decoder.decode(&mut rbuf).map_err(|e| ConnError::Protocol(e.to_string()))?;
+            let decoded = decoder
+                .decode(&mut rbuf)
+                .map_err(|e| ConnError::Protocol(e.to_string()))?;
             let Some(decoded) = decoded else { break };
             Stats::add(&stats.requests_total, 1);
             match decoded {
                 Decoded::Rejected { cookie, errno } => {
                     Stats::add(&stats.request_errors_total, 1);
                     warn!(cookie, "write payload over the maximum, discarded");
-                    outq.error(structured, cookie, errno, "write payload exceeds the maximum block size");
+                    outq.error(
+                        structured,
+                        cookie,
+                        errno,
+                        "write payload exceeds the maximum block size",
+                    );
                 }
                 Decoded::Request(req) => {
                     let cookie = req.cookie;
                     match validate(req, &session) {
                         Err(refusal) => {
                             Stats::add(&stats.request_errors_total, 1);
-                            debug!(cookie, errno = refusal.errno, reason = refusal.message, "request refused");
+                            debug!(
+                                cookie,
+                                errno = refusal.errno,
+                                reason = refusal.message,
+                                "request refused"
+                            );
                             outq.error(structured, cookie, refusal.errno, refusal.message);
                         }
                         Ok(Op::Disconnect) => closing = true,
@@ -371,7 +441,11 @@ where
             let wanted = decoder.wanted(&rbuf).max(rbuf.len() + 1);
             rbuf.reserve((wanted - rbuf.len()).max(READ_BUFFER_BYTES / 4));
         }
-        let segments: Vec<Bytes> = if outq.is_empty() { Vec::new() } else { outq.front(WRITE_SEGMENTS_MAX) };
+        let segments: Vec<Bytes> = if outq.is_empty() {
+            Vec::new()
+        } else {
+            outq.front(WRITE_SEGMENTS_MAX)
+        };
         let slices: Vec<IoSlice<'_>> = segments.iter().map(|b| IoSlice::new(b)).collect();
 
         tokio::select! {
@@ -409,7 +483,12 @@ fn encode_completion(outq: &mut OutQueue, structured: bool, done: Completion, st
             Stats::add(&stats.bytes_written_total, done.charge as u64);
             outq.ok(done.cookie);
         }
-        Outcome::Read { offset, len, df, chunks } => {
+        Outcome::Read {
+            offset,
+            len,
+            df,
+            chunks,
+        } => {
             Stats::add(&stats.bytes_read_total, u64::from(len));
             outq.read(structured, df, done.cookie, offset, len, chunks);
         }

@@ -37,7 +37,10 @@ pub enum Decoded {
     Request(Request),
     /// A WRITE whose payload exceeded the limit; the payload has been discarded and the
     /// request must be answered with this errno.
-    Rejected { cookie: u64, errno: u32 },
+    Rejected {
+        cookie: u64,
+        errno: u32,
+    },
 }
 
 /// The stream is not NBD: the connection must be closed.
@@ -67,7 +70,10 @@ impl RequestDecoder {
                 return Ok(None);
             }
             self.discarding = None;
-            return Ok(Some(Decoded::Rejected { cookie, errno: wire::EINVAL }));
+            return Ok(Some(Decoded::Rejected {
+                cookie,
+                errno: wire::EINVAL,
+            }));
         }
         if buf.len() < wire::REQUEST_HEADER_BYTES {
             return Ok(None);
@@ -94,10 +100,24 @@ impl RequestDecoder {
             }
             buf.advance(wire::REQUEST_HEADER_BYTES);
             let payload = buf.split_to(len as usize).freeze();
-            return Ok(Some(Decoded::Request(Request { flags, command, cookie, offset, len, payload: Some(payload) })));
+            return Ok(Some(Decoded::Request(Request {
+                flags,
+                command,
+                cookie,
+                offset,
+                len,
+                payload: Some(payload),
+            })));
         }
         buf.advance(wire::REQUEST_HEADER_BYTES);
-        Ok(Some(Decoded::Request(Request { flags, command, cookie, offset, len, payload: None })))
+        Ok(Some(Decoded::Request(Request {
+            flags,
+            command,
+            cookie,
+            offset,
+            len,
+            payload: None,
+        })))
     }
 
     /// Total bytes `buf` must hold for the next `decode` to make progress.
@@ -130,13 +150,36 @@ pub struct Session {
 /// A validated request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Op {
-    Read { offset: u64, len: u32, df: bool },
-    Write { offset: u64, data: Bytes, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+        df: bool,
+    },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u32, fua: bool },
-    WriteZeroes { offset: u64, len: u32, flags: ZeroFlags },
-    BlockStatus { offset: u64, len: u32, req_one: bool },
-    Cache { offset: u64, len: u32 },
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        flags: ZeroFlags,
+    },
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        req_one: bool,
+    },
+    Cache {
+        offset: u64,
+        len: u32,
+    },
     Disconnect,
 }
 
@@ -172,7 +215,10 @@ pub fn validate(req: Request, s: &Session) -> Result<Op, Refusal> {
         _ => {}
     }
     if req.flags & !allowed != 0 {
-        return Err(refuse(wire::EINVAL, "command flag not valid for this command"));
+        return Err(refuse(
+            wire::EINVAL,
+            "command flag not valid for this command",
+        ));
     }
     let fua = req.flags & wire::CMD_FLAG_FUA != 0;
 
@@ -186,7 +232,10 @@ pub fn validate(req: Request, s: &Session) -> Result<Op, Refusal> {
             | wire::CMD_CACHE
     );
     if needs_range {
-        let writes = matches!(req.command, wire::CMD_WRITE | wire::CMD_TRIM | wire::CMD_WRITE_ZEROES);
+        let writes = matches!(
+            req.command,
+            wire::CMD_WRITE | wire::CMD_TRIM | wire::CMD_WRITE_ZEROES
+        );
         if writes && s.read_only {
             return Err(refuse(wire::EPERM, "export is read-only"));
         }
@@ -197,12 +246,18 @@ pub fn validate(req: Request, s: &Session) -> Result<Op, Refusal> {
             } else {
                 wire::EINVAL
             };
-            return Err(refuse(errno, "request extends beyond the end of the export"));
+            return Err(refuse(
+                errno,
+                "request extends beyond the end of the export",
+            ));
         }
         if s.negotiated.block_size_agreed {
             let min = u64::from(s.minimum_block);
             if req.offset % min != 0 || u64::from(req.len) % min != 0 {
-                return Err(refuse(wire::EINVAL, "request not aligned to the minimum block size"));
+                return Err(refuse(
+                    wire::EINVAL,
+                    "request not aligned to the minimum block size",
+                ));
             }
         }
     }
@@ -211,15 +266,29 @@ pub fn validate(req: Request, s: &Session) -> Result<Op, Refusal> {
     match req.command {
         wire::CMD_READ => {
             if req.len > limits::REQUEST_PAYLOAD_MAX_BYTES {
-                let errno = if s.negotiated.structured_replies { wire::EOVERFLOW } else { wire::EINVAL };
+                let errno = if s.negotiated.structured_replies {
+                    wire::EOVERFLOW
+                } else {
+                    wire::EINVAL
+                };
                 return Err(refuse(errno, "read longer than the maximum payload"));
             }
-            Ok(Op::Read { offset: req.offset, len: req.len, df })
+            Ok(Op::Read {
+                offset: req.offset,
+                len: req.len,
+                df,
+            })
         }
         wire::CMD_WRITE => {
-            let data = req.payload.expect("decoder attaches a payload to every WRITE");
+            let data = req
+                .payload
+                .expect("decoder attaches a payload to every WRITE");
             debug_assert_eq!(data.len(), req.len as usize);
-            Ok(Op::Write { offset: req.offset, data, fua })
+            Ok(Op::Write {
+                offset: req.offset,
+                data,
+                fua,
+            })
         }
         wire::CMD_FLUSH => {
             if !has(wire::FLAG_SEND_FLUSH) {
@@ -234,7 +303,11 @@ pub fn validate(req: Request, s: &Session) -> Result<Op, Refusal> {
             if !has(wire::FLAG_SEND_TRIM) {
                 return Err(refuse(wire::EINVAL, "trim not negotiated"));
             }
-            Ok(Op::Trim { offset: req.offset, len: req.len, fua })
+            Ok(Op::Trim {
+                offset: req.offset,
+                len: req.len,
+                fua,
+            })
         }
         wire::CMD_WRITE_ZEROES => {
             if !has(wire::FLAG_SEND_WRITE_ZEROES) {
@@ -245,7 +318,11 @@ pub fn validate(req: Request, s: &Session) -> Result<Op, Refusal> {
                 no_hole: req.flags & wire::CMD_FLAG_NO_HOLE != 0,
                 fast: req.flags & wire::CMD_FLAG_FAST_ZERO != 0,
             };
-            Ok(Op::WriteZeroes { offset: req.offset, len: req.len, flags })
+            Ok(Op::WriteZeroes {
+                offset: req.offset,
+                len: req.len,
+                flags,
+            })
         }
         wire::CMD_BLOCK_STATUS => {
             if !s.negotiated.base_allocation {
@@ -254,9 +331,16 @@ pub fn validate(req: Request, s: &Session) -> Result<Op, Refusal> {
             if req.len == 0 {
                 return Err(refuse(wire::EINVAL, "block status of zero length"));
             }
-            Ok(Op::BlockStatus { offset: req.offset, len: req.len, req_one: req.flags & wire::CMD_FLAG_REQ_ONE != 0 })
+            Ok(Op::BlockStatus {
+                offset: req.offset,
+                len: req.len,
+                req_one: req.flags & wire::CMD_FLAG_REQ_ONE != 0,
+            })
         }
-        wire::CMD_CACHE => Ok(Op::Cache { offset: req.offset, len: req.len }),
+        wire::CMD_CACHE => Ok(Op::Cache {
+            offset: req.offset,
+            len: req.len,
+        }),
         wire::CMD_DISC => Ok(Op::Disconnect),
         _ => Err(refuse(wire::EINVAL, "unknown command")),
     }
@@ -317,7 +401,10 @@ impl OutQueue {
         debug_assert!(n <= self.bytes);
         self.bytes -= n;
         while n > 0 {
-            let front = self.segments.front_mut().expect("consume past end of queue");
+            let front = self
+                .segments
+                .front_mut()
+                .expect("consume past end of queue");
             if front.len() <= n {
                 n -= front.len();
                 self.segments.pop_front();
@@ -358,7 +445,12 @@ impl OutQueue {
             return;
         }
         let msg = &message.as_bytes()[..message.len().min(limits::ERROR_MESSAGE_MAX_BYTES)];
-        self.chunk_header(wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_ERROR, cookie, 6 + msg.len() as u32);
+        self.chunk_header(
+            wire::REPLY_FLAG_DONE,
+            wire::REPLY_TYPE_ERROR,
+            cookie,
+            6 + msg.len() as u32,
+        );
         self.scratch.put_u32(errno);
         self.scratch.put_u16(msg.len() as u16);
         self.scratch.put_slice(msg);
@@ -367,8 +459,19 @@ impl OutQueue {
 
     /// A successful READ of `offset..offset+len` made of `chunks` (which must cover the
     /// range exactly).
-    pub fn read(&mut self, structured: bool, df: bool, cookie: u64, offset: u64, len: u32, chunks: Vec<ReadChunk>) {
-        debug_assert_eq!(chunks.iter().map(|c| u64::from(c.len())).sum::<u64>(), u64::from(len));
+    pub fn read(
+        &mut self,
+        structured: bool,
+        df: bool,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        chunks: Vec<ReadChunk>,
+    ) {
+        debug_assert_eq!(
+            chunks.iter().map(|c| u64::from(c.len())).sum::<u64>(),
+            u64::from(len)
+        );
         if !structured {
             self.simple(cookie, 0);
             for c in chunks {
@@ -386,7 +489,12 @@ impl OutQueue {
         }
         if df && chunks.len() > 1 {
             // One content chunk with the zeros written out.
-            self.chunk_header(wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_OFFSET_DATA, cookie, 8 + len);
+            self.chunk_header(
+                wire::REPLY_FLAG_DONE,
+                wire::REPLY_TYPE_OFFSET_DATA,
+                cookie,
+                8 + len,
+            );
             self.scratch.put_u64(offset);
             self.push_scratch();
             for c in chunks {
@@ -425,7 +533,12 @@ impl OutQueue {
     pub fn block_status(&mut self, cookie: u64, extents: &[Extent]) {
         debug_assert!(!extents.is_empty());
         let len = 4 + 8 * extents.len();
-        self.chunk_header(wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_BLOCK_STATUS, cookie, len as u32);
+        self.chunk_header(
+            wire::REPLY_FLAG_DONE,
+            wire::REPLY_TYPE_BLOCK_STATUS,
+            cookie,
+            len as u32,
+        );
         self.scratch.put_u32(wire::META_BASE_ALLOCATION_ID);
         for e in extents {
             debug_assert!(e.length > 0);
@@ -452,7 +565,10 @@ pub fn normalize_extents(mut extents: Vec<Extent>, len: u32, req_one: bool) -> V
         }
     }
     if merged.is_empty() {
-        merged.push(Extent { length: len, flags: 0 });
+        merged.push(Extent {
+            length: len,
+            flags: 0,
+        });
     }
     if req_one {
         merged.truncate(1);
@@ -500,7 +616,9 @@ mod tests {
         assert_eq!(d.decode(&mut b), Ok(None));
         assert_eq!(d.wanted(&b), 32);
         b.put_u8(4);
-        let Some(Decoded::Request(r)) = d.decode(&mut b).unwrap() else { panic!() };
+        let Some(Decoded::Request(r)) = d.decode(&mut b).unwrap() else {
+            panic!()
+        };
         assert_eq!(r.payload.as_deref(), Some(&[1u8, 2, 3, 4][..]));
         assert!(b.is_empty());
     }
@@ -516,8 +634,16 @@ mod tests {
         b.put_bytes(0xaa, (big - 1000) as usize);
         // Next request follows directly.
         b.extend_from_slice(&header(0, wire::CMD_FLUSH, 10, 0, 0));
-        assert_eq!(d.decode(&mut b), Ok(Some(Decoded::Rejected { cookie: 9, errno: wire::EINVAL })));
-        let Some(Decoded::Request(r)) = d.decode(&mut b).unwrap() else { panic!() };
+        assert_eq!(
+            d.decode(&mut b),
+            Ok(Some(Decoded::Rejected {
+                cookie: 9,
+                errno: wire::EINVAL
+            }))
+        );
+        let Some(Decoded::Request(r)) = d.decode(&mut b).unwrap() else {
+            panic!()
+        };
         assert_eq!(r.cookie, 10);
     }
 
@@ -530,7 +656,14 @@ mod tests {
 
     fn req(flags: u16, command: u16, offset: u64, len: u32) -> Request {
         let payload = (command == wire::CMD_WRITE).then(|| Bytes::from(vec![0u8; len as usize]));
-        Request { flags, command, cookie: 1, offset, len, payload }
+        Request {
+            flags,
+            command,
+            cookie: 1,
+            offset,
+            len,
+            payload,
+        }
     }
 
     #[test]
@@ -539,12 +672,18 @@ mod tests {
         let e = |r| validate(r, &s).unwrap_err().errno;
         assert_eq!(e(req(0, wire::CMD_READ, 1 << 20, 4096)), wire::EINVAL);
         assert_eq!(e(req(0, wire::CMD_WRITE, 1 << 20, 4096)), wire::ENOSPC);
-        assert_eq!(e(req(0, wire::CMD_WRITE_ZEROES, (1 << 20) - 4096, 8192)), wire::ENOSPC);
+        assert_eq!(
+            e(req(0, wire::CMD_WRITE_ZEROES, (1 << 20) - 4096, 8192)),
+            wire::ENOSPC
+        );
         assert_eq!(e(req(0, wire::CMD_READ, u64::MAX - 10, 4096)), wire::EINVAL);
         assert_eq!(e(req(0, wire::CMD_READ, 512, 4096)), wire::EINVAL);
         assert_eq!(e(req(0, 42, 0, 0)), wire::EINVAL);
         assert_eq!(e(req(1 << 9, wire::CMD_READ, 0, 4096)), wire::EINVAL);
-        assert_eq!(e(req(wire::CMD_FLAG_REQ_ONE, wire::CMD_READ, 0, 4096)), wire::EINVAL);
+        assert_eq!(
+            e(req(wire::CMD_FLAG_REQ_ONE, wire::CMD_READ, 0, 4096)),
+            wire::EINVAL
+        );
         assert_eq!(e(req(0, wire::CMD_FLUSH, 4096, 0)), wire::EINVAL);
         assert_eq!(e(req(0, wire::CMD_BLOCK_STATUS, 0, 0)), wire::EINVAL);
         // FUA is accepted (and ignored) on a read.
@@ -552,8 +691,18 @@ mod tests {
         // A client that did not agree to block sizes may send unaligned requests.
         let loose = session(false, false);
         assert!(validate(req(0, wire::CMD_WRITE, 3, 5), &loose).is_ok());
-        assert_eq!(validate(req(wire::CMD_FLAG_DF, wire::CMD_READ, 0, 8), &loose).unwrap_err().errno, wire::EINVAL);
-        assert_eq!(validate(req(0, wire::CMD_BLOCK_STATUS, 0, 8), &loose).unwrap_err().errno, wire::EINVAL);
+        assert_eq!(
+            validate(req(wire::CMD_FLAG_DF, wire::CMD_READ, 0, 8), &loose)
+                .unwrap_err()
+                .errno,
+            wire::EINVAL
+        );
+        assert_eq!(
+            validate(req(0, wire::CMD_BLOCK_STATUS, 0, 8), &loose)
+                .unwrap_err()
+                .errno,
+            wire::EINVAL
+        );
     }
 
     fn drain(q: &OutQueue) -> Vec<u8> {
@@ -563,15 +712,27 @@ mod tests {
     #[test]
     fn structured_read_uses_holes_and_marks_last_chunk_done() {
         let mut q = OutQueue::new();
-        let chunks = vec![ReadChunk::Data(Bytes::from_static(b"abcd")), ReadChunk::Zero(4096)];
+        let chunks = vec![
+            ReadChunk::Data(Bytes::from_static(b"abcd")),
+            ReadChunk::Zero(4096),
+        ];
         q.read(true, false, 5, 100, 4100, chunks);
         let v = drain(&q);
         // chunk 1: header(20) + offset(8) + 4 data
         assert_eq!(u16::from_be_bytes([v[4], v[5]]), 0);
-        assert_eq!(u16::from_be_bytes([v[6], v[7]]), wire::REPLY_TYPE_OFFSET_DATA);
+        assert_eq!(
+            u16::from_be_bytes([v[6], v[7]]),
+            wire::REPLY_TYPE_OFFSET_DATA
+        );
         let second = &v[32..];
-        assert_eq!(u16::from_be_bytes([second[4], second[5]]), wire::REPLY_FLAG_DONE);
-        assert_eq!(u16::from_be_bytes([second[6], second[7]]), wire::REPLY_TYPE_OFFSET_HOLE);
+        assert_eq!(
+            u16::from_be_bytes([second[4], second[5]]),
+            wire::REPLY_FLAG_DONE
+        );
+        assert_eq!(
+            u16::from_be_bytes([second[6], second[7]]),
+            wire::REPLY_TYPE_OFFSET_HOLE
+        );
         assert_eq!(u64::from_be_bytes(second[20..28].try_into().unwrap()), 104);
         assert_eq!(q.bytes(), v.len());
     }
@@ -579,7 +740,10 @@ mod tests {
     #[test]
     fn df_read_is_one_content_chunk() {
         let mut q = OutQueue::new();
-        let chunks = vec![ReadChunk::Zero(4096), ReadChunk::Data(Bytes::from_static(b"xy"))];
+        let chunks = vec![
+            ReadChunk::Zero(4096),
+            ReadChunk::Data(Bytes::from_static(b"xy")),
+        ];
         q.read(true, true, 5, 0, 4098, chunks);
         let v = drain(&q);
         assert_eq!(v.len(), 20 + 8 + 4098);
@@ -600,8 +764,14 @@ mod tests {
     #[test]
     fn extents_are_merged_clipped_and_never_empty() {
         let e = |length, flags| Extent { length, flags };
-        assert_eq!(normalize_extents(vec![e(4096, 3), e(4096, 3), e(0, 0), e(10, 0)], 100, false), vec![e(8192, 3), e(10, 0)]);
-        assert_eq!(normalize_extents(vec![e(8192, 3), e(10, 0)], 100, true), vec![e(100, 3)]);
+        assert_eq!(
+            normalize_extents(vec![e(4096, 3), e(4096, 3), e(0, 0), e(10, 0)], 100, false),
+            vec![e(8192, 3), e(10, 0)]
+        );
+        assert_eq!(
+            normalize_extents(vec![e(8192, 3), e(10, 0)], 100, true),
+            vec![e(100, 3)]
+        );
         assert_eq!(normalize_extents(vec![], 77, false), vec![e(77, 0)]);
     }
 }

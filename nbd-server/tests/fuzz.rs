@@ -20,7 +20,10 @@ use roamdisk_nbd::{limits, wire};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn cases() -> u32 {
-    std::env::var("ROAMDISK_FUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(2000)
+    std::env::var("ROAMDISK_FUZZ_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000)
 }
 
 const SIZE: u64 = 1 << 20;
@@ -32,8 +35,18 @@ fn option_number() -> impl Strategy<Value = u32> {
 
 /// Option payloads: structured GO/meta-context shapes with hostile lengths, or raw bytes.
 fn option_payload() -> impl Strategy<Value = Vec<u8>> {
-    let name = prop_oneof![Just(b"vm1".to_vec()), Just(Vec::new()), proptest::collection::vec(any::<u8>(), 0..12)];
-    let structured = (name, any::<u32>(), proptest::collection::vec(any::<u16>(), 0..6), any::<bool>(), any::<u32>())
+    let name = prop_oneof![
+        Just(b"vm1".to_vec()),
+        Just(Vec::new()),
+        proptest::collection::vec(any::<u8>(), 0..12)
+    ];
+    let structured = (
+        name,
+        any::<u32>(),
+        proptest::collection::vec(any::<u16>(), 0..6),
+        any::<bool>(),
+        any::<u32>(),
+    )
         .prop_map(|(name, lie, infos, honest, n)| {
             let mut v = Vec::new();
             let len = if honest { name.len() as u32 } else { lie };
@@ -56,7 +69,10 @@ fn option_payload() -> impl Strategy<Value = Vec<u8>> {
 fn check_option_replies(mut out: &[u8], opt: u32) {
     while !out.is_empty() {
         assert!(out.len() >= 20, "truncated option reply");
-        assert_eq!(u64::from_be_bytes(out[..8].try_into().unwrap()), wire::OPTION_REPLY_MAGIC);
+        assert_eq!(
+            u64::from_be_bytes(out[..8].try_into().unwrap()),
+            wire::OPTION_REPLY_MAGIC
+        );
         assert_eq!(u32::from_be_bytes(out[8..12].try_into().unwrap()), opt);
         let len = u32::from_be_bytes(out[16..20].try_into().unwrap()) as usize;
         assert!(out.len() >= 20 + len);

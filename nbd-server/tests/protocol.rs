@@ -27,7 +27,12 @@ async fn serve() -> Fixture {
     let shutdown = CancellationToken::new();
     let server = Server::new(catalog, shutdown.clone());
     let server = tokio::spawn(async move { server.serve_tcp(listener).await.unwrap() });
-    Fixture { addr, backend, shutdown, server }
+    Fixture {
+        addr,
+        backend,
+        shutdown,
+        server,
+    }
 }
 
 struct Client {
@@ -48,7 +53,9 @@ impl Client {
         assert_eq!(s.read_u64().await.unwrap(), wire::IHAVEOPT);
         let flags = s.read_u16().await.unwrap();
         assert_ne!(flags & wire::FLAG_FIXED_NEWSTYLE, 0);
-        s.write_u32(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES).await.unwrap();
+        s.write_u32(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES)
+            .await
+            .unwrap();
         Client { s }
     }
 
@@ -93,7 +100,15 @@ impl Client {
         c
     }
 
-    async fn send(&mut self, flags: u16, cmd: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
+    async fn send(
+        &mut self,
+        flags: u16,
+        cmd: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) {
         let mut b = Vec::with_capacity(28 + payload.len());
         b.extend_from_slice(&wire::REQUEST_MAGIC.to_be_bytes());
         b.extend_from_slice(&flags.to_be_bytes());
@@ -112,7 +127,11 @@ impl Client {
         let cookie = self.s.read_u64().await.unwrap();
         let mut data = vec![0u8; if error == 0 { read_len } else { 0 }];
         self.s.read_exact(&mut data).await.unwrap();
-        Reply { cookie, error, data }
+        Reply {
+            cookie,
+            error,
+            data,
+        }
     }
 }
 
@@ -122,7 +141,11 @@ async fn bad_request_magic_closes_only_that_connection() {
     let mut c = Client::connect(f.addr, false).await;
     c.s.write_all(&[0xde; 28]).await.unwrap();
     let mut buf = [0u8; 1];
-    assert_eq!(c.s.read(&mut buf).await.unwrap(), 0, "server must close after a bad magic");
+    assert_eq!(
+        c.s.read(&mut buf).await.unwrap(),
+        0,
+        "server must close after a bad magic"
+    );
     // The server is still there for everyone else.
     let mut d = Client::connect(f.addr, false).await;
     d.send(0, wire::CMD_READ, 1, 0, 4096, b"").await;
@@ -141,7 +164,11 @@ async fn bad_option_magic_and_unknown_client_flags_close() {
     let mut greeting = [0u8; 18];
     s.read_exact(&mut greeting).await.unwrap();
     s.write_u32(1 << 7).await.unwrap();
-    assert_eq!(s.read(&mut buf).await.unwrap(), 0, "unknown client flag must close");
+    assert_eq!(
+        s.read(&mut buf).await.unwrap(),
+        0,
+        "unknown client flag must close"
+    );
 }
 
 #[tokio::test]
@@ -149,13 +176,28 @@ async fn unknown_command_flag_and_oversized_write_fail_but_connection_continues(
     let f = serve().await;
     let mut c = Client::connect(f.addr, false).await;
     c.send(0, 77, 1, 0, 0, b"").await;
-    assert_eq!(c.simple_reply(0).await, Reply { cookie: 1, error: wire::EINVAL, data: vec![] });
+    assert_eq!(
+        c.simple_reply(0).await,
+        Reply {
+            cookie: 1,
+            error: wire::EINVAL,
+            data: vec![]
+        }
+    );
     c.send(1 << 12, wire::CMD_READ, 2, 0, 4096, b"").await;
     assert_eq!(c.simple_reply(0).await.error, wire::EINVAL);
     // 33 MiB write: payload is discarded by the server without buffering it.
     let big = vec![0xabu8; (33 << 20) as usize];
-    c.send(0, wire::CMD_WRITE, 3, 0, big.len() as u32, &big).await;
-    assert_eq!(c.simple_reply(0).await, Reply { cookie: 3, error: wire::EINVAL, data: vec![] });
+    c.send(0, wire::CMD_WRITE, 3, 0, big.len() as u32, &big)
+        .await;
+    assert_eq!(
+        c.simple_reply(0).await,
+        Reply {
+            cookie: 3,
+            error: wire::EINVAL,
+            data: vec![]
+        }
+    );
     // This client agreed to block sizes, so a 4-byte write is refused; a block is not.
     c.send(0, wire::CMD_WRITE, 4, 4096, 4, b"live").await;
     assert_eq!(c.simple_reply(0).await.error, wire::EINVAL);
@@ -178,7 +220,8 @@ async fn deep_pipeline_gets_every_reply_and_disc_finishes_in_flight() {
     // 300 writes sent without reading a reply (more than INFLIGHT_REQUESTS_MAX), then DISC.
     for i in 0..300u64 {
         let data = vec![i as u8; 4096];
-        c.send(0, wire::CMD_WRITE, 1000 + i, i * 4096, 4096, &data).await;
+        c.send(0, wire::CMD_WRITE, 1000 + i, i * 4096, 4096, &data)
+            .await;
     }
     c.send(0, wire::CMD_DISC, 9, 0, 0, b"").await;
     let mut cookies = Vec::new();
@@ -190,7 +233,11 @@ async fn deep_pipeline_gets_every_reply_and_disc_finishes_in_flight() {
     cookies.sort();
     assert_eq!(cookies, (1000..1300).collect::<Vec<_>>());
     let mut buf = [0u8; 1];
-    assert_eq!(c.s.read(&mut buf).await.unwrap(), 0, "DISC closes after in-flight work");
+    assert_eq!(
+        c.s.read(&mut buf).await.unwrap(),
+        0,
+        "DISC closes after in-flight work"
+    );
     let mut d = Client::connect(f.addr, false).await;
     d.send(0, wire::CMD_READ, 1, 299 * 4096, 4096, b"").await;
     assert_eq!(d.simple_reply(4096).await.data, vec![43u8; 4096]); // 299 as u8
@@ -206,16 +253,29 @@ async fn flush_on_one_connection_makes_writes_completed_on_another_durable() {
     b.send(0, wire::CMD_FLUSH, 2, 0, 0, b"").await;
     assert_eq!(b.simple_reply(0).await.error, 0);
     // Written after the flush and never flushed: a crash may lose it (and here does).
-    a.send(0, wire::CMD_WRITE, 3, 8192, 4096, &[0x43; 4096]).await;
+    a.send(0, wire::CMD_WRITE, 3, 8192, 4096, &[0x43; 4096])
+        .await;
     assert_eq!(a.simple_reply(0).await.error, 0);
     // FUA survives on its own.
-    a.send(wire::CMD_FLAG_FUA, wire::CMD_WRITE, 4, 16384, 4096, &[0x44; 4096]).await;
+    a.send(
+        wire::CMD_FLAG_FUA,
+        wire::CMD_WRITE,
+        4,
+        16384,
+        4096,
+        &[0x44; 4096],
+    )
+    .await;
     assert_eq!(a.simple_reply(0).await.error, 0);
     f.backend.crash();
     b.send(0, wire::CMD_READ, 5, 0, 20480, b"").await;
     let r = b.simple_reply(20480).await;
     assert_eq!(&r.data[..4096], &[0x42; 4096][..], "flushed write lost");
-    assert_eq!(&r.data[8192..12288], &[0u8; 4096][..], "crash model must drop unflushed data");
+    assert_eq!(
+        &r.data[8192..12288],
+        &[0u8; 4096][..],
+        "crash model must drop unflushed data"
+    );
     assert_eq!(&r.data[16384..20480], &[0x44; 4096][..], "FUA write lost");
 }
 
@@ -246,7 +306,10 @@ async fn oversized_option_gets_too_big_and_negotiation_continues() {
     let f = serve().await;
     let mut c = Client::handshake_only(f.addr).await;
     c.option(wire::OPT_LIST, &vec![0u8; 1 << 20]).await;
-    assert_eq!(c.option_replies().await.last().unwrap().0, wire::REP_ERR_TOO_BIG);
+    assert_eq!(
+        c.option_replies().await.last().unwrap().0,
+        wire::REP_ERR_TOO_BIG
+    );
     c.option(wire::OPT_LIST, b"").await;
     let r = c.option_replies().await;
     assert_eq!(r[0].0, wire::REP_SERVER);
@@ -271,7 +334,11 @@ async fn read_only_export_refuses_writes_with_eperm() {
     c.send(0, wire::CMD_WRITE, 1, 0, 4096, &[9; 4096]).await;
     assert_eq!(c.simple_reply(0).await.error, wire::EPERM);
     c.send(0, wire::CMD_TRIM, 2, 0, 4096, b"").await;
-    assert_eq!(c.simple_reply(0).await.error, wire::EPERM, "spec: EPERM for TRIM on a read-only export");
+    assert_eq!(
+        c.simple_reply(0).await.error,
+        wire::EPERM,
+        "spec: EPERM for TRIM on a read-only export"
+    );
     c.send(0, wire::CMD_READ, 3, 0, 4096, b"").await;
     assert_eq!(c.simple_reply(4096).await.data, vec![1u8; 4096]);
     shutdown.cancel();
@@ -287,5 +354,8 @@ async fn shutdown_finishes_in_flight_and_stops_listening() {
     f.server.await.unwrap();
     let mut buf = [0u8; 1];
     assert_eq!(c.s.read(&mut buf).await.unwrap(), 0);
-    assert!(TcpStream::connect(f.addr).await.is_err(), "listener must be closed");
+    assert!(
+        TcpStream::connect(f.addr).await.is_err(),
+        "listener must be closed"
+    );
 }

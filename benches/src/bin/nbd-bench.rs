@@ -20,7 +20,9 @@ use clap::Parser;
 use serde::Serialize;
 
 #[derive(Parser, Debug)]
-#[command(about = "Benchmark roamdisk-nbd against qemu-nbd with qemu-img bench and fio's nbd engine")]
+#[command(
+    about = "Benchmark roamdisk-nbd against qemu-nbd with qemu-img bench and fio's nbd engine"
+)]
 struct Args {
     /// Image size in MiB (filled with non-zero data so reads hit data, not holes).
     #[arg(long, default_value_t = 512)]
@@ -55,7 +57,9 @@ impl Drop for Server {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Waits until a TCP connect succeeds (qemu-nbd prints nothing when ready).
@@ -72,14 +76,29 @@ fn wait_listening(port: u16) -> Result<()> {
 fn start_qemu_nbd(image: &Path) -> Result<Server> {
     let port = free_port()?;
     let child = Command::new("qemu-nbd")
-        .args(["-t", "-e", "0", "--discard=unmap", "--cache=writeback", "-f", "raw", "-x", "vm1", "-b", "127.0.0.1"])
+        .args([
+            "-t",
+            "-e",
+            "0",
+            "--discard=unmap",
+            "--cache=writeback",
+            "-f",
+            "raw",
+            "-x",
+            "vm1",
+            "-b",
+            "127.0.0.1",
+        ])
         .args(["-p", &port.to_string()])
         .arg(image)
         .stdout(Stdio::null())
         .spawn()
         .context("start qemu-nbd (package qemu-utils)")?;
     wait_listening(port)?;
-    Ok(Server { child, uri: format!("nbd://127.0.0.1:{port}/vm1") })
+    Ok(Server {
+        child,
+        uri: format!("nbd://127.0.0.1:{port}/vm1"),
+    })
 }
 
 fn start_roamdisk(bin: &Path, image: &Path) -> Result<Server> {
@@ -93,7 +112,10 @@ fn start_roamdisk(bin: &Path, image: &Path) -> Result<Server> {
         .spawn()
         .with_context(|| format!("start {}", bin.display()))?;
     wait_listening(port)?;
-    Ok(Server { child, uri: format!("nbd://127.0.0.1:{port}/vm1") })
+    Ok(Server {
+        child,
+        uri: format!("nbd://127.0.0.1:{port}/vm1"),
+    })
 }
 
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -129,7 +151,14 @@ struct Sample {
 }
 
 fn rows() -> Vec<Row> {
-    let r = |client, name, write, random, block_bytes, depth| Row { client, name, write, random, block_bytes, depth };
+    let r = |client, name, write, random, block_bytes, depth| Row {
+        client,
+        name,
+        write,
+        random,
+        block_bytes,
+        depth,
+    };
     use Client::*;
     vec![
         r(Fio, "4k randread QD1", false, true, 4096, 1),
@@ -155,11 +184,21 @@ fn run_fio(row: &Row, uri: &str, size: u64, runtime: u64) -> Result<Sample> {
         (true, false) => "write",
     };
     let out = Command::new("fio")
-        .args(["--name=bench", "--ioengine=nbd", &format!("--uri={uri}"), &format!("--rw={rw}")])
+        .args([
+            "--name=bench",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            &format!("--rw={rw}"),
+        ])
         .arg(format!("--bs={}", row.block_bytes))
         .arg(format!("--iodepth={}", row.depth))
         .arg(format!("--size={size}"))
-        .args(["--time_based", &format!("--runtime={runtime}"), "--ramp_time=1", "--output-format=json"])
+        .args([
+            "--time_based",
+            &format!("--runtime={runtime}"),
+            "--ramp_time=1",
+            "--output-format=json",
+        ])
         .output()
         .context("run fio (package fio)")?;
     if !out.status.success() {
@@ -179,10 +218,20 @@ fn run_fio(row: &Row, uri: &str, size: u64, runtime: u64) -> Result<Sample> {
 
 fn run_qemu_img_bench(row: &Row, uri: &str, size: u64, runtime: u64) -> Result<Sample> {
     // Aim for about `runtime` seconds at a rough guess of the rate, then measure.
-    let count = if row.block_bytes >= 1 << 20 { (size / row.block_bytes).max(64) * 2 } else { 20_000 * runtime.max(1) };
+    let count = if row.block_bytes >= 1 << 20 {
+        (size / row.block_bytes).max(64) * 2
+    } else {
+        20_000 * runtime.max(1)
+    };
     let mut cmd = Command::new("qemu-img");
-    cmd.args(["bench", "-f", "raw", "-t", "none", "-n"])
-        .args(["-c", &count.to_string(), "-d", &row.depth.to_string(), "-s", &row.block_bytes.to_string()]);
+    cmd.args(["bench", "-f", "raw", "-t", "none", "-n"]).args([
+        "-c",
+        &count.to_string(),
+        "-d",
+        &row.depth.to_string(),
+        "-s",
+        &row.block_bytes.to_string(),
+    ]);
     if row.write {
         cmd.arg("-w");
     }
@@ -191,7 +240,10 @@ fn run_qemu_img_bench(row: &Row, uri: &str, size: u64, runtime: u64) -> Result<S
     let out = cmd.output().context("run qemu-img bench")?;
     let wall = t0.elapsed().as_secs_f64();
     if !out.status.success() {
-        bail!("qemu-img bench failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "qemu-img bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     // "Run completed in 1.234 seconds."
     let text = String::from_utf8_lossy(&out.stdout);
@@ -202,7 +254,11 @@ fn run_qemu_img_bench(row: &Row, uri: &str, size: u64, runtime: u64) -> Result<S
         .and_then(|s| s.parse::<f64>().ok())
         .unwrap_or(wall);
     let iops = count as f64 / secs;
-    Ok(Sample { iops, mib_per_s: iops * row.block_bytes as f64 / (1 << 20) as f64, lat_mean_us: None })
+    Ok(Sample {
+        iops,
+        mib_per_s: iops * row.block_bytes as f64 / (1 << 20) as f64,
+        lat_mean_us: None,
+    })
 }
 
 fn median(mut v: Vec<Sample>) -> Sample {
@@ -211,7 +267,8 @@ fn median(mut v: Vec<Sample>) -> Sample {
 }
 
 fn fill_image(path: &Path, size: u64) -> Result<()> {
-    let mut f = std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
+    let mut f =
+        std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut buf = vec![0u8; 1 << 20];
     for _ in 0..size / (1 << 20) {
@@ -234,7 +291,10 @@ fn main() -> Result<()> {
         None => std::env::current_exe()?.with_file_name("roamdisk-nbd"),
     };
     if !server_bin.exists() {
-        bail!("{} not found: build it first with `cargo build --release --bins`", server_bin.display());
+        bail!(
+            "{} not found: build it first with `cargo build --release --bins`",
+            server_bin.display()
+        );
     }
     let tmp;
     let dir = match &args.dir {
@@ -265,8 +325,16 @@ fn main() -> Result<()> {
         }
         let (q, r) = (median(q), median(r));
         let ratio = r.iops / q.iops;
-        eprintln!("{:?} {:<18} qemu-nbd {:>10.0} IOPS  roamdisk {:>10.0} IOPS  ratio {:.2}", row.client, row.name, q.iops, r.iops, ratio);
-        results.push(Measured { row, qemu_nbd: q, roamdisk: r, ratio });
+        eprintln!(
+            "{:?} {:<18} qemu-nbd {:>10.0} IOPS  roamdisk {:>10.0} IOPS  ratio {:.2}",
+            row.client, row.name, q.iops, r.iops, ratio
+        );
+        results.push(Measured {
+            row,
+            qemu_nbd: q,
+            roamdisk: r,
+            ratio,
+        });
     }
     drop(qemu);
     drop(ours);
@@ -276,7 +344,11 @@ fn main() -> Result<()> {
     md.push_str("| client | workload | qemu-nbd IOPS | roamdisk-nbd IOPS | qemu-nbd MiB/s | roamdisk MiB/s | qemu-nbd lat µs | roamdisk lat µs | ratio |\n");
     md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for m in &results {
-        let lat = |s: &Sample| s.lat_mean_us.map(|l| format!("{l:.1}")).unwrap_or_else(|| "-".into());
+        let lat = |s: &Sample| {
+            s.lat_mean_us
+                .map(|l| format!("{l:.1}"))
+                .unwrap_or_else(|| "-".into())
+        };
         md.push_str(&format!(
             "| {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {} | {} | **{:.2}** |\n",
             match m.row.client {
@@ -303,7 +375,10 @@ fn main() -> Result<()> {
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "rows": results,
     });
-    std::fs::write(args.out.join("nbd.json"), serde_json::to_string_pretty(&meta)?)?;
+    std::fs::write(
+        args.out.join("nbd.json"),
+        serde_json::to_string_pretty(&meta)?,
+    )?;
     std::fs::write(args.out.join("nbd.md"), md)?;
     eprintln!("wrote {}/nbd.json and nbd.md", args.out.display());
     Ok(())

@@ -16,7 +16,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 #[derive(Parser, Debug)]
-#[command(name = "roamdisk-nbd", version, about = "Serve a raw file over NBD (the roamdisk NBD front end)")]
+#[command(
+    name = "roamdisk-nbd",
+    version,
+    about = "Serve a raw file over NBD (the roamdisk NBD front end)"
+)]
 struct Args {
     /// Raw image file to export.
     #[arg(long)]
@@ -49,8 +53,14 @@ struct Args {
 fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = digits.parse().map_err(|_| format!("invalid size {s:?}: expected a number with optional K/M/G/T"))?;
-    let shift = match unit.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected a number with optional K/M/G/T"))?;
+    let shift = match unit
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
         "" => 0,
         "K" => 10,
         "M" => 20,
@@ -58,7 +68,9 @@ fn parse_size(s: &str) -> Result<u64, String> {
         "T" => 40,
         _ => return Err(format!("invalid size unit in {s:?}: use K, M, G or T")),
     };
-    n.checked_mul(1u64 << shift).filter(|&v| v > 0).ok_or_else(|| format!("size {s:?} is zero or too large"))
+    n.checked_mul(1u64 << shift)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("size {s:?} is zero or too large"))
 }
 
 fn prepare_file(args: &Args) -> Result<()> {
@@ -66,7 +78,8 @@ fn prepare_file(args: &Args) -> Result<()> {
         (Some(size), false) => {
             let f = std::fs::File::create_new(&args.file)
                 .with_context(|| format!("create image file {}", args.file.display()))?;
-            f.set_len(size).with_context(|| format!("size image file {}", args.file.display()))?;
+            f.set_len(size)
+                .with_context(|| format!("size image file {}", args.file.display()))?;
             info!(path = %args.file.display(), size, "created sparse image");
         }
         (Some(size), true) => {
@@ -75,7 +88,10 @@ fn prepare_file(args: &Args) -> Result<()> {
                 bail!("{} exists with size {actual}, not the requested {size}; remove it or drop --size", args.file.display());
             }
         }
-        (None, false) => bail!("{} does not exist (pass --size to create a sparse image)", args.file.display()),
+        (None, false) => bail!(
+            "{} does not exist (pass --size to create a sparse image)",
+            args.file.display()
+        ),
         (None, true) => {}
     }
     Ok(())
@@ -106,7 +122,8 @@ fn main() -> Result<()> {
         let signals = tokio::spawn({
             let shutdown = shutdown.clone();
             async move {
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}
                     _ = term.recv() => {}
@@ -119,15 +136,31 @@ fn main() -> Result<()> {
         if let Some(path) = &args.unix {
             // A stale socket from an earlier run would make bind fail.
             if path.exists() {
-                std::fs::remove_file(path).with_context(|| format!("remove stale socket {}", path.display()))?;
+                std::fs::remove_file(path)
+                    .with_context(|| format!("remove stale socket {}", path.display()))?;
             }
-            let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
-            println!("serving {} ({} bytes) as nbd+unix:///{}?socket={}", args.file.display(), size, args.name, path.display());
+            let listener = tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("bind {}", path.display()))?;
+            println!(
+                "serving {} ({} bytes) as nbd+unix:///{}?socket={}",
+                args.file.display(),
+                size,
+                args.name,
+                path.display()
+            );
             server.serve_unix(listener).await?;
         } else {
-            let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
+            let listener = tokio::net::TcpListener::bind(&args.listen)
+                .await
+                .with_context(|| format!("listen on {}", args.listen))?;
             let addr = listener.local_addr()?;
-            println!("serving {} ({} bytes) as nbd://{}/{}", args.file.display(), size, addr, args.name);
+            println!(
+                "serving {} ({} bytes) as nbd://{}/{}",
+                args.file.display(),
+                size,
+                addr,
+                args.name
+            );
             server.serve_tcp(listener).await?;
         }
         signals.abort();

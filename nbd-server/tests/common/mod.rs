@@ -40,11 +40,29 @@ impl NbdServer {
             .expect("spawn roamdisk-nbd");
         // The server prints its URI once it is listening: that line is the readiness signal.
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("read server banner");
-        let uri = line.trim().rsplit(' ').next().expect("banner ends with the URI").to_owned();
-        let addr = uri.trim_start_matches("nbd://").split('/').next().unwrap().to_owned();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("read server banner");
+        let uri = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .expect("banner ends with the URI")
+            .to_owned();
+        let addr = uri
+            .trim_start_matches("nbd://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
         assert!(addr.contains(':'), "unexpected banner {line:?}");
-        NbdServer { child, addr, name: "vm1".into(), file: file.to_owned(), _dir: None }
+        NbdServer {
+            child,
+            addr,
+            name: "vm1".into(),
+            file: file.to_owned(),
+            _dir: None,
+        }
     }
 
     pub fn uri(&self) -> String {
@@ -75,17 +93,30 @@ impl Drop for NbdServer {
 }
 
 pub fn tool(name: &str) -> Command {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().unwrap();
-    assert!(found.status.success(), "{name} is not installed: run .ci/run (it installs the test clients)");
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .unwrap();
+    assert!(
+        found.status.success(),
+        "{name} is not installed: run .ci/run (it installs the test clients)"
+    );
     Command::new(name)
 }
 
 /// Runs `cmd`, asserts success, returns stdout.
 pub fn run(cmd: &mut Command) -> String {
-    let out: Output = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let out: Output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{cmd:?} failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
     stdout
 }
 
