@@ -1,0 +1,27 @@
+//! roamdisk's replication core.
+//!
+//! This crate is free of I/O and must stay so: no sockets, no clocks, no files, no
+//! RocksDB (its Cargo.toml has none of them). Storage enters through the
+//! [`logstore::LogStore`] trait, time through `tick`, the network through `step`. That is
+//! what lets the chaos crate run the same code under simulated time and faults.
+//!
+//! Module map:
+//! - [`ids`]: newtype identifiers and the block size.
+//! - [`codec`]: the one serialization module (bincode behind it).
+//! - [`command`]: commands replicated in a volume's log, versioned.
+//! - [`logstore`]: the storage trait, an in-memory implementation with a power-loss
+//!   model, and the conformance suite every implementation runs.
+//! - [`group`]: one Raft group over raft-rs, as a sans-I/O state machine, and the
+//!   documented Ready order.
+//!
+//! New replication logic belongs here with a deterministic test; anything that waits on
+//! a socket or a disk belongs in `roamdisk-storage-node`.
+
+// raft-rs's protobuf structs are built by assigning fields of a default value.
+#![allow(clippy::field_reassign_with_default)]
+
+pub mod codec;
+pub mod command;
+pub mod group;
+pub mod ids;
+pub mod logstore;
