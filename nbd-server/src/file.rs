@@ -21,43 +21,56 @@ use crate::backend::{
 };
 use crate::wire;
 
-pub struct FileBackend {
-    file: Arc<File>,
-    size: u64,
+/// A raw file with the block-device operations roamdisk needs, as plain blocking calls.
+/// [`FileBackend`] serves one over NBD; the storage node keeps each volume replica's data
+/// in one (its extent file).
+pub struct RawFile {
+    file: File,
 }
 
-impl FileBackend {
-    /// Opens `path`; the export size is the file size.
-    pub fn open(path: &Path, read_only: bool) -> std::io::Result<FileBackend> {
+impl RawFile {
+    pub fn open(path: &Path, read_only: bool) -> std::io::Result<RawFile> {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
-        let size = file.metadata()?.len();
-        Ok(FileBackend {
-            file: Arc::new(file),
-            size,
-        })
+        Ok(RawFile { file })
     }
 
-    pub fn size(&self) -> u64 {
-        self.size
+    /// Opens `path`, creating it as a sparse file of `size` bytes if it does not exist,
+    /// and growing it to `size` if it is smaller.
+    pub fn open_sparse(path: &Path, size: u64) -> std::io::Result<RawFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        if file.metadata()?.len() < size {
+            file.set_len(size)?;
+        }
+        Ok(RawFile { file })
+    }
+
+    pub fn len(&self) -> std::io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    pub fn is_empty(&self) -> std::io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Grows the file (never shrinks it).
+    pub fn grow(&self, size: u64) -> std::io::Result<()> {
+        if self.len()? < size {
+            self.file.set_len(size)?;
+        }
+        Ok(())
     }
 
     fn fd(&self) -> i32 {
         self.file.as_raw_fd()
     }
 
-    async fn blocking<T: Send + 'static>(
-        &self,
-        context: &'static str,
-        f: impl FnOnce(&File) -> std::io::Result<T> + Send + 'static,
-    ) -> BackendResult<T> {
-        let file = Arc::clone(&self.file);
-        match tokio::task::spawn_blocking(move || f(&file)).await {
-            Ok(r) => r.map_err(|e| BackendError::io(context, e)),
-            Err(_) => Err(BackendError::Shutdown),
-        }
-    }
-
-    fn pread_exact(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    /// Fills `buf` from `offset`; bytes past the end of the file read as zeros.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let rest = &mut buf[done..];
@@ -78,13 +91,162 @@ impl FileBackend {
                 return Err(e);
             }
             if n == 0 {
-                // The file shrank under us: what is missing reads as zeros.
                 rest.fill(0);
                 return Ok(());
             }
             done += n as usize;
         }
         Ok(())
+    }
+
+    /// Reads `len` bytes at `offset` as data and zero chunks (see `split_zero_runs`).
+    pub fn read_chunks(&self, offset: u64, len: u32) -> std::io::Result<Vec<ReadChunk>> {
+        let mut buf = BytesMut::with_capacity(len as usize);
+        // SAFETY: read_at fills every byte of the buffer (or zero-fills at EOF) before
+        // it is read; on error the buffer is dropped unread.
+        unsafe { buf.set_len(len as usize) };
+        self.read_at(&mut buf, offset)?;
+        Ok(crate::backend::split_zero_runs(offset, buf.freeze()))
+    }
+
+    /// Writes all of `data` at `offset`; with `dsync` the data is durable on return.
+    pub fn write_at(&self, data: &[u8], offset: u64, dsync: bool) -> std::io::Result<()> {
+        pwrite_all(self.fd(), data, offset, dsync)
+    }
+
+    /// Deallocates the range (it reads as zeros). Returns false when the filesystem
+    /// cannot punch holes (then nothing changed).
+    pub fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<bool> {
+        match fallocate(
+            &self.file,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(true),
+            Err(e) if is_unsupported(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes the range read as zeros: by punching a hole unless `no_hole`, else by
+    /// zeroing in place. If the filesystem can do neither quickly, writes zeros unless
+    /// `fast_only`, in which case it returns false and changes nothing.
+    pub fn zero(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fast_only: bool,
+    ) -> std::io::Result<bool> {
+        let mode = if no_hole {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        match fallocate(&self.file, mode, offset, len) {
+            Ok(()) => Ok(true),
+            Err(e) if is_unsupported(&e) => {
+                if fast_only {
+                    return Ok(false);
+                }
+                write_zero_buffers(&self.file, offset, len)?;
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Allocation extents of `offset..min(offset+len, size)`, at most `extents_max`.
+    pub fn extents(
+        &self,
+        offset: u64,
+        len: u64,
+        size: u64,
+        extents_max: usize,
+    ) -> std::io::Result<Vec<Extent>> {
+        let end = (offset + len).min(size);
+        let mut extents = Vec::new();
+        let mut pos = offset;
+        while pos < end && extents.len() < extents_max {
+            let data = lseek(self.fd(), pos, libc::SEEK_DATA)?
+                .unwrap_or(size)
+                .min(size);
+            if data > pos {
+                let hole_end = data.min(end);
+                extents.push(Extent {
+                    length: (hole_end - pos) as u32,
+                    flags: wire::STATE_HOLE | wire::STATE_ZERO,
+                });
+                pos = hole_end;
+                continue;
+            }
+            let hole = lseek(self.fd(), pos, libc::SEEK_HOLE)?
+                .unwrap_or(size)
+                .min(size);
+            let data_end = hole.min(end).max(pos + 1);
+            extents.push(Extent {
+                length: (data_end - pos) as u32,
+                flags: 0,
+            });
+            pos = data_end;
+        }
+        Ok(extents)
+    }
+
+    pub fn sync_data(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Readahead hint.
+    pub fn will_need(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        // SAFETY: plain syscall; advisory only.
+        let r = unsafe {
+            libc::posix_fadvise(
+                self.fd(),
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::from_raw_os_error(r));
+        }
+        Ok(())
+    }
+}
+
+/// A raw file served as one export.
+pub struct FileBackend {
+    raw: Arc<RawFile>,
+    size: u64,
+}
+
+impl FileBackend {
+    /// Opens `path`; the export size is the file size.
+    pub fn open(path: &Path, read_only: bool) -> std::io::Result<FileBackend> {
+        let raw = RawFile::open(path, read_only)?;
+        let size = raw.len()?;
+        Ok(FileBackend {
+            raw: Arc::new(raw),
+            size,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        context: &'static str,
+        f: impl FnOnce(&RawFile) -> std::io::Result<T> + Send + 'static,
+    ) -> BackendResult<T> {
+        let raw = Arc::clone(&self.raw);
+        match tokio::task::spawn_blocking(move || f(&raw)).await {
+            Ok(r) => r.map_err(|e| BackendError::io(context, e)),
+            Err(_) => Err(BackendError::Shutdown),
+        }
     }
 }
 
@@ -163,24 +325,21 @@ fn lseek(fd: i32, offset: u64, whence: i32) -> std::io::Result<Option<u64>> {
 
 impl Backend for FileBackend {
     async fn read(&self, offset: u64, len: u32) -> BackendResult<Vec<ReadChunk>> {
-        let mut buf = BytesMut::with_capacity(len as usize);
-        // SAFETY: pread_exact fills every byte of the buffer (or zero-fills at EOF)
-        // before it is read; on error the buffer is dropped unread.
-        unsafe { buf.set_len(len as usize) };
-        self.pread_exact(&mut buf, offset)
-            .map_err(|e| BackendError::io("read export file", e))?;
-        Ok(crate::backend::split_zero_runs(offset, buf.freeze()))
+        self.raw
+            .read_chunks(offset, len)
+            .map_err(|e| BackendError::io("read export file", e))
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> BackendResult<()> {
         if fua {
             return self
                 .blocking("write export file (FUA)", move |f| {
-                    pwrite_all(f.as_raw_fd(), &data, offset, true)
+                    f.write_at(&data, offset, true)
                 })
                 .await;
         }
-        pwrite_all(self.fd(), &data, offset, false)
+        self.raw
+            .write_at(&data, offset, false)
             .map_err(|e| BackendError::io("write export file", e))
     }
 
@@ -190,13 +349,9 @@ impl Backend for FileBackend {
     }
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> BackendResult<()> {
-        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         self.blocking("punch hole in export file", move |f| {
-            match fallocate(f, mode, offset, u64::from(len)) {
-                // TRIM is advisory: a filesystem that cannot punch simply keeps the data.
-                Err(e) if is_unsupported(&e) => return Ok(()),
-                r => r?,
-            }
+            // TRIM is advisory: a filesystem that cannot punch simply keeps the data.
+            f.punch_hole(offset, u64::from(len))?;
             if fua {
                 f.sync_data()?;
             }
@@ -206,31 +361,16 @@ impl Backend for FileBackend {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> BackendResult<()> {
-        let len = u64::from(len);
-        let result = self
+        let done = self
             .blocking("zero range of export file", move |f| {
-                let mode = if flags.no_hole {
-                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-                } else {
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-                };
-                match fallocate(f, mode, offset, len) {
-                    Ok(()) => {}
-                    Err(e) if is_unsupported(&e) => {
-                        if flags.fast {
-                            return Ok(false);
-                        }
-                        write_zero_buffers(f, offset, len)?;
-                    }
-                    Err(e) => return Err(e),
-                }
-                if flags.fua {
+                let done = f.zero(offset, u64::from(len), flags.no_hole, flags.fast)?;
+                if done && flags.fua {
                     f.sync_data()?;
                 }
-                Ok(true)
+                Ok(done)
             })
             .await?;
-        if !result {
+        if !done {
             return Err(BackendError::NotSupported("filesystem cannot zero quickly"));
         }
         Ok(())
@@ -242,58 +382,15 @@ impl Backend for FileBackend {
         len: u32,
         extents_max: usize,
     ) -> BackendResult<Vec<Extent>> {
-        let end = (offset + u64::from(len)).min(self.size);
-        let size = self.size;
-        let fd = self.fd();
-        let mut extents = Vec::new();
-        let mut pos = offset;
-        let io = |e| BackendError::io("seek data/hole in export file", e);
-        while pos < end && extents.len() < extents_max {
-            let data = lseek(fd, pos, libc::SEEK_DATA)
-                .map_err(io)?
-                .unwrap_or(size)
-                .min(size);
-            if data > pos {
-                let hole_end = data.min(end);
-                extents.push(Extent {
-                    length: (hole_end - pos) as u32,
-                    flags: wire::STATE_HOLE | wire::STATE_ZERO,
-                });
-                pos = hole_end;
-                continue;
-            }
-            let hole = lseek(fd, pos, libc::SEEK_HOLE)
-                .map_err(io)?
-                .unwrap_or(size)
-                .min(size);
-            let data_end = hole.min(end).max(pos + 1);
-            extents.push(Extent {
-                length: (data_end - pos) as u32,
-                flags: 0,
-            });
-            pos = data_end;
-        }
-        Ok(extents)
+        self.raw
+            .extents(offset, u64::from(len), self.size, extents_max)
+            .map_err(|e| BackendError::io("seek data/hole in export file", e))
     }
 
     async fn cache(&self, offset: u64, len: u32) -> BackendResult<()> {
-        let fd = self.fd();
-        // SAFETY: plain syscall; advisory only.
-        let r = unsafe {
-            libc::posix_fadvise(
-                fd,
-                offset as libc::off_t,
-                len as libc::off_t,
-                libc::POSIX_FADV_WILLNEED,
-            )
-        };
-        if r != 0 {
-            return Err(BackendError::io(
-                "fadvise export file",
-                std::io::Error::from_raw_os_error(r),
-            ));
-        }
-        Ok(())
+        self.raw
+            .will_need(offset, u64::from(len))
+            .map_err(|e| BackendError::io("fadvise export file", e))
     }
 }
 

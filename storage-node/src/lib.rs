@@ -1,5 +1,26 @@
-//! roamdisk storage node.
+//! roamdisk storage node: everything that touches disks and sockets around the I/O-free
+//! replication core (`roamdisk-core`).
 //!
-//! Not built yet: the replicated volume engine (multi-Raft over raft-rs, RocksDB log and
-//! metadata, sparse extent files) arrives with the storage-node issue. This crate exists
-//! so that the workspace has its fixed shape from the start.
+//! Module map:
+//! - [`config`]: node configuration (TOML and flags).
+//! - [`rocks`]: the RocksDB `LogStore` (Raft logs, Raft state, node records, block index).
+//! - [`volume`]: one volume replica — sparse extent file, blake3 block index, crash rule.
+//! - [`store`]: the Raft store thread that owns every group on the node (multi-Raft, one
+//!   write batch and one sync per round for all groups).
+//! - [`transport`]: node-to-node TCP (Raft messages, forwarded proposals and reads).
+//! - [`node`]: the API above the store: propose anywhere, linearizable reads, status.
+//! - [`nbd`]: every volume as an NBD export (`roamdisk_nbd::Backend` over `node`).
+//! - [`admin`]: the HTTP/JSON admin API and Prometheus `/metrics`.
+//!
+//! API boundaries: `store::Event` (everything the store does is asked through it),
+//! `transport::PeerFrame` (the peer wire format, versioned), `admin` (the HTTP API the CLI
+//! and the chaos runner use). Replication decisions belong in `roamdisk-core`.
+
+pub mod admin;
+pub mod config;
+pub mod nbd;
+pub mod node;
+pub mod rocks;
+pub mod store;
+pub mod transport;
+pub mod volume;

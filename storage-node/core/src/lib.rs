@@ -11,6 +11,7 @@
 //! - [`command`]: commands replicated in a volume's log, versioned.
 //! - [`logstore`]: the storage trait, an in-memory implementation with a power-loss
 //!   model, and the conformance suite every implementation runs.
+//! - [`meta`]: the cluster-metadata state machine (sites, nodes, volumes, placement).
 //! - [`group`]: one Raft group over raft-rs, as a sans-I/O state machine, and the
 //!   documented Ready order.
 //!
@@ -25,3 +26,4 @@ pub mod command;
 pub mod group;
 pub mod ids;
 pub mod logstore;
+pub mod meta;

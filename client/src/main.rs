@@ -1,0 +1,282 @@
+//! `roamdisk`: the admin CLI.
+//!
+//! ```text
+//! roamdisk [--cluster HOST:PORT] [--json] status
+//! roamdisk node list
+//! roamdisk volume create NAME --size 10G [--replicas 3] [--home SITE] [--durability node|site]
+//! roamdisk volume list | show NAME | resize NAME --size SIZE | delete NAME
+//! roamdisk playground [--dir DIR] [--sites a,b] [--nodes-per-site N] [--volume NAME:SIZE] [--base-port P]
+//! ```
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use roamdisk_client::{format_size, parse_size, playground, AdminClient};
+use roamdisk_core::meta::Durability;
+use serde_json::Value;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "roamdisk",
+    version,
+    about = "roamdisk: geo-distributed replicated block storage"
+)]
+struct Cli {
+    /// Admin address of any node (host:port). Default: $ROAMDISK_CLUSTER, else the
+    /// playground's first node.
+    #[arg(long, global = true)]
+    cluster: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Cluster status: nodes, metadata leader, volumes and their leaders.
+    Status,
+    /// Nodes.
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
+    /// Volumes.
+    Volume {
+        #[command(subcommand)]
+        cmd: VolumeCmd,
+    },
+    /// Run a local cluster of real node processes until Ctrl-C.
+    Playground {
+        /// Where nodes keep their data; rerunning on the same DIR restarts that cluster.
+        #[arg(long, default_value = "roamdisk-playground")]
+        dir: PathBuf,
+        /// Comma-separated site names.
+        #[arg(long, value_delimiter = ',', default_value = "osaka")]
+        sites: Vec<String>,
+        #[arg(long, default_value_t = 3)]
+        nodes_per_site: usize,
+        /// NAME:SIZE of a volume to create (repeatable).
+        #[arg(long = "volume", default_value = "vm1:1G")]
+        volumes: Vec<String>,
+        /// First port: NBD on base.., admin on base+100.., peers on base+200..
+        #[arg(long, default_value_t = 10809)]
+        base_port: u16,
+        /// roamdisk-node binary (default: next to this one).
+        #[arg(long)]
+        node_bin: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCmd {
+    /// List nodes with their sites and addresses.
+    List,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DurabilityArg {
+    Node,
+    Site,
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCmd {
+    Create {
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        #[arg(long)]
+        replicas: Option<u32>,
+        #[arg(long)]
+        home: Option<String>,
+        #[arg(long, value_enum)]
+        durability: Option<DurabilityArg>,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    /// Grow a volume.
+    Resize {
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn volume_line(v: &Value) -> String {
+    format!(
+        "{:<16} {:>10}  home {:<10} replicas {}  leader {}  gen {}",
+        v["name"].as_str().unwrap_or("?"),
+        format_size(v["size"].as_u64().unwrap_or(0)),
+        v["home_site"].as_str().unwrap_or("?"),
+        v["replicas"],
+        v["leader"]
+            .as_u64()
+            .map_or("none".to_string(), |l| l.to_string()),
+        v["generation"],
+    )
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let cluster = cli
+        .cluster
+        .clone()
+        .or_else(|| std::env::var("ROAMDISK_CLUSTER").ok())
+        .unwrap_or_else(|| "127.0.0.1:10909".into());
+    let client = AdminClient::new(&cluster);
+    match cli.cmd {
+        Cmd::Status => {
+            let st = client.status()?;
+            if cli.json {
+                return print_json(&st);
+            }
+            println!(
+                "node {} (site {}); metadata leader: {}",
+                st["node"],
+                st["site"].as_str().unwrap_or("?"),
+                st["meta_leader"]
+            );
+            println!("{} nodes in sites {}", st["nodes"], st["sites"]);
+            for v in st["volumes"].as_array().into_iter().flatten() {
+                println!("  {}", volume_line(v));
+            }
+        }
+        Cmd::Node { cmd: NodeCmd::List } => {
+            let nodes = client.nodes()?;
+            if cli.json {
+                return print_json(&nodes);
+            }
+            println!(
+                "{:<4} {:<12} {:<22} {:<22} {:<22}",
+                "ID", "SITE", "NBD", "ADMIN", "PEER"
+            );
+            for n in nodes {
+                println!(
+                    "{:<4} {:<12} {:<22} {:<22} {:<22}",
+                    n.id.0, n.site, n.nbd_addr, n.admin_addr, n.peer_addr
+                );
+            }
+        }
+        Cmd::Volume { cmd } => match cmd {
+            VolumeCmd::Create {
+                name,
+                size,
+                replicas,
+                home,
+                durability,
+            } => {
+                let d = durability.map(|d| match d {
+                    DurabilityArg::Node => Durability::Node,
+                    DurabilityArg::Site => Durability::Site,
+                });
+                let v = client.create_volume(&name, size, replicas, home.as_deref(), d)?;
+                if cli.json {
+                    return print_json(&v);
+                }
+                println!("created {}", volume_line(&v));
+            }
+            VolumeCmd::List => {
+                let vs = client.volumes()?;
+                if cli.json {
+                    return print_json(&vs);
+                }
+                for v in &vs {
+                    println!("{}", volume_line(v));
+                }
+            }
+            VolumeCmd::Show { name } => {
+                let v = client.volume(&name)?;
+                if cli.json {
+                    return print_json(&v);
+                }
+                println!("{}", volume_line(&v));
+                println!(
+                    "  voters {}  learners {}  durability {}",
+                    v["voters"], v["learners"], v["durability"]
+                );
+                if let Some(p) = v["progress"].as_array() {
+                    for r in p {
+                        println!(
+                            "  replica {} matched {} lag {} entries{}",
+                            r["node"],
+                            r["matched"],
+                            r["lag_entries"],
+                            if r["learner"] == true {
+                                " (learner)"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
+                }
+                for e in v["exports"].as_array().into_iter().flatten() {
+                    println!("  {}", e.as_str().unwrap_or("?"));
+                }
+            }
+            VolumeCmd::Resize { name, size } => {
+                let v = client.resize_volume(&name, size)?;
+                if cli.json {
+                    return print_json(&v);
+                }
+                println!("resized {}", volume_line(&v));
+            }
+            VolumeCmd::Delete { name } => {
+                let v = client.delete_volume(&name)?;
+                if cli.json {
+                    return print_json(&v);
+                }
+                println!("deleted {}", v["name"].as_str().unwrap_or(&name));
+            }
+        },
+        Cmd::Playground {
+            dir,
+            sites,
+            nodes_per_site,
+            volumes,
+            base_port,
+            node_bin,
+        } => {
+            let volumes = volumes
+                .iter()
+                .map(|s| {
+                    let (n, sz) = s
+                        .split_once(':')
+                        .with_context(|| format!("--volume {s:?}: expected NAME:SIZE"))?;
+                    Ok((n.to_owned(), parse_size(sz).map_err(anyhow::Error::msg)?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let node_bin = match node_bin {
+                Some(p) => p,
+                None => std::env::current_exe()?.with_file_name("roamdisk-node"),
+            };
+            playground::run(&playground::Options {
+                dir,
+                sites,
+                nodes_per_site,
+                volumes,
+                base_port,
+                node_bin,
+            })?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,332 @@
+//! `roamdisk playground`: a local cluster of real `roamdisk-node` processes on loopback.
+//!
+//! Layout: node ids 1..=N, site by site; node `i` listens for NBD on `base + i - 1`, for
+//! admin on `base + 100 + i - 1` and for peers on `base + 200 + i - 1`. Each node keeps
+//! its data in `DIR/node-<id>`; running again on the same DIR restarts the same cluster
+//! with its volumes. When the cluster serves, `DIR/playground.json` describes it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::AdminClient;
+
+/// How long nodes may take to elect the metadata leader and register.
+pub const CLUSTER_READY_TIMEOUT_SECS: u64 = 60;
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub dir: PathBuf,
+    pub sites: Vec<String>,
+    pub nodes_per_site: usize,
+    pub volumes: Vec<(String, u64)>,
+    pub base_port: u16,
+    pub node_bin: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PlaygroundNode {
+    pub id: u64,
+    pub pid: u32,
+    pub admin: String,
+    pub nbd: String,
+    pub peer: String,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PlaygroundSite {
+    pub name: String,
+    pub nodes: Vec<PlaygroundNode>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PlaygroundVolume {
+    pub name: String,
+    pub size: u64,
+    pub uris: Vec<String>,
+}
+
+/// The contents of `DIR/playground.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Manifest {
+    pub sites: Vec<PlaygroundSite>,
+    pub volumes: Vec<PlaygroundVolume>,
+}
+
+impl Manifest {
+    pub fn load(dir: &Path) -> Result<Manifest> {
+        let p = dir.join("playground.json");
+        serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("read {}", p.display()))?)
+            .context("parse playground.json")
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &PlaygroundNode> {
+        self.sites.iter().flat_map(|s| s.nodes.iter())
+    }
+}
+
+struct Running {
+    children: Vec<(u64, Child)>,
+}
+
+impl Running {
+    fn stop(&mut self) {
+        for (_, c) in &self.children {
+            // SAFETY: plain kill(2) on our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (id, c) in &mut self.children {
+            loop {
+                match c.try_wait() {
+                    Ok(Some(status)) => {
+                        eprintln!("node {id} stopped ({status})");
+                        break;
+                    }
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => {
+                        eprintln!("node {id} did not stop in time; killing it");
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                }
+            }
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Starts the cluster, creates the volumes, writes the manifest, and runs until SIGINT
+/// or SIGTERM; then stops every node cleanly.
+pub fn run(opts: &Options) -> Result<()> {
+    let (manifest, mut running) = start(opts)?;
+    print_banner(&manifest, &opts.dir);
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    while !STOP.load(Ordering::SeqCst) {
+        for (id, c) in &mut running.children {
+            if let Ok(Some(status)) = c.try_wait() {
+                eprintln!(
+                    "warning: node {id} exited ({status}); see {}/node-{id}/node.log",
+                    opts.dir.display()
+                );
+            }
+        }
+        running
+            .children
+            .retain_mut(|(_, c)| matches!(c.try_wait(), Ok(None)));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("stopping the playground...");
+    running.stop();
+    Ok(())
+}
+
+/// Starts the nodes and volumes; the returned guard stops the nodes when dropped.
+fn start(opts: &Options) -> Result<(Manifest, Running)> {
+    if opts.sites.is_empty() || opts.nodes_per_site == 0 {
+        bail!("a playground needs at least one site and one node per site");
+    }
+    if !opts.node_bin.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release --bins`",
+            opts.node_bin.display()
+        );
+    }
+    std::fs::create_dir_all(&opts.dir).with_context(|| format!("create {}", opts.dir.display()))?;
+    let dir = opts.dir.canonicalize()?;
+    let port = |offset: u16, i: u64| -> Result<u16> {
+        opts.base_port
+            .checked_add(offset)
+            .and_then(|p| p.checked_add(i as u16 - 1))
+            .context("--base-port too high for this many nodes")
+    };
+    let mut layout = Vec::new();
+    let mut id = 0u64;
+    for site in &opts.sites {
+        for _ in 0..opts.nodes_per_site {
+            id += 1;
+            layout.push((
+                id,
+                site.clone(),
+                port(200, id)?,
+                port(100, id)?,
+                port(0, id)?,
+            ));
+        }
+    }
+    let initial: Vec<String> = layout
+        .iter()
+        .map(|(id, site, peer, _, _)| format!("{id}={site}@127.0.0.1:{peer}"))
+        .collect();
+    let mut running = Running {
+        children: Vec::new(),
+    };
+    let mut sites: Vec<PlaygroundSite> = opts
+        .sites
+        .iter()
+        .map(|s| PlaygroundSite {
+            name: s.clone(),
+            nodes: vec![],
+        })
+        .collect();
+    for (id, site, peer, admin, nbd) in &layout {
+        let data_dir = dir.join(format!("node-{id}"));
+        std::fs::create_dir_all(&data_dir)?;
+        let config = format!(
+            "id = {id}\nsite = {site:?}\ndata_dir = {:?}\npeer_addr = \"127.0.0.1:{peer}\"\nadmin_addr = \"127.0.0.1:{admin}\"\nnbd_addr = \"127.0.0.1:{nbd}\"\ninitial_cluster = {:?}\n",
+            data_dir.display().to_string(),
+            initial
+        );
+        let config_path = data_dir.join("node.toml");
+        std::fs::write(&config_path, config)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.join("node.log"))?;
+        let mut child = Command::new(&opts.node_bin)
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", opts.node_bin.display()))?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        if !line.contains("ready") {
+            let _ = child.kill();
+            bail!(
+                "node {id} failed to start; see {}",
+                data_dir.join("node.log").display()
+            );
+        }
+        let pid = child.id();
+        running.children.push((*id, child));
+        let node = PlaygroundNode {
+            id: *id,
+            pid,
+            admin: format!("127.0.0.1:{admin}"),
+            nbd: format!("127.0.0.1:{nbd}"),
+            peer: format!("127.0.0.1:{peer}"),
+            data_dir,
+        };
+        sites
+            .iter_mut()
+            .find(|s| s.name == *site)
+            .expect("site listed")
+            .nodes
+            .push(node);
+    }
+    let admin = AdminClient::new(&sites[0].nodes[0].admin);
+    wait_for(
+        CLUSTER_READY_TIMEOUT_SECS,
+        "the cluster to elect a metadata leader and register every node",
+        || {
+            let st = admin.status().ok()?;
+            (st["meta_leader"].is_u64() && st["nodes"].as_u64() == Some(layout.len() as u64))
+                .then_some(())
+        },
+    )?;
+    let replicas = opts.nodes_per_site.min(3) as u32;
+    let mut volumes = Vec::new();
+    for (name, size) in &opts.volumes {
+        match admin.create_volume(name, *size, Some(replicas), Some(&opts.sites[0]), None) {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("already exists") => {}
+            Err(e) => return Err(e.context(format!("create volume {name}"))),
+        }
+        let v = wait_for(
+            CLUSTER_READY_TIMEOUT_SECS,
+            &format!("volume {name} to elect a leader"),
+            || {
+                let v = admin.volume(name).ok()?;
+                v["leader"].is_u64().then_some(v)
+            },
+        )?;
+        let size = v["size"].as_u64().unwrap_or(*size);
+        let uris = sites
+            .iter()
+            .flat_map(|s| s.nodes.iter())
+            .map(|n| format!("nbd://{}/{name}", n.nbd))
+            .collect();
+        volumes.push(PlaygroundVolume {
+            name: name.clone(),
+            size,
+            uris,
+        });
+    }
+    let manifest = Manifest { sites, volumes };
+    std::fs::write(
+        dir.join("playground.json"),
+        serde_json::to_vec_pretty(&manifest)?,
+    )?;
+    Ok((manifest, running))
+}
+
+fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {secs} s waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn print_banner(m: &Manifest, dir: &Path) {
+    println!(
+        "roamdisk playground is up ({} sites, {} nodes); manifest: {}/playground.json",
+        m.sites.len(),
+        m.nodes().count(),
+        dir.display()
+    );
+    for s in &m.sites {
+        for n in &s.nodes {
+            println!(
+                "  node {} (site {}): nbd://{}  admin http://{}  pid {}",
+                n.id, s.name, n.nbd, n.admin, n.pid
+            );
+        }
+    }
+    for v in &m.volumes {
+        println!("volume {} ({}):", v.name, crate::format_size(v.size));
+        for u in &v.uris {
+            println!("  {u}");
+        }
+    }
+    if let Some(v) = m.volumes.first() {
+        let uri = &v.uris[0];
+        println!("try:");
+        println!("  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}");
+        println!("  qemu-img convert -n -f qcow2 -O raw disk.qcow2 {uri}");
+        println!("  roamdisk --cluster {} status", m.sites[0].nodes[0].admin);
+    }
+    println!("Ctrl-C stops every node.");
+}

@@ -1,0 +1,525 @@
+//! The cluster-metadata state machine: sites, nodes, volumes, their placement and
+//! generations. It is replicated by the metadata Raft group (group 0), whose voters span
+//! sites, and every node keeps a replica of it.
+//!
+//! Invariants (checked by `ClusterState::check` after every apply in tests):
+//! - `apply` is deterministic: replicas applying the same commands hold equal states.
+//!   Placement in particular is decided at apply time from the state alone.
+//! - volume names and ids are unique; ids are never reused;
+//! - a volume's voters are distinct nodes of its home site, its learners distinct nodes
+//!   of other sites, and no node is both;
+//! - generations only grow.
+//!
+//! Commands are versioned like volume commands (`META_FORMAT_VERSION`); changelog:
+//! - 1: AddNode, CreateVolume, ResizeVolume, DeleteVolume.
+//!
+//! A node's site never changes (`AddNode` with a known id and another site is refused):
+//! its replicas were placed by site.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, CodecError};
+use crate::ids::{Generation, NodeId, VolumeId, BLOCK_BYTES};
+
+pub const META_FORMAT_VERSION: u16 = 1;
+
+/// Largest volume: 64 TiB.
+pub const VOLUME_SIZE_MAX_BYTES: u64 = 64 << 40;
+/// Longest volume or site name.
+pub const NAME_MAX_BYTES: usize = 64;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Durability {
+    /// A write commits on a quorum of the home site; other sites lag (reported).
+    #[default]
+    Node,
+    /// A write commits only once a replica outside the home site has it.
+    Site,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: NodeId,
+    pub site: String,
+    /// Address other nodes use for Raft and forwarding.
+    pub peer_addr: String,
+    /// HTTP admin API.
+    pub admin_addr: String,
+    /// NBD export address.
+    pub nbd_addr: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub id: VolumeId,
+    pub name: String,
+    pub size: u64,
+    pub replicas: u32,
+    pub home_site: String,
+    pub durability: Durability,
+    /// Raft voters (home site).
+    pub voters: Vec<NodeId>,
+    /// Raft learners (one per other site).
+    pub learners: Vec<NodeId>,
+    pub generation: Generation,
+}
+
+impl VolumeInfo {
+    pub fn replicas_on(&self, node: NodeId) -> bool {
+        self.voters.contains(&node) || self.learners.contains(&node)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub nodes: BTreeMap<NodeId, NodeInfo>,
+    pub volumes: BTreeMap<String, VolumeInfo>,
+    pub next_volume_id: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaCommand {
+    /// Add or update a node (same id: addresses and site are replaced).
+    AddNode(NodeInfo),
+    CreateVolume {
+        name: String,
+        size: u64,
+        replicas: u32,
+        home_site: Option<String>,
+        durability: Durability,
+    },
+    /// Grow a volume.
+    ResizeVolume {
+        name: String,
+        size: u64,
+    },
+    DeleteVolume {
+        name: String,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct MetaEnvelope {
+    version: u16,
+    command: MetaCommand,
+}
+
+/// Why a metadata command was refused. Deterministic: every replica refuses the same
+/// commands for the same reasons.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum MetaError {
+    #[error("volume {0:?} already exists")]
+    VolumeExists(String),
+    #[error("volume {0:?} not found")]
+    VolumeNotFound(String),
+    #[error("invalid volume name {0:?}: use 1-64 characters from a-z, A-Z, 0-9, '-', '_', '.'")]
+    InvalidName(String),
+    #[error("invalid size {size}: must be a positive multiple of {BLOCK_BYTES} bytes up to {VOLUME_SIZE_MAX_BYTES}")]
+    InvalidSize { size: u64 },
+    #[error("volume {name:?} is {current} bytes; it can only grow (asked {requested})")]
+    Shrink {
+        name: String,
+        current: u64,
+        requested: u64,
+    },
+    #[error("invalid replica count {0}: must be 1..=7")]
+    InvalidReplicas(u32),
+    #[error("site {site:?} has {available} nodes, {wanted} replicas requested")]
+    NotEnoughNodes {
+        site: String,
+        available: usize,
+        wanted: u32,
+    },
+    #[error("site {0:?} has no nodes")]
+    UnknownSite(String),
+    #[error("no nodes in the cluster")]
+    NoNodes,
+    #[error("node {node} is in site {from:?}; it cannot move to {to:?} (add it as a new node)")]
+    NodeSiteChange {
+        node: NodeId,
+        from: String,
+        to: String,
+    },
+}
+
+/// Result of applying one command.
+pub type MetaResult = Result<Option<VolumeInfo>, MetaError>;
+
+impl MetaCommand {
+    pub fn encode(&self) -> Vec<u8> {
+        codec::encode(&MetaEnvelope {
+            version: META_FORMAT_VERSION,
+            command: self.clone(),
+        })
+        .expect("meta commands always encode")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<MetaCommand, CodecError> {
+        let env: MetaEnvelope = codec::decode(bytes)?;
+        Ok(env.command)
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= NAME_MAX_BYTES
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn valid_size(size: u64) -> bool {
+    size > 0 && size % BLOCK_BYTES == 0 && size <= VOLUME_SIZE_MAX_BYTES
+}
+
+impl ClusterState {
+    pub fn sites(&self) -> Vec<String> {
+        let mut s: Vec<String> = self.nodes.values().map(|n| n.site.clone()).collect();
+        s.sort();
+        s.dedup();
+        s
+    }
+
+    pub fn volume_by_id(&self, id: VolumeId) -> Option<&VolumeInfo> {
+        self.volumes.values().find(|v| v.id == id)
+    }
+
+    /// Replicas each node carries, for placement.
+    fn load(&self) -> BTreeMap<NodeId, usize> {
+        let mut load: BTreeMap<NodeId, usize> = self.nodes.keys().map(|n| (*n, 0)).collect();
+        for v in self.volumes.values() {
+            for n in v.voters.iter().chain(&v.learners) {
+                *load.entry(*n).or_default() += 1;
+            }
+        }
+        load
+    }
+
+    /// The `count` least-loaded nodes of `site` (ties by id): deterministic.
+    fn pick(&self, site: &str, count: usize, load: &BTreeMap<NodeId, usize>) -> Vec<NodeId> {
+        let mut candidates: Vec<(usize, NodeId)> = self
+            .nodes
+            .values()
+            .filter(|n| n.site == site)
+            .map(|n| (load[&n.id], n.id))
+            .collect();
+        candidates.sort();
+        candidates
+            .into_iter()
+            .take(count)
+            .map(|(_, id)| id)
+            .collect()
+    }
+
+    pub fn apply(&mut self, cmd: MetaCommand) -> MetaResult {
+        match cmd {
+            MetaCommand::AddNode(info) => {
+                // A node keeps its site for life: its replicas were placed by site.
+                if let Some(old) = self.nodes.get(&info.id) {
+                    if old.site != info.site {
+                        return Err(MetaError::NodeSiteChange {
+                            node: info.id,
+                            from: old.site.clone(),
+                            to: info.site,
+                        });
+                    }
+                }
+                if !valid_name(&info.site) {
+                    return Err(MetaError::InvalidName(info.site));
+                }
+                self.nodes.insert(info.id, info);
+                Ok(None)
+            }
+            MetaCommand::CreateVolume {
+                name,
+                size,
+                replicas,
+                home_site,
+                durability,
+            } => {
+                if !valid_name(&name) {
+                    return Err(MetaError::InvalidName(name));
+                }
+                if self.volumes.contains_key(&name) {
+                    return Err(MetaError::VolumeExists(name));
+                }
+                if !valid_size(size) {
+                    return Err(MetaError::InvalidSize { size });
+                }
+                if !(1..=7).contains(&replicas) {
+                    return Err(MetaError::InvalidReplicas(replicas));
+                }
+                let sites = self.sites();
+                let home = match home_site {
+                    Some(s) if sites.contains(&s) => s,
+                    Some(s) => return Err(MetaError::UnknownSite(s)),
+                    None => sites.first().cloned().ok_or(MetaError::NoNodes)?,
+                };
+                let load = self.load();
+                let voters = self.pick(&home, replicas as usize, &load);
+                if voters.len() < replicas as usize {
+                    return Err(MetaError::NotEnoughNodes {
+                        site: home,
+                        available: voters.len(),
+                        wanted: replicas,
+                    });
+                }
+                let learners: Vec<NodeId> = sites
+                    .iter()
+                    .filter(|s| **s != home)
+                    .flat_map(|s| self.pick(s, 1, &load))
+                    .collect();
+                self.next_volume_id += 1;
+                let info = VolumeInfo {
+                    id: VolumeId(self.next_volume_id),
+                    name: name.clone(),
+                    size,
+                    replicas,
+                    home_site: home,
+                    durability,
+                    voters,
+                    learners,
+                    generation: Generation(1),
+                };
+                self.volumes.insert(name, info.clone());
+                Ok(Some(info))
+            }
+            MetaCommand::ResizeVolume { name, size } => {
+                let v = self
+                    .volumes
+                    .get_mut(&name)
+                    .ok_or_else(|| MetaError::VolumeNotFound(name.clone()))?;
+                if !valid_size(size) {
+                    return Err(MetaError::InvalidSize { size });
+                }
+                if size < v.size {
+                    return Err(MetaError::Shrink {
+                        name,
+                        current: v.size,
+                        requested: size,
+                    });
+                }
+                v.size = size;
+                Ok(Some(v.clone()))
+            }
+            MetaCommand::DeleteVolume { name } => {
+                let v = self
+                    .volumes
+                    .remove(&name)
+                    .ok_or(MetaError::VolumeNotFound(name))?;
+                Ok(Some(v))
+            }
+        }
+    }
+
+    /// Checks the invariants in the module doc; returns the first violation.
+    pub fn check(&self) -> Result<(), String> {
+        let mut ids = std::collections::BTreeSet::new();
+        for (name, v) in &self.volumes {
+            if *name != v.name {
+                return Err(format!("volume keyed {name:?} is named {:?}", v.name));
+            }
+            if !ids.insert(v.id) || v.id.0 > self.next_volume_id || v.id.0 == 0 {
+                return Err(format!("volume id {} duplicated or out of range", v.id));
+            }
+            let mut all: Vec<NodeId> = v.voters.iter().chain(&v.learners).copied().collect();
+            let n = all.len();
+            all.sort();
+            all.dedup();
+            if all.len() != n {
+                return Err(format!("volume {name:?} places a node twice"));
+            }
+            for voter in &v.voters {
+                if self
+                    .nodes
+                    .get(voter)
+                    .is_some_and(|node| node.site != v.home_site)
+                {
+                    return Err(format!(
+                        "volume {name:?} has voter {voter} outside its home site"
+                    ));
+                }
+            }
+            for learner in &v.learners {
+                if self
+                    .nodes
+                    .get(learner)
+                    .is_some_and(|node| node.site == v.home_site)
+                {
+                    return Err(format!(
+                        "volume {name:?} has learner {learner} in its home site"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole state, for a metadata snapshot.
+    pub fn encode(&self) -> Vec<u8> {
+        codec::encode(self).expect("cluster state always encodes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<ClusterState, CodecError> {
+        codec::decode(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn node(id: u64, site: &str) -> MetaCommand {
+        MetaCommand::AddNode(NodeInfo {
+            id: NodeId(id),
+            site: site.into(),
+            peer_addr: format!("127.0.0.1:{}", 7000 + id),
+            admin_addr: format!("127.0.0.1:{}", 8000 + id),
+            nbd_addr: format!("127.0.0.1:{}", 9000 + id),
+        })
+    }
+
+    fn create(name: &str, size: u64, replicas: u32, home: Option<&str>) -> MetaCommand {
+        MetaCommand::CreateVolume {
+            name: name.into(),
+            size,
+            replicas,
+            home_site: home.map(str::to_owned),
+            durability: Durability::Node,
+        }
+    }
+
+    #[test]
+    fn placement_spreads_voters_in_home_and_one_learner_per_other_site() {
+        let mut s = ClusterState::default();
+        for (id, site) in [
+            (1, "osaka"),
+            (2, "osaka"),
+            (3, "osaka"),
+            (4, "osaka"),
+            (5, "hokkaido"),
+            (6, "fukuoka"),
+            (7, "fukuoka"),
+        ] {
+            s.apply(node(id, site)).unwrap();
+        }
+        let v = s
+            .apply(create("vm1", 1 << 30, 3, Some("osaka")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(v.voters, vec![NodeId(1), NodeId(2), NodeId(3)]);
+        assert_eq!(v.learners, vec![NodeId(6), NodeId(5)]); // fukuoka, hokkaido (site order)
+        let v2 = s
+            .apply(create("vm2", 1 << 30, 3, Some("osaka")))
+            .unwrap()
+            .unwrap();
+        assert!(
+            v2.voters.contains(&NodeId(4)),
+            "least-loaded node is used first: {:?}",
+            v2.voters
+        );
+        assert!(v2.learners.contains(&NodeId(7)));
+        s.check().unwrap();
+    }
+
+    #[test]
+    fn bad_requests_are_refused_and_change_nothing() {
+        let mut s = ClusterState::default();
+        assert_eq!(
+            s.apply(create("vm1", 4096, 1, None)),
+            Err(MetaError::NoNodes)
+        );
+        s.apply(node(1, "a")).unwrap();
+        let before = s.clone();
+        assert!(matches!(
+            s.apply(create("bad name", 4096, 1, None)),
+            Err(MetaError::InvalidName(_))
+        ));
+        assert!(matches!(
+            s.apply(create("vm", 1000, 1, None)),
+            Err(MetaError::InvalidSize { .. })
+        ));
+        assert!(matches!(
+            s.apply(create("vm", 4096, 3, None)),
+            Err(MetaError::NotEnoughNodes { .. })
+        ));
+        assert!(matches!(
+            s.apply(create("vm", 4096, 1, Some("zz"))),
+            Err(MetaError::UnknownSite(_))
+        ));
+        assert!(matches!(
+            s.apply(create("vm", 4096, 0, None)),
+            Err(MetaError::InvalidReplicas(0))
+        ));
+        assert_eq!(s, before);
+        s.apply(create("vm", 8192, 1, None)).unwrap();
+        assert!(matches!(
+            s.apply(create("vm", 4096, 1, None)),
+            Err(MetaError::VolumeExists(_))
+        ));
+        assert!(matches!(
+            s.apply(MetaCommand::ResizeVolume {
+                name: "vm".into(),
+                size: 4096
+            }),
+            Err(MetaError::Shrink { .. })
+        ));
+        assert_eq!(
+            s.apply(MetaCommand::ResizeVolume {
+                name: "vm".into(),
+                size: 16384
+            })
+            .unwrap()
+            .unwrap()
+            .size,
+            16384
+        );
+        assert!(s
+            .apply(MetaCommand::DeleteVolume { name: "vm".into() })
+            .is_ok());
+        assert!(matches!(
+            s.apply(MetaCommand::DeleteVolume { name: "vm".into() }),
+            Err(MetaError::VolumeNotFound(_))
+        ));
+        // Ids are not reused after a delete.
+        let v = s.apply(create("vm", 8192, 1, None)).unwrap().unwrap();
+        assert_eq!(v.id, VolumeId(2));
+    }
+
+    #[test]
+    fn state_and_commands_round_trip() {
+        let mut s = ClusterState::default();
+        s.apply(node(1, "a")).unwrap();
+        s.apply(create("vm", 8192, 1, None)).unwrap();
+        assert_eq!(ClusterState::decode(&s.encode()).unwrap(), s);
+        let c = create("x", 4096, 1, Some("a"));
+        assert_eq!(MetaCommand::decode(&c.encode()).unwrap(), c);
+    }
+
+    proptest! {
+        /// Two replicas applying the same random command sequence stay equal and valid.
+        #[test]
+        fn apply_is_deterministic_and_keeps_invariants(cmds in proptest::collection::vec(
+            prop_oneof![
+                (1u64..8, 0usize..3).prop_map(|(id, s)| node(id, ["a", "b", "c"][s])),
+                (0usize..4, 1u64..5, 1u32..4, proptest::option::of(0usize..3)).prop_map(|(n, sz, r, h)| {
+                    create(["v0", "v1", "v2", "v3"][n], sz * 4096, r, h.map(|i| ["a", "b", "c"][i]))
+                }),
+                (0usize..4, 1u64..9).prop_map(|(n, sz)| MetaCommand::ResizeVolume { name: ["v0", "v1", "v2", "v3"][n].into(), size: sz * 4096 }),
+                (0usize..4).prop_map(|n| MetaCommand::DeleteVolume { name: ["v0", "v1", "v2", "v3"][n].into() }),
+            ], 1..40)) {
+            let mut a = ClusterState::default();
+            let mut b = ClusterState::default();
+            for c in cmds {
+                let ra = a.apply(c.clone());
+                let rb = b.apply(MetaCommand::decode(&c.encode()).unwrap());
+                prop_assert_eq!(ra, rb);
+                prop_assert_eq!(&a, &b);
+                prop_assert!(a.check().is_ok(), "{:?}", a.check());
+            }
+        }
+    }
+}

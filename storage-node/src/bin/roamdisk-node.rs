@@ -1,0 +1,246 @@
+//! `roamdisk-node`: the storage node daemon.
+//!
+//! ```text
+//! roamdisk-node --config node.toml
+//! roamdisk-node --id 1 --site osaka --data-dir /var/lib/roamdisk \
+//!     --peer 127.0.0.1:7001 --admin 127.0.0.1:8001 --nbd 127.0.0.1:10809 \
+//!     --initial-cluster 1=osaka@127.0.0.1:7001,2=osaka@127.0.0.1:7002,3=osaka@127.0.0.1:7003
+//! ```
+//! Prints one line `roamdisk-node <id> ready ...` on stdout once every listener is bound.
+//! SIGTERM or Ctrl-C: stop accepting, finish in-flight NBD requests, checkpoint, exit 0.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use roamdisk_core::group::GroupConfig;
+use roamdisk_core::ids::NodeId;
+use roamdisk_core::meta::{MetaCommand, NodeInfo};
+use roamdisk_storage_node::config::NodeConfig;
+use roamdisk_storage_node::nbd::NodeCatalog;
+use roamdisk_storage_node::node::{Node, PeerHandler};
+use roamdisk_storage_node::rocks::RocksLogStore;
+use roamdisk_storage_node::store::{Event, Store, StoreConfig, EVENT_QUEUE_MAX};
+use roamdisk_storage_node::transport::{ArcOutbox, Transport};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+#[derive(Parser, Debug)]
+#[command(name = "roamdisk-node", version, about = "roamdisk storage node")]
+struct Args {
+    /// TOML configuration file; flags override its values.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    id: Option<u64>,
+    #[arg(long)]
+    site: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Address for Raft and forwarding between nodes.
+    #[arg(long)]
+    peer: Option<String>,
+    /// Address of the HTTP admin API.
+    #[arg(long)]
+    admin: Option<String>,
+    /// Address of the NBD exports.
+    #[arg(long)]
+    nbd: Option<String>,
+    /// Comma-separated id=site@peer_addr of the members that bootstrap the cluster.
+    #[arg(long, value_delimiter = ',')]
+    initial_cluster: Option<Vec<String>>,
+}
+
+fn config(args: Args) -> Result<NodeConfig> {
+    let mut cfg = match &args.config {
+        Some(p) => NodeConfig::load(p)?,
+        None => NodeConfig {
+            id: 0,
+            site: String::new(),
+            data_dir: PathBuf::new(),
+            peer_addr: String::new(),
+            admin_addr: String::new(),
+            nbd_addr: String::new(),
+            initial_cluster: vec![],
+        },
+    };
+    if let Some(v) = args.id {
+        cfg.id = v;
+    }
+    if let Some(v) = args.site {
+        cfg.site = v;
+    }
+    if let Some(v) = args.data_dir {
+        cfg.data_dir = v;
+    }
+    if let Some(v) = args.peer {
+        cfg.peer_addr = v;
+    }
+    if let Some(v) = args.admin {
+        cfg.admin_addr = v;
+    }
+    if let Some(v) = args.nbd {
+        cfg.nbd_addr = v;
+    }
+    if let Some(v) = args.initial_cluster {
+        cfg.initial_cluster = v;
+    }
+    if cfg.data_dir.as_os_str().is_empty() {
+        anyhow::bail!("--data-dir (or data_dir in the config file) is required");
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn main() -> Result<()> {
+    let cfg = config(Args::parse())?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("create data dir {}", cfg.data_dir.display()))?;
+    let me = NodeId(cfg.id);
+    let members = cfg.members()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start tokio runtime")?;
+
+    let log = Arc::new(RocksLogStore::open(&cfg.data_dir.join("raft")).context("open raft store")?);
+    let (events_tx, events_rx) = flume::bounded(EVENT_QUEUE_MAX);
+    let shutdown = CancellationToken::new();
+    let transport = Transport::new(me, events_tx.clone(), rt.handle().clone(), shutdown.clone());
+    for m in &members {
+        transport.set_address(m.id, m.peer_addr.clone());
+    }
+    let store_cfg = StoreConfig {
+        me,
+        data_dir: cfg.data_dir.clone(),
+        group: GroupConfig::default(),
+        initial_meta_voters: members.iter().map(|m| m.id).collect(),
+    };
+    let (store, cluster_view, leaders) =
+        Store::open(store_cfg, log, Arc::new(ArcOutbox(Arc::clone(&transport))))?;
+    let store_thread = std::thread::Builder::new()
+        .name("raft-store".into())
+        .spawn(move || store.run(events_rx))?;
+
+    let result = rt.block_on(async {
+        let node = Node::new(
+            me,
+            cfg.site.clone(),
+            events_tx.clone(),
+            Arc::clone(&transport),
+            cluster_view.clone(),
+            leaders,
+            cfg.data_dir.join("volumes"),
+        );
+        transport.set_handler(Arc::new(PeerHandler(Arc::clone(&node))));
+        let peer_listener = tokio::net::TcpListener::bind(&cfg.peer_addr)
+            .await
+            .with_context(|| format!("listen for peers on {}", cfg.peer_addr))?;
+        let admin_listener = tokio::net::TcpListener::bind(&cfg.admin_addr)
+            .await
+            .with_context(|| format!("listen for admin on {}", cfg.admin_addr))?;
+        let nbd_listener = tokio::net::TcpListener::bind(&cfg.nbd_addr)
+            .await
+            .with_context(|| format!("listen for NBD on {}", cfg.nbd_addr))?;
+
+        tokio::spawn(Arc::clone(&transport).serve(peer_listener));
+        tokio::spawn(keep_registered(
+            Arc::clone(&node),
+            Arc::clone(&transport),
+            NodeInfo {
+                id: me,
+                site: cfg.site.clone(),
+                peer_addr: cfg.peer_addr.clone(),
+                admin_addr: cfg.admin_addr.clone(),
+                nbd_addr: cfg.nbd_addr.clone(),
+            },
+            shutdown.clone(),
+        ));
+        let admin = {
+            let shutdown = shutdown.clone();
+            let router = roamdisk_storage_node::admin::router(Arc::clone(&node));
+            tokio::spawn(async move {
+                axum::serve(admin_listener, router)
+                    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                    .await
+            })
+        };
+        let nbd_server = roamdisk_nbd::Server::new(
+            Arc::new(NodeCatalog {
+                node: Arc::clone(&node),
+            }),
+            shutdown.clone(),
+        );
+        let nbd = tokio::spawn(async move { nbd_server.serve_tcp(nbd_listener).await });
+
+        println!(
+            "roamdisk-node {} ready: site={} peer={} admin={} nbd={}",
+            cfg.id, cfg.site, cfg.peer_addr, cfg.admin_addr, cfg.nbd_addr
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        info!("shutting down");
+        shutdown.cancel();
+        // NBD connections finish their in-flight requests before the store stops.
+        if tokio::time::timeout(Duration::from_secs(30), nbd)
+            .await
+            .is_err()
+        {
+            warn!("NBD connections did not finish within 30 s");
+        }
+        let _ = admin.await;
+        anyhow::Ok(())
+    });
+    let _ = events_tx.send(Event::Shutdown);
+    drop(events_tx);
+    store_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("raft store thread panicked"))?;
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+/// Keeps this node's entry in the cluster metadata current and the transport's address
+/// book in step with the metadata.
+async fn keep_registered(
+    node: Arc<Node>,
+    transport: Arc<Transport>,
+    me: NodeInfo,
+    shutdown: CancellationToken,
+) {
+    let mut view = node.cluster_view();
+    loop {
+        let cluster = node.cluster();
+        for n in cluster.nodes.values() {
+            transport.set_address(n.id, n.peer_addr.clone());
+        }
+        if cluster.nodes.get(&me.id) != Some(&me) {
+            match node.meta(MetaCommand::AddNode(me.clone())).await {
+                Ok(_) => info!(node = %me.id, site = %me.site, "registered in cluster metadata"),
+                Err(e) => warn!(error = %e, "register in cluster metadata; retrying"),
+            }
+            // The entry may have applied on the leader before it applies here.
+            tokio::select! {
+                _ = view.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            continue;
+        }
+        tokio::select! {
+            r = view.changed() => if r.is_err() { return },
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}

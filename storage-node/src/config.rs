@@ -1,0 +1,151 @@
+//! Node configuration: a TOML file, overridden by command-line flags.
+//!
+//! ```toml
+//! id = 1
+//! site = "osaka"
+//! data_dir = "/var/lib/roamdisk"
+//! peer_addr = "10.0.0.1:7001"     # Raft and forwarding between nodes
+//! admin_addr = "10.0.0.1:8001"    # HTTP admin API and /metrics
+//! nbd_addr = "10.0.0.1:10809"     # NBD exports of every volume
+//! # Members that bootstrap the metadata group together (id=site@peer_addr).
+//! initial_cluster = ["1=osaka@10.0.0.1:7001", "2=osaka@10.0.0.2:7001", "3=osaka@10.0.0.3:7001"]
+//! ```
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use roamdisk_core::ids::NodeId;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub id: u64,
+    pub site: String,
+    pub data_dir: PathBuf,
+    pub peer_addr: String,
+    pub admin_addr: String,
+    pub nbd_addr: String,
+    #[serde(default)]
+    pub initial_cluster: Vec<String>,
+}
+
+/// One `id=site@peer_addr` entry of `initial_cluster`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub id: NodeId,
+    pub site: String,
+    pub peer_addr: String,
+}
+
+impl Member {
+    pub fn parse(s: &str) -> anyhow::Result<Member> {
+        let (id, rest) = s
+            .split_once('=')
+            .with_context(|| format!("initial cluster member {s:?}: expected id=site@host:port"))?;
+        let (site, addr) = rest
+            .split_once('@')
+            .with_context(|| format!("initial cluster member {s:?}: expected id=site@host:port"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .with_context(|| format!("initial cluster member {s:?}: id is not a number"))?;
+        if id == 0 {
+            bail!("initial cluster member {s:?}: node ids start at 1");
+        }
+        if site.is_empty() || !addr.contains(':') {
+            bail!("initial cluster member {s:?}: expected id=site@host:port");
+        }
+        Ok(Member {
+            id: NodeId(id),
+            site: site.to_owned(),
+            peer_addr: addr.to_owned(),
+        })
+    }
+}
+
+impl NodeConfig {
+    pub fn members(&self) -> anyhow::Result<Vec<Member>> {
+        self.initial_cluster
+            .iter()
+            .map(|s| Member::parse(s))
+            .collect()
+    }
+
+    /// Checks the configuration; the error says what is wrong.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.id == 0 {
+            bail!("node id must be at least 1");
+        }
+        if self.site.is_empty() {
+            bail!("site must not be empty");
+        }
+        for (what, a) in [
+            ("peer_addr", &self.peer_addr),
+            ("admin_addr", &self.admin_addr),
+            ("nbd_addr", &self.nbd_addr),
+        ] {
+            if !a.contains(':') {
+                bail!("{what} {a:?} must be host:port");
+            }
+        }
+        let members = self.members()?;
+        if let Some(m) = members.iter().find(|m| m.id.0 == self.id) {
+            if m.site != self.site || m.peer_addr != self.peer_addr {
+                bail!(
+                    "initial_cluster says node {} is {}@{}, but this node is {}@{}",
+                    self.id,
+                    m.site,
+                    m.peer_addr,
+                    self.site,
+                    self.peer_addr
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn load(path: &std::path::Path) -> anyhow::Result<NodeConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parse config {}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_parse_and_config_validates() {
+        let m = Member::parse("2=osaka@127.0.0.1:7002").unwrap();
+        assert_eq!(
+            m,
+            Member {
+                id: NodeId(2),
+                site: "osaka".into(),
+                peer_addr: "127.0.0.1:7002".into()
+            }
+        );
+        assert!(Member::parse("x=osaka@1:2").is_err());
+        assert!(Member::parse("0=osaka@1:2").is_err());
+        assert!(Member::parse("1=osaka").is_err());
+        let text = r#"
+            id = 1
+            site = "osaka"
+            data_dir = "/tmp/x"
+            peer_addr = "127.0.0.1:7001"
+            admin_addr = "127.0.0.1:8001"
+            nbd_addr = "127.0.0.1:10809"
+            initial_cluster = ["1=osaka@127.0.0.1:7001"]
+        "#;
+        let cfg: NodeConfig = toml::from_str(text).unwrap();
+        cfg.validate().unwrap();
+        let mut bad = cfg.clone();
+        bad.peer_addr = "127.0.0.1:9999".into();
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("initial_cluster says"));
+    }
+}

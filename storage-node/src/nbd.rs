@@ -1,0 +1,179 @@
+//! Every volume of the cluster as an NBD export on this node.
+//!
+//! Writes become Raft proposals (forwarded to the volume's leader when it is elsewhere);
+//! reads are linearizable (ReadIndex, then the local extent file; forwarded when this
+//! node has no replica). A write is acknowledged once committed and applied, which
+//! makes it durable on a quorum: FUA costs nothing extra and FLUSH has nothing left to
+//! do (see `store` for the argument).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use roamdisk_core::command::VolumeCommand;
+use roamdisk_core::ids::VolumeId;
+use roamdisk_nbd::backend::{
+    Backend, BackendError, BackendResult, BlockSizes, Catalog, Export, ExportInfo, Extent,
+    ReadChunk, ZeroFlags,
+};
+use tracing::warn;
+
+use crate::node::{Node, NodeError};
+
+pub struct VolumeBackend {
+    node: Arc<Node>,
+    volume: VolumeId,
+}
+
+fn unavailable(e: NodeError) -> BackendError {
+    warn!(error = %e, "volume request failed");
+    match e {
+        NodeError::NoVolume(v) => BackendError::Unavailable(format!("volume {v} was deleted")),
+        e => BackendError::Unavailable(e.to_string()),
+    }
+}
+
+impl VolumeBackend {
+    async fn propose(&self, cmd: VolumeCommand<'_>) -> BackendResult<()> {
+        self.node
+            .propose(self.volume.group(), cmd.encode())
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+}
+
+impl Backend for VolumeBackend {
+    async fn read(&self, offset: u64, len: u32) -> BackendResult<Vec<ReadChunk>> {
+        self.node
+            .read(self.volume, offset, len)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> BackendResult<()> {
+        self.propose(VolumeCommand::Write {
+            offset,
+            data: &data,
+        })
+        .await
+    }
+
+    async fn flush(&self) -> BackendResult<()> {
+        // Every acknowledged write is committed on a quorum of synced logs already.
+        Ok(())
+    }
+
+    async fn trim(&self, offset: u64, len: u32, _fua: bool) -> BackendResult<()> {
+        self.propose(VolumeCommand::Zero {
+            offset,
+            len: u64::from(len),
+            punch: true,
+        })
+        .await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> BackendResult<()> {
+        // Zeroing is one small log entry whatever its length: always fast.
+        self.propose(VolumeCommand::Zero {
+            offset,
+            len: u64::from(len),
+            punch: !flags.no_hole,
+        })
+        .await
+    }
+
+    async fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+        extents_max: usize,
+    ) -> BackendResult<Vec<Extent>> {
+        let cluster = self.node.cluster();
+        let Some(info) = cluster.volume_by_id(self.volume) else {
+            return Err(BackendError::Unavailable(format!(
+                "volume {} was deleted",
+                self.volume
+            )));
+        };
+        if !info.replicas_on(self.node.me) {
+            // Without a local replica, "allocated, contents unknown" is always correct.
+            return Ok(vec![Extent {
+                length: len,
+                flags: 0,
+            }]);
+        }
+        // Status as of a linearizable point, from the local replica's holes.
+        self.node
+            .read_barrier(self.volume)
+            .await
+            .map_err(|e| unavailable(e.into()))?;
+        let raw = self
+            .node
+            .read_handle(self.volume)
+            .map_err(|e| BackendError::io("open extent file", e))?;
+        raw.extents(offset, u64::from(len), info.size, extents_max)
+            .map_err(|e| BackendError::io("seek data/hole in extent file", e))
+    }
+
+    async fn cache(&self, _offset: u64, _len: u32) -> BackendResult<()> {
+        Ok(())
+    }
+}
+
+/// The catalog of all volumes, as this node's cluster state knows them.
+pub struct NodeCatalog {
+    pub node: Arc<Node>,
+}
+
+impl Catalog for NodeCatalog {
+    type Backend = VolumeBackend;
+
+    fn list(&self) -> Vec<(String, String)> {
+        let cluster = self.node.cluster();
+        cluster
+            .volumes
+            .values()
+            .map(|v| {
+                (
+                    v.name.clone(),
+                    format!("roamdisk volume {} (home {})", v.name, v.home_site),
+                )
+            })
+            .collect()
+    }
+
+    fn lookup(&self, name: &str) -> Option<Export<VolumeBackend>> {
+        let cluster = self.node.cluster();
+        let v = if name.is_empty() {
+            cluster.volumes.values().next()?
+        } else {
+            cluster.volumes.get(name)?
+        };
+        let info = ExportInfo {
+            name: v.name.clone(),
+            description: format!(
+                "roamdisk volume {} (home {}, {} replicas)",
+                v.name, v.home_site, v.replicas
+            ),
+            size: v.size,
+            read_only: false,
+            block_sizes: BlockSizes::for_export_size(v.size),
+            can_flush: true,
+            can_fua: true,
+            can_trim: true,
+            can_write_zeroes: true,
+            can_fast_zero: true,
+            can_cache: true,
+            // One Raft group per volume: every connection on every node sees the same
+            // committed order, and FLUSH/FUA are global.
+            can_multi_conn: true,
+        };
+        Some(Export {
+            info,
+            backend: Arc::new(VolumeBackend {
+                node: Arc::clone(&self.node),
+                volume: v.id,
+            }),
+        })
+    }
+}

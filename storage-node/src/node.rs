@@ -1,0 +1,326 @@
+//! The node's API for everything above the store: proposing anywhere in the cluster
+//! (locally if this node leads the group, else forwarded to the leader), linearizable
+//! reads, and status. The NBD backend and the admin API are built on it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use roamdisk_core::ids::{GroupId, NodeId, VolumeId, META_GROUP};
+use roamdisk_core::meta::{ClusterState, MetaCommand, MetaResult};
+use roamdisk_nbd::backend::ReadChunk;
+use roamdisk_nbd::file::RawFile;
+use tokio::sync::oneshot;
+use tracing::debug;
+
+use crate::store::{ClusterView, Event, GroupStatus, LeaderMap, Outcome, Refused};
+use crate::transport::{
+    ByteBuf, PeerRequest, PeerResponse, RequestHandler, Transport, WireRefused,
+};
+
+/// How long a proposal or read keeps retrying (leader elections, forwarding) before it
+/// fails. Longer than an election plus a reconnect.
+pub const REQUEST_DEADLINE_MS: u64 = 30_000;
+/// Longest pause between retries.
+pub const RETRY_BACKOFF_MAX_MS: u64 = 200;
+
+pub struct Node {
+    pub me: NodeId,
+    pub site: String,
+    store: flume::Sender<Event>,
+    transport: Arc<Transport>,
+    cluster: ClusterView,
+    leaders: LeaderMap,
+    volumes_dir: PathBuf,
+    read_handles: Mutex<HashMap<VolumeId, Arc<RawFile>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("volume {0:?} does not exist")]
+    NoVolume(String),
+    #[error("{0}")]
+    Refused(#[from] Refused),
+    #[error("gave up after {ms} ms: {last}")]
+    Deadline { ms: u64, last: String },
+    #[error("read extent file: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Node {
+    pub fn new(
+        me: NodeId,
+        site: String,
+        store: flume::Sender<Event>,
+        transport: Arc<Transport>,
+        cluster: ClusterView,
+        leaders: LeaderMap,
+        volumes_dir: PathBuf,
+    ) -> Arc<Node> {
+        Arc::new(Node {
+            me,
+            site,
+            store,
+            transport,
+            cluster,
+            leaders,
+            volumes_dir,
+            read_handles: Mutex::default(),
+        })
+    }
+
+    pub fn cluster(&self) -> Arc<ClusterState> {
+        self.cluster.borrow().clone()
+    }
+
+    pub fn cluster_view(&self) -> ClusterView {
+        self.cluster.clone()
+    }
+
+    pub fn store_sender(&self) -> flume::Sender<Event> {
+        self.store.clone()
+    }
+
+    pub fn leader_of(&self, group: GroupId) -> Option<NodeId> {
+        self.leaders
+            .read()
+            .expect("leader map poisoned")
+            .get(&group)
+            .copied()
+    }
+
+    async fn to_store<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Event) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.store.send_async(make(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    async fn propose_local(&self, group: GroupId, data: Vec<u8>) -> Result<Outcome, Refused> {
+        self.to_store(|reply| Event::Propose { group, data, reply })
+            .await
+            .unwrap_or(Err(Refused::Superseded))
+    }
+
+    /// Nodes worth asking for `group` when no leader is known: its voters, then us.
+    fn candidates(&self, group: GroupId) -> Vec<NodeId> {
+        let cluster = self.cluster();
+        let mut v: Vec<NodeId> = if group == META_GROUP {
+            cluster.nodes.keys().copied().collect()
+        } else {
+            cluster
+                .volume_by_id(VolumeId(group.0))
+                .map(|v| v.voters.clone())
+                .unwrap_or_default()
+        };
+        if !v.contains(&self.me) {
+            v.push(self.me);
+        }
+        v
+    }
+
+    /// Proposes `data` in `group` wherever its leader is, retrying through elections
+    /// until [`REQUEST_DEADLINE_MS`]. A retry after an unanswered attempt is safe: an
+    /// earlier attempt either committed before the retry's entry or never commits
+    /// (log matching), so nothing lands after the caller is answered.
+    pub async fn propose(&self, group: GroupId, data: Vec<u8>) -> Result<Outcome, NodeError> {
+        let start = Instant::now();
+        let candidates = self.candidates(group);
+        let mut target = self
+            .leader_of(group)
+            .unwrap_or(if candidates.contains(&self.me) {
+                self.me
+            } else {
+                candidates[0]
+            });
+        let mut attempt = 0u32;
+        loop {
+            let result = if target == self.me {
+                self.propose_local(group, data.clone()).await
+            } else {
+                match self
+                    .transport
+                    .request(
+                        target,
+                        PeerRequest::Propose {
+                            group,
+                            data: data.clone(),
+                        },
+                    )
+                    .await
+                {
+                    Ok(PeerResponse::Proposed(r)) => r.map(Outcome::from).map_err(Refused::from),
+                    Ok(_) => Err(Refused::Failed("mismatched response".into())),
+                    Err(e) => {
+                        debug!(%group, peer = %target, error = %e, "forwarded proposal failed");
+                        Err(Refused::Superseded)
+                    }
+                }
+            };
+            let last = match result {
+                Ok(o) => return Ok(o),
+                Err(Refused::NotLeader {
+                    leader: Some(l), ..
+                }) if l != target => {
+                    target = l;
+                    continue;
+                }
+                Err(e @ (Refused::Failed(_) | Refused::Shutdown)) => return Err(e.into()),
+                Err(e) => e,
+            };
+            if start.elapsed() > Duration::from_millis(REQUEST_DEADLINE_MS) {
+                return Err(NodeError::Deadline {
+                    ms: REQUEST_DEADLINE_MS,
+                    last: last.to_string(),
+                });
+            }
+            attempt += 1;
+            let backoff = (5u64 << attempt.min(6)).min(RETRY_BACKOFF_MAX_MS);
+            tokio::time::sleep(Duration::from_millis(backoff)).await;
+            target = self
+                .leader_of(group)
+                .unwrap_or(candidates[attempt as usize % candidates.len()]);
+        }
+    }
+
+    /// Applies a metadata command through the metadata group's leader.
+    pub async fn meta(&self, cmd: MetaCommand) -> Result<MetaResult, NodeError> {
+        match self.propose(META_GROUP, cmd.encode()).await? {
+            Outcome::Meta(r) => Ok(r),
+            Outcome::Volume => {
+                Err(Refused::Failed("metadata proposal applied as a volume command".into()).into())
+            }
+        }
+    }
+
+    /// Path of this node's extent file for `volume`.
+    pub fn volume_path(&self, volume: VolumeId) -> PathBuf {
+        self.volumes_dir.join(format!("{}.img", volume.0))
+    }
+
+    /// A shared read-only handle on this node's extent file for `volume`.
+    pub fn read_handle(&self, volume: VolumeId) -> std::io::Result<Arc<RawFile>> {
+        let mut handles = self.read_handles.lock().expect("read handles poisoned");
+        if let Some(h) = handles.get(&volume) {
+            return Ok(Arc::clone(h));
+        }
+        let h = Arc::new(RawFile::open(&self.volume_path(volume), true)?);
+        handles.insert(volume, Arc::clone(&h));
+        Ok(h)
+    }
+
+    /// Waits until this node's replica of `volume` may serve a linearizable read.
+    pub async fn read_barrier(&self, volume: VolumeId) -> Result<(), Refused> {
+        self.to_store(|reply| Event::Read {
+            group: volume.group(),
+            reply,
+        })
+        .await
+        .unwrap_or(Err(Refused::Superseded))
+    }
+
+    /// A linearizable read of `volume`, served locally when this node has a replica and
+    /// forwarded otherwise.
+    pub async fn read(
+        &self,
+        volume: VolumeId,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<ReadChunk>, NodeError> {
+        let start = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            let cluster = self.cluster();
+            let info = cluster
+                .volume_by_id(volume)
+                .ok_or_else(|| NodeError::NoVolume(volume.to_string()))?;
+            let result = if info.replicas_on(self.me) {
+                match self.read_barrier(volume).await {
+                    Ok(()) => return Ok(self.read_handle(volume)?.read_chunks(offset, len)?),
+                    Err(e) => e,
+                }
+            } else {
+                let target = self
+                    .leader_of(volume.group())
+                    .unwrap_or(info.voters[attempt as usize % info.voters.len()]);
+                match self
+                    .transport
+                    .request(
+                        target,
+                        PeerRequest::Read {
+                            volume,
+                            offset,
+                            len,
+                        },
+                    )
+                    .await
+                {
+                    Ok(PeerResponse::Read(Ok(ByteBuf(data)))) => {
+                        return Ok(roamdisk_nbd::backend::split_zero_runs(offset, data.into()));
+                    }
+                    Ok(PeerResponse::Read(Err(e))) => Refused::from(e),
+                    Ok(_) => Refused::Failed("mismatched response".into()),
+                    Err(_) => Refused::Superseded,
+                }
+            };
+            if matches!(result, Refused::Shutdown | Refused::Failed(_)) {
+                return Err(result.into());
+            }
+            if start.elapsed() > Duration::from_millis(REQUEST_DEADLINE_MS) {
+                return Err(NodeError::Deadline {
+                    ms: REQUEST_DEADLINE_MS,
+                    last: result.to_string(),
+                });
+            }
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(
+                (5u64 << attempt.min(6)).min(RETRY_BACKOFF_MAX_MS),
+            ))
+            .await;
+        }
+    }
+
+    pub async fn status(&self) -> Vec<GroupStatus> {
+        self.to_store(|reply| Event::Status { reply })
+            .await
+            .unwrap_or_default()
+    }
+}
+
+/// Serves peers' forwarded requests from this node.
+pub struct PeerHandler(pub Arc<Node>);
+
+impl RequestHandler for PeerHandler {
+    fn handle(
+        &self,
+        req: PeerRequest,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = PeerResponse> + Send + '_>> {
+        Box::pin(async move {
+            match req {
+                PeerRequest::Propose { group, data } => {
+                    let r = self.0.propose_local(group, data).await;
+                    PeerResponse::Proposed(r.map(Into::into).map_err(WireRefused::from))
+                }
+                PeerRequest::Read {
+                    volume,
+                    offset,
+                    len,
+                } => {
+                    let r = async {
+                        self.0.read_barrier(volume).await?;
+                        let h = self
+                            .0
+                            .read_handle(volume)
+                            .map_err(|e| Refused::Failed(e.to_string()))?;
+                        let mut buf = vec![0u8; len as usize];
+                        h.read_at(&mut buf, offset)
+                            .map_err(|e| Refused::Failed(e.to_string()))?;
+                        Ok::<_, Refused>(ByteBuf(buf))
+                    }
+                    .await;
+                    PeerResponse::Read(r.map_err(WireRefused::from))
+                }
+            }
+        })
+    }
+}

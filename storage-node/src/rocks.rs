@@ -1,0 +1,428 @@
+//! [`LogStore`] on RocksDB: every group's Raft log, Raft state and the node's records in
+//! one database, so one write batch and one WAL sync cover all groups (group commit).
+//!
+//! Key layout (all integers big-endian so that keys sort numerically):
+//! - `g` group(8) `s`            → group state (`codec`-encoded [`StoredState`])
+//! - `g` group(8) `e` index(8)   → entry (raft-rs protobuf)
+//! - `r` key                     → node record
+//!
+//! `write` uses an unsynced RocksDB write (in the WAL, so it survives kill -9); `sync`
+//! flushes and fsyncs the WAL. Group states and last indexes are cached in memory: raft-rs
+//! asks for them on every step.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::RwLock;
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState};
+use roamdisk_core::codec;
+use roamdisk_core::ids::GroupId;
+use roamdisk_core::logstore::{GroupState, LogBatch, LogOp, LogStore, Record, StoreError};
+use rocksdb::{Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use serde::{Deserialize, Serialize};
+
+/// On-disk form of a [`GroupState`], versioned by field order (append only).
+#[derive(Serialize, Deserialize)]
+struct StoredState {
+    #[serde(with = "serde_bytes")]
+    hard_state: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    conf_state: Vec<u8>,
+    truncated_index: u64,
+    truncated_term: u64,
+    applied_index: u64,
+}
+
+fn state_key(g: GroupId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(10);
+    k.push(b'g');
+    k.extend_from_slice(&g.0.to_be_bytes());
+    k.push(b's');
+    k
+}
+
+fn entry_prefix(g: GroupId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(18);
+    k.push(b'g');
+    k.extend_from_slice(&g.0.to_be_bytes());
+    k.push(b'e');
+    k
+}
+
+fn entry_key(g: GroupId, index: u64) -> Vec<u8> {
+    let mut k = entry_prefix(g);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn record_key(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + key.len());
+    k.push(b'r');
+    k.extend_from_slice(key);
+    k
+}
+
+fn backend(e: rocksdb::Error) -> StoreError {
+    StoreError::Backend(e.into_string())
+}
+
+fn corrupt(what: &'static str, detail: impl ToString) -> StoreError {
+    StoreError::Corrupt {
+        what,
+        detail: detail.to_string(),
+    }
+}
+
+fn encode_state(st: &GroupState) -> Vec<u8> {
+    codec::encode(&StoredState {
+        hard_state: st.hard_state.write_to_bytes().expect("encode hard state"),
+        conf_state: st.conf_state.write_to_bytes().expect("encode conf state"),
+        truncated_index: st.truncated_index,
+        truncated_term: st.truncated_term,
+        applied_index: st.applied_index,
+    })
+    .expect("encode group state")
+}
+
+fn decode_state(bytes: &[u8]) -> Result<GroupState, StoreError> {
+    let s: StoredState = codec::decode(bytes).map_err(|e| corrupt("group state", e))?;
+    let mut hard_state = HardState::default();
+    hard_state
+        .merge_from_bytes(&s.hard_state)
+        .map_err(|e| corrupt("hard state", e))?;
+    let mut conf_state = ConfState::default();
+    conf_state
+        .merge_from_bytes(&s.conf_state)
+        .map_err(|e| corrupt("conf state", e))?;
+    Ok(GroupState {
+        hard_state,
+        conf_state,
+        truncated_index: s.truncated_index,
+        truncated_term: s.truncated_term,
+        applied_index: s.applied_index,
+    })
+}
+
+#[derive(Clone)]
+struct Cached {
+    state: GroupState,
+    last_index: u64,
+}
+
+pub struct RocksLogStore {
+    db: DB,
+    cache: RwLock<HashMap<GroupId, Cached>>,
+}
+
+impl RocksLogStore {
+    /// Opens (creating if needed) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<RocksLogStore, StoreError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        // Raft logs are written once and deleted soon: keep compaction cheap.
+        opts.set_max_background_jobs(2);
+        opts.set_write_buffer_size(32 << 20);
+        let db = DB::open(&opts, dir).map_err(backend)?;
+        let store = RocksLogStore {
+            db,
+            cache: RwLock::new(HashMap::new()),
+        };
+        store.load_cache()?;
+        Ok(store)
+    }
+
+    fn load_cache(&self) -> Result<(), StoreError> {
+        let mut cache = HashMap::new();
+        for item in self.db.prefix_iterator(b"g") {
+            let (k, v) = item.map_err(backend)?;
+            if k.first() != Some(&b'g') {
+                break;
+            }
+            if k.len() == 10 && k[9] == b's' {
+                let g = GroupId(u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")));
+                let state = decode_state(&v)?;
+                let last_index = self.scan_last_index(g)?.unwrap_or(state.truncated_index);
+                cache.insert(g, Cached { state, last_index });
+            }
+        }
+        *self.cache.write().unwrap() = cache;
+        Ok(())
+    }
+
+    fn scan_last_index(&self, g: GroupId) -> Result<Option<u64>, StoreError> {
+        let upper = entry_key(g, u64::MAX);
+        let mut it = self
+            .db
+            .iterator(IteratorMode::From(&upper, Direction::Reverse));
+        match it.next() {
+            Some(item) => {
+                let (k, _) = item.map_err(backend)?;
+                let prefix = entry_prefix(g);
+                if k.len() == prefix.len() + 8 && k.starts_with(&prefix) {
+                    Ok(Some(u64::from_be_bytes(
+                        k[prefix.len()..].try_into().expect("8 bytes"),
+                    )))
+                } else {
+                    Ok(None)
+                }
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn cached(&self, g: GroupId) -> Result<Cached, StoreError> {
+        self.cache
+            .read()
+            .unwrap()
+            .get(&g)
+            .cloned()
+            .ok_or(StoreError::NoGroup(g))
+    }
+}
+
+impl LogStore for RocksLogStore {
+    fn groups(&self) -> Result<Vec<GroupId>, StoreError> {
+        let mut v: Vec<GroupId> = self.cache.read().unwrap().keys().copied().collect();
+        v.sort();
+        Ok(v)
+    }
+
+    fn state(&self, g: GroupId) -> Result<Option<GroupState>, StoreError> {
+        Ok(self.cache.read().unwrap().get(&g).map(|c| c.state.clone()))
+    }
+
+    fn entries(&self, g: GroupId, low: u64, high: u64) -> Result<Vec<Entry>, StoreError> {
+        let c = self.cached(g)?;
+        if low <= c.state.truncated_index || high > c.last_index + 1 || low > high {
+            return Err(StoreError::Unavailable {
+                group: g,
+                low,
+                high,
+            });
+        }
+        let mut out = Vec::with_capacity((high - low) as usize);
+        let start = entry_key(g, low);
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&start, Direction::Forward))
+            .take((high - low) as usize)
+        {
+            let (k, v) = item.map_err(backend)?;
+            let mut e = Entry::default();
+            e.merge_from_bytes(&v)
+                .map_err(|err| corrupt("log entry", err))?;
+            if k.as_ref() != entry_key(g, e.index).as_slice() {
+                return Err(corrupt(
+                    "log entry",
+                    format!("key does not match index {}", e.index),
+                ));
+            }
+            out.push(e);
+        }
+        if out.len() as u64 != high - low || out.first().map(|e| e.index) != Some(low) {
+            return Err(corrupt(
+                "log",
+                format!("group {g}: entries {low}..{high} have a gap"),
+            ));
+        }
+        Ok(out)
+    }
+
+    fn last_index(&self, g: GroupId) -> Result<u64, StoreError> {
+        Ok(self.cached(g)?.last_index)
+    }
+
+    fn term(&self, g: GroupId, index: u64) -> Result<Option<u64>, StoreError> {
+        let c = self.cached(g)?;
+        if index == c.state.truncated_index {
+            return Ok(Some(c.state.truncated_term));
+        }
+        if index < c.state.truncated_index || index > c.last_index {
+            return Ok(None);
+        }
+        let v = self
+            .db
+            .get(entry_key(g, index))
+            .map_err(backend)?
+            .ok_or_else(|| corrupt("log", format!("group {g}: entry {index} missing")))?;
+        let mut e = Entry::default();
+        e.merge_from_bytes(&v)
+            .map_err(|err| corrupt("log entry", err))?;
+        Ok(Some(e.term))
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db.get(record_key(key)).map_err(backend)
+    }
+
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<Record>, StoreError> {
+        let p = record_key(prefix);
+        let mut out = Vec::new();
+        for item in self.db.iterator(IteratorMode::From(&p, Direction::Forward)) {
+            let (k, v) = item.map_err(backend)?;
+            if !k.starts_with(&p) {
+                break;
+            }
+            out.push((k[1..].to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn write(&self, batch: LogBatch) -> Result<(), StoreError> {
+        // Work on copies of the cached states so that a failed write changes nothing.
+        let mut cache = self.cache.write().unwrap();
+        let mut touched: HashMap<GroupId, Option<Cached>> = HashMap::new();
+        let mut wb = WriteBatch::default();
+        for op in &batch.ops {
+            let group_of = |g: GroupId,
+                            touched: &mut HashMap<GroupId, Option<Cached>>|
+             -> Result<Cached, StoreError> {
+                let entry = touched.entry(g).or_insert_with(|| cache.get(&g).cloned());
+                entry.clone().ok_or(StoreError::NoGroup(g))
+            };
+            match op {
+                LogOp::Create { group, state } => {
+                    let existing = touched
+                        .entry(*group)
+                        .or_insert_with(|| cache.get(group).cloned());
+                    if existing.is_none() {
+                        *existing = Some(Cached {
+                            state: state.clone(),
+                            last_index: state.truncated_index,
+                        });
+                        wb.put(state_key(*group), encode_state(state));
+                    }
+                    continue;
+                }
+                LogOp::Put { key, value } => {
+                    wb.put(record_key(key), value);
+                    continue;
+                }
+                LogOp::Delete { key } => {
+                    wb.delete(record_key(key));
+                    continue;
+                }
+                LogOp::Remove { group } => {
+                    wb.delete(state_key(*group));
+                    wb.delete_range(entry_key(*group, 0), entry_key(*group, u64::MAX));
+                    wb.delete(entry_key(*group, u64::MAX));
+                    touched.insert(*group, None);
+                    continue;
+                }
+                _ => {}
+            }
+            let (g, mut c) = match op {
+                LogOp::Append { group, .. }
+                | LogOp::HardState { group, .. }
+                | LogOp::ConfState { group, .. }
+                | LogOp::Snapshot { group, .. }
+                | LogOp::Compact { group, .. }
+                | LogOp::Applied { group, .. } => (*group, group_of(*group, &mut touched)?),
+                _ => unreachable!("handled above"),
+            };
+            match op {
+                LogOp::Append { entries, .. } => {
+                    let Some(first) = entries.first() else {
+                        continue;
+                    };
+                    if first.index <= c.state.truncated_index || first.index > c.last_index + 1 {
+                        return Err(corrupt(
+                            "append",
+                            format!("group {g}: entry {} does not follow the log", first.index),
+                        ));
+                    }
+                    if first.index <= c.last_index {
+                        wb.delete_range(entry_key(g, first.index), entry_key(g, c.last_index + 1));
+                    }
+                    for e in entries {
+                        wb.put(
+                            entry_key(g, e.index),
+                            e.write_to_bytes().expect("encode entry"),
+                        );
+                    }
+                    c.last_index = entries.last().expect("non-empty").index;
+                }
+                LogOp::HardState { hard_state, .. } => c.state.hard_state = hard_state.clone(),
+                LogOp::ConfState { conf_state, .. } => c.state.conf_state = conf_state.clone(),
+                LogOp::Snapshot {
+                    index,
+                    term,
+                    conf_state,
+                    ..
+                } => {
+                    wb.delete_range(entry_key(g, 0), entry_key(g, u64::MAX));
+                    c.state.truncated_index = *index;
+                    c.state.truncated_term = *term;
+                    c.state.conf_state = conf_state.clone();
+                    c.state.applied_index = *index;
+                    c.state.hard_state.commit = c.state.hard_state.commit.max(*index);
+                    c.last_index = *index;
+                }
+                LogOp::Compact { index, .. } => {
+                    if *index > c.state.truncated_index {
+                        if *index > c.state.applied_index {
+                            return Err(corrupt(
+                                "compact",
+                                format!(
+                                    "group {g}: {index} is beyond applied {}",
+                                    c.state.applied_index
+                                ),
+                            ));
+                        }
+                        // Read the entry directly: the cache lock is held here.
+                        let term = if *index == c.state.truncated_index {
+                            c.state.truncated_term
+                        } else {
+                            let v = self.db.get(entry_key(g, *index)).map_err(backend)?;
+                            let v = v.ok_or_else(|| {
+                                corrupt("compact", format!("group {g}: entry {index} absent"))
+                            })?;
+                            let mut e = Entry::default();
+                            e.merge_from_bytes(&v)
+                                .map_err(|err| corrupt("log entry", err))?;
+                            e.term
+                        };
+                        wb.delete_range(entry_key(g, 0), entry_key(g, index + 1));
+                        c.state.truncated_index = *index;
+                        c.state.truncated_term = term;
+                    }
+                }
+                LogOp::Applied { index, .. } => c.state.applied_index = *index,
+                _ => unreachable!("handled above"),
+            }
+            wb.put(state_key(g), encode_state(&c.state));
+            touched.insert(g, Some(c));
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(false);
+        self.db.write_opt(wb, &wo).map_err(backend)?;
+        for (g, c) in touched {
+            match c {
+                Some(c) => {
+                    cache.insert(g, c);
+                }
+                None => {
+                    cache.remove(&g);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush_wal(true).map_err(backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rocks_store_passes_conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        roamdisk_core::logstore::conformance(|| RocksLogStore::open(&path).unwrap());
+    }
+}

@@ -1,0 +1,842 @@
+//! The Raft store: one thread that owns every Raft group on this node (the metadata
+//! group and one group per volume replica) and their state machines.
+//!
+//! One owner, a closed event enum, no locks around the core: other tasks talk to the
+//! store only through [`Event`]s, and it answers through oneshot channels. Each loop:
+//!
+//! 1. wait for an event or the next tick, then drain up to `EVENTS_PER_ROUND` events;
+//! 2. tick every group if a tick is due;
+//! 3. for every group with a Ready, in raft-rs's order (see `roamdisk_core::group`):
+//!    send messages, install snapshots, apply committed entries, then write *one* batch
+//!    for all groups and sync it once (group commit), send persisted messages, advance;
+//! 4. answer proposals and reads that became complete;
+//! 5. checkpoint volume replicas (fsync extents, then record hashes and applied
+//!    indexes) and compact logs behind the durable applied index.
+//!
+//! Acknowledgement semantics: a proposal is answered after its entry is committed (on
+//! a quorum, each of which synced its log) and applied on this node. Every
+//! acknowledged write is therefore already durable; FLUSH only has to wait for writes
+//! acknowledged before it, which by construction it never has to.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use raft::eraftpb::{ConfState, Message};
+use raft::StateRole;
+use roamdisk_core::group::{Applied, GroupConfig, ProposeError, RaftGroup};
+use roamdisk_core::ids::{GroupId, LogIndex, NodeId, Term, VolumeId, META_GROUP};
+use roamdisk_core::logstore::{GroupState, LogBatch, LogOp, LogStore};
+use roamdisk_core::meta::{ClusterState, MetaCommand, MetaResult, VolumeInfo};
+use tokio::sync::{oneshot, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::volume::VolumeReplica;
+
+/// Interval between Raft ticks. Election timeout is `election_tick` ticks (1 s).
+pub const TICK_MS: u64 = 100;
+/// Events handled per loop before Readies are processed; bounds the latency added to
+/// events that arrived first.
+pub const EVENTS_PER_ROUND: usize = 4096;
+/// Capacity of the store's event queue; senders wait (async) when it is full.
+pub const EVENT_QUEUE_MAX: usize = 16384;
+/// Milliseconds between volume checkpoints (fsync extents, record applied index).
+pub const CHECKPOINT_INTERVAL_MS: u64 = 1000;
+/// Entries kept in a group's log behind the durable applied index, so that a briefly
+/// lagging follower catches up from the log instead of a snapshot.
+pub const RETAINED_LOG_ENTRIES: u64 = 4096;
+/// Proposals waiting for their entry to apply, per group; more are refused (`Busy`).
+pub const PENDING_PROPOSALS_MAX: usize = 8192;
+/// Reads waiting for a read index or for apply, per group.
+pub const PENDING_READS_MAX: usize = 8192;
+/// A read whose read index has not arrived by then (no leader, partition) is refused
+/// with `Superseded` so that the caller retries or forwards.
+pub const READ_INDEX_TIMEOUT_MS: u64 = 2000;
+
+/// Where outgoing Raft messages go. The transport implements it; it must not block.
+pub trait Outbox: Send + Sync + 'static {
+    fn send(&self, to: NodeId, group: GroupId, msg: Message);
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum Refused {
+    #[error("not the leader of group {group} (leader: {leader:?})")]
+    NotLeader {
+        group: GroupId,
+        leader: Option<NodeId>,
+    },
+    #[error("group {0} is not on this node")]
+    NoGroup(GroupId),
+    #[error("proposal was superseded by a leader change; retry")]
+    Superseded,
+    #[error("too many requests in flight")]
+    Busy,
+    #[error("node is shutting down")]
+    Shutdown,
+    #[error("state machine failure: {0}")]
+    Failed(String),
+}
+
+/// What an applied proposal produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Volume,
+    Meta(MetaResult),
+}
+
+pub type ProposeReply = oneshot::Sender<Result<Outcome, Refused>>;
+pub type ReadReply = oneshot::Sender<Result<(), Refused>>;
+
+/// Status of one group, for `status` and metrics.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GroupStatus {
+    pub group: u64,
+    pub role: String,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub durable_applied: u64,
+    pub last_index: u64,
+    /// Match index of each peer (leader only).
+    pub progress: Vec<(u64, u64, bool)>,
+}
+
+pub enum Event {
+    Raft {
+        group: GroupId,
+        msg: Message,
+    },
+    Propose {
+        group: GroupId,
+        data: Vec<u8>,
+        reply: ProposeReply,
+    },
+    /// Completes once this node may serve a linearizable read of `group`.
+    Read {
+        group: GroupId,
+        reply: ReadReply,
+    },
+    TransferLeader {
+        group: GroupId,
+        to: NodeId,
+    },
+    Unreachable {
+        node: NodeId,
+    },
+    Status {
+        reply: oneshot::Sender<Vec<GroupStatus>>,
+    },
+    Shutdown,
+}
+
+enum Machine {
+    /// The metadata group; the state itself is `Store::cluster`. The index is the last
+    /// applied entry.
+    Meta(LogIndex),
+    Volume(VolumeReplica),
+}
+
+impl Machine {
+    fn applied(&self) -> LogIndex {
+        match self {
+            Machine::Meta(i) => *i,
+            Machine::Volume(v) => v.applied(),
+        }
+    }
+}
+
+struct Group<S: LogStore> {
+    raft: RaftGroup<S>,
+    machine: Machine,
+    /// Proposals by log index: (term proposed in, reply).
+    proposals: BTreeMap<u64, (Term, ProposeReply)>,
+    /// Reads waiting for their ReadState, by request context, with when they started.
+    reads_waiting_index: HashMap<u64, (Instant, ReadReply)>,
+    /// Reads waiting for apply to reach an index.
+    reads_waiting_apply: Vec<(u64, ReadReply)>,
+}
+
+/// Shared, read-mostly view of the cluster state, published by the store after every
+/// metadata apply.
+pub type ClusterView = watch::Receiver<Arc<ClusterState>>;
+
+/// Leader of each group as this node last saw it, for forwarding.
+pub type LeaderMap = Arc<RwLock<HashMap<GroupId, NodeId>>>;
+
+pub struct StoreConfig {
+    pub me: NodeId,
+    pub data_dir: PathBuf,
+    pub group: GroupConfig,
+    /// Voters of the metadata group when it is bootstrapped on an empty store.
+    pub initial_meta_voters: Vec<NodeId>,
+}
+
+pub struct Store<S: LogStore> {
+    cfg: StoreConfig,
+    log: Arc<S>,
+    outbox: Arc<dyn Outbox>,
+    groups: BTreeMap<GroupId, Group<S>>,
+    cluster: ClusterState,
+    cluster_tx: watch::Sender<Arc<ClusterState>>,
+    leaders: LeaderMap,
+    logger: slog::Logger,
+    next_read_ctx: u64,
+    last_checkpoint: Instant,
+}
+
+impl<S: LogStore> Store<S> {
+    /// Opens every group found in `log` (and bootstraps the metadata group if the store
+    /// is new).
+    pub fn open(
+        cfg: StoreConfig,
+        log: Arc<S>,
+        outbox: Arc<dyn Outbox>,
+    ) -> anyhow::Result<(Store<S>, ClusterView, LeaderMap)> {
+        std::fs::create_dir_all(cfg.data_dir.join("volumes"))?;
+        let (cluster_tx, cluster_rx) = watch::channel(Arc::new(ClusterState::default()));
+        let leaders: LeaderMap = Arc::default();
+        let mut store = Store {
+            cfg,
+            log,
+            outbox,
+            groups: BTreeMap::new(),
+            cluster: ClusterState::default(),
+            cluster_tx,
+            leaders: Arc::clone(&leaders),
+            logger: roamdisk_core::group::raft_logger(),
+            next_read_ctx: 1,
+            last_checkpoint: Instant::now(),
+        };
+        if store.log.state(META_GROUP)?.is_none() {
+            let mut cs = ConfState::default();
+            cs.voters = store.cfg.initial_meta_voters.iter().map(|n| n.0).collect();
+            anyhow::ensure!(
+                !cs.voters.is_empty(),
+                "a new node needs the initial metadata voters (--initial-cluster)"
+            );
+            let mut b = LogBatch::default();
+            b.push(LogOp::Create {
+                group: META_GROUP,
+                state: GroupState {
+                    conf_state: cs,
+                    ..Default::default()
+                },
+            });
+            store.log.write(b)?;
+            store.log.sync()?;
+        }
+        // The metadata state is rebuilt from the snapshot record plus log replay.
+        if let Some(bytes) = store.log.get(META_SNAPSHOT_KEY)? {
+            store.cluster = ClusterState::decode(&bytes)?;
+        }
+        for g in store.log.groups()? {
+            store.open_group(g)?;
+        }
+        store.publish_cluster();
+        Ok((store, cluster_rx, leaders))
+    }
+
+    fn snapshot_fn(&self, group: GroupId) -> Arc<dyn Fn(GroupId) -> Vec<u8> + Send + Sync> {
+        let log = Arc::clone(&self.log);
+        if group == META_GROUP {
+            // The metadata snapshot is the state as of the recorded applied index,
+            // kept in a record written with that index (see `checkpoint_meta`).
+            Arc::new(move |_| {
+                log.get(META_SNAPSHOT_KEY)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default()
+            })
+        } else {
+            // A volume snapshot carries no data: the receiver copies blocks by hash
+            // diff out of band (catch-up), then replays the log.
+            Arc::new(|_| Vec::new())
+        }
+    }
+
+    fn open_group(&mut self, g: GroupId) -> anyhow::Result<()> {
+        let st = self
+            .log
+            .state(g)?
+            .ok_or_else(|| anyhow::anyhow!("group {g} vanished"))?;
+        let machine = if g == META_GROUP {
+            Machine::Meta(LogIndex(st.applied_index))
+        } else {
+            let vol = VolumeId(g.0);
+            let size = self.cluster.volume_by_id(vol).map_or(0, |v| v.size);
+            Machine::Volume(VolumeReplica::open(
+                &self.cfg.data_dir.join("volumes"),
+                vol,
+                size,
+                LogIndex(st.applied_index),
+            )?)
+        };
+        let raft = RaftGroup::open(
+            g,
+            self.cfg.me,
+            Arc::clone(&self.log),
+            &self.cfg.group,
+            self.snapshot_fn(g),
+            &self.logger,
+        )?;
+        self.groups.insert(
+            g,
+            Group {
+                raft,
+                machine,
+                proposals: BTreeMap::new(),
+                reads_waiting_index: HashMap::new(),
+                reads_waiting_apply: Vec::new(),
+            },
+        );
+        Ok(())
+    }
+
+    fn publish_cluster(&self) {
+        self.cluster_tx.send_replace(Arc::new(self.cluster.clone()));
+    }
+
+    /// Runs the loop until `Event::Shutdown` or until every sender is gone.
+    pub fn run(mut self, events: flume::Receiver<Event>) {
+        let tick = Duration::from_millis(TICK_MS);
+        let mut next_tick = Instant::now() + tick;
+        loop {
+            let now = Instant::now();
+            let first = if now >= next_tick {
+                events.try_recv().ok()
+            } else {
+                match events.recv_timeout(next_tick - now) {
+                    Ok(ev) => Some(ev),
+                    Err(flume::RecvTimeoutError::Timeout) => None,
+                    Err(flume::RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            let mut shutdown = false;
+            if let Some(ev) = first {
+                shutdown |= self.handle(ev);
+                for ev in events.try_iter().take(EVENTS_PER_ROUND) {
+                    shutdown |= self.handle(ev);
+                }
+            }
+            if Instant::now() >= next_tick {
+                next_tick += tick;
+                if next_tick < Instant::now() {
+                    next_tick = Instant::now() + tick;
+                }
+                let expiry = Duration::from_millis(READ_INDEX_TIMEOUT_MS);
+                for g in self.groups.values_mut() {
+                    g.raft.tick();
+                    g.reads_waiting_index
+                        .retain(|_, (started, _)| started.elapsed() < expiry);
+                }
+            }
+            if let Err(e) = self.process_readies() {
+                // The log store failed: continuing could acknowledge what is not durable.
+                error!(error = %e, "raft store failed; stopping the node's replication");
+                break;
+            }
+            if self.last_checkpoint.elapsed() >= Duration::from_millis(CHECKPOINT_INTERVAL_MS)
+                || self.any_must_checkpoint()
+            {
+                if let Err(e) = self.checkpoint() {
+                    error!(error = %e, "checkpoint failed; stopping the node's replication");
+                    break;
+                }
+            }
+            if shutdown {
+                if let Err(e) = self.checkpoint() {
+                    error!(error = %e, "final checkpoint failed");
+                }
+                break;
+            }
+        }
+        for g in self.groups.values_mut() {
+            fail_all(g, Refused::Shutdown);
+        }
+        info!("raft store stopped");
+    }
+
+    /// Handles one event; returns true for shutdown.
+    fn handle(&mut self, ev: Event) -> bool {
+        match ev {
+            Event::Raft { group, msg } => match self.groups.get_mut(&group) {
+                Some(g) => {
+                    if let Err(e) = g.raft.step(msg) {
+                        debug!(%group, error = %e, "raft step refused a message");
+                    }
+                }
+                None => debug!(%group, from = msg.from, "message for a group not on this node"),
+            },
+            Event::Propose { group, data, reply } => {
+                let Some(g) = self.groups.get_mut(&group) else {
+                    let _ = reply.send(Err(Refused::NoGroup(group)));
+                    return false;
+                };
+                if g.proposals.len() >= PENDING_PROPOSALS_MAX {
+                    let _ = reply.send(Err(Refused::Busy));
+                    return false;
+                }
+                match g.raft.propose(data) {
+                    Ok((index, term)) => {
+                        g.proposals.insert(index.0, (term, reply));
+                    }
+                    Err(ProposeError::NotLeader { leader }) => {
+                        let _ = reply.send(Err(Refused::NotLeader { group, leader }));
+                    }
+                    Err(ProposeError::Dropped) => {
+                        let _ = reply.send(Err(Refused::Superseded));
+                    }
+                    Err(ProposeError::Raft(e)) => {
+                        let _ = reply.send(Err(Refused::Failed(e)));
+                    }
+                }
+            }
+            Event::Read { group, reply } => {
+                let Some(g) = self.groups.get_mut(&group) else {
+                    let _ = reply.send(Err(Refused::NoGroup(group)));
+                    return false;
+                };
+                if g.reads_waiting_index.len() + g.reads_waiting_apply.len() >= PENDING_READS_MAX {
+                    let _ = reply.send(Err(Refused::Busy));
+                    return false;
+                }
+                let ctx = self.next_read_ctx;
+                self.next_read_ctx += 1;
+                g.reads_waiting_index.insert(ctx, (Instant::now(), reply));
+                g.raft.read_index(ctx.to_be_bytes().to_vec());
+            }
+            Event::TransferLeader { group, to } => {
+                if let Some(g) = self.groups.get_mut(&group) {
+                    g.raft.transfer_leader(to);
+                }
+            }
+            Event::Unreachable { node } => {
+                for g in self.groups.values_mut() {
+                    g.raft.report_unreachable(node);
+                }
+            }
+            Event::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Event::Shutdown => return true,
+        }
+        false
+    }
+
+    fn status(&self) -> Vec<GroupStatus> {
+        self.groups
+            .iter()
+            .map(|(id, g)| GroupStatus {
+                group: id.0,
+                role: format!("{:?}", g.raft.role()),
+                leader: g.raft.leader().map(|n| n.0),
+                term: g.raft.term().0,
+                commit: g.raft.commit_index().0,
+                applied: g.raft.applied_index().0,
+                durable_applied: match &g.machine {
+                    Machine::Volume(v) => v.durable_applied().0,
+                    Machine::Meta(i) => i.0,
+                },
+                last_index: g.raft.last_index().0,
+                progress: if g.raft.is_leader() {
+                    g.raft
+                        .progress()
+                        .into_iter()
+                        .map(|p| (p.node.0, p.matched, p.is_learner))
+                        .collect()
+                } else {
+                    vec![]
+                },
+            })
+            .collect()
+    }
+
+    fn any_must_checkpoint(&self) -> bool {
+        self.groups
+            .values()
+            .any(|g| matches!(&g.machine, Machine::Volume(v) if v.must_checkpoint()))
+    }
+
+    fn process_readies(&mut self) -> anyhow::Result<()> {
+        let mut batch = LogBatch::default();
+        let mut must_sync = false;
+        let mut readied: Vec<(GroupId, Vec<Message>, Vec<raft::ReadState>)> = Vec::new();
+        let mut meta_changed = false;
+        let ids: Vec<GroupId> = self.groups.keys().copied().collect();
+        for id in &ids {
+            let g = self.groups.get_mut(id).expect("listed");
+            let Some(mut work) = g.raft.ready() else {
+                continue;
+            };
+            // 1. Messages that need not wait for persistence.
+            for m in work.messages.drain(..) {
+                self.outbox.send(NodeId(m.to), *id, m);
+            }
+            // 2. Snapshot.
+            if let Some(snap) = &work.snapshot {
+                let index = LogIndex(snap.get_metadata().index);
+                install_snapshot(
+                    g,
+                    index,
+                    &snap.data,
+                    &mut self.cluster,
+                    &mut batch,
+                    &mut meta_changed,
+                )?;
+            }
+            // 3. Committed entries.
+            meta_changed |= apply(
+                g,
+                std::mem::take(&mut work.committed),
+                &mut batch,
+                &mut self.cluster,
+            )?;
+            // 4. Persistence (collected for all groups).
+            batch.ops.append(&mut work.persist.ops);
+            must_sync |= work.must_sync;
+            if let Some((role, leader)) = work.role_changed {
+                let mut leaders = self.leaders.write().expect("leader map poisoned");
+                match leader {
+                    Some(l) => leaders.insert(*id, l),
+                    None => leaders.remove(id),
+                };
+                if role == StateRole::Leader {
+                    info!(group = %id, term = g.raft.term().0, "became leader");
+                }
+                if role != StateRole::Leader {
+                    // Proposals from an older term may still commit; they are answered
+                    // when their index applies (with the term check). Nothing to do now.
+                }
+            }
+            readied.push((*id, work.persisted_messages, work.read_states));
+        }
+        if readied.is_empty() {
+            return Ok(());
+        }
+        if !batch.is_empty() {
+            self.log.write(std::mem::take(&mut batch))?;
+        }
+        if must_sync {
+            self.log.sync()?;
+        }
+        for (id, persisted, read_states) in readied {
+            let g = self.groups.get_mut(&id).expect("listed");
+            // 5. Messages promising persisted state.
+            for m in persisted {
+                self.outbox.send(NodeId(m.to), id, m);
+            }
+            for rs in read_states {
+                let ctx =
+                    u64::from_be_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
+                if let Some((_, reply)) = g.reads_waiting_index.remove(&ctx) {
+                    g.reads_waiting_apply.push((rs.index, reply));
+                }
+            }
+            // 6. Advance.
+            let mut adv = g.raft.advance();
+            for m in adv.messages.drain(..) {
+                self.outbox.send(NodeId(m.to), id, m);
+            }
+            meta_changed |= apply(
+                g,
+                std::mem::take(&mut adv.committed),
+                &mut batch,
+                &mut self.cluster,
+            )?;
+            batch.ops.append(&mut adv.persist.ops);
+            // 7. Applied index to raft, then answer what completed.
+            let applied = g.machine.applied();
+            if applied > g.raft.applied_index() {
+                g.raft.advance_apply_to(applied);
+            }
+            complete_reads(g);
+        }
+        if !batch.is_empty() {
+            self.log.write(batch)?;
+        }
+        if meta_changed {
+            self.publish_cluster();
+            self.reconcile()?;
+        }
+        Ok(())
+    }
+
+    /// Creates groups for volumes placed on this node and removes groups of volumes
+    /// that were deleted.
+    fn reconcile(&mut self) -> anyhow::Result<()> {
+        let me = self.cfg.me;
+        let wanted: Vec<VolumeInfo> = self
+            .cluster
+            .volumes
+            .values()
+            .filter(|v| v.replicas_on(me))
+            .cloned()
+            .collect();
+        for v in &wanted {
+            let g = v.id.group();
+            if let Some(group) = self.groups.get_mut(&g) {
+                if let Machine::Volume(r) = &mut group.machine {
+                    r.grow(v.size)?;
+                }
+                continue;
+            }
+            let mut cs = ConfState::default();
+            cs.voters = v.voters.iter().map(|n| n.0).collect();
+            cs.learners = v.learners.iter().map(|n| n.0).collect();
+            let mut b = LogBatch::default();
+            b.push(LogOp::Create {
+                group: g,
+                state: GroupState {
+                    conf_state: cs,
+                    ..Default::default()
+                },
+            });
+            self.log.write(b)?;
+            self.log.sync()?;
+            self.open_group(g)?;
+            if let Some(Machine::Volume(r)) = self.groups.get_mut(&g).map(|x| &mut x.machine) {
+                r.grow(v.size)?;
+            }
+            // The first voter campaigns at once so a new volume serves without waiting for
+            // an election timeout.
+            if v.voters.first() == Some(&me) {
+                self.groups.get_mut(&g).expect("opened").raft.campaign()?;
+            }
+            info!(volume = %v.name, group = %g, "replica created");
+        }
+        let present: Vec<GroupId> = self
+            .groups
+            .keys()
+            .copied()
+            .filter(|g| *g != META_GROUP)
+            .collect();
+        for g in present {
+            if self.cluster.volume_by_id(VolumeId(g.0)).is_none() {
+                let mut group = self.groups.remove(&g).expect("listed");
+                fail_all(&mut group, Refused::NoGroup(g));
+                let mut b = LogBatch::default();
+                if let Machine::Volume(r) = group.machine {
+                    r.destroy(&mut b, g)?;
+                }
+                for (k, _) in self.log.scan(&crate::volume::hash_prefix(VolumeId(g.0)))? {
+                    b.push(LogOp::Delete { key: k });
+                }
+                self.log.write(b)?;
+                self.leaders
+                    .write()
+                    .expect("leader map poisoned")
+                    .remove(&g);
+                info!(group = %g, "replica removed (volume deleted)");
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes applied state durable for every group, then compacts logs behind it.
+    fn checkpoint(&mut self) -> anyhow::Result<()> {
+        self.last_checkpoint = Instant::now();
+        let mut batch = LogBatch::default();
+        let mut written: Vec<(GroupId, LogIndex)> = Vec::new();
+        for (id, g) in self.groups.iter_mut() {
+            match &mut g.machine {
+                Machine::Volume(v) => {
+                    if v.needs_checkpoint() {
+                        let idx = v.checkpoint(&mut batch)?;
+                        written.push((*id, idx));
+                    }
+                }
+                Machine::Meta(applied) => {
+                    let applied = *applied;
+                    let st = self.log.state(*id)?.expect("meta group exists");
+                    if applied.0 > st.applied_index {
+                        batch.push(LogOp::Put {
+                            key: META_SNAPSHOT_KEY.to_vec(),
+                            value: self.cluster.encode(),
+                        });
+                        batch.push(LogOp::Applied {
+                            group: *id,
+                            index: applied.0,
+                        });
+                        written.push((*id, applied));
+                    }
+                }
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.log.write(batch)?;
+        let mut compact = LogBatch::default();
+        for (id, idx) in written {
+            let g = self.groups.get_mut(&id).expect("listed");
+            if let Machine::Volume(v) = &mut g.machine {
+                v.checkpoint_written(idx);
+            }
+            // Keep a tail for followers that lag a little; never compact past what is
+            // durable here.
+            let st = self.log.state(id)?.expect("group exists");
+            let mut floor = idx.0.saturating_sub(RETAINED_LOG_ENTRIES);
+            if g.raft.is_leader() {
+                // Followers within reach of the log keep it from being compacted.
+                if let Some(min_match) = g
+                    .raft
+                    .progress()
+                    .iter()
+                    .filter(|p| p.node != self.cfg.me)
+                    .map(|p| p.matched)
+                    .min()
+                {
+                    floor = floor.max(min_match.min(idx.0));
+                }
+            }
+            if floor > st.truncated_index {
+                compact.push(LogOp::Compact {
+                    group: id,
+                    index: floor,
+                });
+            }
+        }
+        if !compact.is_empty() {
+            self.log.write(compact)?;
+        }
+        Ok(())
+    }
+}
+
+/// Record holding the metadata state as of the metadata group's recorded applied index.
+pub const META_SNAPSHOT_KEY: &[u8] = b"meta/state";
+
+/// Record marking a volume replica whose data must be caught up (it installed a Raft
+/// snapshot at the given index but has not copied the blocks yet). Written in the same
+/// batch as the snapshot, so a restart knows the extent file is not trustworthy.
+pub fn recovering_key(group: GroupId) -> Vec<u8> {
+    let mut k = b"recover/".to_vec();
+    k.extend_from_slice(&group.0.to_be_bytes());
+    k
+}
+
+fn fail_all<S: LogStore>(g: &mut Group<S>, why: Refused) {
+    for (_, (_, reply)) in std::mem::take(&mut g.proposals) {
+        let _ = reply.send(Err(why.clone()));
+    }
+    for (_, (_, reply)) in std::mem::take(&mut g.reads_waiting_index) {
+        let _ = reply.send(Err(why.clone()));
+    }
+    for (_, reply) in std::mem::take(&mut g.reads_waiting_apply) {
+        let _ = reply.send(Err(why.clone()));
+    }
+}
+
+fn complete_reads<S: LogStore>(g: &mut Group<S>) {
+    let applied = g.raft.applied_index().0;
+    let waiting = std::mem::take(&mut g.reads_waiting_apply);
+    for (index, reply) in waiting {
+        if index <= applied {
+            let _ = reply.send(Ok(()));
+        } else {
+            g.reads_waiting_apply.push((index, reply));
+        }
+    }
+}
+
+fn install_snapshot<S: LogStore>(
+    g: &mut Group<S>,
+    index: LogIndex,
+    data: &[u8],
+    cluster: &mut ClusterState,
+    batch: &mut LogBatch,
+    meta_changed: &mut bool,
+) -> anyhow::Result<()> {
+    match &mut g.machine {
+        Machine::Meta(applied) => {
+            *cluster = ClusterState::decode(data)?;
+            // The state and its index become durable together with the snapshot point.
+            batch.push(LogOp::Put {
+                key: META_SNAPSHOT_KEY.to_vec(),
+                value: data.to_vec(),
+            });
+            *applied = index;
+            *meta_changed = true;
+        }
+        Machine::Volume(v) => {
+            // Block data arrives by a hash-diff catch-up copy followed by log replay
+            // from `index`; until then this replica must not serve reads.
+            batch.push(LogOp::Put {
+                key: recovering_key(g.raft.id),
+                value: index.0.to_be_bytes().to_vec(),
+            });
+            v.skip(index);
+            warn!(volume = %v.id, index = index.0, "volume snapshot received; block catch-up required");
+        }
+    }
+    Ok(())
+}
+
+/// Applies committed entries to the group's state machine and answers proposals whose
+/// entries applied. Returns true if the cluster state changed.
+fn apply<S: LogStore>(
+    g: &mut Group<S>,
+    entries: Vec<raft::eraftpb::Entry>,
+    batch: &mut LogBatch,
+    cluster: &mut ClusterState,
+) -> anyhow::Result<bool> {
+    if entries.is_empty() {
+        return Ok(false);
+    }
+    let mut changed = false;
+    for a in g.raft.apply_committed(entries, batch)? {
+        let (index, term, outcome) = match a {
+            Applied::Internal { index } => {
+                match &mut g.machine {
+                    Machine::Volume(v) => v.skip(index),
+                    Machine::Meta(applied) => *applied = index,
+                }
+                (index, None, None)
+            }
+            Applied::Command { index, term, data } => {
+                let outcome = match &mut g.machine {
+                    Machine::Volume(v) => {
+                        v.apply(index, &data)?;
+                        Outcome::Volume
+                    }
+                    Machine::Meta(applied) => {
+                        let cmd = MetaCommand::decode(&data)?;
+                        let result = cluster.apply(cmd);
+                        *applied = index;
+                        changed = true;
+                        Outcome::Meta(result)
+                    }
+                };
+                (index, Some(term), Some(outcome))
+            }
+        };
+        // Answer the proposal at this index, if this node made it. A different term at
+        // the same index means our entry was replaced: the caller retries.
+        if let Some((t, reply)) = g.proposals.remove(&index.0) {
+            match (term, outcome) {
+                (Some(term), Some(outcome)) if term == t => {
+                    let _ = reply.send(Ok(outcome));
+                }
+                _ => {
+                    let _ = reply.send(Err(Refused::Superseded));
+                }
+            }
+        }
+        // Anything proposed below an applied index and still waiting was replaced.
+        while let Some((&i, _)) = g.proposals.first_key_value() {
+            if i > index.0 {
+                break;
+            }
+            let (_, (_, reply)) = g.proposals.pop_first().expect("present");
+            let _ = reply.send(Err(Refused::Superseded));
+        }
+    }
+    if let Machine::Meta(_) = g.machine {
+        if changed {
+            debug_assert!(cluster.check().is_ok(), "{:?}", cluster.check());
+        }
+    }
+    Ok(changed)
+}
