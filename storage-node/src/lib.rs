@@ -16,6 +16,9 @@
 //! `transport::PeerFrame` (the peer wire format, versioned), `admin` (the HTTP API the CLI
 //! and the chaos runner use). Replication decisions belong in `roamdisk-core`.
 
+// raft-rs's protobuf structs are built by assigning fields of a default value.
+#![allow(clippy::field_reassign_with_default)]
+
 pub mod admin;
 pub mod config;
 pub mod nbd;

@@ -1,0 +1,168 @@
+//! `roamdisk playground` as a user runs it: real node processes, then qemu-img converts an
+//! image into the volume through one node and compares it through another; the CLI
+//! reports the cluster; SIGINT stops everything cleanly; a rerun keeps the data.
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use roamdisk_client::playground::Manifest;
+
+fn free_base_port() -> u16 {
+    // Three ranges (base.., base+100.., base+200..) must be free: pick a base whose
+    // first ports bind, in an unprivileged band.
+    for base in (30000u16..60000).step_by(997) {
+        let ok = [0u16, 1, 2, 100, 101, 102, 200, 201, 202]
+            .iter()
+            .all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok());
+        if ok {
+            return base;
+        }
+    }
+    panic!("no free port range");
+}
+
+fn start(dir: &std::path::Path, base: u16) -> Child {
+    let _ = std::fs::remove_file(dir.join("playground.json"));
+    let child = Command::new(env!("CARGO_BIN_EXE_roamdisk"))
+        .args(["playground", "--dir"])
+        .arg(dir)
+        .args(["--base-port", &base.to_string(), "--volume", "vm1:64M"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start roamdisk playground");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !dir.join("playground.json").exists() {
+        assert!(Instant::now() < deadline, "playground did not become ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child
+}
+
+fn stop(mut child: Child) -> String {
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(status.success(), "playground exited with {status}: {out}");
+    out
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+#[test]
+fn playground_serves_a_volume_that_qemu_img_converts_into() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port();
+    let child = start(dir.path(), base);
+    let m = Manifest::load(dir.path()).unwrap();
+    assert_eq!(m.sites.len(), 1);
+    assert_eq!(m.sites[0].nodes.len(), 3);
+    assert_eq!(m.volumes[0].name, "vm1");
+    assert_eq!(m.volumes[0].size, 64 << 20);
+    let uris = &m.volumes[0].uris;
+
+    // A 16 MiB qcow2 image with random data, converted in through node 1 and compared
+    // through node 3.
+    let img = dir.path().join("src.qcow2");
+    let raw = dir.path().join("src.raw");
+    let mut x: u64 = 77;
+    let data: Vec<u8> = (0..16 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&raw, &data).unwrap();
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&img));
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "qcow2", "-O", "raw"])
+        .arg(&img)
+        .arg(&uris[0]));
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(&img)
+        .arg(&uris[2]));
+
+    // The CLI, text and JSON.
+    let admin = &m.sites[0].nodes[1].admin;
+    let text = run(Command::new(env!("CARGO_BIN_EXE_roamdisk")).args([
+        "--cluster",
+        admin,
+        "volume",
+        "list",
+    ]));
+    assert!(text.contains("vm1"), "{text}");
+    let json = run(Command::new(env!("CARGO_BIN_EXE_roamdisk")).args([
+        "--cluster",
+        admin,
+        "--json",
+        "status",
+    ]));
+    let st: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(st["nodes"], 3);
+    let nodes = run(Command::new(env!("CARGO_BIN_EXE_roamdisk")).args([
+        "--cluster",
+        admin,
+        "--json",
+        "node",
+        "list",
+    ]));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&nodes)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    let bad = Command::new(env!("CARGO_BIN_EXE_roamdisk"))
+        .args([
+            "--cluster",
+            admin,
+            "volume",
+            "create",
+            "vm1",
+            "--size",
+            "1G",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("already exists"));
+
+    let out = stop(child);
+    assert!(
+        out.contains("nbd://"),
+        "banner should print the URIs: {out}"
+    );
+
+    // Same DIR: the same cluster comes back with its data.
+    let child = start(dir.path(), base);
+    let m = Manifest::load(dir.path()).unwrap();
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(&img)
+        .arg(&m.volumes[0].uris[1]));
+    stop(child);
+}

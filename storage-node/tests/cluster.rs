@@ -1,0 +1,249 @@
+//! Multi-process tests: real `roamdisk-node` processes, real sockets, real NBD clients
+//! (qemu-io, nbdcopy, libnbd), kill -9.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{pseudo_random, qemu_io, run, tool, Cluster};
+use roamdisk_storage_node::volume::image_block_hashes;
+
+const MIB: u64 = 1 << 20;
+
+fn volume_id(c: &Cluster, name: &str) -> u64 {
+    c.admin(c.any_live()).volume(name).unwrap()["id"]
+        .as_u64()
+        .unwrap()
+}
+
+fn followers(c: &Cluster, leader: u64) -> Vec<u64> {
+    c.nodes
+        .iter()
+        .map(|n| n.id)
+        .filter(|&id| id != leader)
+        .collect()
+}
+
+#[test]
+fn writes_through_any_node_are_read_back_through_every_node() {
+    let c = Cluster::start(3);
+    let leader = c.create_volume("vm1", 64 * MIB, 3);
+    let f = followers(&c, leader);
+    // Through the leader, then through a follower (forwarded to the leader).
+    qemu_io(
+        &c.uri(leader, "vm1"),
+        &["write -P 0xa1 0 1M", "write -P 0xb2 3000 5000", "flush"],
+    );
+    qemu_io(
+        &c.uri(f[0], "vm1"),
+        &["write -P 0xc3 8M 256k", "write -z 8M 4k"],
+    );
+    for id in 1..=3 {
+        qemu_io(
+            &c.uri(id, "vm1"),
+            &[
+                "read -P 0xa1 0 3000",
+                "read -P 0xb2 3000 5000",
+                "read -P 0xa1 8000 1040576",
+                "read -P 0 8M 4k",
+                "read -P 0xc3 8392704 258048",
+            ],
+        );
+    }
+    // nbdcopy of random data in through one follower, out through the other.
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    let data = pseudo_random(16 << 20, 3);
+    std::fs::write(&src, &data).unwrap();
+    let target = c.uri(f[1], "vm1");
+    run(tool("nbdcopy").arg(&src).arg(&target));
+    let out = dir.path().join("out.img");
+    std::fs::File::create(&out)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    run(tool("nbdcopy").arg(c.uri(f[0], "vm1")).arg(&out));
+    let got = std::fs::read(&out).unwrap();
+    assert!(
+        got[..16 << 20] == data[..],
+        "nbdcopy round trip through two different nodes differs"
+    );
+}
+
+#[test]
+fn kill9_of_the_leader_loses_no_flushed_write_and_io_resumes_elsewhere() {
+    let mut c = Cluster::start(3);
+    let leader = c.create_volume("vm1", 64 * MIB, 3);
+    let mut uris = vec![c.uri(leader, "vm1")];
+    uris.extend(followers(&c, leader).into_iter().map(|id| c.uri(id, "vm1")));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/flushed_writes.py");
+    let mut writer = Command::new("/usr/bin/python3")
+        .arg(script)
+        .arg("1500")
+        .args(&uris)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run the libnbd writer");
+    let mut lines = BufReader::new(writer.stdout.take().unwrap()).lines();
+    let mut killed = false;
+    let mut log = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        log.push(line.clone());
+        if !killed && line == "flushed 400" {
+            c.kill9(leader);
+            killed = true;
+        }
+        if line.starts_with("verified") || line.starts_with("MISMATCH") {
+            break;
+        }
+    }
+    let status = writer.wait().unwrap();
+    assert!(killed, "the writer never got far enough: {log:?}");
+    assert!(
+        status.success() && log.last().map(String::as_str) == Some("verified 1500"),
+        "writer failed: {log:?}"
+    );
+    assert!(
+        log.iter().any(|l| l.starts_with("connection lost")),
+        "the kill should have cut the writer's connection: {log:?}"
+    );
+    // The old leader comes back and converges.
+    c.restart(leader);
+    let new_leader = c.leader("vm1");
+    assert_ne!(new_leader, 0);
+    qemu_io(&c.uri(leader, "vm1"), &["read -P 0 6000k 4k"]); // past the writer's range: still zero
+}
+
+#[test]
+fn one_node_down_still_serves_two_down_blocks_writes_until_one_returns() {
+    let mut c = Cluster::start(3);
+    let leader = c.create_volume("vm1", 16 * MIB, 3);
+    let f = followers(&c, leader);
+    c.kill9(f[0]);
+    qemu_io(&c.uri(leader, "vm1"), &["write -P 0x11 0 64k"]);
+    qemu_io(
+        &c.uri(f[1], "vm1"),
+        &["read -P 0x11 0 64k", "write -P 0x22 1M 64k"],
+    );
+    c.kill9(f[1]);
+    // Only one of three left: a write must not complete (no split brain)...
+    let mut blocked = tool("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x33 2M 64k",
+            &c.uri(leader, "vm1"),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let observe_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < observe_until {
+        assert!(
+            blocked.try_wait().unwrap().is_none(),
+            "a write completed without a quorum"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // ...and completes once a second node returns.
+    c.restart(f[0]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = blocked.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "write did not resume after the quorum returned"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success());
+    qemu_io(
+        &c.uri(f[0], "vm1"),
+        &[
+            "read -P 0x11 0 64k",
+            "read -P 0x22 1M 64k",
+            "read -P 0x33 2M 64k",
+        ],
+    );
+}
+
+#[test]
+fn restarted_node_catches_up_and_replicas_hash_identically() {
+    let mut c = Cluster::start(3);
+    let leader = c.create_volume("vm1", 32 * MIB, 3);
+    let vid = volume_id(&c, "vm1");
+    let lagger = followers(&c, leader)[0];
+    c.kill9(lagger);
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    std::fs::write(&src, pseudo_random(12 << 20, 9)).unwrap();
+    run(tool("nbdcopy").arg(&src).arg(c.uri(leader, "vm1")));
+    qemu_io(&c.uri(leader, "vm1"), &["write -z 4M 1M", "discard 6M 1M"]);
+    c.restart(lagger);
+    // Quiesce: every replica has applied the leader's last index.
+    let last = c.group_status(leader, vid).unwrap()["last_index"]
+        .as_u64()
+        .unwrap();
+    c.wait_until("every replica to apply the whole log", |c| {
+        (1..=3)
+            .all(|id| {
+                c.group_status(id, vid)
+                    .and_then(|g| g["applied"].as_u64())
+                    .is_some_and(|a| a >= last)
+            })
+            .then_some(())
+    });
+    let hashes: Vec<_> = (1..=3)
+        .map(|id| image_block_hashes(&c.volume_path(id, vid)).unwrap())
+        .collect();
+    assert!(!hashes[0].is_empty());
+    assert_eq!(hashes[0], hashes[1], "replicas 1 and 2 differ");
+    assert_eq!(hashes[0], hashes[2], "replicas 1 and 3 differ");
+    // The zeroed and discarded ranges hold no data on any replica.
+    assert!(hashes[0]
+        .iter()
+        .all(|(b, _)| !(1024..1280).contains(b) && !(1536..1792).contains(b)));
+}
+
+#[test]
+fn admin_errors_are_clear_and_change_nothing() {
+    let c = Cluster::start(1);
+    let a = c.admin(1);
+    let e = a
+        .create_volume("vm1", 4 * MIB, Some(3), None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("1 nodes, 3 replicas requested"), "{e}");
+    a.create_volume("vm1", 4 * MIB, Some(1), None, None)
+        .unwrap();
+    let e = a
+        .create_volume("vm1", 4 * MIB, Some(1), None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already exists") && e.contains("409"), "{e}");
+    let e = a.resize_volume("vm1", MIB).unwrap_err().to_string();
+    assert!(e.contains("can only grow"), "{e}");
+    let e = a
+        .create_volume("bad name!", 4 * MIB, Some(1), None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("invalid volume name"), "{e}");
+    assert_eq!(a.volumes().unwrap().len(), 1);
+    let v = a.resize_volume("vm1", 8 * MIB).unwrap();
+    assert_eq!(v["size"], 8 * MIB);
+    c.leader("vm1");
+    qemu_io(
+        &c.uri(1, "vm1"),
+        &["write -P 0x44 7M 4k", "read -P 0x44 7M 4k"],
+    );
+    a.delete_volume("vm1").unwrap();
+    assert!(a.volume("vm1").unwrap_err().to_string().contains("404"));
+    let metrics = a.metrics().unwrap();
+    assert!(metrics.contains("roamdisk_volumes 0"), "{metrics}");
+}

@@ -1,0 +1,247 @@
+//! A cluster of real `roamdisk-node` processes on loopback for integration tests, with
+//! kill -9 and restart of individual nodes.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use roamdisk_client::AdminClient;
+use serde_json::Value;
+
+pub struct NodeProc {
+    pub id: u64,
+    pub child: Option<Child>,
+    pub admin: String,
+    pub nbd: String,
+    pub config: PathBuf,
+    pub data_dir: PathBuf,
+}
+
+pub struct Cluster {
+    pub nodes: Vec<NodeProc>,
+    _dir: tempfile::TempDir,
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    // Hold all listeners until every port is chosen so that none repeats.
+    let ls: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+impl Cluster {
+    /// Starts `n` nodes in one site and waits until they serve.
+    pub fn start(n: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = free_ports(3 * n);
+        let initial: Vec<String> = (0..n)
+            .map(|i| format!("{}=osaka@127.0.0.1:{}", i + 1, ports[3 * i]))
+            .collect();
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let id = i as u64 + 1;
+            let data_dir = dir.path().join(format!("node-{id}"));
+            std::fs::create_dir_all(&data_dir).unwrap();
+            let config = data_dir.join("node.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "id = {id}\nsite = \"osaka\"\ndata_dir = {:?}\npeer_addr = \"127.0.0.1:{}\"\nadmin_addr = \"127.0.0.1:{}\"\nnbd_addr = \"127.0.0.1:{}\"\ninitial_cluster = {:?}\n",
+                    data_dir.display().to_string(),
+                    ports[3 * i],
+                    ports[3 * i + 1],
+                    ports[3 * i + 2],
+                    initial
+                ),
+            )
+            .unwrap();
+            nodes.push(NodeProc {
+                id,
+                child: None,
+                admin: format!("127.0.0.1:{}", ports[3 * i + 1]),
+                nbd: format!("127.0.0.1:{}", ports[3 * i + 2]),
+                config,
+                data_dir,
+            });
+        }
+        let mut c = Cluster { nodes, _dir: dir };
+        for id in 1..=n as u64 {
+            c.spawn(id);
+        }
+        c.wait_until("every node registered and a metadata leader elected", |c| {
+            let st = c.admin(1).status().ok()?;
+            (st["meta_leader"].is_u64() && st["nodes"].as_u64() == Some(n as u64)).then_some(())
+        });
+        c
+    }
+
+    fn spawn(&mut self, id: u64) {
+        let node = &mut self.nodes[id as usize - 1];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.data_dir.join("node.log"))
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_roamdisk-node"))
+            .arg("--config")
+            .arg(&node.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn roamdisk-node");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.contains("ready"),
+            "node {id} did not start: {line:?} (see {}/node.log)",
+            node.data_dir.display()
+        );
+        node.child = Some(child);
+    }
+
+    pub fn admin(&self, id: u64) -> AdminClient {
+        AdminClient::new(&self.nodes[id as usize - 1].admin)
+    }
+
+    pub fn uri(&self, id: u64, volume: &str) -> String {
+        format!("nbd://{}/{volume}", self.nodes[id as usize - 1].nbd)
+    }
+
+    /// The first live node, for admin calls.
+    pub fn any_live(&self) -> u64 {
+        self.nodes
+            .iter()
+            .find(|n| n.child.is_some())
+            .expect("a live node")
+            .id
+    }
+
+    pub fn kill9(&mut self, id: u64) {
+        let mut child = self.nodes[id as usize - 1]
+            .child
+            .take()
+            .expect("node is running");
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+
+    pub fn restart(&mut self, id: u64) {
+        assert!(self.nodes[id as usize - 1].child.is_none());
+        self.spawn(id);
+    }
+
+    pub fn wait_until<T>(&self, what: &str, mut f: impl FnMut(&Cluster) -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(v) = f(self) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Creates a volume and waits until it has a leader; returns the leader's id.
+    pub fn create_volume(&self, name: &str, size: u64, replicas: u32) -> u64 {
+        self.admin(self.any_live())
+            .create_volume(name, size, Some(replicas), None, None)
+            .unwrap();
+        self.leader(name)
+    }
+
+    pub fn leader(&self, name: &str) -> u64 {
+        self.wait_until(&format!("volume {name} to have a live leader"), |c| {
+            let v: Value = c.admin(c.any_live()).volume(name).ok()?;
+            let l = v["leader"].as_u64()?;
+            c.nodes[l as usize - 1].child.is_some().then_some(l)
+        })
+    }
+
+    /// Group status of `volume` on node `id` (applied index etc.).
+    pub fn group_status(&self, id: u64, volume_id: u64) -> Option<Value> {
+        let st = self.admin(id).status().ok()?;
+        st["groups"]
+            .as_array()?
+            .iter()
+            .find(|g| g["group"].as_u64() == Some(volume_id))
+            .cloned()
+    }
+
+    pub fn volume_path(&self, id: u64, volume_id: u64) -> PathBuf {
+        self.nodes[id as usize - 1]
+            .data_dir
+            .join("volumes")
+            .join(format!("{volume_id}.img"))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+pub fn tool(name: &str) -> Command {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .unwrap();
+    assert!(
+        found.status.success(),
+        "{name} is not installed: run .ci/run (it installs the test clients)"
+    );
+    Command::new(name)
+}
+
+pub fn run(cmd: &mut Command) -> String {
+    let out: Output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut c = tool("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    c.arg(uri);
+    let out = run(&mut c);
+    for bad in ["Pattern verification failed", "failed:", "error"] {
+        assert!(!out.contains(bad), "qemu-io reported {bad:?}:\n{out}");
+    }
+    out
+}
+
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
