@@ -108,6 +108,32 @@ fn decode_state(bytes: &[u8]) -> Result<GroupState, StoreError> {
 struct Cached {
     state: GroupState,
     last_index: u64,
+    /// Term of every entry in the log, `terms[i]` for index `truncated_index + 1 + i`:
+    /// raft-rs asks for terms constantly, and reading one from RocksDB would decode a
+    /// whole (up to 32 MiB) entry. Bounded like the log itself.
+    terms: std::collections::VecDeque<u64>,
+}
+
+impl Cached {
+    fn new(state: GroupState) -> Cached {
+        Cached {
+            last_index: state.truncated_index,
+            state,
+            terms: Default::default(),
+        }
+    }
+
+    fn term(&self, index: u64) -> Option<u64> {
+        if index == self.state.truncated_index {
+            return Some(self.state.truncated_term);
+        }
+        if index < self.state.truncated_index || index > self.last_index {
+            return None;
+        }
+        self.terms
+            .get((index - self.state.truncated_index - 1) as usize)
+            .copied()
+    }
 }
 
 pub struct RocksLogStore {
@@ -122,7 +148,10 @@ impl RocksLogStore {
         opts.create_if_missing(true);
         // Raft logs are written once and deleted soon: keep compaction cheap.
         opts.set_max_background_jobs(2);
-        opts.set_write_buffer_size(32 << 20);
+        // Big enough that log entries are compacted (deleted) before their memtable is
+        // flushed, so their data is written once, to the WAL (see RETAINED_LOG_BYTES).
+        opts.set_write_buffer_size(128 << 20);
+        opts.set_max_write_buffer_number(4);
         let db = DB::open(&opts, dir).map_err(backend)?;
         let store = RocksLogStore {
             db,
@@ -142,42 +171,39 @@ impl RocksLogStore {
             if k.len() == 10 && k[9] == b's' {
                 let g = GroupId(u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")));
                 let state = decode_state(&v)?;
-                let last_index = self.scan_last_index(g)?.unwrap_or(state.truncated_index);
-                cache.insert(g, Cached { state, last_index });
+                let mut c = Cached::new(state);
+                for item in self.db.iterator(IteratorMode::From(
+                    &entry_key(g, c.state.truncated_index + 1),
+                    Direction::Forward,
+                )) {
+                    let (k, v) = item.map_err(backend)?;
+                    if !k.starts_with(&entry_prefix(g)) {
+                        break;
+                    }
+                    let mut e = Entry::default();
+                    e.merge_from_bytes(&v)
+                        .map_err(|err| corrupt("log entry", err))?;
+                    if e.index != c.last_index + 1 {
+                        return Err(corrupt(
+                            "log",
+                            format!("group {g}: entry {} follows {}", e.index, c.last_index),
+                        ));
+                    }
+                    c.terms.push_back(e.term);
+                    c.last_index = e.index;
+                }
+                cache.insert(g, c);
             }
         }
         *self.cache.write().unwrap() = cache;
         Ok(())
     }
 
-    fn scan_last_index(&self, g: GroupId) -> Result<Option<u64>, StoreError> {
-        let upper = entry_key(g, u64::MAX);
-        let mut it = self
-            .db
-            .iterator(IteratorMode::From(&upper, Direction::Reverse));
-        match it.next() {
-            Some(item) => {
-                let (k, _) = item.map_err(backend)?;
-                let prefix = entry_prefix(g);
-                if k.len() == prefix.len() + 8 && k.starts_with(&prefix) {
-                    Ok(Some(u64::from_be_bytes(
-                        k[prefix.len()..].try_into().expect("8 bytes"),
-                    )))
-                } else {
-                    Ok(None)
-                }
-            }
-            None => Ok(None),
-        }
-    }
-
-    fn cached(&self, g: GroupId) -> Result<Cached, StoreError> {
-        self.cache
-            .read()
-            .unwrap()
-            .get(&g)
-            .cloned()
-            .ok_or(StoreError::NoGroup(g))
+    /// (truncated index, last index) of a group.
+    fn cached_bounds(&self, g: GroupId) -> Result<(u64, u64), StoreError> {
+        let cache = self.cache.read().unwrap();
+        let c = cache.get(&g).ok_or(StoreError::NoGroup(g))?;
+        Ok((c.state.truncated_index, c.last_index))
     }
 }
 
@@ -192,16 +218,26 @@ impl LogStore for RocksLogStore {
         Ok(self.cache.read().unwrap().get(&g).map(|c| c.state.clone()))
     }
 
-    fn entries(&self, g: GroupId, low: u64, high: u64) -> Result<Vec<Entry>, StoreError> {
-        let c = self.cached(g)?;
-        if low <= c.state.truncated_index || high > c.last_index + 1 || low > high {
+    fn entries(
+        &self,
+        g: GroupId,
+        low: u64,
+        high: u64,
+        max_bytes: u64,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let (truncated, last) = {
+            let c = self.cached_bounds(g)?;
+            (c.0, c.1)
+        };
+        if low <= truncated || high > last + 1 || low > high {
             return Err(StoreError::Unavailable {
                 group: g,
                 low,
                 high,
             });
         }
-        let mut out = Vec::with_capacity((high - low) as usize);
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
         let start = entry_key(g, low);
         for item in self
             .db
@@ -212,15 +248,20 @@ impl LogStore for RocksLogStore {
             let mut e = Entry::default();
             e.merge_from_bytes(&v)
                 .map_err(|err| corrupt("log entry", err))?;
-            if k.as_ref() != entry_key(g, e.index).as_slice() {
+            let expected = low + out.len() as u64;
+            if e.index != expected || k.as_ref() != entry_key(g, e.index).as_slice() {
                 return Err(corrupt(
-                    "log entry",
-                    format!("key does not match index {}", e.index),
+                    "log",
+                    format!("group {g}: expected entry {expected}, found {}", e.index),
                 ));
+            }
+            bytes += roamdisk_core::logstore::entry_bytes(&e);
+            if !out.is_empty() && bytes > max_bytes {
+                return Ok(out);
             }
             out.push(e);
         }
-        if out.len() as u64 != high - low || out.first().map(|e| e.index) != Some(low) {
+        if out.len() as u64 != high - low {
             return Err(corrupt(
                 "log",
                 format!("group {g}: entries {low}..{high} have a gap"),
@@ -230,26 +271,18 @@ impl LogStore for RocksLogStore {
     }
 
     fn last_index(&self, g: GroupId) -> Result<u64, StoreError> {
-        Ok(self.cached(g)?.last_index)
+        Ok(self
+            .cache
+            .read()
+            .unwrap()
+            .get(&g)
+            .ok_or(StoreError::NoGroup(g))?
+            .last_index)
     }
 
     fn term(&self, g: GroupId, index: u64) -> Result<Option<u64>, StoreError> {
-        let c = self.cached(g)?;
-        if index == c.state.truncated_index {
-            return Ok(Some(c.state.truncated_term));
-        }
-        if index < c.state.truncated_index || index > c.last_index {
-            return Ok(None);
-        }
-        let v = self
-            .db
-            .get(entry_key(g, index))
-            .map_err(backend)?
-            .ok_or_else(|| corrupt("log", format!("group {g}: entry {index} missing")))?;
-        let mut e = Entry::default();
-        e.merge_from_bytes(&v)
-            .map_err(|err| corrupt("log entry", err))?;
-        Ok(Some(e.term))
+        let cache = self.cache.read().unwrap();
+        Ok(cache.get(&g).ok_or(StoreError::NoGroup(g))?.term(index))
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -287,10 +320,7 @@ impl LogStore for RocksLogStore {
                         .entry(*group)
                         .or_insert_with(|| cache.get(group).cloned());
                     if existing.is_none() {
-                        *existing = Some(Cached {
-                            state: state.clone(),
-                            last_index: state.truncated_index,
-                        });
+                        *existing = Some(Cached::new(state.clone()));
                         wb.put(state_key(*group), encode_state(state));
                     }
                     continue;
@@ -335,11 +365,14 @@ impl LogStore for RocksLogStore {
                     if first.index <= c.last_index {
                         wb.delete_range(entry_key(g, first.index), entry_key(g, c.last_index + 1));
                     }
+                    c.terms
+                        .truncate((first.index - c.state.truncated_index - 1) as usize);
                     for e in entries {
                         wb.put(
                             entry_key(g, e.index),
                             e.write_to_bytes().expect("encode entry"),
                         );
+                        c.terms.push_back(e.term);
                     }
                     c.last_index = entries.last().expect("non-empty").index;
                 }
@@ -358,6 +391,7 @@ impl LogStore for RocksLogStore {
                     c.state.applied_index = *index;
                     c.state.hard_state.commit = c.state.hard_state.commit.max(*index);
                     c.last_index = *index;
+                    c.terms.clear();
                 }
                 LogOp::Compact { index, .. } => {
                     if *index > c.state.truncated_index {
@@ -370,20 +404,11 @@ impl LogStore for RocksLogStore {
                                 ),
                             ));
                         }
-                        // Read the entry directly: the cache lock is held here.
-                        let term = if *index == c.state.truncated_index {
-                            c.state.truncated_term
-                        } else {
-                            let v = self.db.get(entry_key(g, *index)).map_err(backend)?;
-                            let v = v.ok_or_else(|| {
-                                corrupt("compact", format!("group {g}: entry {index} absent"))
-                            })?;
-                            let mut e = Entry::default();
-                            e.merge_from_bytes(&v)
-                                .map_err(|err| corrupt("log entry", err))?;
-                            e.term
-                        };
+                        let term = c.term(*index).ok_or_else(|| {
+                            corrupt("compact", format!("group {g}: entry {index} absent"))
+                        })?;
                         wb.delete_range(entry_key(g, 0), entry_key(g, index + 1));
+                        c.terms.drain(..(*index - c.state.truncated_index) as usize);
                         c.state.truncated_index = *index;
                         c.state.truncated_term = term;
                     }

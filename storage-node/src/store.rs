@@ -44,8 +44,14 @@ pub const EVENT_QUEUE_MAX: usize = 16384;
 /// Milliseconds between volume checkpoints (fsync extents, record applied index).
 pub const CHECKPOINT_INTERVAL_MS: u64 = 1000;
 /// Entries kept in a group's log behind the durable applied index, so that a briefly
-/// lagging follower catches up from the log instead of a snapshot.
-pub const RETAINED_LOG_ENTRIES: u64 = 4096;
+/// lagging follower catches up from the log instead of a snapshot...
+pub const RETAINED_LOG_ENTRIES: u64 = 1024;
+/// ...unless they hold more than this many bytes of commands. Keeping the retained log
+/// small lets RocksDB drop compacted entries while they are still in its memtable,
+/// instead of writing them to SST files (measured: 1 MiB writes went from 50 MiB/s).
+pub const RETAINED_LOG_BYTES: u64 = 32 << 20;
+/// Command bytes applied since the last checkpoint that force the next one.
+pub const CHECKPOINT_BYTES: u64 = 32 << 20;
 /// Proposals waiting for their entry to apply, per group; more are refused (`Busy`).
 pub const PENDING_PROPOSALS_MAX: usize = 8192;
 /// Reads waiting for a read index or for apply, per group.
@@ -156,6 +162,10 @@ struct Group<S: LogStore> {
     reads_waiting_index: HashMap<u64, (Instant, ReadReply)>,
     /// Reads waiting for apply to reach an index.
     reads_waiting_apply: Vec<(u64, ReadReply)>,
+    /// Applied command entries still in the log: (index, bytes), oldest first.
+    retained: std::collections::VecDeque<(u64, u64)>,
+    retained_bytes: u64,
+    bytes_since_checkpoint: u64,
 }
 
 /// Shared, read-mostly view of the cluster state, published by the store after every
@@ -289,6 +299,9 @@ impl<S: LogStore> Store<S> {
                 proposals: BTreeMap::new(),
                 reads_waiting_index: HashMap::new(),
                 reads_waiting_apply: Vec::new(),
+                retained: Default::default(),
+                retained_bytes: 0,
+                bytes_since_checkpoint: 0,
             },
         );
         Ok(())
@@ -674,10 +687,19 @@ impl<S: LogStore> Store<S> {
             if let Machine::Volume(v) = &mut g.machine {
                 v.checkpoint_written(idx);
             }
-            // Keep a tail for followers that lag a little; never compact past what is
-            // durable here.
+            g.bytes_since_checkpoint = 0;
+            // Keep a tail for followers that lag a little, bounded in entries and bytes;
+            // never compact past what is durable here.
             let st = self.log.state(id)?.expect("group exists");
             let mut floor = idx.0.saturating_sub(RETAINED_LOG_ENTRIES);
+            let mut bytes = g.retained_bytes;
+            for &(i, n) in &g.retained {
+                if bytes <= RETAINED_LOG_BYTES || i > idx.0 {
+                    break;
+                }
+                bytes -= n;
+                floor = floor.max(i);
+            }
             if g.raft.is_leader() {
                 // Followers within reach of the log keep it from being compacted.
                 if let Some(min_match) = g
@@ -796,6 +818,10 @@ fn apply<S: LogStore>(
                 (index, None, None)
             }
             Applied::Command { index, term, data } => {
+                let n = data.len() as u64;
+                g.retained.push_back((index.0, n));
+                g.retained_bytes += n;
+                g.bytes_since_checkpoint += n;
                 let outcome = match &mut g.machine {
                     Machine::Volume(v) => {
                         v.apply(index, &data)?;

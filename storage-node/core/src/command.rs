@@ -22,7 +22,9 @@ pub enum VolumeCommand<'a> {
     /// byte ranges, so read-modify-write is never needed).
     Write {
         offset: u64,
-        #[serde(borrow)]
+        // As bytes, not as a sequence of u8: serde would otherwise encode a 32 MiB write
+        // element by element (measured: 15 ms per MiB).
+        #[serde(borrow, with = "serde_bytes")]
         data: &'a [u8],
     },
     /// Make `offset..offset+len` read as zeros; `punch` allows deallocating (TRIM and

@@ -95,11 +95,14 @@ impl<S: LogStore> Storage for GroupStorage<S> {
         if low <= st.truncated_index {
             return Err(raft::Error::Store(raft::StorageError::Compacted));
         }
+        // The budget is applied while reading: raft-rs asks for everything up to the end
+        // of the log and keeps only `max_size` bytes of it.
+        let max_bytes = max_size.into().unwrap_or(u64::MAX);
         let mut entries = self
             .store
-            .entries(self.group, low, high)
+            .entries(self.group, low, high, max_bytes)
             .map_err(store_err)?;
-        raft::util::limit_size(&mut entries, max_size.into());
+        raft::util::limit_size(&mut entries, Some(max_bytes));
         Ok(entries)
     }
 

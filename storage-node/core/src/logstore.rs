@@ -118,8 +118,15 @@ pub trait LogStore: Send + Sync + 'static {
     /// Groups that exist in the store.
     fn groups(&self) -> Result<Vec<GroupId>, StoreError>;
     fn state(&self, group: GroupId) -> Result<Option<GroupState>, StoreError>;
-    /// Entries `[low, high)`; all must be present.
-    fn entries(&self, group: GroupId, low: u64, high: u64) -> Result<Vec<Entry>, StoreError>;
+    /// Entries `[low, high)`, all of which must be present; stops early once the entries
+    /// returned exceed `max_bytes` (at least one entry is always returned).
+    fn entries(
+        &self,
+        group: GroupId,
+        low: u64,
+        high: u64,
+        max_bytes: u64,
+    ) -> Result<Vec<Entry>, StoreError>;
     /// Index of the last entry, or `truncated_index` if the log is empty.
     fn last_index(&self, group: GroupId) -> Result<u64, StoreError>;
     /// Term of entry `index`; `None` if it is compacted or beyond the end. The term of
@@ -130,6 +137,11 @@ pub trait LogStore: Send + Sync + 'static {
     fn scan(&self, prefix: &[u8]) -> Result<Vec<Record>, StoreError>;
     fn write(&self, batch: LogBatch) -> Result<(), StoreError>;
     fn sync(&self) -> Result<(), StoreError>;
+}
+
+/// Size of an entry for byte budgets (its payload plus a fixed overhead).
+pub fn entry_bytes(e: &Entry) -> u64 {
+    e.data.len() as u64 + e.context.len() as u64 + 24
 }
 
 #[derive(Clone, Debug, Default)]
@@ -310,17 +322,28 @@ impl LogStore for MemLogStore {
             .map(|g| g.state.clone()))
     }
 
-    fn entries(&self, group: GroupId, low: u64, high: u64) -> Result<Vec<Entry>, StoreError> {
+    fn entries(
+        &self,
+        group: GroupId,
+        low: u64,
+        high: u64,
+        max_bytes: u64,
+    ) -> Result<Vec<Entry>, StoreError> {
         self.with_group(group, |log| {
             if low <= log.state.truncated_index || high > log.last_index() + 1 || low > high {
                 return Err(StoreError::Unavailable { group, low, high });
             }
             let start = (low - log.state.truncated_index - 1) as usize;
-            Ok(log
-                .entries
-                .range(start..start + (high - low) as usize)
-                .cloned()
-                .collect())
+            let mut out = Vec::new();
+            let mut bytes = 0u64;
+            for e in log.entries.range(start..start + (high - low) as usize) {
+                bytes += entry_bytes(e);
+                if !out.is_empty() && bytes > max_bytes {
+                    break;
+                }
+                out.push(e.clone());
+            }
+            Ok(out)
         })
     }
 
@@ -448,18 +471,22 @@ pub fn conformance<S: LogStore>(mut open: impl FnMut() -> S) {
     assert_eq!(store.term(g, 4).unwrap(), None);
     assert_eq!(store.term(g, 11).unwrap(), None);
     assert_eq!(
-        store.entries(g, 6, 11).unwrap(),
+        store.entries(g, 6, 11, u64::MAX).unwrap(),
         (6..=10).map(|i| e(i, 1)).collect::<Vec<_>>()
     );
     assert!(
-        store.entries(g, 5, 7).is_err(),
+        store.entries(g, 5, 7, u64::MAX).is_err(),
         "compacted entries are unavailable"
     );
     assert!(
-        store.entries(g, 9, 12).is_err(),
+        store.entries(g, 9, 12, u64::MAX).is_err(),
         "entries past the end are unavailable"
     );
     assert_eq!(store.scan(b"node/").unwrap().len(), 2);
+    // A byte budget stops early but always returns at least one entry.
+    assert_eq!(store.entries(g, 6, 11, 1).unwrap().len(), 1);
+    let two = entry_bytes(&e(6, 1)) + entry_bytes(&e(7, 1));
+    assert_eq!(store.entries(g, 6, 11, two).unwrap().len(), 2);
 
     // Conflicting suffix is replaced.
     let mut b = LogBatch::default();
@@ -496,7 +523,10 @@ pub fn conformance<S: LogStore>(mut open: impl FnMut() -> S) {
         (7, 1, 8)
     );
     assert_eq!(st.hard_state, hs);
-    assert_eq!(store.entries(g, 8, 10).unwrap(), vec![e(8, 2), e(9, 2)]);
+    assert_eq!(
+        store.entries(g, 8, 10, u64::MAX).unwrap(),
+        vec![e(8, 2), e(9, 2)]
+    );
     drop(store);
 
     // Reopen: everything synced is there.
@@ -532,7 +562,7 @@ pub fn conformance<S: LogStore>(mut open: impl FnMut() -> S) {
         entries: vec![e(21, 3)],
     });
     store.write(b).unwrap();
-    assert_eq!(store.entries(g, 21, 22).unwrap(), vec![e(21, 3)]);
+    assert_eq!(store.entries(g, 21, 22, u64::MAX).unwrap(), vec![e(21, 3)]);
     let mut b = LogBatch::default();
     b.push(LogOp::Remove { group: g });
     store.write(b).unwrap();
@@ -563,8 +593,8 @@ mod tests {
         fn state(&self, g: GroupId) -> Result<Option<GroupState>, StoreError> {
             self.0.state(g)
         }
-        fn entries(&self, g: GroupId, l: u64, h: u64) -> Result<Vec<Entry>, StoreError> {
-            self.0.entries(g, l, h)
+        fn entries(&self, g: GroupId, l: u64, h: u64, m: u64) -> Result<Vec<Entry>, StoreError> {
+            self.0.entries(g, l, h, m)
         }
         fn last_index(&self, g: GroupId) -> Result<u64, StoreError> {
             self.0.last_index(g)
