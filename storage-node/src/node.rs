@@ -16,8 +16,11 @@ use tracing::debug;
 
 use crate::store::{ClusterView, Event, GroupStatus, LeaderMap, Outcome, Refused};
 use crate::transport::{
-    ByteBuf, PeerRequest, PeerResponse, RequestHandler, Transport, WireRefused,
+    BlocksReply, ByteBuf, PeerRequest, PeerResponse, RequestHandler, Transport, WireRefused,
 };
+
+/// Blocks per catch-up request (1 MiB of data at most per reply).
+pub const CATCH_UP_CHUNK_BLOCKS: u64 = 256;
 
 /// How long a proposal or read keeps retrying (leader elections, forwarding) before it
 /// fails. Longer than an election plus a reconnect.
@@ -229,20 +232,31 @@ impl Node {
     ) -> Result<Vec<ReadChunk>, NodeError> {
         let start = Instant::now();
         let mut attempt = 0u32;
+        // Set once the local replica said it is catching up: read through others.
+        let mut local_recovering = false;
         loop {
             let cluster = self.cluster();
             let info = cluster
                 .volume_by_id(volume)
                 .ok_or_else(|| NodeError::NoVolume(volume.to_string()))?;
-            let result = if info.replicas_on(self.me) {
+            let result = if info.replicas_on(self.me) && !local_recovering {
                 match self.read_barrier(volume).await {
                     Ok(()) => return Ok(self.read_handle(volume)?.read_chunks(offset, len)?),
                     Err(e) => e,
                 }
             } else {
+                let others: Vec<NodeId> = info
+                    .voters
+                    .iter()
+                    .copied()
+                    .filter(|n| *n != self.me)
+                    .collect();
+                let fallback = others.get(attempt as usize % others.len().max(1)).copied();
                 let target = self
                     .leader_of(volume.group())
-                    .unwrap_or(info.voters[attempt as usize % info.voters.len()]);
+                    .filter(|l| *l != self.me)
+                    .or(fallback)
+                    .unwrap_or(self.me);
                 match self
                     .transport
                     .request(
@@ -266,6 +280,10 @@ impl Node {
             if matches!(result, Refused::Shutdown | Refused::Failed(_)) {
                 return Err(result.into());
             }
+            if matches!(result, Refused::Recovering(_)) && !local_recovering {
+                local_recovering = true;
+                continue;
+            }
             if start.elapsed() > Duration::from_millis(REQUEST_DEADLINE_MS) {
                 return Err(NodeError::Deadline {
                     ms: REQUEST_DEADLINE_MS,
@@ -278,6 +296,149 @@ impl Node {
             ))
             .await;
         }
+    }
+
+    /// Copies the blocks of `volume` that differ from the leader's (by blake3), then tells
+    /// the store to replay its deferred log. Resumable: after a restart the same copy
+    /// sends only the blocks that still differ.
+    pub async fn catch_up(&self, volume: VolumeId) -> Result<(), NodeError> {
+        use roamdisk_core::ids::BLOCK_BYTES;
+        let start = Instant::now();
+        let group = volume.group();
+        let file = RawFile::open(&self.volume_path(volume), false)?;
+        let mut copy_end = 0u64;
+        let mut copied = 0u64;
+        let mut block = 0u64;
+        let mut attempt = 0u32;
+        loop {
+            let cluster = self.cluster();
+            let info = cluster
+                .volume_by_id(volume)
+                .ok_or_else(|| NodeError::NoVolume(volume.to_string()))?;
+            let blocks = info.size.div_ceil(BLOCK_BYTES);
+            if block >= blocks {
+                break;
+            }
+            let count = CATCH_UP_CHUNK_BLOCKS.min(blocks - block);
+            let mut hashes = Vec::with_capacity(count as usize * 32);
+            let mut buf = vec![0u8; BLOCK_BYTES as usize];
+            for b in block..block + count {
+                file.read_at(&mut buf, b * BLOCK_BYTES)?;
+                if roamdisk_nbd::backend::is_zero(&buf) {
+                    hashes.extend_from_slice(&[0u8; 32]);
+                } else {
+                    hashes.extend_from_slice(blake3::hash(&buf).as_bytes());
+                }
+            }
+            let others: Vec<NodeId> = info
+                .voters
+                .iter()
+                .copied()
+                .filter(|n| *n != self.me)
+                .collect();
+            let Some(fallback) = others.get(attempt as usize % others.len().max(1)).copied() else {
+                return Err(Refused::Failed("no other replica to copy from".into()).into());
+            };
+            let target = self
+                .leader_of(group)
+                .filter(|l| *l != self.me)
+                .unwrap_or(fallback);
+            let req = PeerRequest::FetchBlocks {
+                volume,
+                start_block: block,
+                hashes,
+            };
+            match self.transport.request(target, req).await {
+                Ok(PeerResponse::Blocks(Ok(BlocksReply {
+                    applied,
+                    blocks: changed,
+                }))) => {
+                    for (off, data) in changed {
+                        let at = (block + u64::from(off)) * BLOCK_BYTES;
+                        match data {
+                            Some(ByteBuf(d)) if d.len() as u64 == BLOCK_BYTES => {
+                                file.write_at(&d, at, false)?
+                            }
+                            Some(_) => {
+                                return Err(Refused::Failed(
+                                    "catch-up block of the wrong size".into(),
+                                )
+                                .into())
+                            }
+                            None => {
+                                file.zero(at, BLOCK_BYTES, false, false)?;
+                            }
+                        }
+                        copied += 1;
+                    }
+                    copy_end = copy_end.max(applied);
+                    block += count;
+                    attempt = 0;
+                }
+                other => {
+                    debug!(%volume, peer = %target, "catch-up request failed: {other:?}");
+                    attempt += 1;
+                    if start.elapsed() > Duration::from_millis(10 * REQUEST_DEADLINE_MS) {
+                        return Err(NodeError::Deadline {
+                            ms: 10 * REQUEST_DEADLINE_MS,
+                            last: format!("{other:?}"),
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(RETRY_BACKOFF_MAX_MS)).await;
+                }
+            }
+        }
+        file.sync_data()?;
+        tracing::info!(%volume, blocks_copied = copied, ms = start.elapsed().as_millis() as u64, "catch-up copy done");
+        let done = Event::CatchUpDone {
+            group,
+            copy_end: roamdisk_core::ids::LogIndex(copy_end),
+        };
+        let _ = self.store.send_async(done).await;
+        Ok(())
+    }
+
+    /// Serves a `FetchBlocks` from this node's replica.
+    async fn fetch_blocks(
+        &self,
+        volume: VolumeId,
+        start_block: u64,
+        hashes: &[u8],
+    ) -> Result<BlocksReply, Refused> {
+        use roamdisk_core::ids::BLOCK_BYTES;
+        if hashes.len() % 32 != 0 || hashes.len() / 32 > CATCH_UP_CHUNK_BLOCKS as usize {
+            return Err(Refused::Failed("malformed block hashes".into()));
+        }
+        // Only a replica that may serve reads may be copied from.
+        self.read_barrier(volume).await?;
+        let file = self
+            .read_handle(volume)
+            .map_err(|e| Refused::Failed(e.to_string()))?;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; BLOCK_BYTES as usize];
+        for (i, theirs) in hashes.chunks(32).enumerate() {
+            let at = (start_block + i as u64) * BLOCK_BYTES;
+            file.read_at(&mut buf, at)
+                .map_err(|e| Refused::Failed(e.to_string()))?;
+            if roamdisk_nbd::backend::is_zero(&buf) {
+                if theirs != [0u8; 32] {
+                    out.push((i as u32, None));
+                }
+            } else if blake3::hash(&buf).as_bytes() != theirs {
+                out.push((i as u32, Some(ByteBuf(buf.clone()))));
+            }
+        }
+        // Read after the blocks: the copy reflects a state no newer than this.
+        let applied = self
+            .status()
+            .await
+            .into_iter()
+            .find(|g| g.group == volume.0)
+            .map_or(0, |g| g.applied);
+        Ok(BlocksReply {
+            applied,
+            blocks: out,
+        })
     }
 
     pub async fn status(&self) -> Vec<GroupStatus> {
@@ -320,6 +481,16 @@ impl RequestHandler for PeerHandler {
                     .await;
                     PeerResponse::Read(r.map_err(WireRefused::from))
                 }
+                PeerRequest::FetchBlocks {
+                    volume,
+                    start_block,
+                    hashes,
+                } => PeerResponse::Blocks(
+                    self.0
+                        .fetch_blocks(volume, start_block, &hashes)
+                        .await
+                        .map_err(WireRefused::from),
+                ),
             }
         })
     }

@@ -82,6 +82,8 @@ pub enum Refused {
     Shutdown,
     #[error("state machine failure: {0}")]
     Failed(String),
+    #[error("replica of group {0} is catching up and cannot serve reads yet")]
+    Recovering(GroupId),
 }
 
 /// What an applied proposal produced.
@@ -107,9 +109,17 @@ pub struct GroupStatus {
     pub last_index: u64,
     /// Match index of each peer (leader only).
     pub progress: Vec<(u64, u64, bool)>,
+    /// This replica is copying blocks after a snapshot and serves no reads.
+    pub recovering: bool,
 }
 
 pub enum Event {
+    /// The block copy of a recovering replica finished; the leader had applied
+    /// `copy_end` when the last block was read.
+    CatchUpDone {
+        group: GroupId,
+        copy_end: LogIndex,
+    },
     Raft {
         group: GroupId,
         msg: Message,
@@ -165,6 +175,14 @@ struct Group<S: LogStore> {
     /// Applied command entries still in the log: (index, bytes), oldest first.
     retained: std::collections::VecDeque<(u64, u64)>,
     retained_bytes: u64,
+    /// Set while this replica installed a Raft snapshot at this index and has not yet
+    /// copied the blocks: committed entries are not applied (they stay in the log) and
+    /// reads are refused.
+    recovering: Option<LogIndex>,
+    /// Highest committed index delivered while recovering.
+    deferred_to: u64,
+    /// Reads are refused until applied reaches this index (the end of a catch-up copy).
+    serve_after: u64,
     bytes_since_checkpoint: u64,
 }
 
@@ -194,6 +212,8 @@ pub struct Store<S: LogStore> {
     logger: slog::Logger,
     next_read_ctx: u64,
     last_checkpoint: Instant,
+    /// Groups whose replica must copy blocks (published for the node's catch-up task).
+    recovering_tx: watch::Sender<std::collections::BTreeSet<GroupId>>,
 }
 
 impl<S: LogStore> Store<S> {
@@ -218,6 +238,7 @@ impl<S: LogStore> Store<S> {
             logger: roamdisk_core::group::raft_logger(),
             next_read_ctx: 1,
             last_checkpoint: Instant::now(),
+            recovering_tx: watch::channel(Default::default()).0,
         };
         if store.log.state(META_GROUP)?.is_none() {
             let mut cs = ConfState::default();
@@ -271,6 +292,14 @@ impl<S: LogStore> Store<S> {
             .log
             .state(g)?
             .ok_or_else(|| anyhow::anyhow!("group {g} vanished"))?;
+        let recovering = match self.log.get(&recovering_key(g))? {
+            Some(v) => Some(LogIndex(u64::from_be_bytes(
+                v.as_slice()
+                    .try_into()
+                    .map_err(|_| anyhow::anyhow!("corrupt recovery record of group {g}"))?,
+            ))),
+            None => None,
+        };
         let machine = if g == META_GROUP {
             Machine::Meta(LogIndex(st.applied_index))
         } else {
@@ -302,6 +331,9 @@ impl<S: LogStore> Store<S> {
                 retained: Default::default(),
                 retained_bytes: 0,
                 bytes_since_checkpoint: 0,
+                recovering,
+                deferred_to: st.applied_index,
+                serve_after: 0,
             },
         );
         Ok(())
@@ -411,6 +443,10 @@ impl<S: LogStore> Store<S> {
                     let _ = reply.send(Err(Refused::NoGroup(group)));
                     return false;
                 };
+                if g.recovering.is_some() || g.raft.applied_index().0 < g.serve_after {
+                    let _ = reply.send(Err(Refused::Recovering(group)));
+                    return false;
+                }
                 if g.reads_waiting_index.len() + g.reads_waiting_apply.len() >= PENDING_READS_MAX {
                     let _ = reply.send(Err(Refused::Busy));
                     return false;
@@ -432,6 +468,11 @@ impl<S: LogStore> Store<S> {
             }
             Event::Status { reply } => {
                 let _ = reply.send(self.status());
+            }
+            Event::CatchUpDone { group, copy_end } => {
+                if let Err(e) = self.finish_catch_up(group, copy_end) {
+                    error!(%group, error = %e, "finishing catch-up failed");
+                }
             }
             Event::Shutdown => return true,
         }
@@ -462,6 +503,7 @@ impl<S: LogStore> Store<S> {
                 } else {
                     vec![]
                 },
+                recovering: g.recovering.is_some(),
             })
             .collect()
     }
@@ -573,6 +615,82 @@ impl<S: LogStore> Store<S> {
             self.publish_cluster();
             self.reconcile()?;
         }
+        self.publish_recovering();
+        Ok(())
+    }
+
+    /// Receiver of the set of groups whose replica must copy blocks.
+    pub fn recovering_view(&self) -> watch::Receiver<std::collections::BTreeSet<GroupId>> {
+        self.recovering_tx.subscribe()
+    }
+
+    fn publish_recovering(&mut self) {
+        let set: std::collections::BTreeSet<GroupId> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.recovering.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for (id, g) in self.groups.iter_mut() {
+            // A recovering replica must not lead: it copies its blocks from the leader.
+            if g.recovering.is_some() && g.raft.is_leader() {
+                if let Some(p) = g
+                    .raft
+                    .progress()
+                    .into_iter()
+                    .find(|p| p.node != self.cfg.me && !p.is_learner)
+                {
+                    info!(group = %id, to = %p.node, "recovering replica hands over leadership");
+                    g.raft.transfer_leader(p.node);
+                }
+            }
+        }
+        self.recovering_tx.send_if_modified(|cur| {
+            if *cur != set {
+                *cur = set;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The block copy is done: replay the deferred entries from our own log, then serve
+    /// reads once applied reaches `copy_end`.
+    fn finish_catch_up(&mut self, group: GroupId, copy_end: LogIndex) -> anyhow::Result<()> {
+        let Some(g) = self.groups.get_mut(&group) else {
+            return Ok(());
+        };
+        let Some(from) = g.recovering else {
+            return Ok(());
+        };
+        let mut batch = LogBatch::default();
+        if let Machine::Volume(v) = &mut g.machine {
+            v.mark_dirty();
+            let mut next = from.0 + 1;
+            while next <= g.deferred_to {
+                let entries = self.log.entries(group, next, g.deferred_to + 1, 64 << 20)?;
+                next += entries.len() as u64;
+                for a in g.raft.apply_committed_replay(entries)? {
+                    match a {
+                        Applied::Command { index, data, .. } => v.apply(index, &data)?,
+                        Applied::Internal { index } => v.skip(index),
+                    }
+                }
+            }
+            let idx = v.checkpoint(&mut batch)?;
+            batch.push(LogOp::Delete {
+                key: recovering_key(group),
+            });
+            self.log.write(batch)?;
+            self.log.sync()?;
+            v.checkpoint_written(idx);
+            g.raft.advance_apply_to(v.applied());
+            info!(%group, from = from.0, applied = v.applied().0, copy_end = copy_end.0, "replica caught up");
+        }
+        g.recovering = None;
+        g.serve_after = copy_end.0;
+        self.publish_recovering();
         Ok(())
     }
 
@@ -790,6 +908,8 @@ fn install_snapshot<S: LogStore>(
                 value: index.0.to_be_bytes().to_vec(),
             });
             v.skip(index);
+            g.recovering = Some(index);
+            g.deferred_to = index.0;
             warn!(volume = %v.id, index = index.0, "volume snapshot received; block catch-up required");
         }
     }
@@ -809,6 +929,18 @@ fn apply<S: LogStore>(
     }
     let mut changed = false;
     for a in g.raft.apply_committed(entries, batch)? {
+        if g.recovering.is_some() {
+            // The extent file is not trustworthy until the block copy finishes: leave
+            // the entries in the log; `finish_catch_up` replays them.
+            let index = match a {
+                Applied::Internal { index } | Applied::Command { index, .. } => index,
+            };
+            g.deferred_to = g.deferred_to.max(index.0);
+            if let Some((_, reply)) = g.proposals.remove(&index.0) {
+                let _ = reply.send(Err(Refused::Superseded));
+            }
+            continue;
+        }
         let (index, term, outcome) = match a {
             Applied::Internal { index } => {
                 match &mut g.machine {

@@ -73,12 +73,31 @@ pub enum PeerRequest {
         offset: u64,
         len: u32,
     },
+    /// Catch-up copy: the blocks from `start_block` whose blake3 differs from `hashes`
+    /// (32 bytes per block, all zero for a block that reads as zeros).
+    FetchBlocks {
+        volume: VolumeId,
+        start_block: u64,
+        #[serde(with = "serde_bytes")]
+        hashes: Vec<u8>,
+    },
+}
+
+/// Answer to `FetchBlocks`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BlocksReply {
+    /// The sender's applied index after it read the blocks: the copy reflects a state at
+    /// or before it.
+    pub applied: u64,
+    /// (block offset within the request, contents; `None` = reads as zeros).
+    pub blocks: Vec<(u32, Option<ByteBuf>)>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerResponse {
     Proposed(Result<WireOutcome, WireRefused>),
     Read(Result<ByteBuf, WireRefused>),
+    Blocks(Result<BlocksReply, WireRefused>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -103,6 +122,7 @@ pub enum WireRefused {
     Busy,
     Shutdown,
     Failed(String),
+    Recovering(GroupId),
 }
 
 impl From<Refused> for WireRefused {
@@ -114,6 +134,7 @@ impl From<Refused> for WireRefused {
             Refused::Busy => WireRefused::Busy,
             Refused::Shutdown => WireRefused::Shutdown,
             Refused::Failed(s) => WireRefused::Failed(s),
+            Refused::Recovering(g) => WireRefused::Recovering(g),
         }
     }
 }
@@ -127,6 +148,7 @@ impl From<WireRefused> for Refused {
             WireRefused::Busy => Refused::Busy,
             WireRefused::Shutdown => Refused::Shutdown,
             WireRefused::Failed(s) => Refused::Failed(s),
+            WireRefused::Recovering(g) => Refused::Recovering(g),
         }
     }
 }

@@ -182,6 +182,12 @@ impl VolumeReplica {
         self.applied = self.applied.max(index);
     }
 
+    /// Marks the extent file as written by someone else (the catch-up copy), so the
+    /// next checkpoint fsyncs it.
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+
     pub fn grow(&mut self, size: u64) -> Result<(), VolumeError> {
         if size > self.size {
             self.extent

@@ -193,9 +193,9 @@ fn restarted_node_catches_up_and_replicas_hash_identically() {
     c.wait_until("every replica to apply the whole log", |c| {
         (1..=3)
             .all(|id| {
-                c.group_status(id, vid)
-                    .and_then(|g| g["applied"].as_u64())
-                    .is_some_and(|a| a >= last)
+                c.group_status(id, vid).is_some_and(|g| {
+                    g["applied"].as_u64().is_some_and(|a| a >= last) && g["recovering"] == false
+                })
             })
             .then_some(())
     });
@@ -246,4 +246,53 @@ fn admin_errors_are_clear_and_change_nothing() {
     assert!(a.volume("vm1").unwrap_err().to_string().contains("404"));
     let metrics = a.metrics().unwrap();
     assert!(metrics.contains("roamdisk_volumes 0"), "{metrics}");
+}
+
+#[test]
+fn replica_behind_the_retained_log_catches_up_by_block_copy() {
+    let mut c = Cluster::start(3);
+    let leader = c.create_volume("vm1", 128 * MIB, 3);
+    let vid = volume_id(&c, "vm1");
+    let lagger = followers(&c, leader)[0];
+    qemu_io(&c.uri(leader, "vm1"), &["write -P 0x01 0 4M"]);
+    c.kill9(lagger);
+    // More than the retained log (32 MiB) while it is down: the leader compacts past
+    // it, so it must receive a snapshot and copy blocks.
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    std::fs::write(&src, pseudo_random(64 << 20, 11)).unwrap();
+    run(tool("nbdcopy").arg(&src).arg(c.uri(leader, "vm1")));
+    qemu_io(&c.uri(leader, "vm1"), &["write -z 8M 1M"]);
+    c.wait_until(
+        "the leader to compact its log past the lagging replica",
+        |c| {
+            let g = c.group_status(leader, vid)?;
+            let last = g["last_index"].as_u64()?;
+            (g["durable_applied"].as_u64()? >= last).then_some(())
+        },
+    );
+    c.restart(lagger);
+    let last = c.group_status(leader, vid).unwrap()["last_index"]
+        .as_u64()
+        .unwrap();
+    c.wait_until("the lagging replica to catch up", |c| {
+        let g = c.group_status(lagger, vid)?;
+        (g["applied"].as_u64()? >= last && g["recovering"] == false).then_some(())
+    });
+    // Reads through the caught-up node see the data.
+    qemu_io(&c.uri(lagger, "vm1"), &["read -P 0 8M 1M"]);
+    let want = image_block_hashes(&c.volume_path(leader, vid)).unwrap();
+    let got = image_block_hashes(&c.volume_path(lagger, vid)).unwrap();
+    assert_eq!(
+        want.len(),
+        got.len(),
+        "replicas hold different numbers of data blocks"
+    );
+    assert!(want == got, "replica contents differ after catch-up");
+    let log =
+        std::fs::read_to_string(c.nodes[lagger as usize - 1].data_dir.join("node.log")).unwrap();
+    assert!(
+        log.contains("catch-up copy done"),
+        "the replica should have caught up by block copy"
+    );
 }

@@ -506,6 +506,27 @@ impl<S: LogStore> RaftGroup<S> {
         Ok(out)
     }
 
+    /// Decodes entries for a replay of the log (a replica that copied its blocks replays
+    /// the entries it deferred). Membership changes in them were applied to Raft when
+    /// they were first delivered, so here they are only skipped.
+    pub fn apply_committed_replay(&self, entries: Vec<Entry>) -> Result<Vec<Applied>, raft::Error> {
+        Ok(entries
+            .into_iter()
+            .map(|entry| {
+                let index = LogIndex(entry.index);
+                if entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty() {
+                    Applied::Command {
+                        index,
+                        term: Term(entry.term),
+                        data: entry.data.to_vec(),
+                    }
+                } else {
+                    Applied::Internal { index }
+                }
+            })
+            .collect())
+    }
+
     /// Records that the state machine has applied everything up to `index`.
     pub fn advance_apply_to(&mut self, index: LogIndex) {
         self.node.advance_apply_to(index.0);

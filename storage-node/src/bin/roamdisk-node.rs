@@ -126,6 +126,7 @@ fn main() -> Result<()> {
     };
     let (store, cluster_view, leaders) =
         Store::open(store_cfg, log, Arc::new(ArcOutbox(Arc::clone(&transport))))?;
+    let recovering = store.recovering_view();
     let store_thread = std::thread::Builder::new()
         .name("raft-store".into())
         .spawn(move || store.run(events_rx))?;
@@ -173,6 +174,11 @@ fn main() -> Result<()> {
                     .await
             })
         };
+        tokio::spawn(catch_up_loop(
+            Arc::clone(&node),
+            recovering,
+            shutdown.clone(),
+        ));
         let nbd_server = roamdisk_nbd::Server::new(
             Arc::new(NodeCatalog {
                 node: Arc::clone(&node),
@@ -240,6 +246,42 @@ async fn keep_registered(
         }
         tokio::select! {
             r = view.changed() => if r.is_err() { return },
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Runs one block catch-up per replica the store reports as recovering.
+async fn catch_up_loop(
+    node: Arc<Node>,
+    mut recovering: tokio::sync::watch::Receiver<
+        std::collections::BTreeSet<roamdisk_core::ids::GroupId>,
+    >,
+    shutdown: CancellationToken,
+) {
+    let running: Arc<std::sync::Mutex<std::collections::BTreeSet<roamdisk_core::ids::GroupId>>> =
+        Arc::default();
+    loop {
+        let groups: Vec<_> = recovering.borrow_and_update().iter().copied().collect();
+        for g in groups {
+            if !running.lock().expect("catch-up set").insert(g) {
+                continue;
+            }
+            let node = Arc::clone(&node);
+            let running = Arc::clone(&running);
+            tokio::spawn(async move {
+                let volume = roamdisk_core::ids::VolumeId(g.0);
+                info!(%volume, "catching up replica by block copy");
+                if let Err(e) = node.catch_up(volume).await {
+                    warn!(%volume, error = %e, "catch-up failed; will retry");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                running.lock().expect("catch-up set").remove(&g);
+            });
+        }
+        tokio::select! {
+            r = recovering.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             _ = shutdown.cancelled() => return,
         }
     }
