@@ -43,6 +43,10 @@ pub struct GroupConfig {
     pub max_inflight_msgs: usize,
     /// Proposals a leader accepts beyond what is committed; more are refused.
     pub max_uncommitted_size: u64,
+    /// Serve ReadIndex on the leader from its lease (no heartbeat round per read).
+    /// Safe with `check_quorum` (always on here) as long as clocks advance at roughly
+    /// the same rate on every node: a leader steps down before a new one can be elected.
+    pub lease_reads: bool,
 }
 
 impl Default for GroupConfig {
@@ -53,6 +57,7 @@ impl Default for GroupConfig {
             max_size_per_msg: 4 << 20,
             max_inflight_msgs: 64,
             max_uncommitted_size: 256 << 20,
+            lease_reads: true,
         }
     }
 }
@@ -235,7 +240,11 @@ impl<S: LogStore> RaftGroup<S> {
             max_uncommitted_size: config.max_uncommitted_size,
             check_quorum: true,
             pre_vote: true,
-            read_only_option: raft::ReadOnlyOption::Safe,
+            read_only_option: if config.lease_reads {
+                raft::ReadOnlyOption::LeaseBased
+            } else {
+                raft::ReadOnlyOption::Safe
+            },
             ..Default::default()
         };
         cfg.validate()?;
