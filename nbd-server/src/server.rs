@@ -360,6 +360,8 @@ fn start<B: Backend>(backend: &Arc<B>, cookie: u64, op: Op) -> (InFlight, usize)
 
 /// Segments handed to one vectored write.
 const WRITE_SEGMENTS_MAX: usize = 64;
+/// Queued reply bytes above which the loop writes before completing more requests.
+const OUTPUT_BATCH_BYTES: usize = 512 << 10;
 /// Read buffer capacity kept between requests.
 const READ_BUFFER_BYTES: usize = 256 << 10;
 
@@ -450,7 +452,9 @@ where
 
         tokio::select! {
             biased;
-            Some(done) = inflight.next(), if !inflight.is_empty() => {
+            // With enough already queued, write before producing more: large reads then
+            // overlap with sending instead of all being read first.
+            Some(done) = inflight.next(), if !inflight.is_empty() && outq.bytes() < OUTPUT_BATCH_BYTES => {
                 inflight_bytes -= done.charge;
                 encode_completion(&mut outq, structured, done, stats);
             }

@@ -35,6 +35,9 @@ struct Args {
     /// roamdisk-nbd binary (default: next to this one).
     #[arg(long)]
     server_bin: Option<PathBuf>,
+    /// Only rows whose name contains this (results are then not written).
+    #[arg(long)]
+    only: Option<String>,
     /// Where to write nbd.json and nbd.md.
     #[arg(long, default_value = "benches/results")]
     out: PathBuf,
@@ -74,6 +77,15 @@ fn main() -> Result<()> {
         row(QemuImgBench, "1M seq read QD8", false, false, 1 << 20, 8, 0),
         row(QemuImgBench, "1M seq write QD8", true, false, 1 << 20, 8, 0),
     ];
+    let filtered = args.only.is_some();
+    let rows: Vec<_> = rows
+        .into_iter()
+        .filter(|r| {
+            args.only
+                .as_ref()
+                .is_none_or(|o| r.name.contains(o.as_str()))
+        })
+        .collect();
     let results = measure(
         rows,
         &qemu.uri,
@@ -86,6 +98,9 @@ fn main() -> Result<()> {
     drop(ours);
     let md = table(&results, "qemu-nbd");
     println!("{md}");
+    if filtered {
+        return Ok(());
+    }
     std::fs::create_dir_all(&args.out)?;
     let meta = serde_json::json!({
         "command": std::env::args().collect::<Vec<_>>().join(" "),
