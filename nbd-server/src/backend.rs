@@ -84,6 +84,25 @@ pub struct ExportInfo {
 }
 
 impl ExportInfo {
+    /// A writable export with every optional feature on (flush, FUA, trim, zeroes, fast
+    /// zero, cache, multi-conn) and the engine's block sizes for `size`.
+    pub fn full_featured(name: &str, description: String, size: u64) -> ExportInfo {
+        ExportInfo {
+            name: name.to_owned(),
+            description,
+            size,
+            read_only: false,
+            block_sizes: BlockSizes::for_export_size(size),
+            can_flush: true,
+            can_fua: true,
+            can_trim: true,
+            can_write_zeroes: true,
+            can_fast_zero: true,
+            can_cache: true,
+            can_multi_conn: true,
+        }
+    }
+
     /// Transmission flags for this export; `structured` says whether the client
     /// negotiated structured replies (NBD_FLAG_SEND_DF depends on it).
     pub fn transmission_flags(&self, structured: bool) -> u16 {

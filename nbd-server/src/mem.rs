@@ -15,8 +15,7 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 
 use crate::backend::{
-    Backend, BackendError, BackendResult, BlockSizes, Catalog, Export, ExportInfo, Extent,
-    ReadChunk, ZeroFlags,
+    Backend, BackendError, BackendResult, Catalog, Export, ExportInfo, Extent, ReadChunk, ZeroFlags,
 };
 use crate::wire;
 
@@ -212,20 +211,7 @@ impl MemCatalog {
 }
 
 fn mem_info(name: &str, size: u64) -> ExportInfo {
-    ExportInfo {
-        name: name.to_owned(),
-        description: format!("in-memory export {name}"),
-        size,
-        read_only: false,
-        block_sizes: BlockSizes::for_export_size(size),
-        can_flush: true,
-        can_fua: true,
-        can_trim: true,
-        can_write_zeroes: true,
-        can_fast_zero: true,
-        can_cache: true,
-        can_multi_conn: true,
-    }
+    ExportInfo::full_featured(name, format!("in-memory export {name}"), size)
 }
 
 impl Catalog for MemCatalog {

@@ -12,8 +12,7 @@ use bytes::Bytes;
 use roamdisk_core::command::VolumeCommand;
 use roamdisk_core::ids::VolumeId;
 use roamdisk_nbd::backend::{
-    Backend, BackendError, BackendResult, BlockSizes, Catalog, Export, ExportInfo, Extent,
-    ReadChunk, ZeroFlags,
+    Backend, BackendError, BackendResult, Catalog, Export, ExportInfo, Extent, ReadChunk, ZeroFlags,
 };
 use tracing::warn;
 
@@ -149,25 +148,13 @@ impl Catalog for NodeCatalog {
         } else {
             cluster.volumes.get(name)?
         };
-        let info = ExportInfo {
-            name: v.name.clone(),
-            description: format!(
-                "roamdisk volume {} (home {}, {} replicas)",
-                v.name, v.home_site, v.replicas
-            ),
-            size: v.size,
-            read_only: false,
-            block_sizes: BlockSizes::for_export_size(v.size),
-            can_flush: true,
-            can_fua: true,
-            can_trim: true,
-            can_write_zeroes: true,
-            can_fast_zero: true,
-            can_cache: true,
-            // One Raft group per volume: every connection on every node sees the same
-            // committed order, and FLUSH/FUA are global.
-            can_multi_conn: true,
-        };
+        // One Raft group per volume: every connection on every node sees the same
+        // committed order, and FLUSH/FUA are global, so multi-conn holds.
+        let description = format!(
+            "roamdisk volume {} (home {}, {} replicas)",
+            v.name, v.home_site, v.replicas
+        );
+        let info = ExportInfo::full_featured(&v.name, description, v.size);
         Some(Export {
             info,
             backend: Arc::new(VolumeBackend {

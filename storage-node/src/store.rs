@@ -560,10 +560,6 @@ impl<S: LogStore> Store<S> {
                 if role == StateRole::Leader {
                     info!(group = %id, term = g.raft.term().0, "became leader");
                 }
-                if role != StateRole::Leader {
-                    // Proposals from an older term may still commit; they are answered
-                    // when their index applies (with the term check). Nothing to do now.
-                }
             }
             readied.push((*id, work.persisted_messages, work.read_states));
         }

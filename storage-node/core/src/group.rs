@@ -27,6 +27,7 @@ use std::sync::Arc;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot};
 use raft::{GetEntriesContext, RaftState, RawNode, ReadState, StateRole, Storage};
+use raft_proto::ConfChangeI;
 
 use crate::ids::{GroupId, LogIndex, NodeId, Term};
 use crate::logstore::{GroupState, LogBatch, LogOp, LogStore, StoreError};
@@ -488,21 +489,19 @@ impl<S: LogStore> RaftGroup<S> {
                     term: Term(entry.term),
                     data: entry.data.to_vec(),
                 }),
-                EntryType::EntryConfChange => {
-                    let mut cc = ConfChange::default();
-                    cc.merge_from_bytes(&entry.data)
-                        .map_err(raft::Error::CodecError)?;
-                    let cs = self.node.apply_conf_change(&cc)?;
-                    batch.push(LogOp::ConfState {
-                        group: self.id,
-                        conf_state: cs,
-                    });
-                    out.push(Applied::Internal { index });
-                }
-                EntryType::EntryConfChangeV2 => {
-                    let mut cc = ConfChangeV2::default();
-                    cc.merge_from_bytes(&entry.data)
-                        .map_err(raft::Error::CodecError)?;
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    // A V1 change is applied as its V2 equivalent: one path for both.
+                    let cc = if entry.get_entry_type() == EntryType::EntryConfChange {
+                        let mut v1 = ConfChange::default();
+                        v1.merge_from_bytes(&entry.data)
+                            .map_err(raft::Error::CodecError)?;
+                        v1.into_v2()
+                    } else {
+                        let mut v2 = ConfChangeV2::default();
+                        v2.merge_from_bytes(&entry.data)
+                            .map_err(raft::Error::CodecError)?;
+                        v2
+                    };
                     let cs = self.node.apply_conf_change(&cc)?;
                     batch.push(LogOp::ConfState {
                         group: self.id,
