@@ -1,0 +1,1 @@
+//! roamdisk-sim: deterministic simulation of the replication core (under construction).

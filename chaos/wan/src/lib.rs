@@ -1,0 +1,1 @@
+//! roamdisk-wan: the userspace WAN emulator (under construction).
