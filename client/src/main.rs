@@ -129,6 +129,24 @@ fn volume_line(v: &Value) -> String {
     )
 }
 
+/// One line per remote site: how far behind it is and when it will have caught up.
+fn print_site_lag(v: &Value, indent: &str) {
+    for l in v["site_lag"].as_array().into_iter().flatten() {
+        let eta = match l["eta_seconds"].as_f64() {
+            Some(s) => format!("{s:.1} s"),
+            None => "not draining".to_owned(),
+        };
+        println!(
+            "{indent}site {:<10} lag {} entries, {}, {:.1} s; drains at {}/s, ETA {eta}",
+            l["site"].as_str().unwrap_or("?"),
+            l["entries"],
+            format_size(l["bytes"].as_u64().unwrap_or(0)),
+            l["seconds"].as_f64().unwrap_or(0.0),
+            format_size(l["drain_bytes_per_sec"].as_f64().unwrap_or(0.0) as u64),
+        );
+    }
+}
+
 fn main() {
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
@@ -158,6 +176,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{} nodes in sites {}", st["nodes"], st["sites"]);
             for v in st["volumes"].as_array().into_iter().flatten() {
                 println!("  {}", volume_line(v));
+                print_site_lag(v, "    ");
             }
         }
         Cmd::Node { cmd: NodeCmd::List } => {
@@ -216,10 +235,13 @@ fn run(cli: Cli) -> Result<()> {
                 if let Some(p) = v["progress"].as_array() {
                     for r in p {
                         println!(
-                            "  replica {} matched {} lag {} entries{}",
+                            "  replica {} ({}) matched {} lag {} entries, {}, {:.1} s{}",
                             r["node"],
+                            r["site"].as_str().unwrap_or("?"),
                             r["matched"],
                             r["lag_entries"],
+                            format_size(r["lag_bytes"].as_u64().unwrap_or(0)),
+                            r["lag_seconds"].as_f64().unwrap_or(0.0),
                             if r["learner"] == true {
                                 " (learner)"
                             } else {
@@ -228,6 +250,7 @@ fn run(cli: Cli) -> Result<()> {
                         );
                     }
                 }
+                print_site_lag(&v, "  ");
                 for e in v["exports"].as_array().into_iter().flatten() {
                     println!("  {}", e.as_str().unwrap_or("?"));
                 }

@@ -6,7 +6,7 @@
 //! | GET | /v1/status | | this node, the metadata leader, every group on this node |
 //! | GET | /v1/nodes | | nodes |
 //! | GET | /v1/volumes | | volumes with their leaders |
-//! | GET | /v1/volumes/{name} | | one volume, with replication progress when this node leads it |
+//! | GET | /v1/volumes/{name} | | one volume, with each replica's progress and each remote site's lag (from its leader) |
 //! | POST | /v1/volumes | `{name,size,replicas?,home?,durability?}` | the created volume (201) |
 //! | POST | /v1/volumes/{name}/resize | `{size}` | the volume |
 //! | DELETE | /v1/volumes/{name} | | the deleted volume |
@@ -23,11 +23,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use roamdisk_core::ids::{NodeId, META_GROUP};
-use roamdisk_core::meta::{Durability, MetaCommand, MetaError, NodeInfo, VolumeInfo};
+use roamdisk_core::meta::{ClusterState, Durability, MetaCommand, MetaError, NodeInfo, VolumeInfo};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::node::Node;
+use crate::store::GroupStatus;
 
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()
@@ -74,9 +75,12 @@ pub struct VolumeView {
     #[serde(flatten)]
     pub info: VolumeInfo,
     pub leader: Option<NodeId>,
-    /// Per replica: (node, applied log index as the leader sees it, is learner).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Per replica, as the leader sees it (absent when no leader answered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Vec<ReplicaProgress>>,
+    /// Lag of every other site (absent when no leader answered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_lag: Option<Vec<SiteLag>>,
     /// Exports of this volume on every node.
     pub exports: Vec<String>,
 }
@@ -84,17 +88,92 @@ pub struct VolumeView {
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct ReplicaProgress {
     pub node: NodeId,
+    pub site: String,
     pub matched: u64,
     pub learner: bool,
     pub lag_entries: u64,
+    pub lag_bytes: u64,
+    pub lag_seconds: f64,
 }
 
-fn view(node: &Node, v: &VolumeInfo, progress: Option<Vec<ReplicaProgress>>) -> VolumeView {
+/// How far a remote site is behind: its most advanced replica of the volume.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct SiteLag {
+    pub site: String,
+    pub node: NodeId,
+    pub entries: u64,
+    pub bytes: u64,
+    /// Age of the oldest write the site lacks: the RPO of losing the home site now.
+    pub seconds: f64,
+    pub drain_bytes_per_sec: f64,
+    /// Time to drain at the recent rate (`None` if it is not draining).
+    pub eta_seconds: Option<f64>,
+}
+
+/// Per-replica progress and per-remote-site lag from the leader's status of a group.
+fn replication(
+    cluster: &ClusterState,
+    v: &VolumeInfo,
+    g: &GroupStatus,
+) -> (Vec<ReplicaProgress>, Vec<SiteLag>) {
+    let site_of = |n: u64| {
+        cluster
+            .nodes
+            .get(&NodeId(n))
+            .map_or_else(String::new, |i| i.site.clone())
+    };
+    let progress = g
+        .progress
+        .iter()
+        .map(|p| ReplicaProgress {
+            node: NodeId(p.node),
+            site: site_of(p.node),
+            matched: p.matched,
+            learner: p.learner,
+            lag_entries: p.lag.entries,
+            lag_bytes: p.lag.bytes,
+            lag_seconds: p.lag.seconds,
+        })
+        .collect();
+    let mut sites: Vec<SiteLag> = Vec::new();
+    for p in &g.progress {
+        let site = site_of(p.node);
+        if site == v.home_site {
+            continue;
+        }
+        let candidate = SiteLag {
+            site: site.clone(),
+            node: NodeId(p.node),
+            entries: p.lag.entries,
+            bytes: p.lag.bytes,
+            seconds: p.lag.seconds,
+            drain_bytes_per_sec: p.lag.drain_bytes_per_sec,
+            eta_seconds: p.lag.eta_seconds(),
+        };
+        match sites.iter_mut().find(|s| s.site == site) {
+            Some(s) if s.entries > candidate.entries => *s = candidate,
+            Some(_) => {}
+            None => sites.push(candidate),
+        }
+    }
+    sites.sort_by(|a, b| a.site.cmp(&b.site));
+    (progress, sites)
+}
+
+fn view(node: &Node, v: &VolumeInfo, status: Option<&GroupStatus>) -> VolumeView {
     let cluster = node.cluster();
+    let (progress, site_lag) = match status {
+        Some(g) => {
+            let (p, s) = replication(&cluster, v, g);
+            (Some(p), Some(s))
+        }
+        None => (None, None),
+    };
     VolumeView {
         info: v.clone(),
         leader: node.leader_of(v.id.group()),
         progress,
+        site_lag,
         exports: cluster
             .nodes
             .values()
@@ -106,16 +185,25 @@ fn view(node: &Node, v: &VolumeInfo, progress: Option<Vec<ReplicaProgress>>) -> 
 async fn status(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
     let cluster = node.cluster();
     let groups = node.status().await;
+    let mut volumes = Vec::new();
+    for v in cluster.volumes.values() {
+        let site_lag = node
+            .leader_status(v.id.group())
+            .await
+            .map(|g| replication(&cluster, v, &g).1);
+        volumes.push(json!({
+            "name": v.name, "size": v.size, "leader": node.leader_of(v.id.group()),
+            "home_site": v.home_site, "replicas": v.replicas, "durability": v.durability,
+            "generation": v.generation, "site_lag": site_lag,
+        }));
+    }
     Json(json!({
         "node": node.me,
         "site": node.site,
         "meta_leader": node.leader_of(META_GROUP),
         "nodes": cluster.nodes.len(),
         "sites": cluster.sites(),
-        "volumes": cluster.volumes.values().map(|v| json!({
-            "name": v.name, "size": v.size, "leader": node.leader_of(v.id.group()),
-            "home_site": v.home_site, "replicas": v.replicas,
-        })).collect::<Vec<_>>(),
+        "volumes": volumes,
         "groups": groups,
     }))
 }
@@ -144,22 +232,8 @@ async fn show_volume(
         .volumes
         .get(&name)
         .ok_or_else(|| ApiError::from(MetaError::VolumeNotFound(name.clone())))?;
-    let groups = node.status().await;
-    let progress = groups
-        .iter()
-        .find(|g| g.group == v.id.0 && !g.progress.is_empty())
-        .map(|g| {
-            g.progress
-                .iter()
-                .map(|(n, matched, learner)| ReplicaProgress {
-                    node: NodeId(*n),
-                    matched: *matched,
-                    learner: *learner,
-                    lag_entries: g.last_index.saturating_sub(*matched),
-                })
-                .collect()
-        });
-    Ok(Json(view(&node, v, progress)))
+    let status = node.leader_status(v.id.group()).await;
+    Ok(Json(view(&node, v, status.as_ref())))
 }
 
 #[derive(Deserialize)]
@@ -260,20 +334,50 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
             u8::from(g.role == "Leader")
         );
     }
-    let _ = writeln!(
-        out,
-        "# HELP roamdisk_replica_lag_entries Entries a replica is behind the leader (leader only)."
-    );
-    let _ = writeln!(out, "# TYPE roamdisk_replica_lag_entries gauge");
-    for g in &groups {
-        for (peer, matched, _) in &g.progress {
-            let _ = writeln!(
-                out,
-                "roamdisk_replica_lag_entries{{group=\"{}\",replica=\"{}\"}} {}",
-                g.group,
-                peer,
-                g.last_index.saturating_sub(*matched)
-            );
+    // Lag of every replica of the groups this node leads (the leader is the only node
+    // that knows it; scraping every node covers every volume).
+    let lag_metrics: [(&str, &str, fn(&crate::lag::Lag) -> f64); 4] = [
+        (
+            "roamdisk_replica_lag_entries",
+            "Log entries a replica lacks.",
+            |l| l.entries as f64,
+        ),
+        (
+            "roamdisk_replica_lag_bytes",
+            "Bytes of log entries a replica lacks.",
+            |l| l.bytes as f64,
+        ),
+        (
+            "roamdisk_replica_lag_seconds",
+            "Age of the oldest entry a replica lacks (RPO).",
+            |l| l.seconds,
+        ),
+        (
+            "roamdisk_replica_drain_bytes_per_second",
+            "Rate at which a replica has recently caught up.",
+            |l| l.drain_bytes_per_sec,
+        ),
+    ];
+    for (name, help, get) in lag_metrics {
+        let _ = writeln!(out, "# HELP {name} {help} Reported by the group's leader.");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for g in &groups {
+            let volume = cluster
+                .volume_by_id(roamdisk_core::ids::VolumeId(g.group))
+                .map_or("", |v| v.name.as_str());
+            for p in &g.progress {
+                let site = cluster
+                    .nodes
+                    .get(&NodeId(p.node))
+                    .map_or("", |i| i.site.as_str());
+                let _ = writeln!(
+                    out,
+                    "{name}{{group=\"{}\",volume=\"{volume}\",replica=\"{}\",site=\"{site}\"}} {}",
+                    g.group,
+                    p.node,
+                    get(&p.lag)
+                );
+            }
         }
     }
     let _ = writeln!(out, "# HELP roamdisk_volumes Volumes in the cluster.");

@@ -5,6 +5,7 @@
 //! - [`config`]: node configuration (TOML and flags).
 //! - [`rocks`]: the RocksDB `LogStore` (Raft logs, Raft state, node records, block index).
 //! - [`volume`]: one volume replica — sparse extent file, blake3 block index, crash rule.
+//! - [`lag`]: replication lag per replica (entries, bytes, seconds, drain rate).
 //! - [`store`]: the Raft store thread that owns every group on the node (multi-Raft, one
 //!   write batch and one sync per round for all groups).
 //! - [`transport`]: node-to-node TCP (Raft messages, forwarded proposals and reads).
@@ -21,6 +22,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod lag;
 pub mod nbd;
 pub mod node;
 pub mod rocks;

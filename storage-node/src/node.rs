@@ -446,6 +446,24 @@ impl Node {
             .await
             .unwrap_or_default()
     }
+
+    /// Status of `group` as its leader sees it (with every replica's lag), asking the
+    /// leader if it is another node; `None` if no leader answers.
+    pub async fn leader_status(&self, group: GroupId) -> Option<GroupStatus> {
+        let local = self.status().await.into_iter().find(|g| g.group == group.0);
+        if local.as_ref().is_some_and(|g| g.role == "Leader") {
+            return local;
+        }
+        let leader = self.leader_of(group).filter(|l| *l != self.me)?;
+        match self
+            .transport
+            .request(leader, PeerRequest::GroupStatus { group })
+            .await
+        {
+            Ok(PeerResponse::GroupStatus(s)) => s,
+            _ => None,
+        }
+    }
 }
 
 /// Serves peers' forwarded requests from this node.
@@ -490,6 +508,13 @@ impl RequestHandler for PeerHandler {
                         .fetch_blocks(volume, start_block, &hashes)
                         .await
                         .map_err(WireRefused::from),
+                ),
+                PeerRequest::GroupStatus { group } => PeerResponse::GroupStatus(
+                    self.0
+                        .status()
+                        .await
+                        .into_iter()
+                        .find(|g| g.group == group.0),
                 ),
             }
         })

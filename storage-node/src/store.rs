@@ -18,7 +18,7 @@
 //! acknowledged write is therefore already durable; FLUSH only has to wait for writes
 //! acknowledged before it, which by construction it never has to.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -28,10 +28,11 @@ use raft::StateRole;
 use roamdisk_core::group::{Applied, GroupConfig, ProposeError, RaftGroup};
 use roamdisk_core::ids::{GroupId, LogIndex, NodeId, Term, VolumeId, META_GROUP};
 use roamdisk_core::logstore::{GroupState, LogBatch, LogOp, LogStore};
-use roamdisk_core::meta::{ClusterState, MetaCommand, MetaResult, VolumeInfo};
+use roamdisk_core::meta::{ClusterState, Durability, MetaCommand, MetaResult, VolumeInfo};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
+use crate::lag::{Lag, LagTracker};
 use crate::volume::VolumeReplica;
 
 /// Interval between Raft ticks. Election timeout is `election_tick` ticks (1 s).
@@ -97,7 +98,7 @@ pub type ProposeReply = oneshot::Sender<Result<Outcome, Refused>>;
 pub type ReadReply = oneshot::Sender<Result<(), Refused>>;
 
 /// Status of one group, for `status` and metrics.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct GroupStatus {
     pub group: u64,
     pub role: String,
@@ -107,10 +108,18 @@ pub struct GroupStatus {
     pub applied: u64,
     pub durable_applied: u64,
     pub last_index: u64,
-    /// Match index of each peer (leader only).
-    pub progress: Vec<(u64, u64, bool)>,
+    /// Every peer's match index and lag (leader only).
+    pub progress: Vec<PeerStatus>,
     /// This replica is copying blocks after a snapshot and serves no reads.
     pub recovering: bool,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PeerStatus {
+    pub node: u64,
+    pub matched: u64,
+    pub learner: bool,
+    pub lag: Lag,
 }
 
 pub enum Event {
@@ -184,6 +193,75 @@ struct Group<S: LogStore> {
     /// Reads are refused until applied reaches this index (the end of a catch-up copy).
     serve_after: u64,
     bytes_since_checkpoint: u64,
+    /// Lag of every peer (meaningful while this node leads).
+    lag: LagTracker,
+    /// Replication policy of the volume, refreshed from the cluster metadata.
+    policy: Policy,
+    /// durability=site: applied writes whose acknowledgement waits until a replica at
+    /// another site has their entry, oldest first. Bounded by `PENDING_PROPOSALS_MAX`
+    /// (they come from `proposals`).
+    site_waiting: VecDeque<(u64, ProposeReply)>,
+}
+
+/// What the metadata says about how a group's writes are acknowledged.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Policy {
+    /// Acknowledge a write only once a replica outside the home site has its entry.
+    site_durable: bool,
+    /// Replicas outside the volume's home site.
+    remote: Vec<NodeId>,
+}
+
+impl Policy {
+    fn of(cluster: &ClusterState, v: &VolumeInfo) -> Policy {
+        let remote = v
+            .voters
+            .iter()
+            .chain(&v.learners)
+            .copied()
+            .filter(|n| cluster.nodes.get(n).is_some_and(|i| i.site != v.home_site))
+            .collect();
+        Policy {
+            site_durable: v.durability == Durability::Site,
+            remote,
+        }
+    }
+}
+
+impl<S: LogStore> Group<S> {
+    /// Highest index a replica outside the home site has persisted (leader only).
+    fn remote_matched(&self) -> u64 {
+        self.raft
+            .progress()
+            .iter()
+            .filter(|p| self.policy.remote.contains(&p.node))
+            .map(|p| p.matched)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Answers the site-durable writes that a remote replica now has; refuses them all
+    /// if this node no longer leads (the caller retries; writes are idempotent).
+    fn release_site_waiting(&mut self) {
+        if self.site_waiting.is_empty() {
+            return;
+        }
+        if !self.raft.is_leader() {
+            for (_, reply) in self.site_waiting.drain(..) {
+                let _ = reply.send(Err(Refused::Superseded));
+            }
+            return;
+        }
+        let shipped = self.remote_matched();
+        while self
+            .site_waiting
+            .front()
+            .is_some_and(|(i, _)| *i <= shipped)
+        {
+            let (_, reply) = self.site_waiting.pop_front().expect("present");
+            let _ = reply.send(Ok(Outcome::Volume));
+        }
+    }
 }
 
 /// Shared, read-mostly view of the cluster state, published by the store after every
@@ -332,6 +410,9 @@ impl<S: LogStore> Store<S> {
                 retained_bytes: 0,
                 bytes_since_checkpoint: 0,
                 recovering,
+                lag: LagTracker::new(Instant::now()),
+                policy: Policy::default(),
+                site_waiting: VecDeque::new(),
                 deferred_to: st.applied_index,
                 serve_after: 0,
             },
@@ -371,8 +452,19 @@ impl<S: LogStore> Store<S> {
                     next_tick = Instant::now() + tick;
                 }
                 let expiry = Duration::from_millis(READ_INDEX_TIMEOUT_MS);
+                let now = Instant::now();
                 for g in self.groups.values_mut() {
                     g.raft.tick();
+                    if g.raft.is_leader() {
+                        let progress = g.raft.progress();
+                        for p in &progress {
+                            g.lag.observe(p.node.0, p.matched, now);
+                        }
+                        if let Some(min) = progress.iter().map(|p| p.matched).min() {
+                            g.lag.shipped_to_all(min);
+                        }
+                    }
+                    g.release_site_waiting();
                     g.reads_waiting_index
                         .retain(|_, (started, _)| started.elapsed() < expiry);
                 }
@@ -423,8 +515,10 @@ impl<S: LogStore> Store<S> {
                     let _ = reply.send(Err(Refused::Busy));
                     return false;
                 }
+                let bytes = data.len() as u64;
                 match g.raft.propose(data) {
                     Ok((index, term)) => {
+                        g.lag.proposed(index.0, bytes, Instant::now());
                         g.proposals.insert(index.0, (term, reply));
                     }
                     Err(ProposeError::NotLeader { leader }) => {
@@ -495,10 +589,17 @@ impl<S: LogStore> Store<S> {
                 },
                 last_index: g.raft.last_index().0,
                 progress: if g.raft.is_leader() {
+                    let now = Instant::now();
+                    let last = g.raft.last_index().0;
                     g.raft
                         .progress()
                         .into_iter()
-                        .map(|p| (p.node.0, p.matched, p.is_learner))
+                        .map(|p| PeerStatus {
+                            node: p.node.0,
+                            matched: p.matched,
+                            learner: p.is_learner,
+                            lag: g.lag.lag(p.node.0, p.matched, last, now),
+                        })
                         .collect()
                 } else {
                     vec![]
@@ -552,6 +653,7 @@ impl<S: LogStore> Store<S> {
             batch.ops.append(&mut work.persist.ops);
             must_sync |= work.must_sync;
             if let Some((role, leader)) = work.role_changed {
+                g.lag.reset(Instant::now());
                 let mut leaders = self.leaders.write().expect("leader map poisoned");
                 match leader {
                     Some(l) => leaders.insert(*id, l),
@@ -603,6 +705,7 @@ impl<S: LogStore> Store<S> {
                 g.raft.advance_apply_to(applied);
             }
             complete_reads(g);
+            g.release_site_waiting();
         }
         if !batch.is_empty() {
             self.log.write(batch)?;
@@ -703,10 +806,12 @@ impl<S: LogStore> Store<S> {
             .collect();
         for v in &wanted {
             let g = v.id.group();
+            let policy = Policy::of(&self.cluster, v);
             if let Some(group) = self.groups.get_mut(&g) {
                 if let Machine::Volume(r) = &mut group.machine {
                     r.grow(v.size)?;
                 }
+                group.policy = policy;
                 continue;
             }
             let mut cs = ConfState::default();
@@ -723,7 +828,9 @@ impl<S: LogStore> Store<S> {
             self.log.write(b)?;
             self.log.sync()?;
             self.open_group(g)?;
-            if let Some(Machine::Volume(r)) = self.groups.get_mut(&g).map(|x| &mut x.machine) {
+            let group = self.groups.get_mut(&g).expect("opened");
+            group.policy = policy;
+            if let Machine::Volume(r) = &mut group.machine {
                 r.grow(v.size)?;
             }
             // The first voter campaigns at once so a new volume serves without waiting for
@@ -854,6 +961,9 @@ pub fn recovering_key(group: GroupId) -> Vec<u8> {
 }
 
 fn fail_all<S: LogStore>(g: &mut Group<S>, why: Refused) {
+    for (_, reply) in std::mem::take(&mut g.site_waiting) {
+        let _ = reply.send(Err(why.clone()));
+    }
     for (_, (_, reply)) in std::mem::take(&mut g.proposals) {
         let _ = reply.send(Err(why.clone()));
     }
@@ -970,6 +1080,10 @@ fn apply<S: LogStore>(
         // the same index means our entry was replaced: the caller retries.
         if let Some((t, reply)) = g.proposals.remove(&index.0) {
             match (term, outcome) {
+                (Some(term), Some(Outcome::Volume)) if term == t && g.policy.site_durable => {
+                    // Answered by `release_site_waiting` once another site has it.
+                    g.site_waiting.push_back((index.0, reply));
+                }
                 (Some(term), Some(outcome)) if term == t => {
                     let _ = reply.send(Ok(outcome));
                 }

@@ -81,6 +81,8 @@ pub enum PeerRequest {
         #[serde(with = "serde_bytes")]
         hashes: Vec<u8>,
     },
+    /// Status of one group on the receiver (its leader knows every replica's lag).
+    GroupStatus { group: GroupId },
 }
 
 /// Answer to `FetchBlocks`.
@@ -98,6 +100,7 @@ pub enum PeerResponse {
     Proposed(Result<WireOutcome, WireRefused>),
     Read(Result<ByteBuf, WireRefused>),
     Blocks(Result<BlocksReply, WireRefused>),
+    GroupStatus(Option<crate::store::GroupStatus>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]

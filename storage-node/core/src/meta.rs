@@ -142,6 +142,8 @@ pub enum MetaError {
         from: String,
         to: String,
     },
+    #[error("durability=site needs a replica outside the home site {home:?}, and the cluster has no other site")]
+    NoRemoteSite { home: String },
 }
 
 /// Result of applying one command.
@@ -271,6 +273,9 @@ impl ClusterState {
                     .filter(|s| **s != home)
                     .flat_map(|s| self.pick(s, 1, &load))
                     .collect();
+                if durability == Durability::Site && learners.is_empty() {
+                    return Err(MetaError::NoRemoteSite { home });
+                }
                 self.next_volume_id += 1;
                 let info = VolumeInfo {
                     id: VolumeId(self.next_volume_id),
@@ -453,6 +458,16 @@ mod tests {
         assert!(matches!(
             s.apply(create("vm", 4096, 0, None)),
             Err(MetaError::InvalidReplicas(0))
+        ));
+        assert!(matches!(
+            s.apply(MetaCommand::CreateVolume {
+                name: "vm".into(),
+                size: 4096,
+                replicas: 1,
+                home_site: None,
+                durability: Durability::Site,
+            }),
+            Err(MetaError::NoRemoteSite { .. })
         ));
         assert_eq!(s, before);
         s.apply(create("vm", 8192, 1, None)).unwrap();

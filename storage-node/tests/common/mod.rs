@@ -35,21 +35,33 @@ fn free_ports(n: usize) -> Vec<u16> {
 impl Cluster {
     /// Starts `n` nodes in one site and waits until they serve.
     pub fn start(n: usize) -> Cluster {
+        Cluster::start_sites(&[("osaka", n)])
+    }
+
+    /// Starts nodes in several sites (`(site, nodes)`, ids numbered in order) and waits
+    /// until they serve.
+    pub fn start_sites(sites: &[(&str, usize)]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
+        let site_of: Vec<&str> = sites
+            .iter()
+            .flat_map(|(s, k)| std::iter::repeat_n(*s, *k))
+            .collect();
+        let n = site_of.len();
         let ports = free_ports(3 * n);
         let initial: Vec<String> = (0..n)
-            .map(|i| format!("{}=osaka@127.0.0.1:{}", i + 1, ports[3 * i]))
+            .map(|i| format!("{}={}@127.0.0.1:{}", i + 1, site_of[i], ports[3 * i]))
             .collect();
         let mut nodes = Vec::new();
         for i in 0..n {
             let id = i as u64 + 1;
+            let site = site_of[i];
             let data_dir = dir.path().join(format!("node-{id}"));
             std::fs::create_dir_all(&data_dir).unwrap();
             let config = data_dir.join("node.toml");
             std::fs::write(
                 &config,
                 format!(
-                    "id = {id}\nsite = \"osaka\"\ndata_dir = {:?}\npeer_addr = \"127.0.0.1:{}\"\nadmin_addr = \"127.0.0.1:{}\"\nnbd_addr = \"127.0.0.1:{}\"\ninitial_cluster = {:?}\n",
+                    "id = {id}\nsite = {site:?}\ndata_dir = {:?}\npeer_addr = \"127.0.0.1:{}\"\nadmin_addr = \"127.0.0.1:{}\"\nnbd_addr = \"127.0.0.1:{}\"\ninitial_cluster = {:?}\n",
                     data_dir.display().to_string(),
                     ports[3 * i],
                     ports[3 * i + 1],
