@@ -100,6 +100,16 @@ impl AdminClient {
         )
     }
 
+    /// Starts moving a volume's home to `site` (returns at once; the volume's `moving`
+    /// and `move_progress` fields show the move until it is done).
+    pub fn move_volume(&self, name: &str, site: &str) -> Result<Value> {
+        self.call(
+            self.agent
+                .post(&format!("{}/v1/volumes/{name}/move", self.base)),
+            Some(serde_json::json!({ "to": site })),
+        )
+    }
+
     pub fn delete_volume(&self, name: &str) -> Result<Value> {
         self.call(
             self.agent

@@ -9,6 +9,7 @@
 //! ```
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -108,6 +109,65 @@ enum VolumeCmd {
     Delete {
         name: String,
     },
+    /// Move a volume's home (its Raft voters and leader) to another site. The old home
+    /// keeps learner replicas, so moving back copies nothing.
+    Move {
+        name: String,
+        #[arg(long)]
+        to: String,
+        /// Wait until the move is done, showing progress.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds (the move itself goes on).
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
+}
+
+/// Polls the volume until its home is `to` and no move is in flight, with a progress
+/// bar on a terminal (bytes the new voters still lack, rate, ETA) unless `json`.
+fn wait_for_move(
+    client: &AdminClient,
+    name: &str,
+    to: &str,
+    timeout: Duration,
+    json: bool,
+) -> Result<Value> {
+    let bar = (!json).then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} moving to {prefix}: {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b.set_prefix(to.to_owned());
+        b
+    });
+    let deadline = Instant::now() + timeout;
+    let mut first_left: Option<u64> = None;
+    loop {
+        let v = client.volume(name)?;
+        if v["home_site"] == to && v["moving"].is_null() {
+            if let Some(b) = &bar {
+                b.finish_with_message("done");
+            }
+            return Ok(v);
+        }
+        if let (Some(b), Some(p)) = (&bar, v.get("move_progress")) {
+            let left = p["bytes_left"].as_u64().unwrap_or(0);
+            let total = first_left.map_or(left, |t| t.max(left));
+            first_left = Some(total);
+            b.set_length(total);
+            b.set_position(total - left);
+            b.set_message(p["phase"].as_str().unwrap_or("?").to_owned());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("volume {name} has not finished moving to {to} after {timeout:?}; the move continues (see `roamdisk volume show {name}`)");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn print_json(v: &impl serde::Serialize) -> Result<()> {
@@ -251,6 +311,19 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 }
                 print_site_lag(&v, "  ");
+                if let Some(p) = v.get("move_progress") {
+                    let eta = p["eta_seconds"]
+                        .as_f64()
+                        .map_or("unknown".to_owned(), |s| format!("{s:.1} s"));
+                    println!(
+                        "  moving to {}: {}, {} left, ETA {eta}",
+                        p["to"].as_str().unwrap_or("?"),
+                        p["phase"].as_str().unwrap_or("?"),
+                        format_size(p["bytes_left"].as_u64().unwrap_or(0)),
+                    );
+                } else if let Some(to) = v["moving"]["to"].as_str() {
+                    println!("  moving to {to}");
+                }
                 for e in v["exports"].as_array().into_iter().flatten() {
                     println!("  {}", e.as_str().unwrap_or("?"));
                 }
@@ -261,6 +334,39 @@ fn run(cli: Cli) -> Result<()> {
                     return print_json(&v);
                 }
                 println!("resized {}", volume_line(&v));
+            }
+            VolumeCmd::Move {
+                name,
+                to,
+                wait,
+                timeout_secs,
+            } => {
+                let started = Instant::now();
+                let mut v = client.move_volume(&name, &to)?;
+                if wait {
+                    v = wait_for_move(
+                        &client,
+                        &name,
+                        &to,
+                        Duration::from_secs(timeout_secs),
+                        cli.json,
+                    )?;
+                }
+                if cli.json {
+                    return print_json(&v);
+                }
+                if wait {
+                    println!(
+                        "moved {} in {:.1} s",
+                        volume_line(&v),
+                        started.elapsed().as_secs_f64()
+                    );
+                } else {
+                    println!(
+                        "moving {} to {to} (see `roamdisk volume show {name}`)",
+                        volume_line(&v)
+                    );
+                }
             }
             VolumeCmd::Delete { name } => {
                 let v = client.delete_volume(&name)?;

@@ -10,6 +10,7 @@
 //! | POST | /v1/volumes | `{name,size,replicas?,home?,durability?}` | the created volume (201) |
 //! | POST | /v1/volumes/{name}/resize | `{size}` | the volume |
 //! | DELETE | /v1/volumes/{name} | | the deleted volume |
+//! | POST | /v1/volumes/{name}/move | `{to}` | the volume, with its move target (the group's leader drives it) |
 //! | GET | /metrics | | Prometheus text |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad input), 404, 409 (exists) or 503
@@ -37,6 +38,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/volumes", get(volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(show_volume).delete(delete_volume))
         .route("/v1/volumes/{name}/resize", post(resize_volume))
+        .route("/v1/volumes/{name}/move", post(move_volume))
         .route("/metrics", get(metrics))
         .with_state(node)
 }
@@ -54,6 +56,9 @@ impl From<MetaError> for ApiError {
         let code = match e {
             MetaError::VolumeExists(_) => StatusCode::CONFLICT,
             MetaError::VolumeNotFound(_) => StatusCode::NOT_FOUND,
+            MetaError::MoveInProgress { .. } | MetaError::AlreadyHome { .. } => {
+                StatusCode::CONFLICT
+            }
             _ => StatusCode::BAD_REQUEST,
         };
         ApiError(code, e.to_string())
@@ -81,6 +86,9 @@ pub struct VolumeView {
     /// Lag of every other site (absent when no leader answered).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site_lag: Option<Vec<SiteLag>>,
+    /// Progress of a move in flight (absent when not moving or no leader answered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub move_progress: Option<MoveProgress>,
     /// Exports of this volume on every node.
     pub exports: Vec<String>,
 }
@@ -108,6 +116,44 @@ pub struct SiteLag {
     pub drain_bytes_per_sec: f64,
     /// Time to drain at the recent rate (`None` if it is not draining).
     pub eta_seconds: Option<f64>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct MoveProgress {
+    pub to: String,
+    /// What the leader does now: "adding replicas", "catching up", "joint consensus",
+    /// "transferring leadership", "finishing".
+    pub phase: String,
+    /// Bytes of log the furthest-behind future voter still lacks.
+    pub bytes_left: u64,
+    pub bytes_per_sec: f64,
+    pub eta_seconds: Option<f64>,
+}
+
+fn move_progress(node: &Node, v: &VolumeInfo, g: &GroupStatus) -> Option<MoveProgress> {
+    let t = v.moving.as_ref()?;
+    let leader = g.leader.unwrap_or(node.me.0);
+    let phase = match crate::mover::next_step(leader, &t.voters, &t.learners, g, |_| true) {
+        crate::mover::Step::Wait(_) => "joint consensus",
+        crate::mover::Step::AddLearners(_) => "adding replicas",
+        crate::mover::Step::CatchUp(_) => "catching up",
+        crate::mover::Step::Promote { .. } => "catching up",
+        crate::mover::Step::TransferTo(_) => "transferring leadership",
+        crate::mover::Step::Finish => "finishing",
+    };
+    let behind = t
+        .voters
+        .iter()
+        .filter_map(|n| g.progress.iter().find(|p| p.node == n.0))
+        .max_by_key(|p| p.lag.bytes);
+    let (bytes_left, rate) = behind.map_or((0, 0.0), |p| (p.lag.bytes, p.lag.drain_bytes_per_sec));
+    Some(MoveProgress {
+        to: t.to.clone(),
+        phase: phase.into(),
+        bytes_left,
+        bytes_per_sec: rate,
+        eta_seconds: behind.and_then(|p| p.lag.eta_seconds()),
+    })
 }
 
 /// Per-replica progress and per-remote-site lag from the leader's status of a group.
@@ -169,11 +215,13 @@ fn view(node: &Node, v: &VolumeInfo, status: Option<&GroupStatus>) -> VolumeView
         }
         None => (None, None),
     };
+    let move_progress = status.and_then(|g| move_progress(node, v, g));
     VolumeView {
         info: v.clone(),
         leader: node.leader_of(v.id.group()),
         progress,
         site_lag,
+        move_progress,
         exports: cluster
             .nodes
             .values()
@@ -278,6 +326,24 @@ async fn resize_volume(
         .await??
         .expect("resize returns the volume");
     Ok(Json(view(&node, &v, None)))
+}
+
+#[derive(Deserialize)]
+struct MoveBody {
+    to: String,
+}
+
+async fn move_volume(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    Json(b): Json<MoveBody>,
+) -> Result<Json<VolumeView>, ApiError> {
+    let v = node
+        .meta(MetaCommand::MoveVolume { name, to: b.to })
+        .await??
+        .expect("move returns the volume");
+    let status = node.leader_status(v.id.group()).await;
+    Ok(Json(view(&node, &v, status.as_ref())))
 }
 
 async fn delete_volume(

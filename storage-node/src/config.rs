@@ -9,6 +9,10 @@
 //! nbd_addr = "10.0.0.1:10809"     # NBD exports of every volume
 //! # Members that bootstrap the metadata group together (id=site@peer_addr).
 //! initial_cluster = ["1=osaka@10.0.0.1:7001", "2=osaka@10.0.0.2:7001", "3=osaka@10.0.0.3:7001"]
+//! # Optional: dial these addresses instead of a node's registered peer address (a WAN
+//! # link, an emulator's proxy, a site gateway), by node id.
+//! [peer_routes]
+//! "4" = "127.0.0.1:17004"
 //! ```
 
 use std::path::PathBuf;
@@ -27,6 +31,19 @@ pub struct NodeConfig {
     pub nbd_addr: String,
     #[serde(default)]
     pub initial_cluster: Vec<String>,
+    /// Node id → address to dial instead of that node's registered `peer_addr`.
+    #[serde(default)]
+    pub peer_routes: std::collections::BTreeMap<String, String>,
+}
+
+impl NodeConfig {
+    /// The address to dial for node `id` whose registered peer address is `registered`.
+    pub fn dial_addr(&self, id: NodeId, registered: &str) -> String {
+        self.peer_routes
+            .get(&id.0.to_string())
+            .cloned()
+            .unwrap_or_else(|| registered.to_owned())
+    }
 }
 
 /// One `id=site@peer_addr` entry of `initial_cluster`.

@@ -10,6 +10,7 @@
 //!   write batch and one sync per round for all groups).
 //! - [`transport`]: node-to-node TCP (Raft messages, forwarded proposals and reads).
 //! - [`node`]: the API above the store: propose anywhere, linearizable reads, status.
+//! - [`mover`]: volume moves, stepped by the volume group's leader.
 //! - [`nbd`]: every volume as an NBD export (`roamdisk_nbd::Backend` over `node`).
 //! - [`admin`]: the HTTP/JSON admin API and Prometheus `/metrics`.
 //!
@@ -23,6 +24,7 @@
 pub mod admin;
 pub mod config;
 pub mod lag;
+pub mod mover;
 pub mod nbd;
 pub mod node;
 pub mod rocks;

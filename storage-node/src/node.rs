@@ -447,6 +447,40 @@ impl Node {
             .unwrap_or_default()
     }
 
+    /// Proposes a membership change of `group` on this node (its leader).
+    pub async fn conf_change(
+        &self,
+        group: GroupId,
+        cc: raft::eraftpb::ConfChangeV2,
+    ) -> Result<(), Refused> {
+        self.to_store(|reply| Event::ConfChange { group, cc, reply })
+            .await
+            .unwrap_or(Err(Refused::Shutdown))
+    }
+
+    /// Asks this node's replica of `group` (if it leads) to hand leadership to `to`.
+    pub async fn transfer_leader(&self, group: GroupId, to: NodeId) {
+        let _ = self
+            .store
+            .send_async(Event::TransferLeader { group, to })
+            .await;
+    }
+
+    /// Status of `group` on node `on` (this node or a peer).
+    pub async fn peer_group_status(&self, on: NodeId, group: GroupId) -> Option<GroupStatus> {
+        if on == self.me {
+            return self.status().await.into_iter().find(|g| g.group == group.0);
+        }
+        match self
+            .transport
+            .request(on, PeerRequest::GroupStatus { group })
+            .await
+        {
+            Ok(PeerResponse::GroupStatus(s)) => s,
+            _ => None,
+        }
+    }
+
     /// Status of `group` as its leader sees it (with every replica's lag), asking the
     /// leader if it is another node; `None` if no leader answers.
     pub async fn leader_status(&self, group: GroupId) -> Option<GroupStatus> {
@@ -455,14 +489,7 @@ impl Node {
             return local;
         }
         let leader = self.leader_of(group).filter(|l| *l != self.me)?;
-        match self
-            .transport
-            .request(leader, PeerRequest::GroupStatus { group })
-            .await
-        {
-            Ok(PeerResponse::GroupStatus(s)) => s,
-            _ => None,
-        }
+        self.peer_group_status(leader, group).await
     }
 }
 

@@ -32,6 +32,7 @@ struct StoredState {
     truncated_index: u64,
     truncated_term: u64,
     applied_index: u64,
+    conf_index: u64,
 }
 
 fn state_key(g: GroupId) -> Vec<u8> {
@@ -81,6 +82,7 @@ fn encode_state(st: &GroupState) -> Vec<u8> {
         truncated_index: st.truncated_index,
         truncated_term: st.truncated_term,
         applied_index: st.applied_index,
+        conf_index: st.conf_index,
     })
     .expect("encode group state")
 }
@@ -101,6 +103,7 @@ fn decode_state(bytes: &[u8]) -> Result<GroupState, StoreError> {
         truncated_index: s.truncated_index,
         truncated_term: s.truncated_term,
         applied_index: s.applied_index,
+        conf_index: s.conf_index,
     })
 }
 
@@ -377,7 +380,12 @@ impl LogStore for RocksLogStore {
                     c.last_index = entries.last().expect("non-empty").index;
                 }
                 LogOp::HardState { hard_state, .. } => c.state.hard_state = hard_state.clone(),
-                LogOp::ConfState { conf_state, .. } => c.state.conf_state = conf_state.clone(),
+                LogOp::ConfState {
+                    conf_state, index, ..
+                } => {
+                    c.state.conf_state = conf_state.clone();
+                    c.state.conf_index = *index;
+                }
                 LogOp::Snapshot {
                     index,
                     term,
@@ -388,6 +396,7 @@ impl LogStore for RocksLogStore {
                     c.state.truncated_index = *index;
                     c.state.truncated_term = *term;
                     c.state.conf_state = conf_state.clone();
+                    c.state.conf_index = *index;
                     c.state.applied_index = *index;
                     c.state.hard_state.commit = c.state.hard_state.commit.max(*index);
                     c.last_index = *index;

@@ -112,6 +112,11 @@ pub struct GroupStatus {
     pub progress: Vec<PeerStatus>,
     /// This replica is copying blocks after a snapshot and serves no reads.
     pub recovering: bool,
+    /// Raft membership as this replica has applied it.
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// In joint consensus (leaving it is automatic).
+    pub joint: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -142,6 +147,12 @@ pub enum Event {
     Read {
         group: GroupId,
         reply: ReadReply,
+    },
+    /// Propose a membership change in `group` (this node must lead it).
+    ConfChange {
+        group: GroupId,
+        cc: raft::eraftpb::ConfChangeV2,
+        reply: oneshot::Sender<Result<(), Refused>>,
     },
     TransferLeader {
         group: GroupId,
@@ -550,6 +561,23 @@ impl<S: LogStore> Store<S> {
                 g.reads_waiting_index.insert(ctx, (Instant::now(), reply));
                 g.raft.read_index(ctx.to_be_bytes().to_vec());
             }
+            Event::ConfChange { group, cc, reply } => {
+                let r = match self.groups.get_mut(&group) {
+                    None => Err(Refused::NoGroup(group)),
+                    Some(g) => match g.raft.propose_conf_change(cc) {
+                        Ok(index) => {
+                            info!(%group, index = index.0, "membership change proposed");
+                            Ok(())
+                        }
+                        Err(ProposeError::NotLeader { leader }) => {
+                            Err(Refused::NotLeader { group, leader })
+                        }
+                        Err(ProposeError::Dropped) => Err(Refused::Busy),
+                        Err(ProposeError::Raft(e)) => Err(Refused::Failed(e)),
+                    },
+                };
+                let _ = reply.send(r);
+            }
             Event::TransferLeader { group, to } => {
                 if let Some(g) = self.groups.get_mut(&group) {
                     g.raft.transfer_leader(to);
@@ -605,6 +633,17 @@ impl<S: LogStore> Store<S> {
                     vec![]
                 },
                 recovering: g.recovering.is_some(),
+                voters: {
+                    let mut v = g.raft.conf_state().voters;
+                    v.sort();
+                    v
+                },
+                learners: {
+                    let mut l = g.raft.conf_state().learners;
+                    l.sort();
+                    l
+                },
+                joint: !g.raft.conf_state().voters_outgoing.is_empty(),
             })
             .collect()
     }
@@ -814,9 +853,11 @@ impl<S: LogStore> Store<S> {
                 group.policy = policy;
                 continue;
             }
+            // Every replica starts from the bootstrap membership (the group's state at
+            // index 0); a replica added by a move then replays or snapshots from there.
             let mut cs = ConfState::default();
-            cs.voters = v.voters.iter().map(|n| n.0).collect();
-            cs.learners = v.learners.iter().map(|n| n.0).collect();
+            cs.voters = v.initial_voters.iter().map(|n| n.0).collect();
+            cs.learners = v.initial_learners.iter().map(|n| n.0).collect();
             let mut b = LogBatch::default();
             b.push(LogOp::Create {
                 group: g,
@@ -835,7 +876,7 @@ impl<S: LogStore> Store<S> {
             }
             // The first voter campaigns at once so a new volume serves without waiting for
             // an election timeout.
-            if v.voters.first() == Some(&me) {
+            if v.initial_voters.first() == Some(&me) && v.generation.0 == 1 && v.moving.is_none() {
                 self.groups.get_mut(&g).expect("opened").raft.campaign()?;
             }
             info!(volume = %v.name, group = %g, "replica created");

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{qemu_io, tool, Cluster};
 use roamdisk_core::meta::Durability;
+use roamdisk_storage_node::volume::image_block_hashes;
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -142,5 +143,135 @@ fn durability_site_waits_for_another_site_and_lag_is_reported() {
     assert_eq!(vols.len(), 2);
     for v in vols {
         assert!(site_lag(v, "hokkaido").is_some(), "{st:#}");
+    }
+}
+
+fn wait_moved(c: &Cluster, name: &str, to: &str, generation: u64) -> Value {
+    c.wait_until(&format!("{name} to finish moving to {to}"), |c| {
+        let v = c.admin(c.any_live()).volume(name).ok()?;
+        (v["home_site"] == to && v["moving"].is_null() && v["generation"] == generation)
+            .then_some(v)
+    })
+}
+
+#[test]
+fn a_volume_moves_to_another_site_while_written_and_back_without_a_copy() {
+    // osaka: nodes 1-3, hokkaido: nodes 4-6.
+    let c = Cluster::start_sites(&[("osaka", 3), ("hokkaido", 3)]);
+    let admin = c.admin(1);
+    admin
+        .create_volume("vm1", 32 * MIB, Some(3), Some("osaka"), None)
+        .unwrap();
+    let leader = c.leader("vm1");
+    assert!((1..=3).contains(&leader));
+    let vid = admin.volume("vm1").unwrap()["id"].as_u64().unwrap();
+    qemu_io(&c.uri(leader, "vm1"), &["write -P 0x41 0 4M"]);
+
+    // Refusals change nothing.
+    assert!(admin.move_volume("vm1", "osaka").is_err(), "already home");
+    assert!(admin.move_volume("vm1", "nowhere").is_err(), "unknown site");
+    assert!(
+        admin.move_volume("nope", "hokkaido").is_err(),
+        "unknown volume"
+    );
+
+    // A writer at the destination site keeps writing through the move (its writes are
+    // forwarded to wherever the leader is).
+    let mut writer = tool("qemu-io");
+    writer.args(["-f", "raw"]);
+    for i in 0..64u64 {
+        writer.args([
+            "-c",
+            &format!(
+                "write -P {:#x} {} 64k",
+                0x50 + (i % 16),
+                (8 << 20) + i * 65536
+            ),
+        ]);
+    }
+    let mut writer = writer
+        .arg(c.uri(5, "vm1"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let v = admin.move_volume("vm1", "hokkaido").unwrap();
+    assert_eq!(v["moving"]["to"], "hokkaido", "{v:#}");
+    let v = wait_moved(&c, "vm1", "hokkaido", 2);
+    wait_exit(&mut writer, "the writer during the move");
+    let voters: Vec<u64> = v["voters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .collect();
+    let mut sorted = voters.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec![4, 5, 6], "{v:#}");
+    for old in 1..=3u64 {
+        assert!(
+            v["learners"]
+                .as_array()
+                .unwrap()
+                .contains(&Value::from(old)),
+            "old voter {old} kept as a learner: {v:#}"
+        );
+    }
+    let new_leader = c.leader("vm1");
+    assert!(
+        (4..=6).contains(&new_leader),
+        "leader {new_leader} is not in hokkaido"
+    );
+    // Raft membership matches the metadata on the new leader.
+    let g = c.group_status(new_leader, vid).unwrap();
+    assert_eq!(g["voters"], serde_json::json!([4, 5, 6]), "{g:#}");
+    assert_eq!(g["joint"], false);
+
+    // Every write is readable everywhere.
+    let mut checks = vec!["read -P 0x41 0 4M".to_owned()];
+    for i in 0..64u64 {
+        checks.push(format!(
+            "read -P {:#x} {} 64k",
+            0x50 + (i % 16),
+            (8 << 20) + i * 65536
+        ));
+    }
+    let checks: Vec<&str> = checks.iter().map(String::as_str).collect();
+    for id in [1, 4, 6] {
+        qemu_io(&c.uri(id, "vm1"), &checks);
+    }
+
+    // Moving back finds every replica already in the group: no replica is added.
+    qemu_io(&c.uri(new_leader, "vm1"), &["write -P 0x77 16M 1M"]);
+    admin.move_volume("vm1", "osaka").unwrap();
+    wait_moved(&c, "vm1", "osaka", 3);
+    let back = c.leader("vm1");
+    assert!((1..=3).contains(&back));
+    let g = c.group_status(back, vid).unwrap();
+    assert_eq!(g["voters"], serde_json::json!([1, 2, 3]), "{g:#}");
+    assert_eq!(g["learners"], serde_json::json!([4, 5, 6]), "{g:#}");
+    qemu_io(
+        &c.uri(2, "vm1"),
+        &["read -P 0x77 16M 1M", "read -P 0x41 0 4M"],
+    );
+
+    // Quiesced, all six replicas hold the same blocks.
+    let last = g["last_index"].as_u64().unwrap();
+    c.wait_until("every replica to apply the whole log", |c| {
+        (1..=6)
+            .all(|id| {
+                c.group_status(id, vid).is_some_and(|g| {
+                    g["applied"].as_u64().is_some_and(|a| a >= last) && g["recovering"] == false
+                })
+            })
+            .then_some(())
+    });
+    let first = image_block_hashes(&c.volume_path(1, vid)).unwrap();
+    assert!(!first.is_empty());
+    for id in 2..=6 {
+        assert_eq!(
+            first,
+            image_block_hashes(&c.volume_path(id, vid)).unwrap(),
+            "replica {id} differs"
+        );
     }
 }

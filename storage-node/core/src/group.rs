@@ -134,7 +134,9 @@ impl<S: LogStore> Storage for GroupStorage<S> {
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         let st = self.state()?;
         let index = st.applied_index;
-        if index < request_index {
+        // The stored membership must be the one at the snapshot's index: if a change
+        // was applied after the durable applied index, wait for the next checkpoint.
+        if index < request_index || st.conf_index > index {
             return Err(raft::Error::Store(
                 raft::StorageError::SnapshotTemporarilyUnavailable,
             ));
@@ -214,6 +216,8 @@ pub struct RaftGroup<S: LogStore> {
     node: RawNode<GroupStorage<S>>,
     pending: Option<raft::Ready>,
     last_role: (StateRole, u64),
+    /// Index of the last membership change applied (see `GroupState::conf_index`).
+    conf_index: u64,
 }
 
 impl<S: LogStore> RaftGroup<S> {
@@ -261,6 +265,7 @@ impl<S: LogStore> RaftGroup<S> {
             node,
             pending: None,
             last_role: (StateRole::Follower, 0),
+            conf_index: st.conf_index,
         })
     }
 
@@ -413,6 +418,7 @@ impl<S: LogStore> RaftGroup<S> {
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();
             let md = snap.get_metadata();
+            self.conf_index = self.conf_index.max(md.index);
             work.persist.push(LogOp::Snapshot {
                 group: self.id,
                 index: md.index,
@@ -502,11 +508,28 @@ impl<S: LogStore> RaftGroup<S> {
                             .map_err(raft::Error::CodecError)?;
                         v2
                     };
-                    let cs = self.node.apply_conf_change(&cc)?;
-                    batch.push(LogOp::ConfState {
-                        group: self.id,
-                        conf_state: cs,
-                    });
+                    if index.0 <= self.conf_index {
+                        // Already reflected in the membership this replica restarted
+                        // with (changes are recorded as they apply, ahead of the
+                        // durable applied index).
+                        out.push(Applied::Internal { index });
+                        continue;
+                    }
+                    self.conf_index = index.0;
+                    match self.node.apply_conf_change(&cc) {
+                        Ok(cs) => batch.push(LogOp::ConfState {
+                            group: self.id,
+                            conf_state: cs,
+                            index: index.0,
+                        }),
+                        // Every replica refuses the same change from the same
+                        // membership: it is a no-op everywhere. (The leader refuses
+                        // invalid proposals; this guards the node, not the protocol.)
+                        Err(e) => tracing::error!(
+                            group = %self.id, index = index.0, error = %e,
+                            "membership change refused at apply; ignored"
+                        ),
+                    }
                     out.push(Applied::Internal { index });
                 }
             }

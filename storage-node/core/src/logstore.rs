@@ -43,6 +43,11 @@ pub struct GroupState {
     /// Highest index whose effects are durable in the state machine. The log may only be
     /// compacted up to here.
     pub applied_index: u64,
+    /// Index of the membership change `conf_state` reflects (the snapshot point or 0 if
+    /// none since). It can be ahead of `applied_index`: a restart must not apply a change
+    /// at or below it again, and a snapshot at `applied_index` cannot use this
+    /// `conf_state` until `applied_index` reaches it.
+    pub conf_index: u64,
 }
 
 /// One change in a [`LogBatch`].
@@ -62,9 +67,11 @@ pub enum LogOp {
         group: GroupId,
         hard_state: HardState,
     },
+    /// The membership after applying the change at `index`.
     ConfState {
         group: GroupId,
         conf_state: ConfState,
+        index: u64,
     },
     /// Replace the whole log by a snapshot point.
     Snapshot {
@@ -197,8 +204,14 @@ impl Image {
             LogOp::HardState { group, hard_state } => {
                 self.log_mut(*group)?.state.hard_state = hard_state.clone()
             }
-            LogOp::ConfState { group, conf_state } => {
-                self.log_mut(*group)?.state.conf_state = conf_state.clone()
+            LogOp::ConfState {
+                group,
+                conf_state,
+                index,
+            } => {
+                let st = &mut self.log_mut(*group)?.state;
+                st.conf_state = conf_state.clone();
+                st.conf_index = *index;
             }
             LogOp::Snapshot {
                 group,
@@ -211,6 +224,7 @@ impl Image {
                 log.state.truncated_index = *index;
                 log.state.truncated_term = *term;
                 log.state.conf_state = conf_state.clone();
+                log.state.conf_index = *index;
                 log.state.applied_index = *index;
                 log.state.hard_state.commit = log.state.hard_state.commit.max(*index);
             }

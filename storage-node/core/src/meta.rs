@@ -61,14 +61,44 @@ pub struct VolumeInfo {
     pub durability: Durability,
     /// Raft voters (home site).
     pub voters: Vec<NodeId>,
-    /// Raft learners (one per other site).
+    /// Raft learners (at least one per other site; a former home keeps its replicas as
+    /// learners so that moving back copies nothing).
     pub learners: Vec<NodeId>,
+    /// Bumped when the volume's home changes; never goes back.
     pub generation: Generation,
+    /// Membership the group was bootstrapped with (its state at index 0), so that a
+    /// replica added later starts from the same state as the others.
+    pub initial_voters: Vec<NodeId>,
+    pub initial_learners: Vec<NodeId>,
+    /// A move in progress: the placement the group's leader is driving towards.
+    pub moving: Option<MoveTarget>,
+}
+
+/// Where a moving volume is going.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveTarget {
+    pub to: String,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
 }
 
 impl VolumeInfo {
+    /// True if `node` has (or, during a move, gets) a replica.
     pub fn replicas_on(&self, node: NodeId) -> bool {
-        self.voters.contains(&node) || self.learners.contains(&node)
+        self.voters.contains(&node)
+            || self.learners.contains(&node)
+            || self
+                .moving
+                .as_ref()
+                .is_some_and(|m| m.voters.contains(&node) || m.learners.contains(&node))
+    }
+
+    /// The placement the group should have: the move target while moving.
+    pub fn desired(&self) -> (&[NodeId], &[NodeId]) {
+        match &self.moving {
+            Some(m) => (&m.voters, &m.learners),
+            None => (&self.voters, &self.learners),
+        }
     }
 }
 
@@ -97,6 +127,20 @@ pub enum MetaCommand {
     },
     DeleteVolume {
         name: String,
+    },
+    /// Start moving a volume's home to `to`: its replicas there become the voters, the
+    /// old home's voters become learners. The group's leader drives the membership change.
+    MoveVolume {
+        name: String,
+        to: String,
+    },
+    /// The group's membership and leader reached the move target: make it the placement
+    /// and bump the generation. Refused unless `generation` is the current one (so a
+    /// repeated finish does nothing).
+    FinishMove {
+        name: String,
+        to: String,
+        generation: Generation,
     },
 }
 
@@ -144,6 +188,12 @@ pub enum MetaError {
     },
     #[error("durability=site needs a replica outside the home site {home:?}, and the cluster has no other site")]
     NoRemoteSite { home: String },
+    #[error("volume {name:?} is already moving to {to:?}")]
+    MoveInProgress { name: String, to: String },
+    #[error("volume {name:?} is not moving to {to:?}, or the move already finished")]
+    NotMoving { name: String, to: String },
+    #[error("volume {name:?} already lives in site {site:?}")]
+    AlreadyHome { name: String, site: String },
 }
 
 /// Result of applying one command.
@@ -192,8 +242,14 @@ impl ClusterState {
     fn load(&self) -> BTreeMap<NodeId, usize> {
         let mut load: BTreeMap<NodeId, usize> = self.nodes.keys().map(|n| (*n, 0)).collect();
         for v in self.volumes.values() {
-            for n in v.voters.iter().chain(&v.learners) {
-                *load.entry(*n).or_default() += 1;
+            let mut all: Vec<NodeId> = v.voters.iter().chain(&v.learners).copied().collect();
+            if let Some(m) = &v.moving {
+                all.extend(m.voters.iter().chain(&m.learners));
+            }
+            all.sort();
+            all.dedup();
+            for n in all {
+                *load.entry(n).or_default() += 1;
             }
         }
         load
@@ -284,9 +340,12 @@ impl ClusterState {
                     replicas,
                     home_site: home,
                     durability,
+                    initial_voters: voters.clone(),
+                    initial_learners: learners.clone(),
                     voters,
                     learners,
                     generation: Generation(1),
+                    moving: None,
                 };
                 self.volumes.insert(name, info.clone());
                 Ok(Some(info))
@@ -316,7 +375,98 @@ impl ClusterState {
                     .ok_or(MetaError::VolumeNotFound(name))?;
                 Ok(Some(v))
             }
+            MetaCommand::MoveVolume { name, to } => self.start_move(name, to),
+            MetaCommand::FinishMove {
+                name,
+                to,
+                generation,
+            } => {
+                let v = self
+                    .volumes
+                    .get_mut(&name)
+                    .ok_or_else(|| MetaError::VolumeNotFound(name.clone()))?;
+                match &v.moving {
+                    Some(m) if m.to == to && v.generation == generation => {
+                        let m = v.moving.take().expect("checked");
+                        v.home_site = m.to;
+                        v.voters = m.voters;
+                        v.learners = m.learners;
+                        v.generation = Generation(v.generation.0 + 1);
+                        Ok(Some(v.clone()))
+                    }
+                    _ => Err(MetaError::NotMoving { name, to }),
+                }
+            }
         }
+    }
+
+    fn start_move(&mut self, name: String, to: String) -> MetaResult {
+        let v = self
+            .volumes
+            .get(&name)
+            .ok_or_else(|| MetaError::VolumeNotFound(name.clone()))?;
+        if let Some(m) = &v.moving {
+            return if m.to == to {
+                Ok(Some(v.clone()))
+            } else {
+                Err(MetaError::MoveInProgress {
+                    name,
+                    to: m.to.clone(),
+                })
+            };
+        }
+        if v.home_site == to {
+            return Err(MetaError::AlreadyHome { name, site: to });
+        }
+        let sites = self.sites();
+        if !sites.contains(&to) {
+            return Err(MetaError::UnknownSite(to));
+        }
+        // Voters at the new home: replicas already there first (they are warm), then the
+        // least loaded nodes.
+        let wanted = v.replicas as usize;
+        let in_to = |n: &NodeId| self.nodes.get(n).is_some_and(|i| i.site == to);
+        let mut voters: Vec<NodeId> = v.learners.iter().copied().filter(in_to).collect();
+        voters.truncate(wanted);
+        let load = self.load();
+        for n in self.pick(&to, wanted + voters.len(), &load) {
+            if voters.len() < wanted && !voters.contains(&n) {
+                voters.push(n);
+            }
+        }
+        if voters.len() < v.replicas as usize {
+            return Err(MetaError::NotEnoughNodes {
+                site: to,
+                available: voters.len(),
+                wanted: v.replicas,
+            });
+        }
+        // Everything else stays as a learner; a site with no replica gets one.
+        let mut learners: Vec<NodeId> = v
+            .voters
+            .iter()
+            .chain(&v.learners)
+            .copied()
+            .filter(|n| !voters.contains(n))
+            .collect();
+        let load = self.load();
+        for site in sites.iter().filter(|s| **s != to) {
+            let has = learners
+                .iter()
+                .any(|n| self.nodes.get(n).is_some_and(|i| i.site == *site));
+            if !has {
+                learners.extend(self.pick(site, 1, &load));
+            }
+        }
+        learners.sort();
+        let target = MoveTarget {
+            to,
+            voters,
+            learners,
+        };
+        let v = self.volumes.get_mut(&name).expect("looked up");
+        v.moving = Some(target);
+        Ok(Some(v.clone()))
     }
 
     /// Checks the invariants in the module doc; returns the first violation.
@@ -355,6 +505,25 @@ impl ClusterState {
                 {
                     return Err(format!(
                         "volume {name:?} has learner {learner} in its home site"
+                    ));
+                }
+            }
+            if let Some(m) = &v.moving {
+                let in_to = |n: &NodeId| self.nodes.get(n).is_none_or(|i| i.site == m.to);
+                if !m.voters.iter().all(in_to)
+                    || m.learners
+                        .iter()
+                        .any(|n| self.nodes.get(n).is_some_and(|i| i.site == m.to))
+                {
+                    return Err(format!(
+                        "volume {name:?} moves to {:?} with a misplaced replica",
+                        m.to
+                    ));
+                }
+                if m.voters.len() != v.replicas as usize {
+                    return Err(format!(
+                        "volume {name:?} moves with {} voters",
+                        m.voters.len()
                     ));
                 }
             }
@@ -505,6 +674,101 @@ mod tests {
     }
 
     #[test]
+    fn move_keeps_the_old_home_as_learners_and_bumps_the_generation() {
+        let mut s = ClusterState::default();
+        for (id, site) in [
+            (1, "a"),
+            (2, "a"),
+            (3, "a"),
+            (4, "b"),
+            (5, "b"),
+            (6, "b"),
+            (7, "c"),
+        ] {
+            s.apply(node(id, site)).unwrap();
+        }
+        let v = s.apply(create("vm", 4096, 3, Some("a"))).unwrap().unwrap();
+        let warm_b = *v.learners.iter().find(|n| s.nodes[n].site == "b").unwrap();
+        let before = s.clone();
+        assert!(matches!(
+            s.apply(MetaCommand::MoveVolume {
+                name: "vm".into(),
+                to: "a".into()
+            }),
+            Err(MetaError::AlreadyHome { .. })
+        ));
+        assert!(matches!(
+            s.apply(MetaCommand::MoveVolume {
+                name: "vm".into(),
+                to: "zz".into()
+            }),
+            Err(MetaError::UnknownSite(_))
+        ));
+        assert!(matches!(
+            s.apply(MetaCommand::FinishMove {
+                name: "vm".into(),
+                to: "b".into(),
+                generation: Generation(1)
+            }),
+            Err(MetaError::NotMoving { .. })
+        ));
+        assert_eq!(s, before);
+        let moving = s
+            .apply(MetaCommand::MoveVolume {
+                name: "vm".into(),
+                to: "b".into(),
+            })
+            .unwrap()
+            .unwrap();
+        let m = moving.moving.clone().unwrap();
+        assert!(
+            m.voters.contains(&warm_b),
+            "the warm replica becomes a voter"
+        );
+        assert_eq!(m.voters.len(), 3);
+        for old in &v.voters {
+            assert!(
+                m.learners.contains(old),
+                "old voter {old} stays as a learner"
+            );
+        }
+        assert!(m.learners.iter().any(|n| s.nodes[n].site == "c"));
+        assert!(moving.replicas_on(NodeId(5)) && moving.replicas_on(NodeId(1)));
+        assert!(matches!(
+            s.apply(MetaCommand::MoveVolume {
+                name: "vm".into(),
+                to: "c".into()
+            }),
+            Err(MetaError::MoveInProgress { .. })
+        ));
+        let done = s
+            .apply(MetaCommand::FinishMove {
+                name: "vm".into(),
+                to: "b".into(),
+                generation: Generation(1),
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.home_site, "b");
+        assert_eq!(done.generation, Generation(2));
+        assert_eq!(done.voters, m.voters);
+        assert!(done.moving.is_none());
+        assert_eq!(
+            done.initial_voters, v.voters,
+            "the bootstrap membership never changes"
+        );
+        // Finishing twice does nothing.
+        assert!(s
+            .apply(MetaCommand::FinishMove {
+                name: "vm".into(),
+                to: "b".into(),
+                generation: Generation(1)
+            })
+            .is_err());
+        s.check().unwrap();
+    }
+
+    #[test]
     fn state_and_commands_round_trip() {
         let mut s = ClusterState::default();
         s.apply(node(1, "a")).unwrap();
@@ -525,15 +789,27 @@ mod tests {
                 }),
                 (0usize..4, 1u64..9).prop_map(|(n, sz)| MetaCommand::ResizeVolume { name: ["v0", "v1", "v2", "v3"][n].into(), size: sz * 4096 }),
                 (0usize..4).prop_map(|n| MetaCommand::DeleteVolume { name: ["v0", "v1", "v2", "v3"][n].into() }),
+                (0usize..4, 0usize..3).prop_map(|(n, s)| MetaCommand::MoveVolume { name: ["v0", "v1", "v2", "v3"][n].into(), to: ["a", "b", "c"][s].into() }),
+                (0usize..4, 0usize..3, 1u64..4).prop_map(|(n, s, g)| MetaCommand::FinishMove { name: ["v0", "v1", "v2", "v3"][n].into(), to: ["a", "b", "c"][s].into(), generation: Generation(g) }),
             ], 1..40)) {
             let mut a = ClusterState::default();
             let mut b = ClusterState::default();
             for c in cmds {
+                let before = a.clone();
                 let ra = a.apply(c.clone());
                 let rb = b.apply(MetaCommand::decode(&c.encode()).unwrap());
-                prop_assert_eq!(ra, rb);
+                prop_assert_eq!(&ra, &rb);
                 prop_assert_eq!(&a, &b);
                 prop_assert!(a.check().is_ok(), "{:?}", a.check());
+                if ra.is_err() {
+                    prop_assert_eq!(&a, &before, "a refused command changed the state");
+                }
+                // A generation never goes back.
+                for (name, v) in &before.volumes {
+                    if let Some(now) = a.volumes.get(name) {
+                        prop_assert!(now.generation >= v.generation);
+                    }
+                }
             }
         }
     }

@@ -64,6 +64,7 @@ fn config(args: Args) -> Result<NodeConfig> {
             admin_addr: String::new(),
             nbd_addr: String::new(),
             initial_cluster: vec![],
+            peer_routes: Default::default(),
         },
     };
     if let Some(v) = args.id {
@@ -116,7 +117,7 @@ fn main() -> Result<()> {
     let shutdown = CancellationToken::new();
     let transport = Transport::new(me, events_tx.clone(), rt.handle().clone(), shutdown.clone());
     for m in &members {
-        transport.set_address(m.id, m.peer_addr.clone());
+        transport.set_address(m.id, cfg.dial_addr(m.id, &m.peer_addr));
     }
     let store_cfg = StoreConfig {
         me,
@@ -163,6 +164,7 @@ fn main() -> Result<()> {
                 admin_addr: cfg.admin_addr.clone(),
                 nbd_addr: cfg.nbd_addr.clone(),
             },
+            cfg.clone(),
             shutdown.clone(),
         ));
         let admin = {
@@ -177,6 +179,10 @@ fn main() -> Result<()> {
         tokio::spawn(catch_up_loop(
             Arc::clone(&node),
             recovering,
+            shutdown.clone(),
+        ));
+        tokio::spawn(roamdisk_storage_node::mover::run(
+            Arc::clone(&node),
             shutdown.clone(),
         ));
         let nbd_server = roamdisk_nbd::Server::new(
@@ -223,13 +229,14 @@ async fn keep_registered(
     node: Arc<Node>,
     transport: Arc<Transport>,
     me: NodeInfo,
+    cfg: NodeConfig,
     shutdown: CancellationToken,
 ) {
     let mut view = node.cluster_view();
     loop {
         let cluster = node.cluster();
         for n in cluster.nodes.values() {
-            transport.set_address(n.id, n.peer_addr.clone());
+            transport.set_address(n.id, cfg.dial_addr(n.id, &n.peer_addr));
         }
         if cluster.nodes.get(&me.id) != Some(&me) {
             match node.meta(MetaCommand::AddNode(me.clone())).await {

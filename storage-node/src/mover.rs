@@ -1,0 +1,329 @@
+//! Volume moves, driven by whichever node leads the volume's group.
+//!
+//! `MetaCommand::MoveVolume` records a target placement (voters at the new home, every
+//! other replica a learner). Every node runs [`run`]; for each moving volume whose group
+//! it leads, it takes the next step towards the target, one Raft membership change at a
+//! time, re-deciding from the current state on every pass (so a leader change or a
+//! restart in the middle simply continues):
+//!
+//! 1. add the target's new replicas as learners (they catch up from the log, or by
+//!    snapshot + blake3 block copy);
+//! 2. once every future voter has the whole committed log and is not copying blocks,
+//!    one joint-consensus change promotes them and demotes the old voters to learners
+//!    (raft-rs leaves the joint configuration automatically);
+//! 3. transfer leadership to the most advanced new voter;
+//! 4. the new leader records the move as done (`FinishMove`, which bumps the volume's
+//!    generation).
+//!
+//! The old home keeps its replicas as learners: moving back copies nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use raft::eraftpb::{ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2};
+use roamdisk_core::ids::NodeId;
+use roamdisk_core::meta::{MetaCommand, VolumeInfo};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::node::Node;
+use crate::store::GroupStatus;
+
+/// Interval between move steps.
+pub const MOVE_STEP_MS: u64 = 200;
+
+/// What the leader should do next for a moving volume.
+#[derive(Debug, PartialEq)]
+pub enum Step {
+    /// Membership change in flight; wait.
+    Wait(&'static str),
+    AddLearners(Vec<u64>),
+    /// Wait for these future voters to catch up.
+    CatchUp(Vec<u64>),
+    Promote {
+        voters: Vec<u64>,
+        demote: Vec<u64>,
+    },
+    TransferTo(u64),
+    Finish,
+}
+
+/// Decides the next step from the leader's status of the group. `ready(n)` says whether
+/// future voter `n` is usable (not copying blocks).
+pub fn next_step(
+    me: u64,
+    target_voters: &[NodeId],
+    target_learners: &[NodeId],
+    g: &GroupStatus,
+    ready: impl Fn(u64) -> bool,
+) -> Step {
+    if g.joint {
+        return Step::Wait("joint configuration");
+    }
+    let member = |n: u64| g.voters.contains(&n) || g.learners.contains(&n);
+    let missing: Vec<u64> = target_voters
+        .iter()
+        .chain(target_learners)
+        .map(|n| n.0)
+        .filter(|n| !member(*n))
+        .collect();
+    if !missing.is_empty() {
+        return Step::AddLearners(missing);
+    }
+    let promote: Vec<u64> = target_voters
+        .iter()
+        .map(|n| n.0)
+        .filter(|n| !g.voters.contains(n))
+        .collect();
+    if !promote.is_empty() {
+        let behind: Vec<u64> = promote
+            .iter()
+            .copied()
+            .filter(|n| {
+                let matched = g.progress.iter().find(|p| p.node == *n).map(|p| p.matched);
+                matched.is_none_or(|m| m < g.commit) || !ready(*n)
+            })
+            .collect();
+        if !behind.is_empty() {
+            return Step::CatchUp(behind);
+        }
+        let demote = g
+            .voters
+            .iter()
+            .copied()
+            .filter(|n| !target_voters.contains(&NodeId(*n)))
+            .collect();
+        return Step::Promote {
+            voters: promote,
+            demote,
+        };
+    }
+    if !target_voters.contains(&NodeId(me)) {
+        let best = g
+            .progress
+            .iter()
+            .filter(|p| target_voters.contains(&NodeId(p.node)))
+            .max_by_key(|p| (p.matched, std::cmp::Reverse(p.node)))
+            .map_or(target_voters[0].0, |p| p.node);
+        return Step::TransferTo(best);
+    }
+    Step::Finish
+}
+
+fn conf_change(changes: &[(u64, ConfChangeType)]) -> ConfChangeV2 {
+    let mut cc = ConfChangeV2::default();
+    cc.set_transition(ConfChangeTransition::Auto);
+    for (node, t) in changes {
+        let mut c = ConfChangeSingle::default();
+        c.node_id = *node;
+        c.set_change_type(*t);
+        cc.mut_changes().push(c);
+    }
+    cc
+}
+
+/// Takes one step for `v` if this node leads its group.
+async fn step(node: &Arc<Node>, v: &VolumeInfo) -> anyhow::Result<()> {
+    let Some(target) = &v.moving else {
+        return Ok(());
+    };
+    let group = v.id.group();
+    let Some(g) = node
+        .status()
+        .await
+        .into_iter()
+        .find(|g| g.group == group.0 && g.role == "Leader")
+    else {
+        return Ok(());
+    };
+    // Readiness of future voters: ask each (its status says whether it copies blocks).
+    let mut not_ready = Vec::new();
+    for n in &target.voters {
+        if g.voters.contains(&n.0) || n.0 == node.me.0 {
+            continue;
+        }
+        match node.peer_group_status(*n, group).await {
+            Some(s) if !s.recovering => {}
+            _ => not_ready.push(n.0),
+        }
+    }
+    let next = next_step(node.me.0, &target.voters, &target.learners, &g, |n| {
+        !not_ready.contains(&n)
+    });
+    debug!(volume = %v.name, step = ?next, "move step");
+    match next {
+        Step::Wait(_) | Step::CatchUp(_) => {}
+        Step::AddLearners(nodes) => {
+            info!(volume = %v.name, to = %target.to, ?nodes, "move: adding replicas as learners");
+            let changes: Vec<_> = nodes
+                .iter()
+                .map(|n| (*n, ConfChangeType::AddLearnerNode))
+                .collect();
+            node.conf_change(group, conf_change(&changes)).await?;
+        }
+        Step::Promote { voters, demote } => {
+            info!(volume = %v.name, to = %target.to, ?voters, ?demote, "move: joint consensus");
+            let changes: Vec<_> = voters
+                .iter()
+                .map(|n| (*n, ConfChangeType::AddNode))
+                .chain(demote.iter().map(|n| (*n, ConfChangeType::AddLearnerNode)))
+                .collect();
+            node.conf_change(group, conf_change(&changes)).await?;
+        }
+        Step::TransferTo(to) => {
+            info!(volume = %v.name, to, "move: transferring leadership");
+            node.transfer_leader(group, NodeId(to)).await;
+        }
+        Step::Finish => {
+            let r = node
+                .meta(MetaCommand::FinishMove {
+                    name: v.name.clone(),
+                    to: target.to.clone(),
+                    generation: v.generation,
+                })
+                .await?;
+            match r {
+                Ok(Some(done)) => info!(
+                    volume = %v.name, home = %done.home_site, generation = done.generation.0,
+                    "move finished"
+                ),
+                Ok(None) => {}
+                Err(e) => debug!(volume = %v.name, error = %e, "finish refused"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs until `shutdown`: steps every moving volume this node leads.
+pub async fn run(node: Arc<Node>, shutdown: CancellationToken) {
+    loop {
+        let cluster = node.cluster();
+        for v in cluster.volumes.values().filter(|v| v.moving.is_some()) {
+            if let Err(e) = step(&node, v).await {
+                warn!(volume = %v.name, error = %e, "move step failed; retrying");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(MOVE_STEP_MS)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lag::Lag;
+    use crate::store::PeerStatus;
+
+    fn status(
+        voters: &[u64],
+        learners: &[u64],
+        matched: &[(u64, u64)],
+        commit: u64,
+    ) -> GroupStatus {
+        GroupStatus {
+            group: 1,
+            role: "Leader".into(),
+            leader: Some(1),
+            term: 2,
+            commit,
+            applied: commit,
+            durable_applied: commit,
+            last_index: commit,
+            progress: matched
+                .iter()
+                .map(|(n, m)| PeerStatus {
+                    node: *n,
+                    matched: *m,
+                    learner: learners.contains(n),
+                    lag: Lag::default(),
+                })
+                .collect(),
+            recovering: false,
+            voters: voters.to_vec(),
+            learners: learners.to_vec(),
+            joint: false,
+        }
+    }
+
+    fn ids(v: &[u64]) -> Vec<NodeId> {
+        v.iter().map(|n| NodeId(*n)).collect()
+    }
+
+    #[test]
+    fn a_move_goes_learners_then_joint_then_transfer_then_finish() {
+        let tv = ids(&[4, 5, 6]);
+        let tl = ids(&[1, 2, 3, 7]);
+        // Start: voters 1-3 at home, learners 4 (target site) and 7.
+        let g = status(
+            &[1, 2, 3],
+            &[4, 7],
+            &[(1, 10), (2, 10), (3, 10), (4, 10), (7, 9)],
+            10,
+        );
+        assert_eq!(
+            next_step(1, &tv, &tl, &g, |_| true),
+            Step::AddLearners(vec![5, 6])
+        );
+        // New learners behind: wait.
+        let g = status(
+            &[1, 2, 3],
+            &[4, 5, 6, 7],
+            &[(1, 12), (2, 12), (3, 12), (4, 12), (5, 3), (6, 12), (7, 12)],
+            12,
+        );
+        assert_eq!(next_step(1, &tv, &tl, &g, |_| true), Step::CatchUp(vec![5]));
+        // Caught up but node 6 still copying blocks: wait.
+        let g = status(
+            &[1, 2, 3],
+            &[4, 5, 6, 7],
+            &[
+                (1, 12),
+                (2, 12),
+                (3, 12),
+                (4, 12),
+                (5, 12),
+                (6, 12),
+                (7, 12),
+            ],
+            12,
+        );
+        assert_eq!(
+            next_step(1, &tv, &tl, &g, |n| n != 6),
+            Step::CatchUp(vec![6])
+        );
+        assert_eq!(
+            next_step(1, &tv, &tl, &g, |_| true),
+            Step::Promote {
+                voters: vec![4, 5, 6],
+                demote: vec![1, 2, 3]
+            }
+        );
+        let mut joint = g.clone();
+        joint.joint = true;
+        assert!(matches!(
+            next_step(1, &tv, &tl, &joint, |_| true),
+            Step::Wait(_)
+        ));
+        // Promoted: the old leader hands over to the most advanced new voter.
+        let g = status(
+            &[4, 5, 6],
+            &[1, 2, 3, 7],
+            &[
+                (1, 14),
+                (2, 14),
+                (3, 14),
+                (4, 13),
+                (5, 14),
+                (6, 14),
+                (7, 14),
+            ],
+            14,
+        );
+        assert_eq!(next_step(1, &tv, &tl, &g, |_| true), Step::TransferTo(5));
+        // The new leader finishes.
+        assert_eq!(next_step(5, &tv, &tl, &g, |_| true), Step::Finish);
+    }
+}
