@@ -35,6 +35,10 @@ pub struct Node {
     transport: Arc<Transport>,
     cluster: ClusterView,
     leaders: LeaderMap,
+    /// Leaders of groups without a replica here, as learned from forwarded requests
+    /// (answers and NotLeader hints), so a write at a site without a replica goes
+    /// straight to the leader: one WAN round trip, not a search.
+    remote_leaders: Mutex<HashMap<GroupId, NodeId>>,
     volumes_dir: PathBuf,
     read_handles: Mutex<HashMap<VolumeId, Arc<RawFile>>>,
 }
@@ -68,6 +72,7 @@ impl Node {
             transport,
             cluster,
             leaders,
+            remote_leaders: Mutex::default(),
             volumes_dir,
             read_handles: Mutex::default(),
         })
@@ -86,11 +91,33 @@ impl Node {
     }
 
     pub fn leader_of(&self, group: GroupId) -> Option<NodeId> {
-        self.leaders
+        let local = self
+            .leaders
             .read()
             .expect("leader map poisoned")
             .get(&group)
-            .copied()
+            .copied();
+        local.or_else(|| {
+            self.remote_leaders
+                .lock()
+                .expect("leader hints poisoned")
+                .get(&group)
+                .copied()
+        })
+    }
+
+    /// Remembers (or forgets, with `None`) where a group's leader is, for groups this
+    /// node has no replica of. Bounded by the number of groups in the cluster.
+    fn hint_leader(&self, group: GroupId, leader: Option<NodeId>) {
+        let mut hints = self.remote_leaders.lock().expect("leader hints poisoned");
+        match leader {
+            Some(l) => {
+                hints.insert(group, l);
+            }
+            None => {
+                hints.remove(&group);
+            }
+        }
     }
 
     async fn to_store<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Event) -> Option<T> {
@@ -116,7 +143,14 @@ impl Node {
                 .map(|v| v.voters.clone())
                 .unwrap_or_default()
         };
-        if !v.contains(&self.me) {
+        let here = group == META_GROUP
+            || cluster
+                .volume_by_id(VolumeId(group.0))
+                .is_some_and(|v| v.replicas_on(self.me));
+        if here && !v.contains(&self.me) {
+            v.push(self.me);
+        }
+        if v.is_empty() {
             v.push(self.me);
         }
         v
@@ -161,15 +195,38 @@ impl Node {
                 }
             };
             let last = match result {
-                Ok(o) => return Ok(o),
+                Ok(o) => {
+                    if target != self.me {
+                        self.hint_leader(group, Some(target));
+                    }
+                    return Ok(o);
+                }
                 Err(Refused::NotLeader {
                     leader: Some(l), ..
                 }) if l != target => {
+                    self.hint_leader(group, Some(l));
                     target = l;
                     continue;
                 }
+                Err(Refused::NoGroup(_)) if target == self.me => {
+                    // No replica here (yet): ask the voters, without waiting.
+                    target = candidates
+                        .iter()
+                        .copied()
+                        .find(|c| *c != self.me)
+                        .unwrap_or(self.me);
+                    if target != self.me {
+                        continue;
+                    }
+                    Refused::NoGroup(group)
+                }
                 Err(e @ (Refused::Failed(_) | Refused::Shutdown)) => return Err(e.into()),
-                Err(e) => e,
+                Err(e) => {
+                    if target != self.me {
+                        self.hint_leader(group, None);
+                    }
+                    e
+                }
             };
             if start.elapsed() > Duration::from_millis(REQUEST_DEADLINE_MS) {
                 return Err(NodeError::Deadline {

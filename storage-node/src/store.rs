@@ -704,6 +704,11 @@ impl<S: LogStore> Store<S> {
             }
             readied.push((*id, work.persisted_messages, work.read_states));
         }
+        // A remote replica's append response changes no commit index, so it may bring no
+        // Ready: answer the site-durable writes it completes here, every round.
+        for g in self.groups.values_mut() {
+            g.release_site_waiting();
+        }
         if readied.is_empty() {
             return Ok(());
         }
