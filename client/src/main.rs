@@ -5,7 +5,9 @@
 //! roamdisk node list
 //! roamdisk volume create NAME --size 10G [--replicas 3] [--home SITE] [--durability node|site]
 //! roamdisk volume list | show NAME | resize NAME --size SIZE | delete NAME
-//! roamdisk playground [--dir DIR] [--sites a,b] [--nodes-per-site N] [--volume NAME:SIZE] [--base-port P]
+//! roamdisk volume move NAME --to SITE [--wait]
+//! roamdisk playground [--dir DIR] [--sites a,b,c] [--nodes-per-site N] [--volume NAME:SIZE]
+//!                     [--base-port P] [--wan lan|sinet5|wide-2010]
 //! ```
 
 use std::path::PathBuf;
@@ -55,16 +57,20 @@ enum Cmd {
         #[arg(long, default_value = "roamdisk-playground")]
         dir: PathBuf,
         /// Comma-separated site names.
-        #[arg(long, value_delimiter = ',', default_value = "osaka")]
+        #[arg(long, value_delimiter = ',', default_value = "osaka,hokkaido,fukuoka")]
         sites: Vec<String>,
         #[arg(long, default_value_t = 3)]
         nodes_per_site: usize,
         /// NAME:SIZE of a volume to create (repeatable).
         #[arg(long = "volume", default_value = "vm1:1G")]
         volumes: Vec<String>,
-        /// First port: NBD on base.., admin on base+100.., peers on base+200..
+        /// First port: NBD on base.., admin on base+100.., peers on base+200.., WAN
+        /// control API on base+300.
         #[arg(long, default_value_t = 10809)]
         base_port: u16,
+        /// WAN profile between sites (lan, sinet5, wide-2010), emulated in userspace.
+        #[arg(long, default_value = "sinet5", value_parser = parse_wan)]
+        wan: roamdisk_wan::WanProfile,
         /// roamdisk-node binary (default: next to this one).
         #[arg(long)]
         node_bin: Option<PathBuf>,
@@ -187,6 +193,11 @@ fn volume_line(v: &Value) -> String {
             .map_or("none".to_string(), |l| l.to_string()),
         v["generation"],
     )
+}
+
+fn parse_wan(s: &str) -> Result<roamdisk_wan::WanProfile, String> {
+    s.parse::<roamdisk_wan::WanProfile>()
+        .map_err(|e| e.to_string())
 }
 
 /// One line per remote site: how far behind it is and when it will have caught up.
@@ -382,6 +393,7 @@ fn run(cli: Cli) -> Result<()> {
             nodes_per_site,
             volumes,
             base_port,
+            wan,
             node_bin,
         } => {
             let volumes = volumes
@@ -404,6 +416,7 @@ fn run(cli: Cli) -> Result<()> {
                 volumes,
                 base_port,
                 node_bin,
+                wan,
             })?;
         }
     }

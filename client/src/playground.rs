@@ -4,6 +4,12 @@
 //! admin on `base + 100 + i - 1` and for peers on `base + 200 + i - 1`. Each node keeps
 //! its data in `DIR/node-<id>`; running again on the same DIR restarts the same cluster
 //! with its volumes. When the cluster serves, `DIR/playground.json` describes it.
+//!
+//! Between sites, node-to-node traffic goes through the userspace WAN emulator
+//! (`roamdisk-wan`, in this process): every node dials a node of another site through a
+//! route of the emulator's link for that site pair (`peer_routes` in its config). The
+//! links start with the `--wan` profile and are changed at run time through the
+//! emulator's control API on `base + 300`. NBD and admin traffic is local to a site.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -27,6 +33,16 @@ pub struct Options {
     pub volumes: Vec<(String, u64)>,
     pub base_port: u16,
     pub node_bin: PathBuf,
+    /// WAN profile between sites.
+    pub wan: roamdisk_wan::WanProfile,
+}
+
+/// The WAN emulator of a playground.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PlaygroundWan {
+    pub profile: String,
+    /// HTTP control API (`GET /v1/links`, `PUT /v1/links/{from}/{to}`, ...).
+    pub control: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -57,6 +73,8 @@ pub struct PlaygroundVolume {
 pub struct Manifest {
     pub sites: Vec<PlaygroundSite>,
     pub volumes: Vec<PlaygroundVolume>,
+    #[serde(default)]
+    pub wan: Option<PlaygroundWan>,
 }
 
 impl Manifest {
@@ -73,6 +91,8 @@ impl Manifest {
 
 struct Running {
     children: Vec<(u64, Child)>,
+    /// The WAN emulator and the runtime it runs on; dropped after the nodes stop.
+    wan: Option<(tokio::runtime::Runtime, roamdisk_wan::Wan)>,
 }
 
 impl Running {
@@ -102,6 +122,9 @@ impl Running {
             }
         }
         self.children.clear();
+        if let Some((rt, wan)) = self.wan.take() {
+            rt.block_on(wan.shutdown());
+        }
     }
 }
 
@@ -183,8 +206,48 @@ fn start(opts: &Options) -> Result<(Manifest, Running)> {
         .iter()
         .map(|(id, site, peer, _, _)| format!("{id}={site}@127.0.0.1:{peer}"))
         .collect();
+    // The WAN: for every node and every other site, a route over that site pair's link.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("wan")
+        .build()
+        .context("start the WAN emulator's runtime")?;
+    let wan = {
+        let _in_runtime = rt.enter();
+        roamdisk_wan::Wan::new(roamdisk_wan::WanConfig {
+            profile: opts.wan,
+            sites: opts.sites.clone(),
+            ..Default::default()
+        })
+        .context("start the WAN emulator")?
+    };
+    // (from site, to node) -> route address
+    let mut routes: std::collections::BTreeMap<(String, u64), String> = Default::default();
+    for (id, site, peer, _, _) in &layout {
+        for from in opts.sites.iter().filter(|s| *s != site) {
+            let target: std::net::SocketAddr = format!("127.0.0.1:{peer}").parse()?;
+            let via = rt
+                .block_on(wan.route(from, site, target))
+                .with_context(|| format!("WAN route {from} -> node {id} ({site})"))?;
+            routes.insert((from.clone(), *id), via.to_string());
+        }
+    }
+    let control_port = port(300, 1)?;
+    let control_listener = rt
+        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", control_port)))
+        .with_context(|| format!("listen for the WAN control API on port {control_port}"))?;
+    let router = roamdisk_wan::control_router(&wan);
+    rt.spawn(async move {
+        let _ = axum::serve(control_listener, router).await;
+    });
+    let wan_info = PlaygroundWan {
+        profile: opts.wan.name().to_owned(),
+        control: format!("127.0.0.1:{control_port}"),
+    };
     let mut running = Running {
         children: Vec::new(),
+        wan: Some((rt, wan)),
     };
     let mut sites: Vec<PlaygroundSite> = opts
         .sites
@@ -197,11 +260,16 @@ fn start(opts: &Options) -> Result<(Manifest, Running)> {
     for (id, site, peer, admin, nbd) in &layout {
         let data_dir = dir.join(format!("node-{id}"));
         std::fs::create_dir_all(&data_dir)?;
-        let config = format!(
-            "id = {id}\nsite = {site:?}\ndata_dir = {:?}\npeer_addr = \"127.0.0.1:{peer}\"\nadmin_addr = \"127.0.0.1:{admin}\"\nnbd_addr = \"127.0.0.1:{nbd}\"\ninitial_cluster = {:?}\n",
+        let mut config = format!(
+            "id = {id}\nsite = {site:?}\ndata_dir = {:?}\npeer_addr = \"127.0.0.1:{peer}\"\nadmin_addr = \"127.0.0.1:{admin}\"\nnbd_addr = \"127.0.0.1:{nbd}\"\ninitial_cluster = {:?}\n\n[peer_routes]\n",
             data_dir.display().to_string(),
             initial
         );
+        for ((from, to), via) in &routes {
+            if from == site {
+                config.push_str(&format!("\"{to}\" = {via:?}\n"));
+            }
+        }
         let config_path = data_dir.join("node.toml");
         std::fs::write(&config_path, config)?;
         let log = std::fs::OpenOptions::new()
@@ -279,7 +347,11 @@ fn start(opts: &Options) -> Result<(Manifest, Running)> {
             uris,
         });
     }
-    let manifest = Manifest { sites, volumes };
+    let manifest = Manifest {
+        sites,
+        volumes,
+        wan: Some(wan_info),
+    };
     std::fs::write(
         dir.join("playground.json"),
         serde_json::to_vec_pretty(&manifest)?,
@@ -327,6 +399,24 @@ fn print_banner(m: &Manifest, dir: &Path) {
         println!("  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}");
         println!("  qemu-img convert -n -f qcow2 -O raw disk.qcow2 {uri}");
         println!("  roamdisk --cluster {} status", m.sites[0].nodes[0].admin);
+        if m.sites.len() > 1 {
+            println!(
+                "  roamdisk --cluster {} volume move {} --to {} --wait",
+                m.sites[0].nodes[0].admin, v.name, m.sites[1].name
+            );
+        }
+    }
+    if let Some(w) = &m.wan {
+        if m.sites.len() > 1 {
+            println!(
+                "WAN between sites: profile {}; links: curl http://{}/v1/links",
+                w.profile, w.control
+            );
+            println!(
+                "  partition: curl -X PUT -d '{{\"partition\":\"hold\"}}' -H 'content-type: application/json' http://{}/v1/links/{}/{}",
+                w.control, m.sites[0].name, m.sites[1].name
+            );
+        }
     }
     println!("Ctrl-C stops every node.");
 }

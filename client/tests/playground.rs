@@ -1,6 +1,8 @@
-//! `roamdisk playground` as a user runs it: real node processes, then qemu-img converts an
-//! image into the volume through one node and compares it through another; the CLI
-//! reports the cluster; SIGINT stops everything cleanly; a rerun keeps the data.
+//! `roamdisk playground` as a user runs it (the default: three sites of three nodes over
+//! the emulated `sinet5` WAN): real node processes, then qemu-img converts an image into
+//! the volume through one node and compares it through a node of another site; the CLI
+//! reports the cluster and moves the volume; SIGINT stops everything cleanly; a rerun
+//! keeps the data.
 
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
@@ -9,11 +11,12 @@ use std::time::{Duration, Instant};
 use roamdisk_client::playground::Manifest;
 
 fn free_base_port() -> u16 {
-    // Three ranges (base.., base+100.., base+200..) must be free: pick a base whose
-    // first ports bind, in an unprivileged band.
+    // Four ranges (base.., base+100.., base+200.., base+300) must be free: pick a base
+    // whose ports bind, in an unprivileged band.
     for base in (30000u16..60000).step_by(997) {
-        let ok = [0u16, 1, 2, 100, 101, 102, 200, 201, 202]
-            .iter()
+        let ok = (0u16..9)
+            .flat_map(|i| [i, 100 + i, 200 + i])
+            .chain([300])
             .all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok());
         if ok {
             return base;
@@ -71,14 +74,16 @@ fn playground_serves_a_volume_that_qemu_img_converts_into() {
     let base = free_base_port();
     let child = start(dir.path(), base);
     let m = Manifest::load(dir.path()).unwrap();
-    assert_eq!(m.sites.len(), 1);
-    assert_eq!(m.sites[0].nodes.len(), 3);
+    let names: Vec<&str> = m.sites.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["osaka", "hokkaido", "fukuoka"]);
+    assert!(m.sites.iter().all(|s| s.nodes.len() == 3));
+    assert_eq!(m.wan.as_ref().unwrap().profile, "sinet5");
     assert_eq!(m.volumes[0].name, "vm1");
     assert_eq!(m.volumes[0].size, 64 << 20);
     let uris = &m.volumes[0].uris;
 
-    // A 16 MiB qcow2 image with random data, converted in through node 1 and compared
-    // through node 3.
+    // A 16 MiB qcow2 image with random data, converted in through node 1 (osaka) and
+    // compared through node 6 (hokkaido, over the WAN).
     let img = dir.path().join("src.qcow2");
     let raw = dir.path().join("src.raw");
     let mut x: u64 = 77;
@@ -102,7 +107,7 @@ fn playground_serves_a_volume_that_qemu_img_converts_into() {
     run(Command::new("qemu-img")
         .args(["compare", "-f", "qcow2", "-F", "raw"])
         .arg(&img)
-        .arg(&uris[2]));
+        .arg(&uris[5]));
 
     // The CLI, text and JSON.
     let admin = &m.sites[0].nodes[1].admin;
@@ -120,7 +125,7 @@ fn playground_serves_a_volume_that_qemu_img_converts_into() {
         "status",
     ]));
     let st: serde_json::Value = serde_json::from_str(&json).unwrap();
-    assert_eq!(st["nodes"], 3);
+    assert_eq!(st["nodes"], 9);
     let nodes = run(Command::new(env!("CARGO_BIN_EXE_roamdisk")).args([
         "--cluster",
         admin,
@@ -134,8 +139,31 @@ fn playground_serves_a_volume_that_qemu_img_converts_into() {
             .as_array()
             .unwrap()
             .len(),
-        3
+        9
     );
+    // The WAN's control API answers with every directed site-pair link.
+    let control: std::net::SocketAddr = m.wan.as_ref().unwrap().control.parse().unwrap();
+    let links = roamdisk_wan::ControlClient::new(control).links().unwrap();
+    assert_eq!(links.len(), 6, "{links:?}");
+    // Move the volume to hokkaido and wait: the generation goes up and the data is there.
+    let moved = run(Command::new(env!("CARGO_BIN_EXE_roamdisk")).args([
+        "--cluster",
+        admin,
+        "--json",
+        "volume",
+        "move",
+        "vm1",
+        "--to",
+        "hokkaido",
+        "--wait",
+    ]));
+    let moved: serde_json::Value = serde_json::from_str(&moved).unwrap();
+    assert_eq!(moved["home_site"], "hokkaido", "{moved:#}");
+    assert_eq!(moved["generation"], 2, "{moved:#}");
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(&img)
+        .arg(&uris[8]));
     let bad = Command::new(env!("CARGO_BIN_EXE_roamdisk"))
         .args([
             "--cluster",
