@@ -57,6 +57,9 @@ fn main() -> Result<()> {
         .args([
             "--base-port",
             &base.to_string(),
+            // One site: this compares the local 3-replica write path with qemu-nbd.
+            "--sites",
+            "osaka",
             "--volume",
             &format!("vm1:{}M", args.size_mib),
         ])
