@@ -1,0 +1,170 @@
+//! A WAN partition between the home site and a remote site during writes, then a heal:
+//! the remote replica converges (its extent file equals the home replicas') and the bytes
+//! that crossed the link are close to the data written, not the volume size. Real node
+//! processes on the playground, real partitions in the WAN emulator.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use roamdisk_client::playground::Manifest;
+use roamdisk_client::AdminClient;
+use roamdisk_wan::{ControlClient, Partition};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+fn free_base_port() -> u16 {
+    for base in (20000u16..30000).step_by(991) {
+        let ok = (0u16..6)
+            .flat_map(|i| [i, 100 + i, 200 + i])
+            .chain([300])
+            .all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok());
+        if ok {
+            return base;
+        }
+    }
+    panic!("no free port range");
+}
+
+struct Playground(Child);
+
+impl Drop for Playground {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn qemu_io(uri: &str, cmds: &[String]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = c.arg(uri).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("failed") && !text.contains("Pattern verification"),
+        "qemu-io {cmds:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn hokkaido_lag(admin: &AdminClient) -> Option<Value> {
+    let v = admin.volume("vm1").ok()?;
+    v["site_lag"]
+        .as_array()?
+        .iter()
+        .find(|l| l["site"] == "hokkaido")
+        .cloned()
+}
+
+fn group(admin: &AdminClient, id: u64) -> Option<Value> {
+    admin.status().ok()?["groups"]
+        .as_array()?
+        .iter()
+        .find(|g| g["group"].as_u64() == Some(id))
+        .cloned()
+}
+
+#[test]
+fn a_partitioned_site_converges_after_heal_shipping_only_what_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_roamdisk"))
+        .args(["playground", "--dir"])
+        .arg(dir.path())
+        .args(["--sites", "osaka,hokkaido", "--volume", "vm1:256M"])
+        .args(["--base-port", &base.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _pg = Playground(child);
+    wait_until("the playground", || {
+        dir.path().join("playground.json").exists().then_some(())
+    });
+    let m = Manifest::load(dir.path()).unwrap();
+    let osaka = &m.sites[0].nodes;
+    let admin = AdminClient::new(&osaka[0].admin);
+    let wan = ControlClient::new(m.wan.as_ref().unwrap().control.parse().unwrap());
+    let v = admin.volume("vm1").unwrap();
+    let vid = v["id"].as_u64().unwrap();
+    let learner = v["learners"][0].as_u64().unwrap();
+    let learner_node = m.nodes().find(|n| n.id == learner).unwrap();
+    assert!(learner > 3, "the learner is in hokkaido: {v:#}");
+    let leader = wait_until("a leader", || admin.volume("vm1").ok()?["leader"].as_u64());
+    let uri = format!("nbd://{}/vm1", osaka[leader as usize - 1].nbd);
+
+    // 16 MiB everywhere first.
+    qemu_io(&uri, &["write -P 0x11 0 16M".to_owned()]);
+    wait_until("hokkaido to have everything", || {
+        hokkaido_lag(&admin)
+            .filter(|l| l["entries"] == 0)
+            .map(|_| ())
+    });
+    let shipped_before = wan.link("osaka", "hokkaido").unwrap().stats.bytes_forwarded;
+
+    // Partition hokkaido from osaka (both directions held) and write 8 MiB at home.
+    wan.partition("osaka", "hokkaido", Partition::Hold).unwrap();
+    wan.partition("hokkaido", "osaka", Partition::Hold).unwrap();
+    let writes: Vec<String> = (0..8u64)
+        .map(|i| format!("write -P {:#x} {} 1M", 0x20 + i, (32 + 4 * i) * MIB))
+        .collect();
+    qemu_io(&uri, &writes);
+    let lag = wait_until("the lag to show the partition", || {
+        hokkaido_lag(&admin).filter(|l| l["entries"].as_u64() > Some(0))
+    });
+    assert!(lag["bytes"].as_u64().unwrap() >= MIB, "{lag:#}");
+
+    // Heal: hokkaido catches up and its replica equals the home replicas.
+    wan.heal().unwrap();
+    wait_until("hokkaido to catch up after the heal", || {
+        hokkaido_lag(&admin)
+            .filter(|l| l["entries"] == 0)
+            .map(|_| ())
+    });
+    let last = group(&admin, vid)
+        .and_then(|g| g["last_index"].as_u64())
+        .unwrap();
+    let learner_admin = AdminClient::new(&learner_node.admin);
+    wait_until("the learner to apply everything", || {
+        let g = group(&learner_admin, vid)?;
+        (g["applied"].as_u64()? >= last && g["recovering"] == false).then_some(())
+    });
+    let home = std::fs::read(
+        osaka[leader as usize - 1]
+            .data_dir
+            .join(format!("volumes/{vid}.img")),
+    )
+    .unwrap();
+    let remote = std::fs::read(learner_node.data_dir.join(format!("volumes/{vid}.img"))).unwrap();
+    assert_eq!(home.len(), remote.len());
+    assert!(
+        home == remote,
+        "the hokkaido replica differs from the home replica"
+    );
+    assert!(home[(32 * MIB) as usize..(33 * MIB) as usize]
+        .iter()
+        .all(|b| *b == 0x20));
+
+    // What crossed the link is about the data written (8 MiB), not the volume (256 MiB).
+    let shipped = wan.link("osaka", "hokkaido").unwrap().stats.bytes_forwarded - shipped_before;
+    eprintln!("shipped {shipped} bytes for 8 MiB written");
+    assert!(shipped >= 8 * MIB, "shipped {shipped}");
+    assert!(
+        shipped <= 8 * MIB + 8 * MIB / 4,
+        "shipped {shipped} for 8 MiB written"
+    );
+}
