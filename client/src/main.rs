@@ -65,7 +65,7 @@ enum Cmd {
         #[arg(long = "volume", default_value = "vm1:1G")]
         volumes: Vec<String>,
         /// First port: NBD on base.., admin on base+100.., peers on base+200.., WAN
-        /// control API on base+300.
+        /// control API on base+300, WAN routes on base+400..
         #[arg(long, default_value_t = 10809)]
         base_port: u16,
         /// WAN profile between sites (lan, sinet5, wide-2010), emulated in userspace.

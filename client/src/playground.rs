@@ -9,7 +9,7 @@
 //! (`roamdisk-wan`, in this process): every node dials a node of another site through a
 //! route of the emulator's link for that site pair (`peer_routes` in its config). The
 //! links start with the `--wan` profile and are changed at run time through the
-//! emulator's control API on `base + 300`. NBD and admin traffic is local to a site.
+//! emulator's control API on `base + 300`; the routes listen on `base + 400..`. NBD and admin traffic is local to a site.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -224,11 +224,16 @@ fn start(opts: &Options) -> Result<(Manifest, Running)> {
     };
     // (from site, to node) -> route address
     let mut routes: std::collections::BTreeMap<(String, u64), String> = Default::default();
+    let mut next_route = 0u64;
     for (id, site, peer, _, _) in &layout {
         for from in opts.sites.iter().filter(|s| *s != site) {
             let target: std::net::SocketAddr = format!("127.0.0.1:{peer}").parse()?;
+            // Fixed ports (base + 400..), so that a route never takes a node's port.
+            next_route += 1;
+            let listen: std::net::SocketAddr =
+                format!("127.0.0.1:{}", port(400, next_route)?).parse()?;
             let via = rt
-                .block_on(wan.route(from, site, target))
+                .block_on(wan.route_on(listen, from, site, target))
                 .with_context(|| format!("WAN route {from} -> node {id} ({site})"))?;
             routes.insert((from.clone(), *id), via.to_string());
         }

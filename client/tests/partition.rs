@@ -17,7 +17,8 @@ fn free_base_port() -> u16 {
     for base in (20000u16..30000).step_by(991) {
         let ok = (0u16..6)
             .flat_map(|i| [i, 100 + i, 200 + i])
-            .chain([300])
+            .chain(300..301)
+            .chain(400..420)
             .all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok());
         if ok {
             return base;

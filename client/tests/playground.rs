@@ -13,10 +13,12 @@ use roamdisk_client::playground::Manifest;
 fn free_base_port() -> u16 {
     // Four ranges (base.., base+100.., base+200.., base+300) must be free: pick a base
     // whose ports bind, in an unprivileged band.
-    for base in (30000u16..60000).step_by(997) {
+    // Below the ephemeral range (32768..), where outgoing connections take ports.
+    for base in (21000u16..32000).step_by(997) {
         let ok = (0u16..9)
             .flat_map(|i| [i, 100 + i, 200 + i])
-            .chain([300])
+            .chain(300..301)
+            .chain(400..420)
             .all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok());
         if ok {
             return base;
