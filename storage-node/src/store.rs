@@ -347,6 +347,12 @@ impl<S: LogStore> Store<S> {
             store.log.write(b)?;
             store.log.sync()?;
         }
+        // A process crash keeps what was written but not synced (RocksDB's WAL is in the
+        // page cache); raft-rs takes the store as persisted and would acknowledge those
+        // entries again without a new write. Make them durable before anything is
+        // acknowledged. (Found by the simulation: `roamdisk-sim --stress
+        // --no-restart-sync --seed 288`.)
+        store.log.sync()?;
         // The metadata state is rebuilt from the snapshot record plus log replay.
         if let Some(bytes) = store.log.get(META_SNAPSHOT_KEY)? {
             store.cluster = ClusterState::decode(&bytes)?;

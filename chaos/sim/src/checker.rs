@@ -1,0 +1,460 @@
+//! The invariants, checked by the simulator after every event.
+//!
+//! The checker keeps a global, omniscient record per group, built from what nodes do:
+//!
+//! 1. **One leader per term**: every `(term → leader)` ever observed.
+//! 2. **Committed entries are never lost or changed**: `index → (term, digest)` of every
+//!    entry any node was handed as committed. A node's log below its commit index must
+//!    agree with it (also after a restart), and every committed entry must stay durable
+//!    (synced, or covered by a durable state image) on a majority of the configuration
+//!    that committed it, as far as the independent disk model (`shadow`) tells.
+//! 3. **Replicas agree**: the state-machine hash at each applied index; any replica
+//!    reaching that index (by applying, restarting or installing a snapshot) must have
+//!    the same hash, and at the end a replay of the committed log from scratch must
+//!    reproduce every recorded hash.
+//! 4. **Generations never go back** (checked by the node driver with
+//!    [`crate::machine::MetaMonotone`]).
+//! 5. **Acknowledged writes stay**: an acknowledged proposal's `(index, term, digest)`
+//!    is in the committed record.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use raft::eraftpb::{ConfState, Entry, EntryType};
+use roamdisk_core::ids::{GroupId, NodeId};
+use roamdisk_core::logstore::{LogStore, MemLogStore};
+
+use crate::machine::{Machine, MachineKind, StateHash};
+use crate::shadow::ShadowLog;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Invariant {
+    SingleLeaderPerTerm,
+    CommittedEntryStable,
+    CommittedEntryOnQuorum,
+    ReplicaStateAgrees,
+    GenerationMonotone,
+    AcknowledgedWriteKept,
+    CrashRule,
+    Liveness,
+    /// The core or raft-rs returned an error or panicked where the driver expects none.
+    CoreError,
+}
+
+impl fmt::Display for Invariant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Invariant::SingleLeaderPerTerm => "at most one leader per term",
+            Invariant::CommittedEntryStable => "committed entries are never lost or changed",
+            Invariant::CommittedEntryOnQuorum => "a committed entry stays durable on a quorum",
+            Invariant::ReplicaStateAgrees => "replicas' state is identical at equal applied index",
+            Invariant::GenerationMonotone => "a generation never goes back",
+            Invariant::AcknowledgedWriteKept => "acknowledged writes are committed and kept",
+            Invariant::CrashRule => "the recorded applied index matches the recorded state",
+            Invariant::Liveness => "after healing, a leader exists and replicas converge",
+            Invariant::CoreError => "the core does not fail or panic",
+        };
+        f.write_str(s)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Violation {
+    pub invariant: Invariant,
+    pub detail: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.invariant, self.detail)
+    }
+}
+
+pub fn violation(invariant: Invariant, detail: impl Into<String>) -> Violation {
+    Violation {
+        invariant,
+        detail: detail.into(),
+    }
+}
+
+pub type Check = Result<(), Violation>;
+
+/// blake3 of an entry's type and payload.
+pub fn entry_digest(e: &Entry) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&[e.get_entry_type() as u8]);
+    h.update(&e.data);
+    *h.finalize().as_bytes()
+}
+
+#[derive(Clone, Debug)]
+pub struct CommittedEntry {
+    pub term: u64,
+    pub digest: [u8; 32],
+    pub normal: bool,
+    pub data: Vec<u8>,
+    pub first_seen_on: NodeId,
+}
+
+/// Indexes `first..=last` were committed by a leader whose configuration was `conf`.
+#[derive(Clone, Debug)]
+struct CommitRange {
+    first: u64,
+    last: u64,
+    conf: ConfState,
+}
+
+/// Everything the checker knows about one group.
+pub struct GroupRecord {
+    kind: MachineKind,
+    base_index: u64,
+    leaders: BTreeMap<u64, NodeId>,
+    committed: BTreeMap<u64, CommittedEntry>,
+    hashes: BTreeMap<u64, StateHash>,
+    commit_ranges: Vec<CommitRange>,
+    highest_commit_by_leader: u64,
+    acks: Vec<(u64, u64, [u8; 32])>,
+}
+
+impl GroupRecord {
+    pub fn committed_len(&self) -> usize {
+        self.committed.len()
+    }
+    pub fn last_committed(&self) -> u64 {
+        self.committed
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(self.base_index)
+    }
+    pub fn terms(&self) -> usize {
+        self.leaders.len()
+    }
+    pub fn acks(&self) -> usize {
+        self.acks.len()
+    }
+}
+
+#[derive(Default)]
+pub struct Checker {
+    groups: BTreeMap<GroupId, GroupRecord>,
+}
+
+impl Checker {
+    /// Registers a group whose bootstrap members start at `base_index` with the empty
+    /// state of `kind`.
+    pub fn add_group(&mut self, group: GroupId, kind: MachineKind, base_index: u64) {
+        let mut hashes = BTreeMap::new();
+        hashes.insert(base_index, Machine::new(kind, base_index).hash());
+        self.groups.insert(
+            group,
+            GroupRecord {
+                kind,
+                base_index,
+                leaders: BTreeMap::new(),
+                committed: BTreeMap::new(),
+                hashes,
+                commit_ranges: Vec::new(),
+                highest_commit_by_leader: base_index,
+                acks: Vec::new(),
+            },
+        );
+    }
+
+    pub fn group(&self, group: GroupId) -> &GroupRecord {
+        &self.groups[&group]
+    }
+
+    fn rec(&mut self, group: GroupId) -> &mut GroupRecord {
+        self.groups.get_mut(&group).expect("group registered")
+    }
+
+    /// Invariant 1.
+    pub fn observe_leader(&mut self, group: GroupId, node: NodeId, term: u64) -> Check {
+        let rec = self.rec(group);
+        let first = *rec.leaders.entry(term).or_insert(node);
+        if first != node {
+            return Err(violation(
+                Invariant::SingleLeaderPerTerm,
+                format!("group {group}: nodes {first} and {node} both led term {term}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A leader's commit index moved from `from` to `to` while its configuration was
+    /// `conf`: remember which configuration committed those entries.
+    pub fn observe_leader_commit(&mut self, group: GroupId, from: u64, to: u64, conf: &ConfState) {
+        let rec = self.rec(group);
+        if to <= rec.highest_commit_by_leader {
+            return;
+        }
+        let first = from.max(rec.highest_commit_by_leader) + 1;
+        rec.highest_commit_by_leader = to;
+        if let Some(last) = rec.commit_ranges.last_mut() {
+            if last.last + 1 == first && last.conf == *conf {
+                last.last = to;
+                return;
+            }
+        }
+        rec.commit_ranges.push(CommitRange {
+            first,
+            last: to,
+            conf: conf.clone(),
+        });
+    }
+
+    /// Invariant 2, at the moment a node is handed `e` as committed.
+    pub fn observe_committed(&mut self, group: GroupId, node: NodeId, e: &Entry) -> Check {
+        let rec = self.rec(group);
+        let digest = entry_digest(e);
+        match rec.committed.get(&e.index) {
+            Some(c) if c.term != e.term || c.digest != digest => Err(violation(
+                Invariant::CommittedEntryStable,
+                format!(
+                    "group {group}: node {node} was handed entry {} (term {}) as committed, but \
+                     node {} was handed a different entry there (term {})",
+                    e.index, e.term, c.first_seen_on, c.term
+                ),
+            )),
+            Some(_) => Ok(()),
+            None => {
+                if e.index > rec.base_index + 1 && !rec.committed.contains_key(&(e.index - 1)) {
+                    // Entries are handed over in order, and a replica that skipped some
+                    // received a snapshot from a leader that had applied them.
+                    return Err(violation(
+                        Invariant::CommittedEntryStable,
+                        format!(
+                            "group {group}: node {node} was handed entry {} as committed before \
+                             any node was handed entry {}",
+                            e.index,
+                            e.index - 1
+                        ),
+                    ));
+                }
+                let normal = e.get_entry_type() == EntryType::EntryNormal;
+                rec.committed.insert(
+                    e.index,
+                    CommittedEntry {
+                        term: e.term,
+                        digest,
+                        normal,
+                        data: if normal { e.data.to_vec() } else { Vec::new() },
+                        first_seen_on: node,
+                    },
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Invariant 3: node reached applied index `index` with state `hash`.
+    pub fn observe_state(
+        &mut self,
+        group: GroupId,
+        node: NodeId,
+        index: u64,
+        hash: StateHash,
+        how: &str,
+    ) -> Check {
+        let rec = self.rec(group);
+        let known = *rec.hashes.entry(index).or_insert(hash);
+        if known != hash {
+            return Err(violation(
+                Invariant::ReplicaStateAgrees,
+                format!(
+                    "group {group}: node {node} has a different state at applied index {index} \
+                     (after {how}) than another replica had there"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Invariant 2 on one node's log: entries in `(lo, hi]` that are in the store must
+    /// have the committed terms.
+    pub fn check_log(
+        &self,
+        group: GroupId,
+        node: NodeId,
+        store: &MemLogStore,
+        lo: u64,
+        hi: u64,
+        when: &str,
+    ) -> Check {
+        if lo >= hi {
+            return Ok(());
+        }
+        let rec = &self.groups[&group];
+        let range: Vec<(&u64, &CommittedEntry)> = rec.committed.range(lo + 1..=hi).collect();
+        for (index, c) in range {
+            let term = store.term(group, *index).map_err(|e| {
+                violation(Invariant::CoreError, format!("store term of {index}: {e}"))
+            })?;
+            match term {
+                Some(t) if t == c.term => {}
+                None => {
+                    // Compacted below, or beyond the end of the store: covered by the
+                    // callers, which pass `hi <= last index` and `lo >= truncated`.
+                    return Err(violation(
+                        Invariant::CommittedEntryStable,
+                        format!(
+                            "group {group}: node {node} ({when}) has commit index {hi} but entry \
+                             {index} is missing from its log"
+                        ),
+                    ));
+                }
+                Some(t) => {
+                    return Err(violation(
+                        Invariant::CommittedEntryStable,
+                        format!(
+                            "group {group}: node {node} ({when}) has term {t} at index {index}, \
+                             below its commit index {hi}, where term {} was committed",
+                            c.term
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Highest committed index `w` such that `log` holds every committed entry up to
+    /// `w` (by log matching, holding entry `w` means holding all before it), or has
+    /// them covered by its truncation point.
+    pub fn durable_watermark(&self, group: GroupId, log: &ShadowLog) -> u64 {
+        let rec = &self.groups[&group];
+        let matches = |i: u64| -> bool {
+            if i <= log.truncated_index {
+                return true;
+            }
+            match (rec.committed.get(&i), log.term(i)) {
+                (Some(c), Some(t)) => c.term == t,
+                _ => false,
+            }
+        };
+        let hi = log.last_index.min(rec.last_committed());
+        let lo = log.truncated_index.min(hi);
+        if matches(hi) {
+            return hi;
+        }
+        // Invariant: matches(lo) (or lo is the truncation point), !matches(hi).
+        let (mut lo, mut hi) = (lo, hi);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if matches(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
+    /// Invariant 2, quorum part: `watermarks` is each node's durable watermark.
+    pub fn check_quorums(&self, group: GroupId, watermarks: &BTreeMap<NodeId, u64>) -> Check {
+        let rec = &self.groups[&group];
+        for range in &rec.commit_ranges {
+            // Only entries some node has been handed as committed are known; the
+            // watermark cannot exceed the last of them.
+            let index = range.last.min(rec.last_committed());
+            if index < range.first {
+                continue;
+            }
+            for (side, voters) in [
+                ("incoming", &range.conf.voters),
+                ("outgoing", &range.conf.voters_outgoing),
+            ] {
+                if voters.is_empty() {
+                    continue;
+                }
+                let holding: Vec<u64> = voters
+                    .iter()
+                    .copied()
+                    .filter(|v| watermarks.get(&NodeId(*v)).copied().unwrap_or(0) >= index)
+                    .collect();
+                if holding.len() * 2 <= voters.len() {
+                    return Err(violation(
+                        Invariant::CommittedEntryOnQuorum,
+                        format!(
+                            "group {group}: entry {index} was committed by {side} voters {voters:?} \
+                             but is durable only on {holding:?}"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Invariant 5, when a client receives an acknowledgement.
+    pub fn observe_ack(
+        &mut self,
+        group: GroupId,
+        index: u64,
+        term: u64,
+        digest: [u8; 32],
+    ) -> Check {
+        let rec = self.rec(group);
+        match rec.committed.get(&index) {
+            Some(c) if c.term == term && c.digest == digest => {
+                rec.acks.push((index, term, digest));
+                Ok(())
+            }
+            other => Err(violation(
+                Invariant::AcknowledgedWriteKept,
+                format!(
+                    "group {group}: a client was acknowledged for entry {index} term {term}, but \
+                     the committed record has {:?}",
+                    other.map(|c| c.term)
+                ),
+            )),
+        }
+    }
+
+    /// End of run: replays the committed log from the bootstrap state through a fresh
+    /// machine; every recorded state hash must be reproduced and the record must be
+    /// gap-free up to `upto`. Returns the hash at `upto`.
+    pub fn replay(&self, group: GroupId, upto: u64) -> Result<StateHash, Violation> {
+        let rec = &self.groups[&group];
+        let mut m = Machine::new(rec.kind, rec.base_index);
+        for index in rec.base_index + 1..=upto {
+            let Some(c) = rec.committed.get(&index) else {
+                return Err(violation(
+                    Invariant::CommittedEntryStable,
+                    format!("group {group}: no node was ever handed committed entry {index}"),
+                ));
+            };
+            if c.normal && !c.data.is_empty() {
+                m.apply(index, &c.data).map_err(|e| {
+                    violation(Invariant::ReplicaStateAgrees, format!("replay: {}", e.0))
+                })?;
+            } else {
+                m.skip(index);
+            }
+            if let Some(h) = rec.hashes.get(&index) {
+                if *h != m.hash() {
+                    return Err(violation(
+                        Invariant::ReplicaStateAgrees,
+                        format!(
+                            "group {group}: replicas had a state at index {index} that a replay of \
+                             the committed log does not produce"
+                        ),
+                    ));
+                }
+            }
+        }
+        for (index, term, _) in &rec.acks {
+            if *index > upto {
+                return Err(violation(
+                    Invariant::AcknowledgedWriteKept,
+                    format!(
+                        "group {group}: acknowledged entry {index} (term {term}) is beyond the \
+                         final applied index {upto}"
+                    ),
+                ));
+            }
+        }
+        Ok(m.hash())
+    }
+}

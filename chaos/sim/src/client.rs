@@ -1,0 +1,145 @@
+//! Clients: each has at most one request in flight, sends it to the node it believes
+//! leads the group, follows leader hints, and retries on refusals and timeouts (so one
+//! command may be committed twice, as with a real client). A request counts as
+//! acknowledged when a node answers that the entry it proposed was committed and
+//! applied there with the term it was proposed in.
+
+use raft::eraftpb::Entry;
+use roamdisk_core::command::VolumeCommand;
+use roamdisk_core::ids::{Generation, GroupId, NodeId};
+use roamdisk_core::meta::{Durability, MetaCommand, NodeInfo};
+
+use crate::checker::entry_digest;
+use crate::machine::{MachineKind, VOLUME_BYTES};
+use crate::rng::SimRng;
+
+pub struct InFlight {
+    pub request: u64,
+    pub attempt: u32,
+    pub payload: Vec<u8>,
+    /// Digest of the log entry this request becomes.
+    pub digest: [u8; 32],
+}
+
+pub struct Client {
+    pub group: GroupId,
+    pub kind: MachineKind,
+    pub hint: Option<NodeId>,
+    pub in_flight: Option<InFlight>,
+    next_request: u64,
+    pub acked: u64,
+    /// A client of the liveness check at the end: it runs in the quiet phase and its
+    /// one request must be acknowledged.
+    pub liveness: bool,
+}
+
+impl Client {
+    pub fn new(group: GroupId, kind: MachineKind, liveness: bool) -> Client {
+        Client {
+            group,
+            kind,
+            hint: None,
+            in_flight: None,
+            next_request: 1,
+            acked: 0,
+            liveness,
+        }
+    }
+
+    /// Starts a new request with a command drawn from `rng`.
+    pub fn start(&mut self, rng: &mut SimRng) -> &mut InFlight {
+        let payload = match self.kind {
+            MachineKind::Volume => volume_command(rng),
+            MachineKind::Meta => meta_command(rng),
+        };
+        let mut e = Entry::default();
+        e.data = payload.clone().into();
+        let digest = entry_digest(&e);
+        let request = self.next_request;
+        self.next_request += 1;
+        self.in_flight.insert(InFlight {
+            request,
+            attempt: 0,
+            payload,
+            digest,
+        })
+    }
+}
+
+pub fn volume_command(rng: &mut SimRng) -> Vec<u8> {
+    match rng.weighted(&[80, 15, 5]) {
+        0 => {
+            let len = rng.range(1, 64) as usize;
+            let offset = rng.below((VOLUME_BYTES - len) as u64);
+            let data = rng.bytes(len);
+            VolumeCommand::Write {
+                offset,
+                data: &data,
+            }
+            .encode()
+        }
+        1 => VolumeCommand::Zero {
+            offset: rng.below(VOLUME_BYTES as u64),
+            len: rng.range(1, 256),
+            punch: rng.below(2) == 0,
+        }
+        .encode(),
+        _ => VolumeCommand::Resize {
+            size: (VOLUME_BYTES as u64) + rng.below(16) * 4096,
+        }
+        .encode(),
+    }
+}
+
+const SITES: [&str; 3] = ["a", "b", "c"];
+const NAMES: [&str; 4] = ["v0", "v1", "v2", "v3"];
+
+pub fn meta_command(rng: &mut SimRng) -> Vec<u8> {
+    let name = |rng: &mut SimRng| NAMES[rng.below(NAMES.len() as u64) as usize].to_string();
+    let cmd = match rng.weighted(&[20, 25, 15, 10, 15, 15]) {
+        0 => {
+            let id = rng.range(1, 8);
+            MetaCommand::AddNode(NodeInfo {
+                id: NodeId(id),
+                // A node's site never changes, so it follows from its id.
+                site: SITES[(id % 3) as usize].into(),
+                peer_addr: format!("10.0.0.{id}:7000"),
+                admin_addr: format!("10.0.0.{id}:8000"),
+                nbd_addr: format!("10.0.0.{id}:9000"),
+            })
+        }
+        1 => MetaCommand::CreateVolume {
+            name: name(rng),
+            size: rng.range(1, 8) * 4096,
+            replicas: rng.range(1, 3) as u32,
+            home_site: if rng.below(2) == 0 {
+                None
+            } else {
+                Some(SITES[rng.below(3) as usize].into())
+            },
+            durability: if rng.below(2) == 0 {
+                Durability::Node
+            } else {
+                Durability::Site
+            },
+        },
+        2 => MetaCommand::ResizeVolume {
+            name: name(rng),
+            size: rng.range(1, 16) * 4096,
+        },
+        3 => MetaCommand::DeleteVolume { name: name(rng) },
+        4 => MetaCommand::MoveVolume {
+            name: name(rng),
+            to: SITES[rng.below(3) as usize].into(),
+        },
+        // A finish names the generation it expects; a stale one is refused, which is
+        // how a repeated finish does nothing. Guessing low generations makes both
+        // outcomes common.
+        _ => MetaCommand::FinishMove {
+            name: name(rng),
+            to: SITES[rng.below(3) as usize].into(),
+            generation: Generation(rng.range(1, 3)),
+        },
+    };
+    cmd.encode()
+}

@@ -1,0 +1,244 @@
+//! Knobs of a simulation run. A run's concrete topology, link delays and fault rates
+//! are drawn from its seed within these bounds (see `topology` and `sim`), so one
+//! `SimConfig` covers many shapes of cluster.
+
+/// Simulated time, in microseconds since the start of the run.
+pub type Micros = u64;
+
+pub const MS: Micros = 1_000;
+
+/// A deliberately wrong driver, to prove the checker can fail (negative controls).
+/// Each breaks one rule of the core's Ready order or crash rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DriverBug {
+    /// Send votes and append acknowledgements (the Ready's persisted messages) as soon
+    /// as their batch is written, before its sync completes; a power loss in between
+    /// forgets what they promised.
+    AckBeforeSync,
+    /// Apply entries to the state machine as soon as they are appended, before they
+    /// are committed.
+    ApplyBeforeCommit,
+    /// A power loss also loses synced data: the node comes back with an empty disk
+    /// under its old identity.
+    LoseSyncedDataOnPowerLoss,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SimConfig {
+    /// Simulated time with faults and client load.
+    pub fault_phase_ms: u64,
+    /// Simulated time after every fault has healed, before the liveness checks.
+    pub quiet_phase_ms: u64,
+    /// Interval between Raft ticks on a node.
+    pub tick_ms: u64,
+    /// raft-rs `election_tick`; the driver draws election timeouts in `[E, 2E)`.
+    pub election_tick: u32,
+    pub heartbeat_tick: usize,
+    /// raft-rs `max_size_per_msg`: small, so catch-up takes several appends.
+    pub max_size_per_msg: u64,
+    pub max_inflight_msgs: usize,
+
+    /// Voters of the volume group at the home site: 3 or 5, drawn from the seed.
+    pub voters_choices: Vec<usize>,
+    /// Other sites (each with one learner of the volume group), drawn from `0..=max`.
+    pub remote_sites_max: usize,
+    /// Nodes that hold no replica at the start, for membership changes.
+    pub spare_nodes_max: usize,
+    /// Log index every bootstrap member starts at (TiKV uses 5). Above zero, a replica
+    /// created empty can only be caught up by a snapshot; see the crate docs.
+    pub bootstrap_index: u64,
+
+    /// One-way delay inside a site: `[lo, hi]` microseconds.
+    pub local_delay_us: (u64, u64),
+    /// One-way base delay between two sites: `[lo, hi]` ms, drawn per site pair.
+    pub remote_delay_ms: (u64, u64),
+    /// Jitter added to every message on a cross-site link: up to this many ms.
+    pub remote_jitter_ms: u64,
+    /// Upper bounds of the per-run probabilities (per million messages).
+    pub drop_per_million_max: u32,
+    pub duplicate_per_million_max: u32,
+    /// Time a sync takes: `[lo, hi]` microseconds. A power loss can land inside it.
+    pub sync_us: (u64, u64),
+    /// Interval between a node's checkpoints (state image + applied index).
+    pub checkpoint_ms: (u64, u64),
+    /// Entries kept behind the recorded applied index when compacting, drawn per run
+    /// from `[lo, hi]`; small values force snapshots.
+    pub retained_entries: (u64, u64),
+
+    /// Interval between two fault decisions.
+    pub fault_interval_ms: (u64, u64),
+    /// How long a crashed node stays down.
+    pub downtime_ms: (u64, u64),
+    /// How long a partition lasts.
+    pub partition_ms: (u64, u64),
+    /// Relative weights of the faults: crash, partition, leader transfer, membership
+    /// change, compaction burst.
+    pub fault_weights: FaultWeights,
+    /// Share of crashes that are power losses (the rest are process kills, which keep
+    /// what was written).
+    pub power_loss_per_million: u32,
+    /// Share of crashes aimed at the sync window: the node crashes when its next sync
+    /// would complete, after the write and before the sync.
+    pub crash_in_sync_per_million: u32,
+
+    /// Clients of the volume group (the metadata group has one more).
+    pub volume_clients: usize,
+    /// Pause between a client's requests.
+    pub think_ms: (u64, u64),
+    /// A client gives up on an attempt after this long and retries elsewhere.
+    pub client_timeout_ms: u64,
+
+    /// Let membership changes remove voters (a plain `RemoveNode(voter)`, or a joint
+    /// replacement whose old voter leaves instead of staying as a learner), and remove
+    /// the current leader. Off by default, because the core lets these through and
+    /// raft-rs 0.7 then fails in two ways the simulator found: a leader removed while
+    /// it leads panics in `maybe_commit` (it unwraps its own progress), and an outgoing
+    /// voter that becomes leader during a joint configuration and is removed by leaving
+    /// it keeps leading, drops every proposal and never steps down (followers stay in
+    /// its lease). With it off, voters only become learners, as in a volume move.
+    pub allow_removing_leader: bool,
+    /// Sync the store when a node restarts, before any group is opened. A process crash
+    /// keeps what was written but not synced; raft-rs treats everything in the store as
+    /// persisted, so without this sync a restarted node acknowledges entries (already
+    /// in its log, so no new write and no sync) that a later power loss still takes.
+    /// The storage node's `Store::open` does not sync today.
+    pub sync_on_restart: bool,
+
+    pub driver_bug: Option<DriverBug>,
+    /// Check that committed entries stay durable on a quorum (against the disk model).
+    /// Only the negative controls turn it off, to see the other checks catch the
+    /// consequences of a broken driver.
+    pub check_durable_quorum: bool,
+    /// Print every event to stderr.
+    pub trace: bool,
+}
+
+impl SimConfig {
+    /// The command that replays `seed` under this configuration: the test's
+    /// environment variable for the default configuration, the binary's flags for a
+    /// preset with knobs changed, or a note for anything else.
+    pub fn replay_command(&self, seed: u64) -> String {
+        let mut want = self.clone();
+        want.trace = false;
+        let presets = [
+            (SimConfig::default(), None),
+            (SimConfig::membership_stress(), Some("--stress")),
+        ];
+        for (mut cfg, preset) in presets {
+            let mut flags: Vec<&str> = preset.into_iter().collect();
+            if let Some(bug) = want.driver_bug {
+                cfg.driver_bug = Some(bug);
+                flags.push(match bug {
+                    DriverBug::AckBeforeSync => "--bug ack-before-sync",
+                    DriverBug::ApplyBeforeCommit => "--bug apply-early",
+                    DriverBug::LoseSyncedDataOnPowerLoss => "--bug lose-synced",
+                });
+            }
+            for (knob, on, flag) in [
+                (
+                    &mut cfg.check_durable_quorum,
+                    want.check_durable_quorum,
+                    "--no-quorum-check",
+                ),
+                (
+                    &mut cfg.sync_on_restart,
+                    want.sync_on_restart,
+                    "--no-restart-sync",
+                ),
+            ] {
+                if !on {
+                    *knob = false;
+                    flags.push(flag);
+                }
+            }
+            if want.allow_removing_leader {
+                cfg.allow_removing_leader = true;
+                flags.push("--allow-removing-leader");
+            }
+            if cfg == want {
+                return if flags.is_empty() {
+                    format!("ROAMDISK_SIM_SEED={seed} cargo nextest run -p roamdisk-sim --release seeds_part")
+                } else {
+                    format!(
+                        "cargo run -p roamdisk-sim --release -- --seed {seed} --trace {}",
+                        flags.join(" ")
+                    )
+                };
+            }
+        }
+        format!("run_seed({seed}, &config) with this test's SimConfig")
+    }
+
+    /// Membership churn: frequent membership changes, frequent process kills (which
+    /// keep what was written but not synced), and slow checkpoints, so that restarts
+    /// and snapshots often land between applying a change and recording it.
+    pub fn membership_stress() -> SimConfig {
+        SimConfig {
+            fault_weights: FaultWeights {
+                crash: 50,
+                partition: 10,
+                transfer_leader: 12,
+                membership: 50,
+                compact: 10,
+            },
+            power_loss_per_million: 0,
+            checkpoint_ms: (1_000, 2_000),
+            ..SimConfig::default()
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct FaultWeights {
+    pub crash: u32,
+    pub partition: u32,
+    pub transfer_leader: u32,
+    pub membership: u32,
+    pub compact: u32,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            fault_phase_ms: 12_000,
+            quiet_phase_ms: 8_000,
+            tick_ms: 20,
+            election_tick: 10,
+            heartbeat_tick: 2,
+            max_size_per_msg: 2048,
+            max_inflight_msgs: 16,
+            voters_choices: vec![3, 3, 5],
+            remote_sites_max: 2,
+            spare_nodes_max: 2,
+            bootstrap_index: 5,
+            local_delay_us: (100, 2_000),
+            remote_delay_ms: (10, 40),
+            remote_jitter_ms: 10,
+            drop_per_million_max: 50_000,
+            duplicate_per_million_max: 20_000,
+            sync_us: (100, 3_000),
+            checkpoint_ms: (50, 400),
+            retained_entries: (0, 40),
+            fault_interval_ms: (150, 900),
+            downtime_ms: (50, 3_000),
+            partition_ms: (100, 3_000),
+            fault_weights: FaultWeights {
+                crash: 30,
+                partition: 30,
+                transfer_leader: 12,
+                membership: 20,
+                compact: 8,
+            },
+            power_loss_per_million: 700_000,
+            crash_in_sync_per_million: 300_000,
+            volume_clients: 3,
+            think_ms: (1, 60),
+            client_timeout_ms: 600,
+            allow_removing_leader: false,
+            sync_on_restart: true,
+            driver_bug: None,
+            check_durable_quorum: true,
+            trace: false,
+        }
+    }
+}

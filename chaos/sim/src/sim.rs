@@ -1,0 +1,1335 @@
+//! The simulation: a seeded event loop over simulated time.
+//!
+//! Events are kept in a queue ordered by `(time, sequence number)`, so two events at
+//! the same microsecond run in the order they were scheduled and a seed replays
+//! exactly. Each event is handled, then the invariants are checked (see `checker`);
+//! the first violation stops the run with the seed and the step that found it.
+//!
+//! A run has three phases:
+//! 1. *faults* (`fault_phase_ms`): clients write; a fault is drawn every few hundred
+//!    ms: crash (power loss or process kill) and later restart, partition and later
+//!    heal, leader transfer, membership change (joint consensus when two voters
+//!    change), or an aggressive compaction that forces snapshots;
+//! 2. *quiet* (`quiet_phase_ms`): partitions heal, crashed nodes restart, drops stop,
+//!    joint configurations are left; one liveness write per group is issued;
+//! 3. *end*: a leader must exist for each group, every member must have applied the
+//!    same index with the same state, the liveness writes must be acknowledged, and a
+//!    replay of the committed log must reproduce every state hash seen.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::fmt;
+
+use raft::eraftpb::{
+    ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Message,
+    MessageType,
+};
+use raft::StateRole;
+use roamdisk_core::ids::{GroupId, NodeId};
+
+use crate::checker::{violation, Check, Checker, Invariant, Violation};
+use crate::client::Client;
+use crate::config::{Micros, SimConfig, MS};
+use crate::corelog::CoreErrors;
+use crate::machine::MachineKind;
+use crate::net::Network;
+use crate::node::{ClientRequest, Ctx, Effect, Input, Node, ReplicaSeed, Reply};
+use crate::rng::SimRng;
+use crate::topology::{Topology, HOME_SITE, VOTERS_MAX, VOTERS_MIN};
+use crate::trace::Trace;
+
+/// Steps between two comparisons of every node's whole log with the committed record.
+pub const FULL_LOG_CHECK_EVERY: u64 = 2048;
+/// Steps between two checks that committed entries are durable on a quorum (they also
+/// run after every crash and sync).
+pub const QUORUM_CHECK_EVERY: u64 = 16;
+/// A sender's transport notices a lost snapshot stream after this long.
+pub const SNAPSHOT_FAILURE_NOTICE: Micros = 50 * MS;
+/// Partitions active at once, at most.
+pub const PARTITIONS_MAX: usize = 2;
+/// Events in one run, at most: a run that exceeds it is reported (a livelock in the
+/// simulator itself, or a configuration that asks too much).
+pub const STEPS_MAX: u64 = 2_000_000;
+
+enum Event {
+    Tick(NodeId),
+    Checkpoint(NodeId),
+    Deliver {
+        from: NodeId,
+        to: NodeId,
+        group: GroupId,
+        msg: Box<Message>,
+    },
+    SyncDone {
+        node: NodeId,
+        incarnation: u64,
+    },
+    SnapshotStatus {
+        node: NodeId,
+        group: GroupId,
+        to: NodeId,
+        ok: bool,
+    },
+    Unreachable {
+        node: NodeId,
+        group: GroupId,
+        to: NodeId,
+    },
+    /// Send the client's request (a new one if none is in flight), unless the attempt
+    /// in flight is no longer `after_attempt`.
+    ClientSend {
+        client: usize,
+        after_attempt: u32,
+    },
+    RequestArrives {
+        node: NodeId,
+        request: ClientRequest,
+    },
+    ReplyArrives {
+        from: NodeId,
+        client: usize,
+        request: u64,
+        attempt: u32,
+        reply: Reply,
+    },
+    ClientTimeout {
+        client: usize,
+        request: u64,
+        attempt: u32,
+    },
+    Fault,
+    Restart(NodeId),
+    Heal(u64),
+    Quiet,
+    Settle,
+    FinalWrites,
+    End,
+}
+
+impl Event {
+    /// A tag for the trace hash.
+    fn tag(&self) -> u8 {
+        match self {
+            Event::Tick(_) => 1,
+            Event::Checkpoint(_) => 2,
+            Event::Deliver { .. } => 3,
+            Event::SyncDone { .. } => 4,
+            Event::SnapshotStatus { .. } => 5,
+            Event::Unreachable { .. } => 6,
+            Event::ClientSend { .. } => 7,
+            Event::RequestArrives { .. } => 8,
+            Event::ReplyArrives { .. } => 9,
+            Event::ClientTimeout { .. } => 10,
+            Event::Fault => 11,
+            Event::Restart(_) => 12,
+            Event::Heal(_) => 13,
+            Event::Quiet => 14,
+            Event::Settle => 15,
+            Event::FinalWrites => 16,
+            Event::End => 17,
+        }
+    }
+}
+
+struct Scheduled {
+    at: Micros,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    /// Reversed, so that `BinaryHeap` (a max-heap) pops the earliest event first.
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Faults,
+    Quiet,
+    Done,
+}
+
+/// Counters of one run.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub messages_sent: u64,
+    pub messages_delivered: u64,
+    pub messages_lost: u64,
+    pub crashes: u64,
+    pub power_losses: u64,
+    pub partitions: u64,
+    pub leader_transfers: u64,
+    pub conf_changes: u64,
+    pub compactions: u64,
+    pub acknowledged: u64,
+    pub terms: u64,
+    pub committed_entries: u64,
+    pub nodes: u64,
+    /// Highest volume generation in the final metadata state (moves finished + 1).
+    pub max_generation: u64,
+}
+
+/// A run that passed.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub seed: u64,
+    pub steps: u64,
+    pub sim_ms: u64,
+    /// blake3 over every event: equal for equal seeds.
+    pub trace_hash: String,
+    pub stats: Stats,
+}
+
+/// A run that found a violation.
+#[derive(Clone, Debug)]
+pub struct SimFailure {
+    pub seed: u64,
+    pub step: u64,
+    pub time: Micros,
+    pub violation: Violation,
+    /// How to replay this run (see `SimConfig::replay_command`).
+    pub replay: String,
+}
+
+impl fmt::Display for SimFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "seed {} failed at step {} (t={}.{:03}ms): {}",
+            self.seed,
+            self.step,
+            self.time / 1000,
+            self.time % 1000,
+            self.violation
+        )?;
+        write!(f, "; replay with {}", self.replay)
+    }
+}
+
+pub struct Simulation {
+    seed: u64,
+    cfg: SimConfig,
+    rng: SimRng,
+    now: Micros,
+    step: u64,
+    queue: BinaryHeap<Scheduled>,
+    next_seq: u64,
+    topology: Topology,
+    nodes: BTreeMap<NodeId, Node>,
+    net: Network,
+    clients: Vec<Client>,
+    checker: Checker,
+    trace: Trace,
+    phase: Phase,
+    stats: Stats,
+    effects: Vec<Effect>,
+    /// Whether the durable-quorum check must run after this step.
+    durability_changed: bool,
+    /// Nodes that crash when their next sync would complete (power loss or not).
+    crash_at_sync: BTreeMap<NodeId, bool>,
+    core_errors: CoreErrors,
+}
+
+fn conf_change(
+    changes: &[(ConfChangeType, NodeId)],
+    transition: ConfChangeTransition,
+) -> ConfChangeV2 {
+    let mut cc = ConfChangeV2::default();
+    cc.set_transition(transition);
+    for (ty, node) in changes {
+        let mut c = ConfChangeSingle::default();
+        c.set_change_type(*ty);
+        c.node_id = node.0;
+        cc.mut_changes().push(c);
+    }
+    cc
+}
+
+fn ids(v: &[u64]) -> Vec<NodeId> {
+    v.iter().map(|n| NodeId(*n)).collect()
+}
+
+impl Simulation {
+    pub fn new(seed: u64, cfg: SimConfig) -> Simulation {
+        let mut rng = SimRng::new(seed);
+        let topology = Topology::draw(&mut rng, &cfg);
+        let net = Network::new(&mut rng, &cfg, topology.nodes.clone());
+        let mut nodes = BTreeMap::new();
+        for (id, site) in &topology.nodes {
+            let retained = rng.range(cfg.retained_entries.0, cfg.retained_entries.1);
+            nodes.insert(*id, Node::new(*id, *site, &cfg, retained));
+        }
+        let mut checker = Checker::default();
+        for (group, spec) in &topology.groups {
+            checker.add_group(*group, spec.kind, cfg.bootstrap_index);
+        }
+        let trace = Trace::new(cfg.trace);
+        Simulation {
+            seed,
+            rng,
+            now: 0,
+            step: 0,
+            queue: BinaryHeap::new(),
+            next_seq: 0,
+            topology,
+            nodes,
+            net,
+            clients: Vec::new(),
+            checker,
+            trace,
+            phase: Phase::Faults,
+            stats: Stats::default(),
+            effects: Vec::new(),
+            durability_changed: false,
+            crash_at_sync: BTreeMap::new(),
+            core_errors: CoreErrors::default(),
+            cfg,
+        }
+    }
+
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    pub fn now(&self) -> Micros {
+        self.now
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// A one-line description of the cluster drawn for this seed.
+    pub fn describe(&self) -> String {
+        let groups: Vec<String> = self
+            .topology
+            .groups
+            .iter()
+            .map(|(g, s)| {
+                let list = |v: &[NodeId]| {
+                    let names: Vec<String> = v.iter().map(|n| n.to_string()).collect();
+                    names.join(",")
+                };
+                format!(
+                    "g{g}({:?}) voters [{}] learners [{}]",
+                    s.kind,
+                    list(&s.voters),
+                    list(&s.learners)
+                )
+            })
+            .collect();
+        let nodes: Vec<String> = self
+            .topology
+            .nodes
+            .iter()
+            .map(|(n, s)| format!("n{n}@site{s}"))
+            .collect();
+        format!(
+            "seed {}: nodes [{}]; {}; drop {}ppm dup {}ppm",
+            self.seed,
+            nodes.join(" "),
+            groups.join("; "),
+            self.net.drop_per_million,
+            self.net.duplicate_per_million
+        )
+    }
+
+    fn schedule(&mut self, after: Micros, event: Event) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.queue.push(Scheduled {
+            at: self.now + after,
+            seq,
+            event,
+        });
+    }
+
+    fn fail(&self, violation: Violation) -> SimFailure {
+        SimFailure {
+            seed: self.seed,
+            step: self.step,
+            time: self.now,
+            violation,
+            replay: self.cfg.replay_command(self.seed),
+        }
+    }
+
+    /// Runs the whole simulation.
+    pub fn run(&mut self) -> Result<Outcome, SimFailure> {
+        let errors = self.core_errors.clone();
+        errors.capture(|| self.run_events())
+    }
+
+    fn run_events(&mut self) -> Result<Outcome, SimFailure> {
+        self.trace.note(0, || self.describe());
+        self.setup().map_err(|v| self.fail(v))?;
+        while let Some(s) = self.queue.pop() {
+            debug_assert!(s.at >= self.now, "time goes forward");
+            self.now = s.at;
+            self.step += 1;
+            if self.step > STEPS_MAX {
+                return Err(self.fail(violation(
+                    Invariant::Liveness,
+                    format!("more than {STEPS_MAX} events"),
+                )));
+            }
+            let end = matches!(s.event, Event::End);
+            self.handle(s.event).map_err(|v| self.fail(v))?;
+            self.check_after_event().map_err(|v| self.fail(v))?;
+            if end {
+                break;
+            }
+        }
+        self.stats.terms = self
+            .topology
+            .groups
+            .keys()
+            .map(|g| self.checker.group(*g).terms() as u64)
+            .sum();
+        self.stats.committed_entries = self
+            .topology
+            .groups
+            .keys()
+            .map(|g| self.checker.group(*g).committed_len() as u64)
+            .sum();
+        self.stats.nodes = self.nodes.len() as u64;
+        self.stats.max_generation = self
+            .nodes
+            .values()
+            .filter_map(|n| n.replicas.get(&roamdisk_core::ids::META_GROUP))
+            .filter_map(|r| r.machine.monotone())
+            .flat_map(|m| m.generations.into_values().map(|(g, _)| g.0))
+            .max()
+            .unwrap_or(0);
+        Ok(Outcome {
+            seed: self.seed,
+            steps: self.step,
+            sim_ms: self.now / MS,
+            trace_hash: self.trace.finish(),
+            stats: self.stats.clone(),
+        })
+    }
+
+    fn setup(&mut self) -> Check {
+        let groups: Vec<(GroupId, MachineKind, Vec<NodeId>, Vec<NodeId>)> = self
+            .topology
+            .groups
+            .iter()
+            .map(|(g, s)| (*g, s.kind, s.voters.clone(), s.learners.clone()))
+            .collect();
+        for (group, kind, voters, learners) in groups {
+            let mut cs = ConfState::default();
+            cs.voters = voters.iter().map(|n| n.0).collect();
+            cs.learners = learners.iter().map(|n| n.0).collect();
+            for node in voters.iter().chain(&learners) {
+                let seed = ReplicaSeed {
+                    kind,
+                    conf: Some(cs.clone()),
+                };
+                self.with_node(*node, |n, ctx| n.create_replica(group, seed, ctx))?;
+            }
+            let clients = if kind == MachineKind::Volume {
+                self.cfg.volume_clients
+            } else {
+                1
+            };
+            for _ in 0..clients {
+                self.clients.push(Client::new(group, kind, false));
+            }
+        }
+        let tick = self.cfg.tick_ms * MS;
+        let nodes: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for node in nodes {
+            let phase = self.rng.below(tick);
+            self.schedule(phase, Event::Tick(node));
+            let cp = self
+                .rng
+                .range(self.cfg.checkpoint_ms.0, self.cfg.checkpoint_ms.1)
+                * MS;
+            self.schedule(cp, Event::Checkpoint(node));
+        }
+        for client in 0..self.clients.len() {
+            let at = self.rng.range(0, 50 * MS);
+            self.schedule(
+                at,
+                Event::ClientSend {
+                    client,
+                    after_attempt: 0,
+                },
+            );
+        }
+        let first_fault = self
+            .rng
+            .range(self.cfg.fault_interval_ms.0, self.cfg.fault_interval_ms.1)
+            * MS;
+        self.schedule(first_fault, Event::Fault);
+        let fault_end = self.cfg.fault_phase_ms * MS;
+        let quiet = self.cfg.quiet_phase_ms * MS;
+        self.schedule(fault_end, Event::Quiet);
+        self.schedule(fault_end + quiet / 3, Event::FinalWrites);
+        self.schedule(fault_end + quiet, Event::End);
+        Ok(())
+    }
+
+    /// Runs `f` on a node with a context, then routes the effects it produced.
+    fn with_node(&mut self, id: NodeId, f: impl FnOnce(&mut Node, &mut Ctx<'_>) -> Check) -> Check {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let mut ctx = Ctx {
+            now: self.now,
+            cfg: &self.cfg,
+            rng: &mut self.rng,
+            checker: &mut self.checker,
+            effects: &mut self.effects,
+            trace: &mut self.trace,
+        };
+        let result = f(node, &mut ctx);
+        self.route_effects();
+        result
+    }
+
+    fn input(&mut self, node: NodeId, input: Input) -> Check {
+        if !self.nodes[&node].up {
+            return Ok(());
+        }
+        self.with_node(node, |n, ctx| n.handle(input, ctx))
+    }
+
+    fn route_effects(&mut self) {
+        let effects = std::mem::take(&mut self.effects);
+        for effect in effects {
+            match effect {
+                Effect::Send {
+                    from,
+                    to,
+                    group,
+                    msg,
+                } => {
+                    self.stats.messages_sent += 1;
+                    if !self.nodes.contains_key(&to) {
+                        continue;
+                    }
+                    let delays = self.net.plan(&mut self.rng, from, to);
+                    if delays.is_empty() {
+                        self.stats.messages_lost += 1;
+                        if msg.get_msg_type() == MessageType::MsgSnapshot {
+                            self.schedule(
+                                SNAPSHOT_FAILURE_NOTICE,
+                                Event::SnapshotStatus {
+                                    node: from,
+                                    group,
+                                    to,
+                                    ok: false,
+                                },
+                            );
+                        }
+                    }
+                    for delay in delays {
+                        let msg = msg.clone();
+                        self.schedule(
+                            delay,
+                            Event::Deliver {
+                                from,
+                                to,
+                                group,
+                                msg: Box::new(msg),
+                            },
+                        );
+                    }
+                }
+                Effect::Reply {
+                    node,
+                    client,
+                    request,
+                    attempt,
+                    reply,
+                } => {
+                    if self.rng.chance(self.net.drop_per_million) {
+                        continue;
+                    }
+                    let site = self.net.site_of(node);
+                    let delay = self.net.delay_between_sites(&mut self.rng, site, HOME_SITE);
+                    self.schedule(
+                        delay,
+                        Event::ReplyArrives {
+                            from: node,
+                            client,
+                            request,
+                            attempt,
+                            reply,
+                        },
+                    );
+                }
+                Effect::SyncAfter {
+                    node,
+                    incarnation,
+                    after,
+                } => self.schedule(after, Event::SyncDone { node, incarnation }),
+            }
+        }
+    }
+
+    fn trace_event(&mut self, event: &Event) {
+        let (values, line): (Vec<u64>, Option<String>) = match event {
+            Event::Deliver {
+                from, to, group, msg, ..
+            } => (
+                vec![
+                    from.0,
+                    to.0,
+                    group.0,
+                    msg.get_msg_type() as u64,
+                    msg.term,
+                    msg.index,
+                    msg.log_term,
+                    msg.commit,
+                    msg.entries.len() as u64,
+                    msg.reject as u64,
+                ],
+                self.trace.verbose().then(|| {
+                    format!(
+                        "n{from} -> n{to} g{group} {:?} term={} index={} log_term={} commit={} entries={}{}",
+                        msg.get_msg_type(),
+                        msg.term,
+                        msg.index,
+                        msg.log_term,
+                        msg.commit,
+                        msg.entries.len(),
+                        if msg.reject { " reject" } else { "" }
+                    )
+                }),
+            ),
+            Event::Tick(n) => (vec![n.0], None),
+            Event::Checkpoint(n) => (vec![n.0], None),
+            Event::SyncDone { node, incarnation } => (
+                vec![node.0, *incarnation],
+                self.trace.verbose().then(|| format!("n{node} sync done")),
+            ),
+            Event::SnapshotStatus {
+                node,
+                group,
+                to,
+                ok,
+            } => (
+                vec![node.0, group.0, to.0, *ok as u64],
+                self.trace
+                    .verbose()
+                    .then(|| format!("n{node} g{group}: snapshot to n{to} ok={ok}")),
+            ),
+            Event::Unreachable { node, group, to } => (vec![node.0, group.0, to.0], None),
+            Event::ClientSend {
+                client,
+                after_attempt,
+            } => (vec![*client as u64, u64::from(*after_attempt)], None),
+            Event::RequestArrives { node, request } => (
+                vec![node.0, request.client as u64, request.request, u64::from(request.attempt)],
+                self.trace.verbose().then(|| {
+                    format!(
+                        "client {} request {} attempt {} -> n{node} g{}",
+                        request.client, request.request, request.attempt, request.group
+                    )
+                }),
+            ),
+            Event::ReplyArrives {
+                from,
+                client,
+                request,
+                attempt,
+                reply,
+            } => (
+                vec![from.0, *client as u64, *request, u64::from(*attempt)],
+                self.trace.verbose().then(|| {
+                    format!("client {client} request {request} attempt {attempt} <- n{from}: {reply:?}")
+                }),
+            ),
+            Event::ClientTimeout {
+                client,
+                request,
+                attempt,
+            } => (vec![*client as u64, *request, u64::from(*attempt)], None),
+            Event::Fault => (vec![], None),
+            Event::Restart(n) => (vec![n.0], self.trace.verbose().then(|| format!("n{n} restarts"))),
+            Event::Heal(p) => (vec![*p], self.trace.verbose().then(|| format!("partition {p} heals"))),
+            Event::Quiet => (vec![], Some("quiet phase: heal everything".into())),
+            Event::Settle => (vec![], None),
+            Event::FinalWrites => (vec![], Some("liveness writes".into())),
+            Event::End => (vec![], Some("end".into())),
+        };
+        // Periodic events (ticks, checkpoints, client timers) are hashed, not printed.
+        self.trace
+            .event(self.step, self.now, event.tag(), &values, line);
+    }
+
+    fn handle(&mut self, event: Event) -> Check {
+        self.trace_event(&event);
+        match event {
+            Event::Tick(node) => {
+                self.schedule(self.cfg.tick_ms * MS, Event::Tick(node));
+                self.input(node, Input::Tick)
+            }
+            Event::Checkpoint(node) => {
+                let next = self
+                    .rng
+                    .range(self.cfg.checkpoint_ms.0, self.cfg.checkpoint_ms.1)
+                    * MS;
+                self.schedule(next, Event::Checkpoint(node));
+                self.input(node, Input::Checkpoint { aggressive: false })
+            }
+            Event::Deliver {
+                from,
+                to,
+                group,
+                msg,
+            } => self.deliver(from, to, group, *msg),
+            Event::SyncDone { node, incarnation } => {
+                self.durability_changed = true;
+                let current = self.nodes[&node].up && self.nodes[&node].incarnation == incarnation;
+                if current {
+                    if let Some(power_loss) = self.crash_at_sync.remove(&node) {
+                        self.crash(node, power_loss);
+                        return Ok(());
+                    }
+                }
+                self.with_node(node, |n, ctx| n.sync_done(incarnation, ctx))
+            }
+            Event::SnapshotStatus {
+                node,
+                group,
+                to,
+                ok,
+            } => self.input(node, Input::SnapshotStatus { group, to, ok }),
+            Event::Unreachable { node, group, to } => {
+                self.input(node, Input::Unreachable { group, to })
+            }
+            Event::ClientSend {
+                client,
+                after_attempt,
+            } => {
+                self.client_send(client, after_attempt);
+                Ok(())
+            }
+            Event::RequestArrives { node, request } => self.input(node, Input::Propose(request)),
+            Event::ReplyArrives {
+                from,
+                client,
+                request,
+                attempt,
+                reply,
+            } => self.client_reply(from, client, request, attempt, reply),
+            Event::ClientTimeout {
+                client,
+                request,
+                attempt,
+            } => {
+                let c = &mut self.clients[client];
+                if let Some(f) = &c.in_flight {
+                    if f.request == request && f.attempt == attempt {
+                        c.hint = None;
+                        self.schedule(
+                            0,
+                            Event::ClientSend {
+                                client,
+                                after_attempt: attempt,
+                            },
+                        );
+                    }
+                }
+                Ok(())
+            }
+            Event::Fault => self.fault(),
+            Event::Restart(node) => self.restart(node),
+            Event::Heal(id) => {
+                if let Some(p) = self.net.heal(id) {
+                    self.trace.note(self.now, || {
+                        format!("healed partition {id}: {}", p.description)
+                    });
+                }
+                Ok(())
+            }
+            Event::Quiet => self.quiet(),
+            Event::Settle => {
+                if self.phase == Phase::Quiet {
+                    self.schedule(200 * MS, Event::Settle);
+                    for group in self.group_ids() {
+                        self.leave_joint(group)?;
+                    }
+                }
+                Ok(())
+            }
+            Event::FinalWrites => {
+                for group in self.group_ids() {
+                    let kind = self.topology.groups[&group].kind;
+                    self.clients.push(Client::new(group, kind, true));
+                    let client = self.clients.len() - 1;
+                    self.schedule(
+                        0,
+                        Event::ClientSend {
+                            client,
+                            after_attempt: 0,
+                        },
+                    );
+                }
+                Ok(())
+            }
+            Event::End => {
+                self.phase = Phase::Done;
+                self.final_checks()
+            }
+        }
+    }
+
+    fn group_ids(&self) -> Vec<GroupId> {
+        self.topology.groups.keys().copied().collect()
+    }
+
+    fn deliver(&mut self, from: NodeId, to: NodeId, group: GroupId, msg: Message) -> Check {
+        let ty = msg.get_msg_type();
+        let reachable =
+            !self.net.is_cut(from, to) && self.nodes[&to].up && self.nodes[&to].hosts(group);
+        if !reachable {
+            self.stats.messages_lost += 1;
+            match ty {
+                MessageType::MsgSnapshot => self.schedule(
+                    SNAPSHOT_FAILURE_NOTICE,
+                    Event::SnapshotStatus {
+                        node: from,
+                        group,
+                        to,
+                        ok: false,
+                    },
+                ),
+                MessageType::MsgAppend => self.schedule(
+                    MS,
+                    Event::Unreachable {
+                        node: from,
+                        group,
+                        to,
+                    },
+                ),
+                _ => {}
+            }
+            return Ok(());
+        }
+        self.stats.messages_delivered += 1;
+        self.input(to, Input::Raft { group, msg })?;
+        if ty == MessageType::MsgSnapshot {
+            let delay = self.net.delay_between_sites(
+                &mut self.rng,
+                self.net.site_of(to),
+                self.net.site_of(from),
+            );
+            self.schedule(
+                delay,
+                Event::SnapshotStatus {
+                    node: from,
+                    group,
+                    to,
+                    ok: true,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn client_send(&mut self, client: usize, after_attempt: u32) {
+        let faults = self.phase == Phase::Faults;
+        let c = &mut self.clients[client];
+        match &c.in_flight {
+            Some(f) if f.attempt != after_attempt => return,
+            Some(_) => {}
+            None if after_attempt != 0 => return,
+            None => {
+                if !(faults || c.liveness) || (c.liveness && c.acked > 0) {
+                    return;
+                }
+                c.start(&mut self.rng);
+            }
+        }
+        let nodes: Vec<NodeId> = self.nodes.keys().copied().collect();
+        let target = match c.hint {
+            Some(n) => n,
+            None => *self.rng.pick(&nodes).expect("nodes"),
+        };
+        let f = c.in_flight.as_mut().expect("in flight");
+        f.attempt += 1;
+        let request = ClientRequest {
+            client,
+            request: f.request,
+            attempt: f.attempt,
+            group: c.group,
+            payload: f.payload.clone(),
+        };
+        let (req_id, attempt) = (f.request, f.attempt);
+        if !self.rng.chance(self.net.drop_per_million) {
+            let delay =
+                self.net
+                    .delay_between_sites(&mut self.rng, HOME_SITE, self.net.site_of(target));
+            self.schedule(
+                delay,
+                Event::RequestArrives {
+                    node: target,
+                    request,
+                },
+            );
+        }
+        self.schedule(
+            self.cfg.client_timeout_ms * MS,
+            Event::ClientTimeout {
+                client,
+                request: req_id,
+                attempt,
+            },
+        );
+    }
+
+    fn client_reply(
+        &mut self,
+        from: NodeId,
+        client: usize,
+        request: u64,
+        attempt: u32,
+        reply: Reply,
+    ) -> Check {
+        let c = &mut self.clients[client];
+        let Some(f) = &c.in_flight else {
+            return Ok(());
+        };
+        if f.request != request {
+            return Ok(());
+        }
+        let current = f.attempt;
+        match reply {
+            Reply::Acked { index, term } => {
+                // Any attempt of this request may be the one that committed.
+                let digest = f.digest;
+                let group = c.group;
+                c.in_flight = None;
+                c.acked += 1;
+                c.hint = Some(from);
+                self.stats.acknowledged += 1;
+                self.checker.observe_ack(group, index, term, digest)?;
+                let think = self.rng.range(self.cfg.think_ms.0, self.cfg.think_ms.1) * MS;
+                self.schedule(
+                    think,
+                    Event::ClientSend {
+                        client,
+                        after_attempt: 0,
+                    },
+                );
+            }
+            _ if attempt != current => {}
+            Reply::NotLeader { leader } => {
+                c.hint = leader;
+                let backoff = if leader.is_some() { MS } else { 20 * MS };
+                self.schedule(
+                    backoff,
+                    Event::ClientSend {
+                        client,
+                        after_attempt: current,
+                    },
+                );
+            }
+            Reply::Retry(_) => {
+                self.schedule(
+                    10 * MS,
+                    Event::ClientSend {
+                        client,
+                        after_attempt: current,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The node that leads `group` in the highest term, among running nodes.
+    fn leader(&self, group: GroupId) -> Option<NodeId> {
+        self.nodes
+            .values()
+            .filter(|n| n.up)
+            .filter_map(|n| {
+                let r = n.replicas.get(&group)?;
+                (r.raft.role() == StateRole::Leader).then(|| (r.raft.term().0, n.id))
+            })
+            .max()
+            .map(|(_, id)| id)
+    }
+
+    fn fault(&mut self) -> Check {
+        if self.phase != Phase::Faults {
+            return Ok(());
+        }
+        let next = self
+            .rng
+            .range(self.cfg.fault_interval_ms.0, self.cfg.fault_interval_ms.1)
+            * MS;
+        self.schedule(next, Event::Fault);
+        let w = &self.cfg.fault_weights;
+        let weights = [
+            w.crash,
+            w.partition,
+            w.transfer_leader,
+            w.membership,
+            w.compact,
+        ];
+        match self.rng.weighted(&weights) {
+            0 => self.crash_random(),
+            1 => {
+                if self.net.partitions() < PARTITIONS_MAX {
+                    let nodes: Vec<NodeId> = self.nodes.keys().copied().collect();
+                    let (id, description) = self.net.start_random_partition(&mut self.rng, &nodes);
+                    self.stats.partitions += 1;
+                    self.trace
+                        .note(self.now, || format!("partition {id}: {description}"));
+                    let d = self
+                        .rng
+                        .range(self.cfg.partition_ms.0, self.cfg.partition_ms.1)
+                        * MS;
+                    self.schedule(d, Event::Heal(id));
+                }
+                Ok(())
+            }
+            2 => {
+                let groups = self.group_ids();
+                let group = *self.rng.pick(&groups).expect("groups");
+                let Some(leader) = self.leader(group) else {
+                    return Ok(());
+                };
+                let cs = self.nodes[&leader].replicas[&group].raft.conf_state();
+                let targets: Vec<NodeId> = ids(&cs.voters)
+                    .into_iter()
+                    .filter(|n| *n != leader)
+                    .collect();
+                let Some(to) = self.rng.pick(&targets).copied() else {
+                    return Ok(());
+                };
+                self.stats.leader_transfers += 1;
+                self.trace.note(self.now, || {
+                    format!("g{group}: transfer leadership n{leader} -> n{to}")
+                });
+                self.input(leader, Input::TransferLeader { group, to })
+            }
+            3 => {
+                let groups = self.group_ids();
+                let group = *self.rng.pick(&groups).expect("groups");
+                self.membership_change(group)
+            }
+            _ => {
+                let up: Vec<NodeId> = self.nodes.values().filter(|n| n.up).map(|n| n.id).collect();
+                let Some(node) = self.rng.pick(&up).copied() else {
+                    return Ok(());
+                };
+                self.stats.compactions += 1;
+                self.trace.note(self.now, || {
+                    format!("n{node}: compacts its logs to the applied index")
+                });
+                self.input(node, Input::Checkpoint { aggressive: true })
+            }
+        }
+    }
+
+    fn crash_random(&mut self) -> Check {
+        let down = self.nodes.values().filter(|n| !n.up).count() + self.crash_at_sync.len();
+        // Up to half of the nodes may be down at once: enough to lose a group's quorum.
+        if down >= self.nodes.len() / 2 {
+            return Ok(());
+        }
+        let up: Vec<NodeId> = self
+            .nodes
+            .values()
+            .filter(|n| n.up && !self.crash_at_sync.contains_key(&n.id))
+            .map(|n| n.id)
+            .collect();
+        let Some(node) = self.rng.pick(&up).copied() else {
+            return Ok(());
+        };
+        let power_loss = self.rng.chance(self.cfg.power_loss_per_million);
+        if self.rng.chance(self.cfg.crash_in_sync_per_million) {
+            self.trace.note(self.now, || {
+                format!("n{node} will crash at its next sync (power loss: {power_loss})")
+            });
+            self.trace.mix(&[node.0, power_loss as u64, 1]);
+            self.crash_at_sync.insert(node, power_loss);
+        } else {
+            self.crash(node, power_loss);
+        }
+        Ok(())
+    }
+
+    fn crash(&mut self, node: NodeId, power_loss: bool) {
+        let busy = self.nodes[&node].is_busy();
+        self.stats.crashes += 1;
+        if power_loss {
+            self.stats.power_losses += 1;
+        }
+        self.trace.note(self.now, || {
+            format!(
+                "n{node} crashes ({}{})",
+                if power_loss {
+                    "power loss"
+                } else {
+                    "process kill"
+                },
+                if busy { ", between write and sync" } else { "" }
+            )
+        });
+        self.trace.mix(&[node.0, power_loss as u64]);
+        let bug = self.cfg.driver_bug;
+        self.nodes
+            .get_mut(&node)
+            .expect("node")
+            .crash(power_loss, bug);
+        self.durability_changed = true;
+        let down = self
+            .rng
+            .range(self.cfg.downtime_ms.0, self.cfg.downtime_ms.1)
+            * MS;
+        self.schedule(down, Event::Restart(node));
+    }
+
+    fn restart(&mut self, node: NodeId) -> Check {
+        if self.nodes[&node].up {
+            return Ok(());
+        }
+        self.durability_changed = true;
+        self.with_node(node, |n, ctx| n.restart(ctx))
+    }
+
+    /// Proposes one membership change of `group` through its leader.
+    fn membership_change(&mut self, group: GroupId) -> Check {
+        let Some(leader) = self.leader(group) else {
+            return Ok(());
+        };
+        let cs = self.nodes[&leader].replicas[&group].raft.conf_state();
+        if !cs.voters_outgoing.is_empty() {
+            return self.leave_joint(group);
+        }
+        let voters = ids(&cs.voters);
+        let learners = ids(&cs.learners);
+        let outsiders: Vec<NodeId> = self
+            .nodes
+            .values()
+            .filter(|n| n.up && !voters.contains(&n.id) && !learners.contains(&n.id))
+            .map(|n| n.id)
+            .collect();
+        use ConfChangeType::{AddLearnerNode, AddNode, RemoveNode};
+        let removals = self.cfg.allow_removing_leader;
+        let mut options: Vec<(String, Vec<(ConfChangeType, NodeId)>)> = Vec::new();
+        for n in &outsiders {
+            options.push((format!("add learner n{n}"), vec![(AddLearnerNode, *n)]));
+        }
+        for l in &learners {
+            if removals || *l != leader {
+                options.push((format!("remove learner n{l}"), vec![(RemoveNode, *l)]));
+            }
+            if voters.len() < VOTERS_MAX {
+                options.push((format!("promote learner n{l}"), vec![(AddNode, *l)]));
+            }
+            for v in &voters {
+                // Joint consensus: two voters change at once.
+                options.push((
+                    format!("replace voter n{v} by learner n{l} (n{v} becomes a learner)"),
+                    vec![(AddNode, *l), (AddLearnerNode, *v)],
+                ));
+                if removals {
+                    options.push((
+                        format!("replace voter n{v} by learner n{l} (n{v} leaves)"),
+                        vec![(AddNode, *l), (RemoveNode, *v)],
+                    ));
+                }
+            }
+        }
+        if voters.len() > VOTERS_MIN {
+            for v in &voters {
+                options.push((format!("demote voter n{v}"), vec![(AddLearnerNode, *v)]));
+                if removals {
+                    options.push((format!("remove voter n{v}"), vec![(RemoveNode, *v)]));
+                }
+            }
+        }
+        let Some((what, changes)) = self.rng.pick(&options).cloned() else {
+            return Ok(());
+        };
+        let transition = if changes.len() > 1 && self.rng.below(2) == 0 {
+            ConfChangeTransition::Explicit
+        } else {
+            ConfChangeTransition::Auto
+        };
+        // A node joining the group gets an empty replica that awaits a snapshot (as the
+        // storage node's reconcile would create it).
+        for (ty, n) in &changes {
+            if *ty == AddLearnerNode && !self.nodes[n].hosts(group) {
+                let kind = self.topology.groups[&group].kind;
+                let seed = ReplicaSeed { kind, conf: None };
+                self.with_node(*n, |node, ctx| node.create_replica(group, seed, ctx))?;
+            }
+        }
+        self.stats.conf_changes += 1;
+        self.trace.note(self.now, || {
+            format!("g{group}: membership change via n{leader}: {what} ({transition:?})")
+        });
+        let cc = conf_change(&changes, transition);
+        self.input(leader, Input::ConfChange { group, cc })
+    }
+
+    fn leave_joint(&mut self, group: GroupId) -> Check {
+        let Some(leader) = self.leader(group) else {
+            return Ok(());
+        };
+        let cs = self.nodes[&leader].replicas[&group].raft.conf_state();
+        if cs.voters_outgoing.is_empty() {
+            return Ok(());
+        }
+        self.trace.note(self.now, || {
+            format!("g{group}: leave the joint configuration via n{leader}")
+        });
+        self.input(
+            leader,
+            Input::ConfChange {
+                group,
+                cc: ConfChangeV2::default(),
+            },
+        )
+    }
+
+    fn quiet(&mut self) -> Check {
+        self.phase = Phase::Quiet;
+        self.crash_at_sync.clear();
+        self.net.heal_all();
+        self.net.drop_per_million = 0;
+        self.net.duplicate_per_million = 0;
+        let down: Vec<NodeId> = self
+            .nodes
+            .values()
+            .filter(|n| !n.up)
+            .map(|n| n.id)
+            .collect();
+        for node in down {
+            self.restart(node)?;
+        }
+        self.schedule(0, Event::Settle);
+        Ok(())
+    }
+
+    fn check_after_event(&mut self) -> Check {
+        if let Some(line) = self.core_errors.take_first() {
+            return Err(violation(
+                Invariant::CoreError,
+                format!("the core logged an ERROR: {line}"),
+            ));
+        }
+        for node in self.nodes.values().filter(|n| n.up) {
+            node.check_log_window(&self.checker)?;
+        }
+        if self.step % FULL_LOG_CHECK_EVERY == 0 {
+            for node in self.nodes.values().filter(|n| n.up) {
+                for group in node.replicas.keys() {
+                    node.check_log_full(*group, &self.checker, "periodic full check")?;
+                }
+            }
+        }
+        if self.cfg.check_durable_quorum
+            && (self.durability_changed || self.step % QUORUM_CHECK_EVERY == 0)
+        {
+            self.durability_changed = false;
+            self.check_quorums()?;
+        }
+        Ok(())
+    }
+
+    fn check_quorums(&self) -> Check {
+        for group in self.topology.groups.keys() {
+            let mut watermarks = BTreeMap::new();
+            for node in self.nodes.values() {
+                if let Some(log) = node.disk.synced(*group) {
+                    watermarks.insert(node.id, self.checker.durable_watermark(*group, log));
+                }
+            }
+            self.checker.check_quorums(*group, &watermarks)?;
+        }
+        Ok(())
+    }
+
+    fn final_checks(&mut self) -> Check {
+        for group in self.group_ids() {
+            let Some(leader) = self.leader(group) else {
+                return Err(violation(
+                    Invariant::Liveness,
+                    format!("group {group} has no leader after the quiet phase"),
+                ));
+            };
+            let lr = &self.nodes[&leader].replicas[&group];
+            let cs = lr.raft.conf_state();
+            if !cs.voters_outgoing.is_empty() {
+                return Err(violation(
+                    Invariant::Liveness,
+                    format!("group {group} is still in a joint configuration: {cs:?}"),
+                ));
+            }
+            let commit = lr.raft.commit_index().0;
+            let mut states = Vec::new();
+            for m in ids(&cs.voters).into_iter().chain(ids(&cs.learners)) {
+                let node = &self.nodes[&m];
+                let Some(r) = node.replicas.get(&group) else {
+                    return Err(violation(
+                        Invariant::Liveness,
+                        format!("group {group}: member n{m} has no open replica"),
+                    ));
+                };
+                states.push((m, r.machine.applied, r.machine.hash()));
+            }
+            let (_, applied, hash) = states[0];
+            if states.iter().any(|(_, a, h)| *a != applied || *h != hash) || applied != commit {
+                let list: Vec<String> = states
+                    .iter()
+                    .map(|(n, a, h)| format!("n{n} applied {a} state {:02x}{:02x}", h[0], h[1]))
+                    .collect();
+                return Err(violation(
+                    Invariant::Liveness,
+                    format!(
+                        "group {group}: members did not converge (leader n{leader} commit {commit}): {}",
+                        list.join(", ")
+                    ),
+                ));
+            }
+            let replayed = self.checker.replay(group, applied)?;
+            if replayed != hash {
+                return Err(violation(
+                    Invariant::ReplicaStateAgrees,
+                    format!(
+                        "group {group}: the final state differs from a replay of the committed log"
+                    ),
+                ));
+            }
+        }
+        for c in self.clients.iter().filter(|c| c.liveness) {
+            if c.acked == 0 {
+                return Err(violation(
+                    Invariant::Liveness,
+                    format!(
+                        "group {}: the write issued after healing was not acknowledged",
+                        c.group
+                    ),
+                ));
+            }
+        }
+        for node in self.nodes.values() {
+            for group in node.replicas.keys() {
+                node.check_log_full(*group, &self.checker, "end")?;
+            }
+        }
+        Ok(())
+    }
+}
