@@ -208,12 +208,17 @@ fn print_site_lag(v: &Value, indent: &str) {
             None => "not draining".to_owned(),
         };
         println!(
-            "{indent}site {:<10} lag {} entries, {}, {:.1} s; drains at {}/s, ETA {eta}",
+            "{indent}site {:<10} lag {} entries, {}, {:.1} s; drains at {}/s, ETA {eta}{}",
             l["site"].as_str().unwrap_or("?"),
             l["entries"],
             format_size(l["bytes"].as_u64().unwrap_or(0)),
             l["seconds"].as_f64().unwrap_or(0.0),
             format_size(l["drain_bytes_per_sec"].as_f64().unwrap_or(0.0) as u64),
+            if l["copying_blocks"] == true {
+                "; still copying blocks"
+            } else {
+                ""
+            },
         );
     }
 }

@@ -116,6 +116,21 @@ pub struct SiteLag {
     pub drain_bytes_per_sec: f64,
     /// Time to drain at the recent rate (`None` if it is not draining).
     pub eta_seconds: Option<f64>,
+    /// The replica is still copying blocks after a snapshot: it lacks data even when
+    /// no log entry is missing (its lag is not drained yet).
+    #[serde(default)]
+    pub copying_blocks: bool,
+}
+
+/// Fills in `copying_blocks` by asking each remote site's replica.
+async fn with_copy_state(node: &Node, v: &VolumeInfo, mut lags: Vec<SiteLag>) -> Vec<SiteLag> {
+    for l in &mut lags {
+        l.copying_blocks = node
+            .peer_group_status(l.node, v.id.group())
+            .await
+            .is_some_and(|g| g.recovering);
+    }
+    lags
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -195,6 +210,7 @@ fn replication(
             seconds: p.lag.seconds,
             drain_bytes_per_sec: p.lag.drain_bytes_per_sec,
             eta_seconds: p.lag.eta_seconds(),
+            copying_blocks: false,
         };
         match sites.iter_mut().find(|s| s.site == site) {
             Some(s) if s.entries > candidate.entries => *s = candidate,
@@ -235,10 +251,10 @@ async fn status(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
     let groups = node.status().await;
     let mut volumes = Vec::new();
     for v in cluster.volumes.values() {
-        let site_lag = node
-            .leader_status(v.id.group())
-            .await
-            .map(|g| replication(&cluster, v, &g).1);
+        let site_lag = match node.leader_status(v.id.group()).await {
+            Some(g) => Some(with_copy_state(&node, v, replication(&cluster, v, &g).1).await),
+            None => None,
+        };
         volumes.push(json!({
             "name": v.name, "size": v.size, "leader": node.leader_of(v.id.group()),
             "home_site": v.home_site, "replicas": v.replicas, "durability": v.durability,
@@ -281,7 +297,11 @@ async fn show_volume(
         .get(&name)
         .ok_or_else(|| ApiError::from(MetaError::VolumeNotFound(name.clone())))?;
     let status = node.leader_status(v.id.group()).await;
-    Ok(Json(view(&node, v, status.as_ref())))
+    let mut view = view(&node, v, status.as_ref());
+    if let Some(lags) = view.site_lag.take() {
+        view.site_lag = Some(with_copy_state(&node, v, lags).await);
+    }
+    Ok(Json(view))
 }
 
 #[derive(Deserialize)]

@@ -25,7 +25,9 @@
 use std::sync::Arc;
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot};
+use raft::eraftpb::{
+    ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot,
+};
 use raft::{GetEntriesContext, RaftState, RawNode, ReadState, StateRole, Storage};
 use raft_proto::ConfChangeI;
 
@@ -353,12 +355,25 @@ impl<S: LogStore> RaftGroup<S> {
         Ok((LogIndex(index), self.term()))
     }
 
-    /// Proposes a joint-consensus membership change.
+    /// Proposes a joint-consensus membership change. Refused (not silently dropped) when
+    /// raft-rs would ignore it (a change is pending, or the configuration is joint and
+    /// this is not the leave), and when it would remove this leader: raft-rs 0.7 panics
+    /// or stalls then (found by the simulation); transfer leadership first.
     pub fn propose_conf_change(&mut self, cc: ConfChangeV2) -> Result<LogIndex, ProposeError> {
         if !self.is_leader() {
             return Err(ProposeError::NotLeader {
                 leader: self.leader(),
             });
+        }
+        let me = self.node.raft.id;
+        if cc
+            .changes
+            .iter()
+            .any(|c| c.node_id == me && c.get_change_type() == ConfChangeType::RemoveNode)
+        {
+            return Err(ProposeError::Raft(
+                "a membership change may not remove its leader; transfer leadership first".into(),
+            ));
         }
         let before = self.node.raft.raft_log.last_index();
         self.node
@@ -370,6 +385,19 @@ impl<S: LogStore> RaftGroup<S> {
         let index = self.node.raft.raft_log.last_index();
         if index != before + 1 {
             return Err(ProposeError::Dropped);
+        }
+        // raft-rs turns a change it will not make into an empty normal entry.
+        let kept = self
+            .node
+            .raft
+            .raft_log
+            .unstable_entries()
+            .last()
+            .is_some_and(|e| e.get_entry_type() == EntryType::EntryConfChangeV2);
+        if !kept {
+            return Err(ProposeError::Raft(
+                "membership change not accepted: another change is pending or the configuration is joint".into(),
+            ));
         }
         Ok(LogIndex(index))
     }

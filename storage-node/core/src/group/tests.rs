@@ -328,7 +328,22 @@ fn new_replica_catches_up_by_snapshot_then_joint_consensus_replaces_a_voter() {
     add.set_change_type(ConfChangeType::AddLearnerNode);
     add.node_id = 4;
     cc.mut_changes().push(add);
-    c.group(l).propose_conf_change(cc).unwrap();
+    c.group(l).propose_conf_change(cc.clone()).unwrap();
+    // A second change while the first is pending is refused, not silently dropped.
+    assert!(matches!(
+        c.group(l).propose_conf_change(cc),
+        Err(ProposeError::Raft(_))
+    ));
+    // So is removing the leader itself.
+    let mut remove_me = ConfChangeV2::default();
+    let mut rm = ConfChangeSingle::default();
+    rm.set_change_type(ConfChangeType::RemoveNode);
+    rm.node_id = l;
+    remove_me.mut_changes().push(rm);
+    assert!(matches!(
+        c.group(l).propose_conf_change(remove_me),
+        Err(ProposeError::Raft(_))
+    ));
     c.run(20);
     c.settle();
     assert_eq!(
