@@ -212,6 +212,9 @@ struct Group<S: LogStore> {
     /// another site has their entry, oldest first. Bounded by `PENDING_PROPOSALS_MAX`
     /// (they come from `proposals`).
     site_waiting: VecDeque<(u64, ProposeReply)>,
+    /// Answers to metadata proposals, sent once the new cluster state is published, so
+    /// that a caller reading this node's view right after sees its own change.
+    meta_replies: Vec<(ProposeReply, Outcome)>,
 }
 
 /// What the metadata says about how a group's writes are acknowledged.
@@ -430,6 +433,7 @@ impl<S: LogStore> Store<S> {
                 lag: LagTracker::new(Instant::now()),
                 policy: Policy::default(),
                 site_waiting: VecDeque::new(),
+                meta_replies: Vec::new(),
                 deferred_to: st.applied_index,
                 serve_after: 0,
             },
@@ -763,6 +767,11 @@ impl<S: LogStore> Store<S> {
         if meta_changed {
             self.publish_cluster();
             self.reconcile()?;
+        }
+        for g in self.groups.values_mut() {
+            for (reply, outcome) in g.meta_replies.drain(..) {
+                let _ = reply.send(Ok(outcome));
+            }
         }
         self.publish_recovering();
         Ok(())
@@ -1135,6 +1144,10 @@ fn apply<S: LogStore>(
                 (Some(term), Some(Outcome::Volume)) if term == t && g.policy.site_durable => {
                     // Answered by `release_site_waiting` once another site has it.
                     g.site_waiting.push_back((index.0, reply));
+                }
+                (Some(term), Some(outcome @ Outcome::Meta(_))) if term == t => {
+                    // Answered after `publish_cluster` (end of `process_readies`).
+                    g.meta_replies.push((reply, outcome));
                 }
                 (Some(term), Some(outcome)) if term == t => {
                     let _ = reply.send(Ok(outcome));
