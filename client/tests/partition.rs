@@ -3,29 +3,18 @@
 //! that crossed the link are close to the data written, not the volume size. Real node
 //! processes on the playground, real partitions in the WAN emulator.
 
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::free_base_port;
 use roamdisk_client::playground::Manifest;
 use roamdisk_client::AdminClient;
 use roamdisk_wan::{ControlClient, Partition};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
-
-fn free_base_port() -> u16 {
-    for base in (20000u16..30000).step_by(991) {
-        let ok = (0u16..6)
-            .flat_map(|i| [i, 100 + i, 200 + i])
-            .chain(300..301)
-            .chain(400..420)
-            .all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok());
-        if ok {
-            return base;
-        }
-    }
-    panic!("no free port range");
-}
 
 struct Playground(Child);
 
@@ -83,7 +72,7 @@ fn group(admin: &AdminClient, id: u64) -> Option<Value> {
 #[test]
 fn a_partitioned_site_converges_after_heal_shipping_only_what_changed() {
     let dir = tempfile::tempdir().unwrap();
-    let base = free_base_port();
+    let base = free_base_port(6, 26000);
     let child = Command::new(env!("CARGO_BIN_EXE_roamdisk"))
         .args(["playground", "--dir"])
         .arg(dir.path())

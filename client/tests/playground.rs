@@ -4,28 +4,14 @@
 //! reports the cluster and moves the volume; SIGINT stops everything cleanly; a rerun
 //! keeps the data.
 
+mod common;
+
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::free_base_port;
 use roamdisk_client::playground::Manifest;
-
-fn free_base_port() -> u16 {
-    // Four ranges (base.., base+100.., base+200.., base+300) must be free: pick a base
-    // whose ports bind, in an unprivileged band.
-    // Below the ephemeral range (32768..), where outgoing connections take ports.
-    for base in (21000u16..32000).step_by(997) {
-        let ok = (0u16..9)
-            .flat_map(|i| [i, 100 + i, 200 + i])
-            .chain(300..301)
-            .chain(400..420)
-            .all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok());
-        if ok {
-            return base;
-        }
-    }
-    panic!("no free port range");
-}
 
 fn start(dir: &std::path::Path, base: u16) -> Child {
     let _ = std::fs::remove_file(dir.join("playground.json"));
@@ -73,7 +59,7 @@ fn run(cmd: &mut Command) -> String {
 #[test]
 fn playground_serves_a_volume_that_qemu_img_converts_into() {
     let dir = tempfile::tempdir().unwrap();
-    let base = free_base_port();
+    let base = free_base_port(9, 21000);
     let child = start(dir.path(), base);
     let m = Manifest::load(dir.path()).unwrap();
     let names: Vec<&str> = m.sites.iter().map(|s| s.name.as_str()).collect();
