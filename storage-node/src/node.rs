@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use roamdisk_core::ids::{GroupId, NodeId, VolumeId, META_GROUP};
-use roamdisk_core::meta::{ClusterState, MetaCommand, MetaResult};
+use roamdisk_core::meta::{ClusterState, MetaCommand, MetaResult, VolumeInfo};
 use roamdisk_nbd::backend::ReadChunk;
 use roamdisk_nbd::file::RawFile;
 use tokio::sync::oneshot;
@@ -133,6 +133,18 @@ impl Node {
         self.to_store(|reply| Event::Propose { group, data, reply })
             .await
             .unwrap_or(Err(Refused::Superseded))
+    }
+
+    /// A voter of the volume other than this node, a different one per `attempt`: who to
+    /// ask when the leader is unknown.
+    fn other_voter(&self, info: &VolumeInfo, attempt: u32) -> Option<NodeId> {
+        let others: Vec<NodeId> = info
+            .voters
+            .iter()
+            .copied()
+            .filter(|n| *n != self.me)
+            .collect();
+        others.get(attempt as usize % others.len().max(1)).copied()
     }
 
     /// Nodes worth asking for `group` when no leader is known: its voters, then us.
@@ -305,13 +317,7 @@ impl Node {
                     Err(e) => e,
                 }
             } else {
-                let others: Vec<NodeId> = info
-                    .voters
-                    .iter()
-                    .copied()
-                    .filter(|n| *n != self.me)
-                    .collect();
-                let fallback = others.get(attempt as usize % others.len().max(1)).copied();
+                let fallback = self.other_voter(info, attempt);
                 let target = self
                     .leader_of(volume.group())
                     .filter(|l| *l != self.me)
@@ -402,14 +408,7 @@ impl Node {
                     }
                 }
                 // Copy from the leader, or from any voter (in turn) when it is unknown.
-                let others: Vec<NodeId> = info
-                    .voters
-                    .iter()
-                    .copied()
-                    .filter(|n| *n != self.me)
-                    .collect();
-                let Some(fallback) = others.get(attempt as usize % others.len().max(1)).copied()
-                else {
+                let Some(fallback) = self.other_voter(info, attempt) else {
                     return Err(Refused::Failed("no other replica to copy from".into()).into());
                 };
                 let target = self
