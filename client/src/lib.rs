@@ -22,18 +22,29 @@ use serde_json::Value;
 pub struct AdminClient {
     base: String,
     agent: ureq::Agent,
+    timeout: Duration,
 }
 
 impl AdminClient {
     /// `addr` is `host:port` of a node's admin API.
     pub fn new(addr: &str) -> AdminClient {
-        let agent = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(60))
-            .build();
+        AdminClient::with_timeout(addr, Duration::from_secs(60))
+    }
+
+    /// A client whose every call gives up after `timeout` (the chaos runner uses short
+    /// ones: a partitioned node must not stall it).
+    pub fn with_timeout(addr: &str, timeout: Duration) -> AdminClient {
+        let agent = ureq::AgentBuilder::new().timeout(timeout).build();
         AdminClient {
             base: format!("http://{addr}"),
             agent,
+            timeout,
         }
+    }
+
+    /// `host:port` this client talks to.
+    pub fn addr(&self) -> &str {
+        self.base.trim_start_matches("http://")
     }
 
     fn call<T: DeserializeOwned>(&self, req: ureq::Request, body: Option<Value>) -> Result<T> {
@@ -107,6 +118,27 @@ impl AdminClient {
             self.agent
                 .post(&format!("{}/v1/volumes/{name}/move", self.base)),
             Some(serde_json::json!({ "to": site })),
+        )
+    }
+
+    /// Asks the volume's leader (found through this node) to hand leadership to voter
+    /// `to`. The answer comes once Raft has the request; `leader` in a later `volume`
+    /// call shows whether it happened.
+    pub fn transfer_leader(&self, name: &str, to: u64) -> Result<Value> {
+        let v = self.volume(name)?;
+        let leader = v["leader"]
+            .as_u64()
+            .with_context(|| format!("volume {name} has no leader right now"))?;
+        let node = self
+            .nodes()?
+            .into_iter()
+            .find(|n| n.id.0 == leader)
+            .with_context(|| format!("leader node {leader} is not in the node list"))?;
+        let at = AdminClient::with_timeout(&node.admin_addr, self.timeout);
+        at.call(
+            at.agent
+                .post(&format!("{}/v1/volumes/{name}/transfer-leader", at.base)),
+            Some(serde_json::json!({ "to": to })),
         )
     }
 

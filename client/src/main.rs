@@ -75,6 +75,13 @@ enum Cmd {
         #[arg(long)]
         node_bin: Option<PathBuf>,
     },
+    /// Chaos drills: `roamdisk chaos list | run | soak | check` (runs `roamdisk-chaos`,
+    /// installed next to this binary; `roamdisk chaos --help` lists its options).
+    #[command(disable_help_flag = true)]
+    Chaos {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -127,6 +134,13 @@ enum VolumeCmd {
         /// Give up waiting after this many seconds (the move itself goes on).
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
+    },
+    /// Hand a volume's Raft leadership to another voter of its home site.
+    TransferLeader {
+        name: String,
+        /// Node id of the new leader.
+        #[arg(long)]
+        to: u64,
     },
 }
 
@@ -384,6 +398,18 @@ fn run(cli: Cli) -> Result<()> {
                     );
                 }
             }
+            VolumeCmd::TransferLeader { name, to } => {
+                let v = client.transfer_leader(&name, to)?;
+                if cli.json {
+                    return print_json(&v);
+                }
+                println!(
+                    "asked node {} to hand volume {name} to node {to}",
+                    v["leader"]
+                        .as_u64()
+                        .map_or("?".to_owned(), |l| l.to_string())
+                );
+            }
             VolumeCmd::Delete { name } => {
                 let v = client.delete_volume(&name)?;
                 if cli.json {
@@ -392,6 +418,19 @@ fn run(cli: Cli) -> Result<()> {
                 println!("deleted {}", v["name"].as_str().unwrap_or(&name));
             }
         },
+        Cmd::Chaos { args } => {
+            let bin = std::env::current_exe()?.with_file_name("roamdisk-chaos");
+            let status = std::process::Command::new(&bin)
+                .args(&args)
+                .status()
+                .with_context(|| {
+                    format!(
+                        "run {} (build it with `cargo build --release --bins`)",
+                        bin.display()
+                    )
+                })?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
         Cmd::Playground {
             dir,
             sites,
@@ -422,6 +461,7 @@ fn run(cli: Cli) -> Result<()> {
                 base_port,
                 node_bin,
                 wan,
+                node_env: vec![],
             })?;
         }
     }

@@ -35,6 +35,9 @@ pub struct Options {
     pub node_bin: PathBuf,
     /// WAN profile between sites.
     pub wan: roamdisk_wan::WanProfile,
+    /// Extra environment for every node process (e.g. the chaos runner's negative
+    /// control, `RUST_LOG`).
+    pub node_env: Vec<(String, String)>,
 }
 
 /// The WAN emulator of a playground.
@@ -89,15 +92,84 @@ impl Manifest {
     }
 }
 
-struct Running {
-    children: Vec<(u64, Child)>,
+/// A running playground: its node processes, the WAN emulator, and what is needed to
+/// kill and restart single nodes (the chaos runner does). Dropping it stops everything.
+pub struct Cluster {
+    manifest: Manifest,
+    children: std::collections::BTreeMap<u64, Child>,
+    /// Per node: its config file (a restart reuses it).
+    configs: std::collections::BTreeMap<u64, PathBuf>,
+    node_bin: PathBuf,
+    node_env: Vec<(String, String)>,
     /// The WAN emulator and the runtime it runs on; dropped after the nodes stop.
     wan: Option<(tokio::runtime::Runtime, roamdisk_wan::Wan)>,
 }
 
-impl Running {
-    fn stop(&mut self) {
-        for (_, c) in &self.children {
+impl Cluster {
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The WAN emulator's control API address (`host:port`).
+    pub fn wan_control(&self) -> Option<&str> {
+        self.manifest.wan.as_ref().map(|w| w.control.as_str())
+    }
+
+    /// True while node `id`'s process runs.
+    pub fn is_running(&mut self, id: u64) -> bool {
+        self.children
+            .get_mut(&id)
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Ids of nodes whose process exited although nobody stopped them.
+    pub fn exited(&mut self) -> Vec<u64> {
+        let ids: Vec<u64> = self.configs.keys().copied().collect();
+        ids.into_iter().filter(|id| !self.is_running(*id)).collect()
+    }
+
+    /// kill -9 node `id` and reap it.
+    pub fn kill(&mut self, id: u64) -> Result<()> {
+        let mut c = self
+            .children
+            .remove(&id)
+            .with_context(|| format!("node {id} is not running"))?;
+        let _ = c.kill();
+        let _ = c.wait();
+        Ok(())
+    }
+
+    /// Starts node `id` again (after [`Cluster::kill`] or a crash) with its config and
+    /// data, and waits until it listens.
+    pub fn restart(&mut self, id: u64) -> Result<u32> {
+        if self.is_running(id) {
+            bail!("node {id} is running");
+        }
+        self.children.remove(&id);
+        let config = self
+            .configs
+            .get(&id)
+            .with_context(|| format!("no node {id}"))?
+            .clone();
+        let child = spawn_node(&self.node_bin, &config, &self.node_env, id)?;
+        let pid = child.id();
+        self.children.insert(id, child);
+        for n in self
+            .manifest
+            .sites
+            .iter_mut()
+            .flat_map(|s| s.nodes.iter_mut())
+        {
+            if n.id == id {
+                n.pid = pid;
+            }
+        }
+        Ok(pid)
+    }
+
+    /// Stops every node (SIGTERM, then SIGKILL after 30 s) and the WAN emulator.
+    pub fn stop(&mut self) {
+        for c in self.children.values() {
             // SAFETY: plain kill(2) on our own child.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         }
@@ -128,10 +200,38 @@ impl Running {
     }
 }
 
-impl Drop for Running {
+impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Starts one node process and waits for its "ready" line.
+fn spawn_node(bin: &Path, config: &Path, env: &[(String, String)], id: u64) -> Result<Child> {
+    let data_dir = config.parent().context("config has a directory")?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data_dir.join("node.log"))?;
+    let mut child = Command::new(bin)
+        .arg("--config")
+        .arg(config)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("start {}", bin.display()))?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+    if !line.contains("ready") {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!(
+            "node {id} failed to start; see {}",
+            data_dir.join("node.log").display()
+        );
+    }
+    Ok(child)
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -143,8 +243,8 @@ extern "C" fn on_signal(_: libc::c_int) {
 /// Starts the cluster, creates the volumes, writes the manifest, and runs until SIGINT
 /// or SIGTERM; then stops every node cleanly.
 pub fn run(opts: &Options) -> Result<()> {
-    let (manifest, mut running) = start(opts)?;
-    print_banner(&manifest, &opts.dir);
+    let mut running = start(opts)?;
+    print_banner(running.manifest(), &opts.dir);
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -161,7 +261,7 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         running
             .children
-            .retain_mut(|(_, c)| matches!(c.try_wait(), Ok(None)));
+            .retain(|_, c| matches!(c.try_wait(), Ok(None)));
         std::thread::sleep(Duration::from_millis(200));
     }
     eprintln!("stopping the playground...");
@@ -169,8 +269,9 @@ pub fn run(opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// Starts the nodes and volumes; the returned guard stops the nodes when dropped.
-fn start(opts: &Options) -> Result<(Manifest, Running)> {
+/// Starts the nodes and volumes and writes the manifest; the returned cluster stops the
+/// nodes when dropped.
+pub fn start(opts: &Options) -> Result<Cluster> {
     if opts.sites.is_empty() || opts.nodes_per_site == 0 {
         bail!("a playground needs at least one site and one node per site");
     }
@@ -250,8 +351,16 @@ fn start(opts: &Options) -> Result<(Manifest, Running)> {
         profile: opts.wan.name().to_owned(),
         control: format!("127.0.0.1:{control_port}"),
     };
-    let mut running = Running {
-        children: Vec::new(),
+    let mut running = Cluster {
+        manifest: Manifest {
+            sites: vec![],
+            volumes: vec![],
+            wan: None,
+        },
+        children: Default::default(),
+        configs: Default::default(),
+        node_bin: opts.node_bin.clone(),
+        node_env: opts.node_env.clone(),
         wan: Some((rt, wan)),
     };
     let mut sites: Vec<PlaygroundSite> = opts
@@ -277,28 +386,10 @@ fn start(opts: &Options) -> Result<(Manifest, Running)> {
         }
         let config_path = data_dir.join("node.toml");
         std::fs::write(&config_path, config)?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(data_dir.join("node.log"))?;
-        let mut child = Command::new(&opts.node_bin)
-            .arg("--config")
-            .arg(&config_path)
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("start {}", opts.node_bin.display()))?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-        if !line.contains("ready") {
-            let _ = child.kill();
-            bail!(
-                "node {id} failed to start; see {}",
-                data_dir.join("node.log").display()
-            );
-        }
+        let child = spawn_node(&opts.node_bin, &config_path, &opts.node_env, *id)?;
         let pid = child.id();
-        running.children.push((*id, child));
+        running.children.insert(*id, child);
+        running.configs.insert(*id, config_path);
         let node = PlaygroundNode {
             id: *id,
             pid,
@@ -361,7 +452,8 @@ fn start(opts: &Options) -> Result<(Manifest, Running)> {
         dir.join("playground.json"),
         serde_json::to_vec_pretty(&manifest)?,
     )?;
-    Ok((manifest, running))
+    running.manifest = manifest;
+    Ok(running)
 }
 
 fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {

@@ -11,6 +11,7 @@
 //! | POST | /v1/volumes/{name}/resize | `{size}` | the volume |
 //! | DELETE | /v1/volumes/{name} | | the deleted volume |
 //! | POST | /v1/volumes/{name}/move | `{to}` | the volume, with its move target (the group's leader drives it) |
+//! | POST | /v1/volumes/{name}/transfer-leader | `{to}` | the volume; asked of the group's leader (409 names it otherwise) |
 //! | GET | /metrics | | Prometheus text |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad input), 404, 409 (exists) or 503
@@ -39,6 +40,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/volumes/{name}", get(show_volume).delete(delete_volume))
         .route("/v1/volumes/{name}/resize", post(resize_volume))
         .route("/v1/volumes/{name}/move", post(move_volume))
+        .route("/v1/volumes/{name}/transfer-leader", post(transfer_leader))
         .route("/metrics", get(metrics))
         .with_state(node)
 }
@@ -363,6 +365,57 @@ async fn move_volume(
         .await??
         .expect("move returns the volume");
     let status = node.leader_status(v.id.group()).await;
+    Ok(Json(view(&node, &v, status.as_ref())))
+}
+
+#[derive(Deserialize)]
+struct TransferBody {
+    to: u64,
+}
+
+/// Asks this node, which must lead the volume's group, to hand leadership to voter `to`.
+/// Answers once the request is handed to Raft: the transfer itself may still fail (the
+/// target too far behind, or an election in between), which the caller sees in `leader`.
+async fn transfer_leader(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    Json(b): Json<TransferBody>,
+) -> Result<Json<VolumeView>, ApiError> {
+    let cluster = node.cluster();
+    let v = cluster
+        .volumes
+        .get(&name)
+        .cloned()
+        .ok_or_else(|| ApiError::from(MetaError::VolumeNotFound(name.clone())))?;
+    let to = NodeId(b.to);
+    if !v.replicas_on(to) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("node {to} holds no replica of volume {name}"),
+        ));
+    }
+    let group = v.id.group();
+    let local = node.status().await.into_iter().find(|g| g.group == group.0);
+    let Some(status) = local.filter(|s| s.role == "Leader") else {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            match node.leader_of(group) {
+                Some(l) => format!(
+                    "node {} does not lead volume {name}; node {l} does",
+                    node.me
+                ),
+                None => format!("volume {name} has no leader right now"),
+            },
+        ));
+    };
+    if !status.voters.contains(&to.0) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("node {to} is not a voter of volume {name} (a learner cannot lead)"),
+        ));
+    }
+    node.transfer_leader(group, to).await;
+    let status = Some(status);
     Ok(Json(view(&node, &v, status.as_ref())))
 }
 

@@ -41,6 +41,27 @@ impl VolumeBackend {
     }
 }
 
+/// The chaos runner's negative control: with `ROAMDISK_NEGATIVE_CONTROL=drop-acked-writes`
+/// in its environment, a node acknowledges every 16th NBD write it receives without
+/// proposing it, so the write is lost on every replica. It exists to prove that the
+/// chaos checker catches a storage layer that breaks its contract; nothing else sets it.
+pub const NEGATIVE_CONTROL_ENV: &str = "ROAMDISK_NEGATIVE_CONTROL";
+
+fn drops_this_write() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static ON: OnceLock<bool> = OnceLock::new();
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let on = *ON.get_or_init(|| {
+        let on = std::env::var(NEGATIVE_CONTROL_ENV).is_ok_and(|v| v == "drop-acked-writes");
+        if on {
+            warn!("NEGATIVE CONTROL: acknowledging 1 in 16 writes without storing them");
+        }
+        on
+    });
+    on && WRITES.fetch_add(1, Ordering::Relaxed) % 16 == 15
+}
+
 impl Backend for VolumeBackend {
     async fn read(&self, offset: u64, len: u32) -> BackendResult<Vec<ReadChunk>> {
         self.node
@@ -50,6 +71,9 @@ impl Backend for VolumeBackend {
     }
 
     async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> BackendResult<()> {
+        if drops_this_write() {
+            return Ok(());
+        }
         self.propose(VolumeCommand::Write {
             offset,
             data: &data,

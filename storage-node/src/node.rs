@@ -12,11 +12,12 @@ use roamdisk_core::meta::{ClusterState, MetaCommand, MetaResult, VolumeInfo};
 use roamdisk_nbd::backend::ReadChunk;
 use roamdisk_nbd::file::RawFile;
 use tokio::sync::oneshot;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::store::{ClusterView, Event, GroupStatus, LeaderMap, Outcome, Refused};
 use crate::transport::{
     BlocksReply, ByteBuf, PeerRequest, PeerResponse, RequestHandler, Transport, WireRefused,
+    REQUEST_TIMEOUT_MS,
 };
 
 /// Blocks per catch-up request (1 MiB of data at most per reply).
@@ -197,6 +198,8 @@ impl Node {
                         PeerRequest::Propose {
                             group,
                             data: data.clone(),
+                            // The transport gives up on the request after its timeout.
+                            expires_unix_ms: unix_ms() + REQUEST_TIMEOUT_MS,
                         },
                     )
                     .await
@@ -571,6 +574,14 @@ impl Node {
     }
 }
 
+/// Milliseconds since the Unix epoch (forwarded proposals carry an expiry in it; nodes'
+/// clocks are assumed synchronised well within the request timeout, e.g. by NTP).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Serves peers' forwarded requests from this node.
 pub struct PeerHandler(pub Arc<Node>);
 
@@ -581,7 +592,19 @@ impl RequestHandler for PeerHandler {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = PeerResponse> + Send + '_>> {
         Box::pin(async move {
             match req {
-                PeerRequest::Propose { group, data } => {
+                PeerRequest::Propose {
+                    group,
+                    data,
+                    expires_unix_ms,
+                } => {
+                    if unix_ms() > expires_unix_ms {
+                        // The sender gave up on this copy: landing now could overwrite a
+                        // newer write its client made since.
+                        warn!(%group, late_ms = unix_ms() - expires_unix_ms, "expired forwarded proposal refused");
+                        return PeerResponse::Proposed(Err(WireRefused::Failed(
+                            "forwarded proposal arrived after its sender gave up".into(),
+                        )));
+                    }
                     let r = self.0.propose_local(group, data).await;
                     PeerResponse::Proposed(r.map(Into::into).map_err(WireRefused::from))
                 }

@@ -62,10 +62,14 @@ pub enum PeerFrame {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerRequest {
     /// Propose an entry in `group` on the receiving node (which should be its leader).
+    /// The receiver refuses it once the wall clock passes `expires_unix_ms`: by then the
+    /// sender has given up on it (and may have answered its client with an error), so a
+    /// copy delayed in the network must not land after a newer write.
     Propose {
         group: GroupId,
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+        expires_unix_ms: u64,
     },
     /// A linearizable read served by the receiver from its replica.
     Read {
@@ -202,7 +206,10 @@ pub struct Transport {
     addrs: RwLock<HashMap<NodeId, String>>,
     conns: Mutex<HashMap<NodeId, Conn>>,
     store: flume::Sender<Event>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<PeerResponse>>>,
+    /// Requests waiting for their response, with the node they went to: a response
+    /// comes back on the connection the request left on, so when that connection ends
+    /// the requests fail at once instead of waiting for their timeout.
+    pending: Mutex<HashMap<u64, (NodeId, oneshot::Sender<PeerResponse>)>>,
     next_id: AtomicU64,
     handler: RwLock<Option<Arc<dyn RequestHandler>>>,
     rt: tokio::runtime::Handle,
@@ -308,8 +315,11 @@ impl Transport {
                 Err(e) => debug!(peer = %to, %addr, error = %e, "connect to peer failed"),
             }
             let _ = self.store.try_send(Event::Unreachable { node: to });
-            // Frames queued while disconnected are stale Raft traffic: drop them.
+            // Frames queued while disconnected are stale: Raft retransmits its messages,
+            // and requests fail now (the caller retries elsewhere) rather than reach the
+            // peer after it restarts.
             while rx.try_recv().is_ok() {}
+            self.fail_pending(to);
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(RECONNECT_DELAY_MS)) => {}
                 _ = self.shutdown.cancelled() => return,
@@ -416,13 +426,21 @@ impl Transport {
                     });
                 }
                 PeerFrame::Response { id, resp } => {
-                    if let Some(tx) = self.pending.lock().expect("pending lock").remove(&id) {
+                    if let Some((_, tx)) = self.pending.lock().expect("pending lock").remove(&id) {
                         let _ = tx.send(resp);
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Fails every request waiting for an answer from `to` (its connection ended).
+    fn fail_pending(&self, to: NodeId) {
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .retain(|_, (node, _)| *node != to);
     }
 
     /// Sends a request to `to` and waits for its response.
@@ -437,7 +455,7 @@ impl Transport {
         self.pending
             .lock()
             .expect("pending lock")
-            .insert(id, done_tx);
+            .insert(id, (to, done_tx));
         let cleanup = |me: &Self| {
             me.pending.lock().expect("pending lock").remove(&id);
         };
@@ -525,13 +543,14 @@ mod tests {
             req: PeerRequest::Propose {
                 group: GroupId(3),
                 data: vec![1, 2, 3],
+                expires_unix_ms: 5,
             },
         };
         let bytes = codec::encode(&f).unwrap();
         match codec::decode::<PeerFrame>(&bytes).unwrap() {
             PeerFrame::Request {
                 id: 9,
-                req: PeerRequest::Propose { group, data },
+                req: PeerRequest::Propose { group, data, .. },
             } => {
                 assert_eq!(group, GroupId(3));
                 assert_eq!(data, vec![1, 2, 3]);
