@@ -853,6 +853,8 @@ impl Mounts {
 impl Drop for Mounts {
     fn drop(&mut self) {
         for d in self.0.drain(..) {
+            // The node's data goes with the tmpfs: keep its log for the post-mortem.
+            let _ = std::fs::copy(d.join("node.log"), d.with_extension("log"));
             let _ = std::process::Command::new("umount").arg(&d).status();
         }
     }

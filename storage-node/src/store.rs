@@ -445,8 +445,12 @@ impl<S: LogStore> Store<S> {
         self.cluster_tx.send_replace(Arc::new(self.cluster.clone()));
     }
 
-    /// Runs the loop until `Event::Shutdown` or until every sender is gone.
-    pub fn run(mut self, events: flume::Receiver<Event>) {
+    /// Runs the loop until `Event::Shutdown` or until every sender is gone; returns an
+    /// error when it stopped because the log store or an extent file failed (a full
+    /// disk, an I/O error): the node must then stop as a whole (fail-stop) and recover
+    /// from its durable state on restart, never go on without its replicas.
+    pub fn run(mut self, events: flume::Receiver<Event>) -> Result<(), String> {
+        let mut failure = None;
         let tick = Duration::from_millis(TICK_MS);
         let mut next_tick = Instant::now() + tick;
         loop {
@@ -492,14 +496,16 @@ impl<S: LogStore> Store<S> {
             }
             if let Err(e) = self.process_readies() {
                 // The log store failed: continuing could acknowledge what is not durable.
-                error!(error = %e, "raft store failed; stopping the node's replication");
+                error!(error = %e, "raft store failed; stopping the node");
+                failure = Some(e.to_string());
                 break;
             }
             if self.last_checkpoint.elapsed() >= Duration::from_millis(CHECKPOINT_INTERVAL_MS)
                 || self.any_must_checkpoint()
             {
                 if let Err(e) = self.checkpoint() {
-                    error!(error = %e, "checkpoint failed; stopping the node's replication");
+                    error!(error = %e, "checkpoint failed; stopping the node");
+                    failure = Some(e.to_string());
                     break;
                 }
             }
@@ -514,6 +520,7 @@ impl<S: LogStore> Store<S> {
             fail_all(g, Refused::Shutdown);
         }
         info!("raft store stopped");
+        failure.map_or(Ok(()), Err)
     }
 
     /// Handles one event; returns true for shutdown.

@@ -25,7 +25,7 @@ use roamdisk_storage_node::rocks::RocksLogStore;
 use roamdisk_storage_node::store::{Event, Store, StoreConfig, EVENT_QUEUE_MAX};
 use roamdisk_storage_node::transport::{ArcOutbox, Transport};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
 #[command(name = "roamdisk-node", version, about = "roamdisk storage node")]
@@ -128,9 +128,20 @@ fn main() -> Result<()> {
     let (store, cluster_view, leaders) =
         Store::open(store_cfg, log, Arc::new(ArcOutbox(Arc::clone(&transport))))?;
     let recovering = store.recovering_view();
-    let store_thread = std::thread::Builder::new()
-        .name("raft-store".into())
-        .spawn(move || store.run(events_rx))?;
+    // Set when the store stops on its own (a failed disk): the node then stops too.
+    let store_failed = CancellationToken::new();
+    let store_thread = {
+        let store_failed = store_failed.clone();
+        std::thread::Builder::new()
+            .name("raft-store".into())
+            .spawn(move || {
+                let r = store.run(events_rx);
+                if r.is_err() {
+                    store_failed.cancel();
+                }
+                r
+            })?
+    };
 
     let result = rt.block_on(async {
         let node = Node::new(
@@ -201,6 +212,9 @@ fn main() -> Result<()> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
+            _ = store_failed.cancelled() => {
+                error!("the raft store failed: stopping this node (restart it once the cause is fixed)");
+            }
         }
         info!("shutting down");
         shutdown.cancel();
@@ -216,11 +230,13 @@ fn main() -> Result<()> {
     });
     let _ = events_tx.send(Event::Shutdown);
     drop(events_tx);
-    store_thread
+    let stored = store_thread
         .join()
         .map_err(|_| anyhow::anyhow!("raft store thread panicked"))?;
     rt.shutdown_timeout(Duration::from_secs(1));
-    result
+    result?;
+    // A non-zero exit, so that a supervisor restarts the node once the disk is fixed.
+    stored.map_err(|e| anyhow::anyhow!("raft store failed: {e}"))
 }
 
 /// Keeps this node's entry in the cluster metadata current and the transport's address
