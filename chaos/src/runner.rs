@@ -39,6 +39,12 @@ pub const NEGATIVE_CONTROL_ENV: &str = "ROAMDISK_NEGATIVE_CONTROL";
 /// The negative control this runner knows: the nodes acknowledge 1 write in 16 without
 /// storing it anywhere.
 pub const NEGATIVE_CONTROL: &str = "drop-acked-writes";
+/// Blocks after the workload's range written once at the start and never again: the
+/// `corrupt_block` fault corrupts one of them in a replica, so that nothing but the
+/// storage's own verification can repair it before the final reads find it.
+pub const COLD_BLOCKS: u64 = 256;
+/// Connection id recorded for the cold blocks' writes.
+pub const COLD_CONN: u32 = u32::MAX - 2;
 /// Bound on history events waiting for the writer thread (the workload blocks when the
 /// writer falls this far behind).
 const HISTORY_QUEUE: usize = 1 << 16;
@@ -183,7 +189,9 @@ pub fn run(opts: &RunOptions) -> Result<Report> {
         flush_every: (4, 32),
         read_percent: 30,
     };
-    let nodes: Nodes = Arc::new(RwLock::new(ctx.site_nodes(&ctx.home.clone())));
+    let home_nodes = ctx.site_nodes(&ctx.home.clone());
+    write_cold_blocks(&home_nodes, opts, &sink, t0).context("write the cold blocks")?;
+    let nodes: Nodes = Arc::new(RwLock::new(home_nodes));
     let load = Workload::start(cfg.clone(), Arc::clone(&nodes), sink.clone(), t0);
     let sampler = LagSampler::start(ctx.admin_addrs(), sink.clone(), t0);
 
@@ -202,7 +210,10 @@ pub fn run(opts: &RunOptions) -> Result<Report> {
     ctx.wait_for_leader(Duration::from_secs(60));
     sleep_until(healed_at + Duration::from_secs(3));
     say("stopping the workload".into());
-    let summary = load.stop();
+    let mut summary = load.stop();
+    for b in opts.blocks..opts.blocks + COLD_BLOCKS {
+        summary.written.insert((0, b), 1);
+    }
     say(format!("workload: {summary:?}"));
     sampler.stop();
 
@@ -274,6 +285,42 @@ pub fn run(opts: &RunOptions) -> Result<Report> {
     drop(ctx);
     drop(mounts);
     Ok(report)
+}
+
+/// Writes version 1 of the cold blocks through the first home node that works, then
+/// flushes; every operation goes to the history like the workload's.
+fn write_cold_blocks(
+    nodes: &[(u64, String)],
+    opts: &RunOptions,
+    sink: &SyncSender<Event>,
+    t0: Instant,
+) -> Result<()> {
+    use crate::history::{Op, OpRecord};
+    let (node, addr) = nodes.first().context("no home node")?;
+    let mut conn = crate::nbd::NbdConn::connect(addr, VOLUME, Duration::from_secs(30))?;
+    let tag = volume_tag(VOLUME);
+    let record = |op: Op, start_us: u64, r: &Result<()>| {
+        let _ = sink.send(Event::Op(OpRecord {
+            conn: COLD_CONN,
+            vol: 0,
+            node: *node,
+            start_us,
+            end_us: us(t0),
+            op,
+            error: r.as_ref().err().map(|e| format!("{e:#}")),
+        }));
+    };
+    for block in opts.blocks..opts.blocks + COLD_BLOCKS {
+        let start_us = us(t0);
+        let data = crate::block::encode(tag, block, 1, opts.seed);
+        let r = conn.write(block * BLOCK_SIZE as u64, &data);
+        record(Op::Write { block, version: 1 }, start_us, &r);
+        r?;
+    }
+    let start_us = us(t0);
+    let r = conn.flush();
+    record(Op::Flush, start_us, &r);
+    r
 }
 
 fn sleep_until(t: Instant) {
@@ -567,13 +614,15 @@ impl Ctx {
                 let id = *voters
                     .get(rng.usize(..voters.len().max(1)))
                     .context("a follower")?;
-                self.kill(id)?;
+                // In place, under the running node: silent corruption, as a disk or a
+                // stray write causes it (a restart would repair it by accident whenever
+                // the node catches up by a block copy).
                 let path = self
                     .cluster_dir
                     .join(format!("node-{id}/volumes/{}.img", self.volume_id));
-                let block = corrupt_a_block(&path, rng.u64(..self.blocks.max(1)), self.blocks)?;
+                let cold = self.blocks..self.blocks + COLD_BLOCKS;
+                let block = corrupt_a_block(&path, rng.u64(cold.clone()), cold)?;
                 sleep_until(until);
-                self.restart_down()?;
                 Ok(format!("node {id} block {block}"))
             }
             FaultKind::MoveVolume => {
@@ -769,16 +818,17 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// Flips bytes in the middle of the first non-zero block at or after `from` (wrapping
-/// within the first `blocks` blocks); returns its index.
-fn corrupt_a_block(path: &Path, from: u64, blocks: u64) -> Result<u64> {
+/// within `range`); returns its index.
+fn corrupt_a_block(path: &Path, from: u64, range: std::ops::Range<u64>) -> Result<u64> {
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
         .with_context(|| format!("open {}", path.display()))?;
     let mut buf = vec![0u8; BLOCK_SIZE];
+    let blocks = range.end.saturating_sub(range.start);
     for i in 0..blocks {
-        let b = (from + i) % blocks;
+        let b = range.start + (from.saturating_sub(range.start) + i) % blocks;
         f.seek(SeekFrom::Start(b * BLOCK_SIZE as u64))?;
         if read_full(&mut f, &mut buf)? < BLOCK_SIZE || buf.iter().all(|x| *x == 0) {
             continue;
@@ -947,13 +997,18 @@ mod tests {
         let mut data = vec![0u8; 8 * BLOCK_SIZE];
         data[5 * BLOCK_SIZE..6 * BLOCK_SIZE].fill(9);
         std::fs::write(&p, &data).unwrap();
-        assert_eq!(corrupt_a_block(&p, 2, 8).unwrap(), 5);
+        assert_eq!(corrupt_a_block(&p, 2, 0..8).unwrap(), 5);
+        assert_eq!(
+            corrupt_a_block(&p, 7, 4..8).unwrap(),
+            5,
+            "wraps within the range"
+        );
         let after = std::fs::read(&p).unwrap();
         assert_ne!(
             after[5 * BLOCK_SIZE..6 * BLOCK_SIZE],
             data[5 * BLOCK_SIZE..6 * BLOCK_SIZE]
         );
         assert_eq!(after[..5 * BLOCK_SIZE], data[..5 * BLOCK_SIZE]);
-        assert!(corrupt_a_block(&d.path().join("img"), 0, 4).is_err());
+        assert!(corrupt_a_block(&d.path().join("img"), 0, 0..4).is_err());
     }
 }

@@ -29,8 +29,9 @@ pub enum FaultKind {
     SiteOutage,
     /// Fill the filesystem of a node's data directory (a size-limited tmpfs), then free it.
     DiskFull,
-    /// kill -9 a node holding a replica, flip bytes of a written block in its extent
-    /// file, restart it.
+    /// Flip bytes of a cold block (written once at the start, never rewritten) in the
+    /// extent file of a running follower: only the storage's own verification (the
+    /// scrub) can find and repair it before the final reads.
     CorruptBlock,
     /// Move the volume's home to another site while the workload writes (the workload
     /// follows it, as a migrated VM would).
@@ -167,7 +168,7 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "corruption",
-        about: "a written block corrupted on disk in one replica while its node is down",
+        about: "a written block silently corrupted on disk in one running replica",
         sites: TWO_SITES,
         nodes_per_site: 3,
         wan: "lan",

@@ -378,6 +378,7 @@ impl Node {
         let file = RawFile::open(&self.volume_path(volume), false)?;
         let mut copy_end = 0u64;
         let mut copied = 0u64;
+        let mut copied_blocks: Vec<u64> = Vec::new();
         let mut next_block = 0u64;
         let mut attempt = 0u32;
         // Chunks to (re)send, oldest first; up to CATCH_UP_WINDOW requests in flight so
@@ -436,6 +437,7 @@ impl Node {
                 }))) => {
                     for (off, data) in changed {
                         let at = (block + u64::from(off)) * BLOCK_BYTES;
+                        copied_blocks.push(block + u64::from(off));
                         match data {
                             Some(ByteBuf(d)) if d.len() as u64 == BLOCK_BYTES => {
                                 file.write_at(&d, at, false)?
@@ -474,6 +476,7 @@ impl Node {
         let done = Event::CatchUpDone {
             group,
             copy_end: roamdisk_core::ids::LogIndex(copy_end),
+            blocks: copied_blocks,
         };
         let _ = self.store.send_async(done).await;
         Ok(())

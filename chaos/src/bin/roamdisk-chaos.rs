@@ -151,8 +151,9 @@ fn options(
                 .join(", ")
         )
     })?;
-    if common.blocks == 0 || common.blocks * 4096 > common.volume_mib << 20 {
-        bail!("--blocks must be between 1 and the volume's size in 4 KiB blocks");
+    let cold = runner::COLD_BLOCKS;
+    if common.blocks == 0 || (common.blocks + cold) * 4096 > common.volume_mib << 20 {
+        bail!("--blocks must be between 1 and the volume's size in 4 KiB blocks minus {cold}");
     }
     if common.connections == 0 || common.connections > 64 {
         bail!("--connections must be in 1..=64");
