@@ -998,17 +998,18 @@ mod tests {
         data[5 * BLOCK_SIZE..6 * BLOCK_SIZE].fill(9);
         std::fs::write(&p, &data).unwrap();
         assert_eq!(corrupt_a_block(&p, 2, 0..8).unwrap(), 5);
-        assert_eq!(
-            corrupt_a_block(&p, 7, 4..8).unwrap(),
-            5,
-            "wraps within the range"
-        );
         let after = std::fs::read(&p).unwrap();
         assert_ne!(
             after[5 * BLOCK_SIZE..6 * BLOCK_SIZE],
             data[5 * BLOCK_SIZE..6 * BLOCK_SIZE]
         );
         assert_eq!(after[..5 * BLOCK_SIZE], data[..5 * BLOCK_SIZE]);
+        assert_eq!(after[6 * BLOCK_SIZE..], data[6 * BLOCK_SIZE..]);
+        assert_eq!(
+            corrupt_a_block(&p, 7, 4..8).unwrap(),
+            5,
+            "wraps within the range"
+        );
         assert!(corrupt_a_block(&d.path().join("img"), 0, 0..4).is_err());
     }
 }
