@@ -747,6 +747,11 @@ impl Ctx {
     fn converge(&mut self, timeout: Duration) -> (bool, Vec<ReplicaDigest>) {
         let deadline = Instant::now() + timeout;
         loop {
+            // A node that stopped on its own after the heal (e.g. it was still stopping
+            // after a disk error) would never catch up: start it again.
+            for id in self.cluster.exited() {
+                let _ = self.cluster.restart(id);
+            }
             let digests = self.digests();
             let same = digests.windows(2).all(|w| w[0].digest == w[1].digest);
             if (same && !digests.is_empty()) || Instant::now() > deadline {

@@ -218,14 +218,24 @@ fn main() -> Result<()> {
         }
         info!("shutting down");
         shutdown.cancel();
-        // NBD connections finish their in-flight requests before the store stops.
-        if tokio::time::timeout(Duration::from_secs(30), nbd)
+        // NBD connections finish their in-flight requests before the store stops; with
+        // the store gone there is nothing to finish, so do not keep clients waiting.
+        let nbd_wait = if store_failed.is_cancelled() { 2 } else { 30 };
+        if tokio::time::timeout(Duration::from_secs(nbd_wait), nbd)
             .await
             .is_err()
         {
-            warn!("NBD connections did not finish within 30 s");
+            warn!("NBD connections did not finish within {nbd_wait} s");
         }
-        let _ = admin.await;
+        // Idle keep-alive admin connections would hold a graceful shutdown forever (a
+        // node that failed then never exited and was never restarted: chaos soak,
+        // mixed seed 7).
+        if tokio::time::timeout(Duration::from_secs(5), admin)
+            .await
+            .is_err()
+        {
+            warn!("admin connections did not close within 5 s");
+        }
         anyhow::Ok(())
     });
     let _ = events_tx.send(Event::Shutdown);
