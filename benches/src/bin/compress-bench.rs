@@ -50,7 +50,12 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
     batch_kib: Vec<usize>,
     /// zstd levels (negative levels are zstd's "fast" levels).
-    #[arg(long, value_delimiter = ',', allow_negative_numbers = true, default_value = "-5,-1,1,3")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_negative_numbers = true,
+        default_value = "-5,-1,1,3"
+    )]
     zstd_levels: Vec<i32>,
     /// Batch size (KiB) for the per-kind breakdown and the random corpus.
     #[arg(long, default_value_t = 256)]
@@ -144,7 +149,9 @@ impl Kind {
 }
 
 fn home_vm() -> PathBuf {
-    std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from).join(".cache/roamdisk-vm")
+    std::env::var_os("HOME")
+        .map_or_else(|| PathBuf::from("/root"), PathBuf::from)
+        .join(".cache/roamdisk-vm")
 }
 
 /// Where each kind comes from (directories walked recursively, regular files only).
@@ -165,10 +172,15 @@ fn sources(kind: Kind) -> Vec<PathBuf> {
     v.into_iter().filter(|p| p.exists()).collect()
 }
 
-const COMPRESSED_EXT: [&str; 9] = ["gz", "xz", "bz2", "zst", "png", "jpg", "jpeg", "deb", "lzma"];
+const COMPRESSED_EXT: [&str; 9] = [
+    "gz", "xz", "bz2", "zst", "png", "jpg", "jpeg", "deb", "lzma",
+];
 
 fn ext(p: &Path) -> String {
-    p.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase()
+    p.extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase()
 }
 
 /// Cheap name filter; the content check happens when a file is drawn.
@@ -179,7 +191,9 @@ fn candidate(kind: Kind, p: &Path) -> bool {
         Kind::Text => !COMPRESSED_EXT.contains(&e.as_str()),
         Kind::Compressed => {
             COMPRESSED_EXT.contains(&e.as_str())
-                || p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz"))
+                || p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("vmlinuz"))
         }
         Kind::Zero => false,
     }
@@ -203,7 +217,9 @@ fn walk(p: &Path, out: &mut Vec<(PathBuf, u64)>) {
     let mut entries: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
     entries.sort();
     for e in entries {
-        let Ok(md) = std::fs::symlink_metadata(&e) else { continue };
+        let Ok(md) = std::fs::symlink_metadata(&e) else {
+            continue;
+        };
         if md.file_type().is_symlink() {
             continue; // the target is reached through its own path (no duplicates)
         }
@@ -240,7 +256,11 @@ fn read_window(path: &Path, len: u64, max: usize, rng: &mut Rng) -> Result<Vec<u
     let len = len as usize;
     let take = len.min(max);
     let blocks_spare = (len - take) / BLOCK;
-    let off = if blocks_spare > 0 { rng.below(blocks_spare as u64 + 1) as usize * BLOCK } else { 0 };
+    let off = if blocks_spare > 0 {
+        rng.below(blocks_spare as u64 + 1) as usize * BLOCK
+    } else {
+        0
+    };
     f.seek(SeekFrom::Start(off as u64))?;
     let mut buf = vec![0u8; round_up(take)];
     let mut got = 0;
@@ -269,8 +289,13 @@ fn gather(kind: Kind, quota: usize, rng: &mut Rng) -> Result<(Vec<Extent>, KindS
     if kind == Kind::Zero {
         // Holes: runs of 1..=256 zero blocks.
         while stats.bytes < quota {
-            let blocks = (1 + rng.below(256) as usize).min((quota - stats.bytes) / BLOCK).max(1);
-            extents.push(Extent { kind, data: vec![0u8; blocks * BLOCK] });
+            let blocks = (1 + rng.below(256) as usize)
+                .min((quota - stats.bytes) / BLOCK)
+                .max(1);
+            extents.push(Extent {
+                kind,
+                data: vec![0u8; blocks * BLOCK],
+            });
             stats.bytes += blocks * BLOCK;
             stats.extents += 1;
         }
@@ -287,9 +312,12 @@ fn gather(kind: Kind, quota: usize, rng: &mut Rng) -> Result<(Vec<Extent>, KindS
     rng.shuffle(&mut files);
     // The guest kernel image goes in first when the machine has it.
     if kind == Kind::Compressed {
-        if let Some(i) = files.iter().position(|(p, _)| p.starts_with(home_vm())
-            && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz")))
-        {
+        if let Some(i) = files.iter().position(|(p, _)| {
+            p.starts_with(home_vm())
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("vmlinuz"))
+        }) {
             let f = files.remove(i);
             files.insert(0, f);
         }
@@ -299,7 +327,9 @@ fn gather(kind: Kind, quota: usize, rng: &mut Rng) -> Result<(Vec<Extent>, KindS
             break;
         }
         let max = kind.max_per_file().min(quota - stats.bytes);
-        let Ok(mut data) = read_window(&path, len, max, rng) else { continue };
+        let Ok(mut data) = read_window(&path, len, max, rng) else {
+            continue;
+        };
         if !content_ok(kind, &data[..data.len().min(BLOCK)]) {
             continue;
         }
@@ -307,7 +337,13 @@ fn gather(kind: Kind, quota: usize, rng: &mut Rng) -> Result<(Vec<Extent>, KindS
         stats.bytes += data.len();
         stats.extents += 1;
         let e = ext(&path);
-        let e = if kind == Kind::Compressed && e.is_empty() { "vmlinuz".to_string() } else if e.is_empty() { "(none)".into() } else { e };
+        let e = if kind == Kind::Compressed && e.is_empty() {
+            "vmlinuz".to_string()
+        } else if e.is_empty() {
+            "(none)".into()
+        } else {
+            e
+        };
         *stats.by_ext.entry(e).or_default() += data.len();
         if stats.examples.len() < 8 {
             stats.examples.push(path.display().to_string());
@@ -315,7 +351,12 @@ fn gather(kind: Kind, quota: usize, rng: &mut Rng) -> Result<(Vec<Extent>, KindS
         extents.push(Extent { kind, data });
     }
     if stats.bytes < quota {
-        eprintln!("note: only {:.1} MiB of {} found (wanted {:.1})", stats.bytes as f64 / MIB, kind.name(), quota as f64 / MIB);
+        eprintln!(
+            "note: only {:.1} MiB of {} found (wanted {:.1})",
+            stats.bytes as f64 / MIB,
+            kind.name(),
+            quota as f64 / MIB
+        );
     }
     Ok((extents, stats))
 }
@@ -362,10 +403,18 @@ struct Engine {
 impl Engine {
     fn new(codec: Codec) -> Result<Self> {
         let (zc, zd) = match codec {
-            Codec::Zstd(l) => (Some(zstd::bulk::Compressor::new(l)?), Some(zstd::bulk::Decompressor::new()?)),
+            Codec::Zstd(l) => (
+                Some(zstd::bulk::Compressor::new(l)?),
+                Some(zstd::bulk::Decompressor::new()?),
+            ),
             _ => (None, None),
         };
-        Ok(Engine { codec, lz4: lz4_flex::block::CompressTable::large(), zc, zd })
+        Ok(Engine {
+            codec,
+            lz4: lz4_flex::block::CompressTable::large(),
+            zc,
+            zd,
+        })
     }
 
     fn compress(&mut self, src: &[u8], dst: &mut [u8]) -> Result<usize> {
@@ -421,19 +470,33 @@ fn is_zero(b: &[u8]) -> bool {
 // ---------------------------------------------------------------- timing
 
 fn thread_cpu() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: plain syscall filling a timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn busy(load: &str) -> bool {
-    let one: f64 = load.split_whitespace().next().and_then(|x| x.parse().ok()).unwrap_or(0.0);
-    let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    let one: f64 = load
+        .split_whitespace()
+        .next()
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0.0);
+    let n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as f64;
     one > 0.5 * n
 }
 
@@ -474,7 +537,13 @@ fn timed(min_cpu: f64, mut f: impl FnMut(usize) -> Result<()>) -> Result<(f64, f
     Ok((best_cpu, best_wall, runs))
 }
 
-fn measure(corpus: &Corpus, codec: Codec, batch: usize, raw_below: f64, min_cpu: f64) -> Result<Meas> {
+fn measure(
+    corpus: &Corpus,
+    codec: Codec,
+    batch: usize,
+    raw_below: f64,
+    min_cpu: f64,
+) -> Result<Meas> {
     let data = &corpus.data;
     let batches: Vec<&[u8]> = data.chunks(batch).collect();
     let bound = codec.bound(batch);
@@ -493,7 +562,10 @@ fn measure(corpus: &Corpus, codec: Codec, batch: usize, raw_below: f64, min_cpu:
     let (d_cpu, d_wall, d_runs) = timed(min_cpu, |_| {
         let mut off = 0;
         for (i, b) in batches.iter().enumerate() {
-            let n = eng.decompress(&arena[i * bound..i * bound + lens[i]], &mut out[off..off + b.len()])?;
+            let n = eng.decompress(
+                &arena[i * bound..i * bound + lens[i]],
+                &mut out[off..off + b.len()],
+            )?;
             ensure!(n == b.len(), "short decompress");
             off += b.len();
         }
@@ -533,7 +605,10 @@ fn measure(corpus: &Corpus, codec: Codec, batch: usize, raw_below: f64, min_cpu:
     })
 }
 
-const LINKS: [(&str, f64); 2] = [("sinet5 50 MiB/s", 50.0), ("wide-2010 12.5 MB/s", 12.5e6 / MIB)];
+const LINKS: [(&str, f64); 2] = [
+    ("sinet5 50 MiB/s", 50.0),
+    ("wide-2010 12.5 MB/s", 12.5e6 / MIB),
+];
 
 /// Input MiB/s that one sender core + one receiver core + the link sustain, and the bottleneck.
 fn effective(m: &Meas, link: f64) -> (f64, &'static str) {
@@ -576,14 +651,26 @@ fn table_row(out: &mut String, m: &Meas) {
         .iter()
         .map(|&(_, l)| {
             let (e, b) = effective(m, l);
-            let tag = if b == "link" { String::new() } else { format!(" ({b}-bound)") };
+            let tag = if b == "link" {
+                String::new()
+            } else {
+                format!(" ({b}-bound)")
+            };
             format!("{e:.1} (×{:.2}){tag}", e / l)
         })
         .collect();
     out.push_str(&format!(
         "| {} | {} | {} KiB | {:.3} | {:.3} | {:.0}% | {:.0} | {:.0} | {} | {} |\n",
-        m.corpus, m.codec, m.batch_kib, m.ratio, m.ratio_rule, m.raw_batch_share * 100.0,
-        m.c_cpu_mib_s, m.d_cpu_mib_s, eff[0], eff[1]
+        m.corpus,
+        m.codec,
+        m.batch_kib,
+        m.ratio,
+        m.ratio_rule,
+        m.raw_batch_share * 100.0,
+        m.c_cpu_mib_s,
+        m.d_cpu_mib_s,
+        eff[0],
+        eff[1]
     ));
 }
 
@@ -592,7 +679,10 @@ fn main() -> Result<()> {
     let cmdline = std::env::args().collect::<Vec<_>>().join(" ");
     println!("$ {cmdline}");
     for &b in &args.batch_kib {
-        ensure!(b > 0 && b % 4 == 0, "batch sizes must be multiples of 4 KiB");
+        ensure!(
+            b > 0 && b % 4 == 0,
+            "batch sizes must be multiples of 4 KiB"
+        );
     }
     let load_start = loadavg();
     let t0 = Instant::now();
@@ -610,7 +700,13 @@ fn main() -> Result<()> {
     }
     rng.shuffle(&mut extents);
     let mut mixed = Vec::with_capacity(extents.iter().map(|e| e.data.len()).sum());
-    let mut per_kind: Vec<Corpus> = Kind::ALL.iter().map(|k| Corpus { name: k.name().into(), data: vec![] }).collect();
+    let mut per_kind: Vec<Corpus> = Kind::ALL
+        .iter()
+        .map(|k| Corpus {
+            name: k.name().into(),
+            data: vec![],
+        })
+        .collect();
     for e in &extents {
         mixed.extend_from_slice(&e.data);
         let i = Kind::ALL.iter().position(|&k| k == e.kind).unwrap();
@@ -618,14 +714,21 @@ fn main() -> Result<()> {
     }
     drop(extents);
     let zero_blocks = mixed.chunks(BLOCK).filter(|b| is_zero(b)).count();
-    let mixed = Corpus { name: "vm-mix".into(), data: mixed };
+    let mixed = Corpus {
+        name: "vm-mix".into(),
+        data: mixed,
+    };
 
     let mut desc = format!(
         "corpus vm-mix: {:.1} MiB in 4 KiB blocks, seed {:#x}, {} all-zero blocks ({:.1}% incl. file tail padding)\n",
         mixed.data.len() as f64 / MIB, args.seed, zero_blocks, 100.0 * zero_blocks as f64 * BLOCK as f64 / mixed.data.len() as f64
     );
     for s in &kinds {
-        let exts: Vec<String> = s.by_ext.iter().map(|(e, b)| format!("{e} {:.1}", *b as f64 / MIB)).collect();
+        let exts: Vec<String> = s
+            .by_ext
+            .iter()
+            .map(|(e, b)| format!("{e} {:.1}", *b as f64 / MIB))
+            .collect();
         desc.push_str(&format!(
             "  {:<10} {:6.1} MiB ({:4.1}%), {} extents from {} candidate files under {:?}; MiB by extension: {}\n",
             s.kind.name(), s.bytes as f64 / MIB, 100.0 * s.bytes as f64 / mixed.data.len() as f64, s.extents, s.candidates,
@@ -636,7 +739,10 @@ fn main() -> Result<()> {
 
     let mut random = vec![0u8; args.random_mib << 20];
     Rng(args.seed ^ 0xdead_beef).fill(&mut random);
-    let random = Corpus { name: "random".into(), data: random };
+    let random = Corpus {
+        name: "random".into(),
+        data: random,
+    };
 
     let image = match &args.image {
         Some(p) => {
@@ -644,11 +750,17 @@ fn main() -> Result<()> {
             let mut data = vec![];
             (&mut f).take(total as u64).read_to_end(&mut data)?;
             data.truncate(data.len() / BLOCK * BLOCK);
-            Some(Corpus { name: format!("image {}", p.display()), data })
+            Some(Corpus {
+                name: format!("image {}", p.display()),
+                data,
+            })
         }
         None => None,
     };
-    println!("corpus built in {:.1} s; load average {load_start}", t0.elapsed().as_secs_f64());
+    println!(
+        "corpus built in {:.1} s; load average {load_start}",
+        t0.elapsed().as_secs_f64()
+    );
 
     let mut codecs = vec![Codec::ZeroElide, Codec::Lz4];
     let range = zstd::compression_level_range();
@@ -663,8 +775,16 @@ fn main() -> Result<()> {
     let mut run = |c: &Corpus, codec: Codec, batch: usize, md: &mut String| -> Result<()> {
         let m = measure(c, codec, batch, args.raw_below, args.min_cpu_secs)?;
         table_row(md, &m);
-        eprintln!("{:>6.1} s  {} {} {} KiB: ratio {:.3}, c {:.0} MiB/s, d {:.0} MiB/s",
-            t0.elapsed().as_secs_f64(), m.corpus, m.codec, m.batch_kib, m.ratio, m.c_cpu_mib_s, m.d_cpu_mib_s);
+        eprintln!(
+            "{:>6.1} s  {} {} {} KiB: ratio {:.3}, c {:.0} MiB/s, d {:.0} MiB/s",
+            t0.elapsed().as_secs_f64(),
+            m.corpus,
+            m.codec,
+            m.batch_kib,
+            m.ratio,
+            m.c_cpu_mib_s,
+            m.d_cpu_mib_s
+        );
         results.push(m);
         Ok(())
     };
@@ -674,7 +794,11 @@ fn main() -> Result<()> {
         }
     }
     let bb = args.breakdown_batch_kib << 10;
-    for c in per_kind.iter().chain(std::iter::once(&random)).chain(image.iter()) {
+    for c in per_kind
+        .iter()
+        .chain(std::iter::once(&random))
+        .chain(image.iter())
+    {
         if c.data.is_empty() {
             continue;
         }
@@ -693,7 +817,12 @@ fn main() -> Result<()> {
         "machine mostly idle at the start"
     };
     let v = zstd::zstd_safe::version_number();
-    let zstd_version = format!("zstd crate 0.14, libzstd {}.{}.{}", v / 10000, v / 100 % 100, v % 100);
+    let zstd_version = format!(
+        "zstd crate 0.14, libzstd {}.{}.{}",
+        v / 10000,
+        v / 100 % 100,
+        v % 100
+    );
     let doc = json!({
         "bench": "compress-bench",
         "command": cmdline,
