@@ -18,37 +18,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 
-/// Protocol constants, as `doc/proto.md` names them (without the `NBD_` prefix).
+/// Protocol constants: the server's (`roamdisk_nbd::wire`, named as `doc/proto.md` names
+/// them without the `NBD_` prefix), plus the error bit of option replies.
 mod wire {
-    pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-    pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-    pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-    pub const REQUEST_MAGIC: u32 = 0x2560_9513;
-    pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-    pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
-
-    pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
-    pub const FLAG_NO_ZEROES: u16 = 1 << 1;
-    pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
-    pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
-
-    pub const FLAG_HAS_FLAGS: u16 = 1 << 0;
-    pub const FLAG_READ_ONLY: u16 = 1 << 1;
-    pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
-
-    pub const OPT_ABORT: u32 = 2;
-    pub const OPT_GO: u32 = 7;
-
-    pub const REP_ACK: u32 = 1;
-    pub const REP_INFO: u32 = 3;
+    pub use roamdisk_nbd::wire::*;
     pub const REP_FLAG_ERROR: u32 = 1 << 31;
-
-    pub const INFO_EXPORT: u16 = 0;
-
-    pub const CMD_READ: u16 = 0;
-    pub const CMD_WRITE: u16 = 1;
-    pub const CMD_DISC: u16 = 2;
-    pub const CMD_FLUSH: u16 = 3;
 }
 
 /// Largest read or write this client issues or accepts.
