@@ -250,7 +250,7 @@ pub fn run(opts: &RunOptions) -> Result<Report> {
             ),
         });
     }
-    let (p50, p99) = write_latency_ms(&history);
+    let (p50, p99) = report::write_latency_ms(&history);
     let report = Report {
         scenario: opts.scenario.name.to_owned(),
         seed: opts.seed,
@@ -270,7 +270,7 @@ pub fn run(opts: &RunOptions) -> Result<Report> {
         convergence,
         p50_write_ms: p50,
         p99_write_ms: p99,
-        max_lag_bytes: history.lag.iter().map(|l| l.bytes).max().unwrap_or(0),
+        max_lag_bytes: report::max_lag_bytes(&history),
         command: opts.command.clone(),
     };
     report::write(&out, &report, &history)?;
@@ -332,22 +332,6 @@ fn sleep_until(t: Instant) {
 
 fn us(t0: Instant) -> u64 {
     t0.elapsed().as_micros() as u64
-}
-
-/// p50 and p99 of successful writes' latency, in ms.
-fn write_latency_ms(h: &History) -> (f64, f64) {
-    let mut v: Vec<u64> = h
-        .ops
-        .iter()
-        .filter(|o| o.ok() && matches!(o.op, crate::history::Op::Write { .. }))
-        .map(|o| o.end_us.saturating_sub(o.start_us))
-        .collect();
-    if v.is_empty() {
-        return (0.0, 0.0);
-    }
-    v.sort_unstable();
-    let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize] as f64 / 1e3;
-    (q(0.5), q(0.99))
 }
 
 /// The run's view of the cluster, and the faults it has in force.

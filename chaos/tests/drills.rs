@@ -5,23 +5,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use roamdisk_client::playground::free_base_port;
 use serde_json::Value;
-
-/// A `--base-port` whose ports all bind now (see `roamdisk playground --help` for the
-/// layout), below the ephemeral range.
-fn free_base_port(nodes: u16, first: u16) -> u16 {
-    for base in (first..32000).step_by(997) {
-        let ok = (0..nodes)
-            .flat_map(|i| [i, 100 + i, 200 + i])
-            .chain(300..301)
-            .chain(400..400 + 3 * nodes)
-            .all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok());
-        if ok {
-            return base;
-        }
-    }
-    panic!("no free port range");
-}
 
 fn drill(args: &[&str], out: &Path) -> (i32, Value) {
     let base = free_base_port(9, 23000).to_string();

@@ -42,11 +42,6 @@ impl AdminClient {
         }
     }
 
-    /// `host:port` this client talks to.
-    pub fn addr(&self) -> &str {
-        self.base.trim_start_matches("http://")
-    }
-
     fn call<T: DeserializeOwned>(&self, req: ureq::Request, body: Option<Value>) -> Result<T> {
         let url = req.url().to_owned();
         let resp = match body {

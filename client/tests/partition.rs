@@ -3,12 +3,10 @@
 //! that crossed the link are close to the data written, not the volume size. Real node
 //! processes on the playground, real partitions in the WAN emulator.
 
-mod common;
-
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::free_base_port;
+use roamdisk_client::playground::free_base_port;
 use roamdisk_client::playground::Manifest;
 use roamdisk_client::AdminClient;
 use roamdisk_wan::{ControlClient, Partition};

@@ -4,13 +4,11 @@
 //! reports the cluster and moves the volume; SIGINT stops everything cleanly; a rerun
 //! keeps the data.
 
-mod common;
-
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::free_base_port;
+use roamdisk_client::playground::free_base_port;
 use roamdisk_client::playground::Manifest;
 
 fn start(dir: &std::path::Path, base: u16) -> Child {

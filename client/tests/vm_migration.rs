@@ -24,8 +24,6 @@
 //! `ROAMDISK_REQUIRE_VM=1`. Synchronisation is by condition (console lines, QMP events)
 //! with deadlines, never by sleeping.
 
-mod common;
-
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -34,7 +32,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use common::free_base_port;
+use roamdisk_client::playground::free_base_port;
 use roamdisk_client::playground::Manifest;
 use serde_json::{json, Value};
 

@@ -44,8 +44,9 @@ pub const EVENTS_PER_ROUND: usize = 4096;
 pub const EVENT_QUEUE_MAX: usize = 16384;
 /// Milliseconds between volume checkpoints (fsync extents, record applied index).
 pub const CHECKPOINT_INTERVAL_MS: u64 = 1000;
-/// Blocks each replica's scrub verifies per checkpoint interval (16 MiB: a 64 MiB volume
-/// is verified every 4 s, 1 GiB every ~1 min, at a few ms of the store thread per round).
+/// Blocks the scrub verifies per round on the whole node, shared by its replicas in turn
+/// (16 MiB: a few ms of the store thread; one 64 MiB volume is verified every 4 s, 1 GiB
+/// every ~1 min, and more volumes take proportionally longer, not more store time).
 pub const SCRUB_BLOCKS_PER_ROUND: u64 = 4096;
 /// Entries kept in a group's log behind the durable applied index, so that a briefly
 /// lagging follower catches up from the log instead of a snapshot...
@@ -310,6 +311,8 @@ pub struct Store<S: LogStore> {
     logger: slog::Logger,
     next_read_ctx: u64,
     last_checkpoint: Instant,
+    /// The group the next scrub round starts with (rounds take the replicas in turn).
+    scrub_next: GroupId,
     /// Groups whose replica must copy blocks (published for the node's catch-up task).
     recovering_tx: watch::Sender<std::collections::BTreeSet<GroupId>>,
 }
@@ -336,6 +339,7 @@ impl<S: LogStore> Store<S> {
             logger: roamdisk_core::group::raft_logger(),
             next_read_ctx: 1,
             last_checkpoint: Instant::now(),
+            scrub_next: GroupId(0),
             recovering_tx: watch::channel(Default::default()).0,
         };
         if store.log.state(META_GROUP)?.is_none() {
@@ -838,7 +842,18 @@ impl<S: LogStore> Store<S> {
     fn scrub(&mut self) -> anyhow::Result<()> {
         let log = &self.log;
         let mut corrupted = Vec::new();
-        for (id, g) in self.groups.iter_mut() {
+        let mut budget = SCRUB_BLOCKS_PER_ROUND;
+        let next = self.scrub_next;
+        let order: Vec<GroupId> = (self.groups.range(next..))
+            .chain(self.groups.range(..next))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in order {
+            if budget == 0 {
+                self.scrub_next = id;
+                break;
+            }
+            let g = self.groups.get_mut(&id).expect("listed");
             let Machine::Volume(v) = &mut g.machine else {
                 continue;
             };
@@ -846,14 +861,15 @@ impl<S: LogStore> Store<S> {
             if g.recovering.is_some() || v.applied().0 < g.raft.commit_index().0 {
                 continue;
             }
-            let bad = v
-                .scrub(SCRUB_BLOCKS_PER_ROUND, |k| log.get(k))
+            let (verified, bad) = v
+                .scrub(budget, |k| log.get(k))
                 .map_err(|e| anyhow::anyhow!("scrub volume {}: {e}", v.id))?;
+            budget -= verified;
             if !bad.is_empty() {
                 error!(volume = %v.id, blocks = ?&bad[..bad.len().min(16)], count = bad.len(),
                     "scrub: blocks differ from their recorded hashes (corrupted on disk); \
                      copying them from a healthy replica");
-                corrupted.push((*id, v.applied()));
+                corrupted.push((id, v.applied()));
             }
         }
         if corrupted.is_empty() {

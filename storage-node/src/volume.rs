@@ -256,7 +256,8 @@ impl VolumeReplica {
 
     /// Verifies up to `max_blocks` blocks, from where the last call stopped, against the
     /// hash index (`hash_of(key)`: the recorded blake3, `None` for a block that must
-    /// read as zeros); returns the blocks that differ: data corrupted on disk.
+    /// read as zeros); returns how many blocks it verified and those that differ: data
+    /// corrupted on disk.
     ///
     /// Exact only right after a checkpoint, with nothing applied since: then the index
     /// holds the hash of every block's current content. Otherwise it verifies nothing.
@@ -264,10 +265,10 @@ impl VolumeReplica {
         &mut self,
         max_blocks: u64,
         mut hash_of: impl FnMut(&[u8]) -> Result<Option<Vec<u8>>, E>,
-    ) -> Result<Vec<u64>, ScrubError<E>> {
+    ) -> Result<(u64, Vec<u64>), ScrubError<E>> {
         let blocks = self.size / BLOCK_BYTES;
         if self.dirty || !self.touched.is_empty() || blocks == 0 {
-            return Ok(Vec::new());
+            return Ok((0, Vec::new()));
         }
         const RUN: u64 = 64;
         let mut buf = vec![0u8; (RUN * BLOCK_BYTES) as usize];
@@ -295,7 +296,7 @@ impl VolumeReplica {
             self.scrub_cursor = (first + n) % blocks;
             done += n;
         }
-        Ok(bad)
+        Ok((done, bad))
     }
 
     /// Deletes the extent file (the volume left this node).
@@ -412,12 +413,15 @@ mod tests {
             .unwrap();
         let get = |k: &[u8]| store.get(k);
         // Not checkpointed yet: the index is not exact, nothing is verified.
-        assert!(r.scrub(u64::MAX, get).unwrap().is_empty());
+        assert_eq!(r.scrub(u64::MAX, get).unwrap(), (0, vec![]));
         let mut batch = LogBatch::default();
         let idx = r.checkpoint(&mut batch).unwrap();
         store.write(batch).unwrap();
         r.checkpoint_written(idx);
-        assert!(r.scrub(256, |k: &[u8]| store.get(k)).unwrap().is_empty());
+        assert_eq!(
+            r.scrub(1000, |k: &[u8]| store.get(k)).unwrap(),
+            (256, vec![])
+        );
 
         // Flip bytes behind the replica's back: in a written block and in a hole.
         let f = std::fs::OpenOptions::new()
@@ -430,11 +434,16 @@ mod tests {
         // In rounds of 10 blocks, one full pass (256 blocks) finds both, once each.
         let mut bad = Vec::new();
         for _ in 0..25 {
-            bad.extend(r.scrub(10, |k: &[u8]| store.get(k)).unwrap());
+            let (n, b) = r.scrub(10, |k: &[u8]| store.get(k)).unwrap();
+            assert_eq!(n, 10);
+            bad.extend(b);
         }
-        bad.extend(r.scrub(6, |k: &[u8]| store.get(k)).unwrap());
+        bad.extend(r.scrub(6, |k: &[u8]| store.get(k)).unwrap().1);
         assert_eq!(bad, vec![1, 77]);
         // The next pass finds them again (nothing repaired them).
-        assert_eq!(r.scrub(256, |k: &[u8]| store.get(k)).unwrap(), vec![1, 77]);
+        assert_eq!(
+            r.scrub(256, |k: &[u8]| store.get(k)).unwrap(),
+            (256, vec![1, 77])
+        );
     }
 }

@@ -95,6 +95,13 @@ fn config(args: Args) -> Result<NodeConfig> {
     Ok(cfg)
 }
 
+/// How long a stopping node lets NBD connections finish their in-flight requests.
+const NBD_DRAIN_SECS: u64 = 30;
+/// The same after the store failed: nothing can finish, so clients are not kept waiting.
+const NBD_DRAIN_AFTER_FAILURE_SECS: u64 = 2;
+/// How long a stopping node waits for admin connections to close.
+const ADMIN_DRAIN_SECS: u64 = 5;
+
 fn main() -> Result<()> {
     let cfg = config(Args::parse())?;
     tracing_subscriber::fmt()
@@ -220,7 +227,11 @@ fn main() -> Result<()> {
         shutdown.cancel();
         // NBD connections finish their in-flight requests before the store stops; with
         // the store gone there is nothing to finish, so do not keep clients waiting.
-        let nbd_wait = if store_failed.is_cancelled() { 2 } else { 30 };
+        let nbd_wait = if store_failed.is_cancelled() {
+            NBD_DRAIN_AFTER_FAILURE_SECS
+        } else {
+            NBD_DRAIN_SECS
+        };
         if tokio::time::timeout(Duration::from_secs(nbd_wait), nbd)
             .await
             .is_err()
@@ -230,11 +241,11 @@ fn main() -> Result<()> {
         // Idle keep-alive admin connections would hold a graceful shutdown forever (a
         // node that failed then never exited and was never restarted: chaos soak,
         // mixed seed 7).
-        if tokio::time::timeout(Duration::from_secs(5), admin)
+        if tokio::time::timeout(Duration::from_secs(ADMIN_DRAIN_SECS), admin)
             .await
             .is_err()
         {
-            warn!("admin connections did not close within 5 s");
+            warn!("admin connections did not close within {ADMIN_DRAIN_SECS} s");
         }
         anyhow::Ok(())
     });
