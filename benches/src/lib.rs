@@ -1,7 +1,9 @@
 //! Shared benchmark machinery: the servers under test, the two client drivers (fio's nbd
 //! engine and `qemu-img bench`), medians and the result table. Binaries: `nbd-bench`
 //! (the NBD front end against qemu-nbd on one raw file) and `cluster-bench` (a
-//! replicated volume on the playground against qemu-nbd).
+//! replicated volume on the playground against qemu-nbd). `plot`: PNG charts of results.
+
+pub mod plot;
 
 use std::io::Write;
 use std::path::Path;

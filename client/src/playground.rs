@@ -40,6 +40,9 @@ pub struct Options {
     pub node_env: Vec<(String, String)>,
 }
 
+/// The share of a WAN link's bandwidth a playground node may send on it (`link_caps`).
+pub const LINK_CAP_SHARE: f64 = 0.95;
+
 /// The WAN emulator of a playground.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PlaygroundWan {
@@ -382,6 +385,15 @@ pub fn start(opts: &Options) -> Result<Cluster> {
         for ((from, to), via) in &routes {
             if from == site {
                 config.push_str(&format!("\"{to}\" = {via:?}\n"));
+            }
+        }
+        // Each node may use LINK_CAP_SHARE of a WAN link: the WAN's queue stays short,
+        // so Raft's control lane never waits behind bulk inside the emulator either.
+        config.push_str("\n[link_caps]\n");
+        for other in opts.sites.iter().filter(|s| *s != site) {
+            if let Some(bw) = opts.wan.params(site, other).bandwidth_bytes_per_sec {
+                let cap = (bw as f64 * LINK_CAP_SHARE) as u64;
+                config.push_str(&format!("{other:?} = \"{cap}\"\n"));
             }
         }
         let config_path = data_dir.join("node.toml");

@@ -271,6 +271,7 @@ async fn status(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
         "sites": cluster.sites(),
         "volumes": volumes,
         "groups": groups,
+        "links": node.links(),
     }))
 }
 
@@ -518,6 +519,50 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
                 );
             }
         }
+    }
+    let links = node.links();
+    for (name, help, wire) in [
+        (
+            "roamdisk_link_logical_bytes_total",
+            "Bytes of frames sent to another site, before compression, per lane.",
+            false,
+        ),
+        (
+            "roamdisk_link_wire_bytes_total",
+            "Bytes sent to another site on the wire, after compression, per lane.",
+            true,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for l in &links {
+            for lane in &l.lanes {
+                let v = if wire {
+                    lane.wire_bytes
+                } else {
+                    lane.logical_bytes
+                };
+                let _ = writeln!(
+                    out,
+                    "{name}{{node=\"{}\",site=\"{}\",lane=\"{}\"}} {v}",
+                    node.me,
+                    l.site,
+                    lane.lane.name()
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP roamdisk_link_paced_seconds_total Time writers waited for a link's cap."
+    );
+    let _ = writeln!(out, "# TYPE roamdisk_link_paced_seconds_total counter");
+    for l in &links {
+        let _ = writeln!(
+            out,
+            "roamdisk_link_paced_seconds_total{{node=\"{}\",site=\"{}\"}} {}",
+            node.me, l.site, l.paced_secs
+        );
     }
     let _ = writeln!(out, "# HELP roamdisk_volumes Volumes in the cluster.");
     let _ = writeln!(out, "# TYPE roamdisk_volumes gauge");

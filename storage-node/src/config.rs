@@ -13,6 +13,10 @@
 //! # link, an emulator's proxy, a site gateway), by node id.
 //! [peer_routes]
 //! "4" = "127.0.0.1:17004"
+//! # Optional: bytes per second this node may send to each remote site on the log and
+//! # bulk lanes (see `link`); set it a little below the WAN's bandwidth (this node's share).
+//! [link_caps]
+//! hokkaido = "45MiB"
 //! ```
 
 use std::path::PathBuf;
@@ -34,6 +38,9 @@ pub struct NodeConfig {
     /// Node id → address to dial instead of that node's registered `peer_addr`.
     #[serde(default)]
     pub peer_routes: std::collections::BTreeMap<String, String>,
+    /// Remote site → rate (`45MiB`, `400Mbit`) allowed on the log and bulk lanes to it.
+    #[serde(default)]
+    pub link_caps: std::collections::BTreeMap<String, String>,
 }
 
 impl NodeConfig {
@@ -81,6 +88,20 @@ impl Member {
 }
 
 impl NodeConfig {
+    /// `link_caps` in bytes per second.
+    pub fn link_caps(&self) -> anyhow::Result<std::collections::HashMap<String, u64>> {
+        self.link_caps
+            .iter()
+            .map(|(site, rate)| {
+                if *site == self.site {
+                    bail!("link_caps: {site:?} is this node's own site; caps are for links to other sites");
+                }
+                let r = crate::link::parse_rate(rate).with_context(|| format!("link_caps.{site}"))?;
+                Ok((site.clone(), r))
+            })
+            .collect()
+    }
+
     pub fn members(&self) -> anyhow::Result<Vec<Member>> {
         self.initial_cluster
             .iter()
@@ -105,6 +126,7 @@ impl NodeConfig {
                 bail!("{what} {a:?} must be host:port");
             }
         }
+        self.link_caps()?;
         let members = self.members()?;
         if let Some(m) = members.iter().find(|m| m.id.0 == self.id) {
             if m.site != self.site || m.peer_addr != self.peer_addr {
@@ -164,5 +186,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("initial_cluster says"));
+        let mut capped = cfg.clone();
+        capped.link_caps.insert("hokkaido".into(), "45MiB".into());
+        assert_eq!(capped.link_caps().unwrap()["hokkaido"], 45 << 20);
+        capped.link_caps.insert("osaka".into(), "45MiB".into());
+        assert!(capped.validate().is_err());
+        capped.link_caps.remove("osaka");
+        capped.link_caps.insert("fukuoka".into(), "lots".into());
+        let e = format!("{:#}", capped.validate().unwrap_err());
+        assert!(e.contains("link_caps.fukuoka"), "{e}");
     }
 }

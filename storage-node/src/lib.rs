@@ -9,6 +9,8 @@
 //! - [`store`]: the Raft store thread that owns every group on the node (multi-Raft, one
 //!   write batch and one sync per round for all groups).
 //! - [`transport`]: node-to-node TCP (Raft messages, forwarded proposals and reads).
+//! - [`link`]: lanes, batching, zstd compression and the bandwidth cap of links to
+//!   other sites, and the peer wire records.
 //! - [`node`]: the API above the store: propose anywhere, linearizable reads, status.
 //! - [`mover`]: volume moves, stepped by the volume group's leader.
 //! - [`nbd`]: every volume as an NBD export (`roamdisk_nbd::Backend` over `node`).
@@ -24,6 +26,7 @@
 pub mod admin;
 pub mod config;
 pub mod lag;
+pub mod link;
 pub mod mover;
 pub mod nbd;
 pub mod node;

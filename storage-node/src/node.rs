@@ -20,7 +20,9 @@ use crate::transport::{
     REQUEST_TIMEOUT_MS,
 };
 
-/// Blocks per catch-up request (1 MiB of data at most per reply).
+/// Blocks per catch-up request (1 MiB of data at most per reply). 64 (256 KiB, smaller
+/// bursts into a WAN's queue) cut the catch-up rate from 44.7 to 36 MiB/s: each request
+/// costs a read barrier and a status round trip through the store thread.
 pub const CATCH_UP_CHUNK_BLOCKS: u64 = 256;
 /// Catch-up requests in flight: 8 × 1 MiB covers a 50 MiB/s × 40 ms link with room to
 /// spare, and bounds the memory a copy takes on both sides.
@@ -80,6 +82,11 @@ impl Node {
             volumes_dir,
             read_handles: Mutex::default(),
         })
+    }
+
+    /// This node's links to other sites: caps and bytes per lane.
+    pub fn links(&self) -> Vec<crate::link::LinkStatus> {
+        self.transport.links()
     }
 
     pub fn cluster(&self) -> Arc<ClusterState> {

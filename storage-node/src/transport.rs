@@ -1,13 +1,17 @@
 //! Node-to-node transport: Raft messages and forwarded requests over TCP.
 //!
 //! Wire format (versioned by [`PEER_PROTOCOL_VERSION`]; changelog: 1 — Hello, Raft,
-//! Request/Response with Propose and Read): each frame is a 4-byte big-endian length
-//! followed by `codec::encode(&PeerFrame)`; a frame above [`FRAME_MAX_BYTES`] ends the
-//! connection. A connection starts with `Hello` from the dialer.
+//! Request/Response with Propose and Read; 2 — records that may carry a zstd batch of
+//! frames, one connection per lane named in Hello): see [`crate::link`] for records. A
+//! frame above [`FRAME_MAX_BYTES`] ends the connection. A connection starts with `Hello`
+//! from the dialer.
 //!
+//! Each peer gets one outbound connection per [`Lane`] (control, log, bulk), so Raft's
+//! heartbeats, votes and acknowledgements never wait behind appends or block copies.
 //! Every connection has a reader task and a writer task; the writer drains a bounded
-//! queue ([`PEER_QUEUE_FRAMES_MAX`]) and flushes when it is empty, so many small Raft
-//! messages share one syscall. Raft messages that find the queue full are dropped (Raft
+//! queue ([`PEER_QUEUE_FRAMES_MAX`]) in batches and flushes when it is empty, so many
+//! small Raft messages share one syscall; to another site, batches are compressed and
+//! paced by the link's cap. Raft messages that find the queue full are dropped (Raft
 //! retransmits) and the peer is reported unreachable; requests wait for room.
 
 use std::collections::HashMap;
@@ -20,15 +24,16 @@ use raft::eraftpb::Message;
 use roamdisk_core::codec;
 use roamdisk_core::ids::{GroupId, NodeId, VolumeId};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::link::{read_record, Lane, LinkStatus, SiteLink, WriterMode, BATCH_BYTES_MAX};
 use crate::store::{Event, Outbox, Outcome, Refused};
 
-pub const PEER_PROTOCOL_VERSION: u16 = 1;
+pub const PEER_PROTOCOL_VERSION: u16 = 2;
 /// Largest frame: a 32 MiB write plus headers.
 pub const FRAME_MAX_BYTES: usize = codec::DECODE_LIMIT_BYTES;
 /// Frames queued per connection before Raft messages are dropped.
@@ -37,12 +42,15 @@ pub const PEER_QUEUE_FRAMES_MAX: usize = 4096;
 pub const RECONNECT_DELAY_MS: u64 = 200;
 /// How long a forwarded request may take before the caller gives up on that attempt.
 pub const REQUEST_TIMEOUT_MS: u64 = 10_000;
+/// Requests and reads carrying more than this many bytes go on the bulk lane.
+pub const CONTROL_LANE_BYTES_MAX: usize = 64 << 10;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerFrame {
     Hello {
         version: u16,
         from: NodeId,
+        lane: Lane,
     },
     Raft {
         group: GroupId,
@@ -57,6 +65,26 @@ pub enum PeerFrame {
         id: u64,
         resp: PeerResponse,
     },
+}
+
+impl PeerFrame {
+    /// Roughly the encoded size, to bound batches before encoding them.
+    pub fn approx_len(&self) -> usize {
+        16 + match self {
+            PeerFrame::Hello { .. } => 0,
+            PeerFrame::Raft { msg, .. } => msg.len(),
+            PeerFrame::Request { req, .. } => req.approx_len(),
+            PeerFrame::Response { resp, .. } => match resp {
+                PeerResponse::Read(Ok(b)) => b.0.len(),
+                PeerResponse::Blocks(Ok(r)) => r
+                    .blocks
+                    .iter()
+                    .map(|(_, b)| 8 + b.as_ref().map_or(0, |b| b.0.len()))
+                    .sum(),
+                _ => 64,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -87,6 +115,36 @@ pub enum PeerRequest {
     },
     /// Status of one group on the receiver (its leader knows every replica's lag).
     GroupStatus { group: GroupId },
+}
+
+impl PeerRequest {
+    fn approx_len(&self) -> usize {
+        match self {
+            PeerRequest::Propose { data, .. } => data.len(),
+            PeerRequest::FetchBlocks { hashes, .. } => hashes.len(),
+            _ => 32,
+        }
+    }
+
+    /// The lane a request (and so its response) travels on.
+    pub fn lane(&self) -> Lane {
+        match self {
+            PeerRequest::FetchBlocks { .. } => Lane::Bulk,
+            PeerRequest::Read { len, .. } if *len as usize > CONTROL_LANE_BYTES_MAX => Lane::Bulk,
+            PeerRequest::Propose { data, .. } if data.len() > CONTROL_LANE_BYTES_MAX => Lane::Bulk,
+            _ => Lane::Control,
+        }
+    }
+}
+
+/// The lane of a Raft message: appends and snapshots in order on the log lane, the rest
+/// (small, and what elections and acknowledgements wait for) on the control lane.
+pub fn raft_lane(msg: &Message) -> Lane {
+    use raft::eraftpb::MessageType;
+    match msg.get_msg_type() {
+        MessageType::MsgAppend | MessageType::MsgSnapshot => Lane::Log,
+        _ => Lane::Control,
+    }
 }
 
 /// Answer to `FetchBlocks`.
@@ -201,10 +259,21 @@ struct Conn {
     tx: mpsc::Sender<PeerFrame>,
 }
 
+/// Where a peer is: its site and the address to dial.
+#[derive(Clone, PartialEq, Eq)]
+struct PeerAddr {
+    site: String,
+    addr: String,
+}
+
 pub struct Transport {
     me: NodeId,
-    addrs: RwLock<HashMap<NodeId, String>>,
-    conns: Mutex<HashMap<NodeId, Conn>>,
+    site: String,
+    addrs: RwLock<HashMap<NodeId, PeerAddr>>,
+    conns: Mutex<HashMap<(NodeId, Lane), Conn>>,
+    /// Links to other sites, made on first use; caps from the node config.
+    links: Mutex<HashMap<String, Arc<SiteLink>>>,
+    caps: HashMap<String, u64>,
     store: flume::Sender<Event>,
     /// Requests waiting for their response, with the node they went to: a response
     /// comes back on the connection the request left on, so when that connection ends
@@ -217,16 +286,22 @@ pub struct Transport {
 }
 
 impl Transport {
+    /// `caps`: bytes per second allowed on the log and bulk lanes to each remote site.
     pub fn new(
         me: NodeId,
+        site: String,
+        caps: HashMap<String, u64>,
         store: flume::Sender<Event>,
         rt: tokio::runtime::Handle,
         shutdown: CancellationToken,
     ) -> Arc<Transport> {
         Arc::new(Transport {
             me,
+            site,
             addrs: RwLock::default(),
             conns: Mutex::default(),
+            links: Mutex::default(),
+            caps,
             store,
             pending: Mutex::default(),
             next_id: AtomicU64::new(1),
@@ -240,16 +315,64 @@ impl Transport {
         *self.handler.write().expect("handler lock") = Some(h);
     }
 
-    /// Records (or changes) where `node` listens.
-    pub fn set_address(&self, node: NodeId, addr: String) {
+    /// Records (or changes) where `node` is: its site and the address to dial.
+    pub fn set_peer(&self, node: NodeId, site: &str, addr: String) {
         if node == self.me {
             return;
         }
+        let peer = PeerAddr {
+            site: site.to_owned(),
+            addr,
+        };
         let mut addrs = self.addrs.write().expect("addr lock");
-        if addrs.get(&node) != Some(&addr) {
-            addrs.insert(node, addr);
+        if addrs.get(&node) != Some(&peer) {
+            addrs.insert(node, peer);
             // A changed address: the next send dials anew.
-            self.conns.lock().expect("conn lock").remove(&node);
+            self.conns
+                .lock()
+                .expect("conn lock")
+                .retain(|(n, _), _| *n != node);
+        }
+    }
+
+    /// The links to other sites this node has used, with their counters.
+    pub fn links(&self) -> Vec<LinkStatus> {
+        let mut v: Vec<LinkStatus> = self
+            .links
+            .lock()
+            .expect("link lock")
+            .values()
+            .map(|l| l.status())
+            .collect();
+        v.sort_by(|a, b| a.site.cmp(&b.site));
+        v
+    }
+
+    /// How a writer to `node` on `lane` treats its frames.
+    fn mode_for(&self, node: NodeId, lane: Lane) -> WriterMode {
+        let site = self
+            .addrs
+            .read()
+            .expect("addr lock")
+            .get(&node)
+            .map(|p| p.site.clone());
+        match site {
+            Some(site) if site != self.site => {
+                let link = self
+                    .links
+                    .lock()
+                    .expect("link lock")
+                    .entry(site.clone())
+                    .or_insert_with(|| {
+                        Arc::new(SiteLink::new(site.clone(), self.caps.get(&site).copied()))
+                    })
+                    .clone();
+                WriterMode {
+                    lane,
+                    link: Some(link),
+                }
+            }
+            _ => WriterMode::local(lane),
         }
     }
 
@@ -269,26 +392,26 @@ impl Transport {
             let _ = stream.set_nodelay(true);
             let me = Arc::clone(&self);
             tokio::spawn(async move {
-                if let Err(e) = me.run_conn(stream, None).await {
+                if let Err(e) = me.run_conn(stream).await {
                     debug!(%peer, error = %e, "inbound peer connection ended");
                 }
             });
         }
     }
 
-    fn conn(self: &Arc<Self>, to: NodeId) -> Option<mpsc::Sender<PeerFrame>> {
+    fn conn(self: &Arc<Self>, to: NodeId, lane: Lane) -> Option<mpsc::Sender<PeerFrame>> {
         let mut conns = self.conns.lock().expect("conn lock");
-        if let Some(c) = conns.get(&to) {
+        if let Some(c) = conns.get(&(to, lane)) {
             if !c.tx.is_closed() {
                 return Some(c.tx.clone());
             }
         }
-        let addr = self.addrs.read().expect("addr lock").get(&to).cloned()?;
+        let addr = self.addrs.read().expect("addr lock").get(&to)?.addr.clone();
         let (tx, rx) = mpsc::channel(PEER_QUEUE_FRAMES_MAX);
-        conns.insert(to, Conn { tx: tx.clone() });
+        conns.insert((to, lane), Conn { tx: tx.clone() });
         let me = Arc::clone(self);
         self.rt
-            .spawn(async move { me.dial_loop(to, addr, rx).await });
+            .spawn(async move { me.dial_loop(to, lane, addr, rx).await });
         Some(tx)
     }
 
@@ -296,6 +419,7 @@ impl Transport {
     async fn dial_loop(
         self: Arc<Self>,
         to: NodeId,
+        lane: Lane,
         addr: String,
         mut rx: mpsc::Receiver<PeerFrame>,
     ) {
@@ -306,8 +430,8 @@ impl Transport {
             match TcpStream::connect(&addr).await {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
-                    info!(peer = %to, %addr, "connected to peer");
-                    match self.run_dialed(stream, &mut rx).await {
+                    info!(peer = %to, %addr, lane = lane.name(), "connected to peer");
+                    match self.run_dialed(stream, to, lane, &mut rx).await {
                         Ok(()) => return,
                         Err(e) => debug!(peer = %to, error = %e, "peer connection lost"),
                     }
@@ -330,19 +454,22 @@ impl Transport {
     async fn run_dialed(
         self: &Arc<Self>,
         stream: TcpStream,
+        to: NodeId,
+        lane: Lane,
         rx: &mut mpsc::Receiver<PeerFrame>,
     ) -> anyhow::Result<()> {
         let (rd, wr) = stream.into_split();
         let mut wr = BufWriter::with_capacity(256 << 10, wr);
-        write_frame(
-            &mut wr,
-            &PeerFrame::Hello {
-                version: PEER_PROTOCOL_VERSION,
-                from: self.me,
-            },
-        )
-        .await?;
+        let hello = PeerFrame::Hello {
+            version: PEER_PROTOCOL_VERSION,
+            from: self.me,
+            lane,
+        };
+        WriterMode::local(Lane::Control)
+            .write_batch(&mut wr, &[hello])
+            .await?;
         wr.flush().await?;
+        let mode = self.mode_for(to, lane);
         let me = Arc::clone(self);
         let (reply_tx, mut reply_rx) = mpsc::channel::<PeerFrame>(PEER_QUEUE_FRAMES_MAX);
         let reader = tokio::spawn(async move { me.read_frames(rd, reply_tx).await });
@@ -350,14 +477,17 @@ impl Transport {
             loop {
                 let frame = tokio::select! {
                     f = rx.recv() => match f { Some(f) => f, None => return Ok(()) },
-                    f = reply_rx.recv() => match f { Some(f) => f, None => anyhow::bail!("reader ended") },
+                    f = reply_rx.recv() => match f {
+                        Some(f) => {
+                            mode.write_batch(&mut wr, &[f]).await?;
+                            wr.flush().await?;
+                            continue;
+                        }
+                        None => anyhow::bail!("reader ended"),
+                    },
                     _ = self.shutdown.cancelled() => return Ok(()),
                 };
-                write_frame(&mut wr, &frame).await?;
-                while let Ok(f) = rx.try_recv() {
-                    write_frame(&mut wr, &f).await?;
-                }
-                wr.flush().await?;
+                write_queued(&mut wr, &mode, frame, rx).await?;
             }
         }
         .await;
@@ -366,31 +496,30 @@ impl Transport {
     }
 
     /// An accepted connection: reads frames, answers requests on the same connection.
-    async fn run_conn(
-        self: Arc<Self>,
-        stream: TcpStream,
-        _from: Option<NodeId>,
-    ) -> anyhow::Result<()> {
+    async fn run_conn(self: Arc<Self>, stream: TcpStream) -> anyhow::Result<()> {
         let (mut rd, wr) = stream.into_split();
-        match read_frame(&mut rd).await? {
-            Some(PeerFrame::Hello { version, from }) => {
+        let hello = read_record(&mut rd).await?.unwrap_or_default();
+        let (from, lane) = match hello.as_slice() {
+            [PeerFrame::Hello {
+                version,
+                from,
+                lane,
+            }] => {
                 anyhow::ensure!(
-                    version == PEER_PROTOCOL_VERSION,
+                    *version == PEER_PROTOCOL_VERSION,
                     "peer {from} speaks protocol {version}, not {PEER_PROTOCOL_VERSION}"
                 );
-                debug!(peer = %from, "peer connected");
+                debug!(peer = %from, lane = lane.name(), "peer connected");
+                (*from, *lane)
             }
             _ => anyhow::bail!("peer did not start with Hello"),
-        }
+        };
+        let mode = self.mode_for(from, lane);
         let (tx, mut rx) = mpsc::channel::<PeerFrame>(PEER_QUEUE_FRAMES_MAX);
         let writer = tokio::spawn(async move {
             let mut wr = BufWriter::with_capacity(256 << 10, wr);
             while let Some(f) = rx.recv().await {
-                write_frame(&mut wr, &f).await?;
-                while let Ok(f) = rx.try_recv() {
-                    write_frame(&mut wr, &f).await?;
-                }
-                wr.flush().await?;
+                write_queued(&mut wr, &mode, f, &mut rx).await?;
             }
             anyhow::Ok(())
         });
@@ -405,30 +534,37 @@ impl Transport {
         mut rd: tokio::net::tcp::OwnedReadHalf,
         reply: mpsc::Sender<PeerFrame>,
     ) -> anyhow::Result<()> {
-        while let Some(frame) = read_frame(&mut rd).await? {
-            match frame {
-                PeerFrame::Hello { .. } => anyhow::bail!("unexpected Hello"),
-                PeerFrame::Raft { group, msg } => {
-                    let mut m = Message::default();
-                    m.merge_from_bytes(&msg)?;
-                    // Dropping under overload is safe: Raft retransmits.
-                    let _ = self.store.try_send(Event::Raft { group, msg: m });
-                }
-                PeerFrame::Request { id, req } => {
-                    let handler = self.handler.read().expect("handler lock").clone();
-                    let reply = reply.clone();
-                    tokio::spawn(async move {
-                        let resp = match handler {
-                            Some(h) => h.handle(req).await,
-                            None => PeerResponse::Proposed(Err(WireRefused::Shutdown)),
-                        };
-                        let _ = reply.send(PeerFrame::Response { id, resp }).await;
-                    });
-                }
-                PeerFrame::Response { id, resp } => {
-                    if let Some((_, tx)) = self.pending.lock().expect("pending lock").remove(&id) {
-                        let _ = tx.send(resp);
-                    }
+        while let Some(frames) = read_record(&mut rd).await? {
+            for frame in frames {
+                self.receive(frame, &reply)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn receive(&self, frame: PeerFrame, reply: &mpsc::Sender<PeerFrame>) -> anyhow::Result<()> {
+        match frame {
+            PeerFrame::Hello { .. } => anyhow::bail!("unexpected Hello"),
+            PeerFrame::Raft { group, msg } => {
+                let mut m = Message::default();
+                m.merge_from_bytes(&msg)?;
+                // Dropping under overload is safe: Raft retransmits.
+                let _ = self.store.try_send(Event::Raft { group, msg: m });
+            }
+            PeerFrame::Request { id, req } => {
+                let handler = self.handler.read().expect("handler lock").clone();
+                let reply = reply.clone();
+                tokio::spawn(async move {
+                    let resp = match handler {
+                        Some(h) => h.handle(req).await,
+                        None => PeerResponse::Proposed(Err(WireRefused::Shutdown)),
+                    };
+                    let _ = reply.send(PeerFrame::Response { id, resp }).await;
+                });
+            }
+            PeerFrame::Response { id, resp } => {
+                if let Some((_, tx)) = self.pending.lock().expect("pending lock").remove(&id) {
+                    let _ = tx.send(resp);
                 }
             }
         }
@@ -449,7 +585,9 @@ impl Transport {
         to: NodeId,
         req: PeerRequest,
     ) -> Result<PeerResponse, RequestError> {
-        let tx = self.conn(to).ok_or(RequestError::NoAddress(to))?;
+        let tx = self
+            .conn(to, req.lane())
+            .ok_or(RequestError::NoAddress(to))?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done_tx, done_rx) = oneshot::channel();
         self.pending
@@ -477,12 +615,40 @@ impl Transport {
     }
 }
 
+/// Writes `first` and whatever else is queued, in batches of up to [`BATCH_BYTES_MAX`],
+/// then flushes.
+async fn write_queued<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut BufWriter<W>,
+    mode: &WriterMode,
+    first: PeerFrame,
+    rx: &mut mpsc::Receiver<PeerFrame>,
+) -> anyhow::Result<()> {
+    let mut next = Some(first);
+    while let Some(f) = next.take() {
+        let mut bytes = f.approx_len();
+        let mut batch = vec![f];
+        while bytes < BATCH_BYTES_MAX {
+            match rx.try_recv() {
+                Ok(f) => {
+                    bytes += f.approx_len();
+                    batch.push(f);
+                }
+                Err(_) => break,
+            }
+        }
+        mode.write_batch(wr, &batch).await?;
+        next = rx.try_recv().ok();
+    }
+    wr.flush().await?;
+    Ok(())
+}
+
 /// The store's view of the transport.
 pub struct ArcOutbox(pub Arc<Transport>);
 
 impl Outbox for ArcOutbox {
     fn send(&self, to: NodeId, group: GroupId, msg: Message) {
-        let Some(tx) = self.0.conn(to) else {
+        let Some(tx) = self.0.conn(to, raft_lane(&msg)) else {
             let _ = self.0.store.try_send(Event::Unreachable { node: to });
             return;
         };
@@ -497,39 +663,6 @@ impl Outbox for ArcOutbox {
             let _ = self.0.store.try_send(Event::Unreachable { node: to });
         }
     }
-}
-
-async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
-    wr: &mut W,
-    frame: &PeerFrame,
-) -> anyhow::Result<()> {
-    let bytes = codec::encode(frame)?;
-    anyhow::ensure!(
-        bytes.len() <= FRAME_MAX_BYTES,
-        "frame of {} bytes exceeds the maximum",
-        bytes.len()
-    );
-    wr.write_u32(bytes.len() as u32).await?;
-    wr.write_all(&bytes).await?;
-    Ok(())
-}
-
-/// Reads one frame; `None` at a clean end of stream.
-async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
-    rd: &mut R,
-) -> anyhow::Result<Option<PeerFrame>> {
-    let len = match rd.read_u32().await {
-        Ok(n) => n as usize,
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    anyhow::ensure!(
-        len <= FRAME_MAX_BYTES,
-        "peer frame of {len} bytes exceeds the maximum {FRAME_MAX_BYTES}"
-    );
-    let mut buf = vec![0u8; len];
-    rd.read_exact(&mut buf).await?;
-    Ok(Some(codec::decode(&buf)?))
 }
 
 #[cfg(test)]
@@ -567,11 +700,87 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
-    async fn oversized_frame_is_refused_before_allocation() {
-        let mut bytes = (u32::MAX).to_be_bytes().to_vec();
-        bytes.extend_from_slice(&[0; 16]);
-        let mut rd = &bytes[..];
-        assert!(read_frame(&mut rd).await.is_err());
+    /// Appends to a capped remote link queue behind each other; a heartbeat sent after
+    /// them travels on the control lane and arrives first, and the cap holds the rate.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn control_overtakes_bulk_on_a_capped_link() {
+        use raft::eraftpb::{Entry, MessageType};
+        const CAP: u64 = 2 << 20;
+        let shutdown = CancellationToken::new();
+        let rt = tokio::runtime::Handle::current();
+        let (a_tx, _a_rx) = flume::bounded(1024);
+        let (b_tx, b_rx) = flume::bounded(1024);
+        let caps = HashMap::from([("far".to_string(), CAP)]);
+        let a = Transport::new(
+            NodeId(1),
+            "near".into(),
+            caps,
+            a_tx,
+            rt.clone(),
+            shutdown.clone(),
+        );
+        let b = Transport::new(
+            NodeId(2),
+            "far".into(),
+            HashMap::new(),
+            b_tx,
+            rt,
+            shutdown.clone(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(Arc::clone(&b).serve(listener));
+        a.set_peer(NodeId(2), "far", addr);
+        let outbox = ArcOutbox(Arc::clone(&a));
+        // Incompressible entries, so the cap sees every byte.
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let appends = 8;
+        for i in 0..appends {
+            let mut m = Message::default();
+            m.set_msg_type(MessageType::MsgAppend);
+            m.to = 2;
+            m.index = i;
+            let mut e = Entry::default();
+            e.data = (0..(512 << 10))
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect::<Vec<u8>>()
+                .into();
+            m.entries = vec![e].into();
+            outbox.send(NodeId(2), GroupId(5), m);
+        }
+        let start = std::time::Instant::now();
+        let mut hb = Message::default();
+        hb.set_msg_type(MessageType::MsgHeartbeat);
+        hb.to = 2;
+        outbox.send(NodeId(2), GroupId(5), hb);
+        let mut order = Vec::new();
+        while order.len() < appends as usize + 1 {
+            match b_rx.recv_async().await.unwrap() {
+                Event::Raft { msg, .. } => order.push(msg.get_msg_type()),
+                _ => {}
+            }
+        }
+        let hb_at = order
+            .iter()
+            .position(|t| *t == MessageType::MsgHeartbeat)
+            .unwrap();
+        assert!(
+            hb_at < appends as usize,
+            "heartbeat waited behind appends: {order:?}"
+        );
+        // 4 MiB at 2 MiB/s with a burst of one batch (1 MiB): at least 1.5 s.
+        let took = start.elapsed().as_secs_f64();
+        assert!(took >= 1.4, "the cap let 4 MiB through in {took:.2} s");
+        let links = a.links();
+        assert_eq!(links.len(), 1);
+        let log = links[0].lanes.iter().find(|l| l.lane == Lane::Log).unwrap();
+        assert!(log.wire_bytes >= appends * (512 << 10), "{links:?}");
+        assert!(links[0].paced_secs > 1.0, "{links:?}");
+        shutdown.cancel();
     }
 }

@@ -65,6 +65,7 @@ fn config(args: Args) -> Result<NodeConfig> {
             nbd_addr: String::new(),
             initial_cluster: vec![],
             peer_routes: Default::default(),
+            link_caps: Default::default(),
         },
     };
     if let Some(v) = args.id {
@@ -122,9 +123,16 @@ fn main() -> Result<()> {
     let log = Arc::new(RocksLogStore::open(&cfg.data_dir.join("raft")).context("open raft store")?);
     let (events_tx, events_rx) = flume::bounded(EVENT_QUEUE_MAX);
     let shutdown = CancellationToken::new();
-    let transport = Transport::new(me, events_tx.clone(), rt.handle().clone(), shutdown.clone());
+    let transport = Transport::new(
+        me,
+        cfg.site.clone(),
+        cfg.link_caps()?,
+        events_tx.clone(),
+        rt.handle().clone(),
+        shutdown.clone(),
+    );
     for m in &members {
-        transport.set_address(m.id, cfg.dial_addr(m.id, &m.peer_addr));
+        transport.set_peer(m.id, &m.site, cfg.dial_addr(m.id, &m.peer_addr));
     }
     let store_cfg = StoreConfig {
         me,
@@ -273,7 +281,7 @@ async fn keep_registered(
     loop {
         let cluster = node.cluster();
         for n in cluster.nodes.values() {
-            transport.set_address(n.id, cfg.dial_addr(n.id, &n.peer_addr));
+            transport.set_peer(n.id, &n.site, cfg.dial_addr(n.id, &n.peer_addr));
         }
         if cluster.nodes.get(&me.id) != Some(&me) {
             match node.meta(MetaCommand::AddNode(me.clone())).await {
