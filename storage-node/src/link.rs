@@ -477,18 +477,23 @@ mod tests {
     #[test]
     fn bucket_lets_its_rate_through() {
         let b = TokenBucket::new(10 << 20);
+        let burst = b.burst as usize;
+        assert_eq!(
+            burst, BATCH_BYTES_MAX,
+            "at 10 MiB/s one batch is more than 5 ms"
+        );
         let t0 = Instant::now();
         // The burst goes at once; after it, each MiB costs 100 ms.
-        assert_eq!(b.take_at(1 << 20, t0), Duration::ZERO);
+        assert_eq!(b.take_at(burst, t0), Duration::ZERO);
         let wait = b.take_at(1 << 20, t0);
         assert!((wait.as_secs_f64() - 0.1).abs() < 1e-6, "{wait:?}");
         // Time passing pays the debt back.
         let later = t0 + Duration::from_millis(200);
-        assert_eq!(b.take_at(1 << 20, later), Duration::ZERO);
+        assert_eq!(b.take_at(burst, later), Duration::ZERO);
         // Idle time never saves more than the burst.
         let much_later = later + Duration::from_secs(60);
-        assert_eq!(b.take_at(1 << 20, much_later), Duration::ZERO);
-        assert!(b.take_at(1 << 20, much_later) > Duration::ZERO);
+        assert_eq!(b.take_at(burst, much_later), Duration::ZERO);
+        assert!(b.take_at(1, much_later) > Duration::ZERO);
     }
 
     #[test]
