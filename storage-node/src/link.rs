@@ -37,8 +37,7 @@ use crate::transport::{PeerFrame, FRAME_MAX_BYTES};
 
 /// A batch stops growing once its raw frames reach this many bytes. A batch goes to the
 /// socket at once, so it is also the burst the WAN's queue sees: 256 KiB is 5 ms at
-/// 50 MiB/s, which a control frame behind it waits at most (1 MiB batches made writes
-/// forwarded across a link busy with a catch-up copy wait 20–35 ms more).
+/// 50 MiB/s, which a control frame behind it waits at most (1 MiB would be 20 ms).
 pub const BATCH_BYTES_MAX: usize = 256 << 10;
 /// Batches smaller than this are sent uncompressed (a heartbeat-sized batch gains nothing).
 pub const COMPRESS_MIN_BYTES: usize = 4 << 10;
