@@ -272,6 +272,7 @@ async fn status(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
         "volumes": volumes,
         "groups": groups,
         "links": node.links(),
+        "dedup": node.dedup_counts(),
     }))
 }
 
@@ -563,6 +564,43 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
             "roamdisk_link_paced_seconds_total{{node=\"{}\",site=\"{}\"}} {}",
             node.me, l.site, l.paced_secs
         );
+    }
+    let d = node.dedup_counts();
+    let _ = writeln!(
+        out,
+        "# HELP roamdisk_dedup_indexed_blocks Blocks this node can name by content."
+    );
+    let _ = writeln!(out, "# TYPE roamdisk_dedup_indexed_blocks gauge");
+    let _ = writeln!(
+        out,
+        "roamdisk_dedup_indexed_blocks{{node=\"{}\"}} {}",
+        node.me, d.indexed_blocks
+    );
+    for (name, help, v) in [
+        (
+            "roamdisk_dedup_refs_sent_total",
+            "Blocks sent to another site as a reference to content it stores.",
+            d.refs_sent,
+        ),
+        (
+            "roamdisk_dedup_resolved_local_total",
+            "Received references resolved from this node's replicas.",
+            d.resolved_local,
+        ),
+        (
+            "roamdisk_dedup_resolved_site_total",
+            "Received references resolved from another node of this site.",
+            d.resolved_site,
+        ),
+        (
+            "roamdisk_dedup_missed_total",
+            "Received references this site could not resolve (resent as data).",
+            d.missed,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(out, "{name}{{node=\"{}\"}} {v}", node.me);
     }
     let _ = writeln!(out, "# HELP roamdisk_volumes Volumes in the cluster.");
     let _ = writeln!(out, "# TYPE roamdisk_volumes gauge");

@@ -9,6 +9,7 @@
 //! - [`store`]: the Raft store thread that owns every group on the node (multi-Raft, one
 //!   write batch and one sync per round for all groups).
 //! - [`transport`]: node-to-node TCP (Raft messages, forwarded proposals and reads).
+//! - [`dedup`]: blocks sent to other sites by reference when the site stores them.
 //! - [`link`]: lanes, batching, zstd compression and the bandwidth cap of links to
 //!   other sites, and the peer wire records.
 //! - [`node`]: the API above the store: propose anywhere, linearizable reads, status.
@@ -25,6 +26,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod dedup;
 pub mod lag;
 pub mod link;
 pub mod mover;

@@ -14,6 +14,7 @@ use roamdisk_nbd::file::RawFile;
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
+use crate::dedup::{self, Hash};
 use crate::store::{ClusterView, Event, GroupStatus, LeaderMap, Outcome, Refused};
 use crate::transport::{
     BlocksReply, ByteBuf, PeerRequest, PeerResponse, RequestHandler, Transport, WireRefused,
@@ -87,6 +88,11 @@ impl Node {
     /// This node's links to other sites: caps and bytes per lane.
     pub fn links(&self) -> Vec<crate::link::LinkStatus> {
         self.transport.links()
+    }
+
+    /// Blocks sent to other sites by reference, and how references sent here resolved.
+    pub fn dedup_counts(&self) -> dedup::DedupCounts {
+        self.transport.dedup_counts()
     }
 
     pub fn cluster(&self) -> Arc<ClusterState> {
@@ -281,6 +287,16 @@ impl Node {
     /// Path of this node's extent file for `volume`.
     pub fn volume_path(&self, volume: VolumeId) -> PathBuf {
         self.volumes_dir.join(format!("{}.img", volume.0))
+    }
+
+    /// Closes the read handles of volumes that left the cluster (their extent files are
+    /// deleted: an open handle would hold the space and serve a dead file).
+    pub fn prune_read_handles(&self) {
+        let cluster = self.cluster();
+        self.read_handles
+            .lock()
+            .expect("read handles poisoned")
+            .retain(|v, _| cluster.volume_by_id(*v).is_some());
     }
 
     /// A shared read-only handle on this node's extent file for `volume`.
@@ -489,6 +505,26 @@ impl Node {
         Ok(())
     }
 
+    /// The blocks this node stores with these blake3 hashes, each read from its replica
+    /// and verified (an index entry may be stale); `None` where it has none. At most one
+    /// frame's worth is answered.
+    pub fn local_blocks(&self, hashes: &[Hash]) -> Vec<Option<Vec<u8>>> {
+        use roamdisk_core::ids::BLOCK_BYTES;
+        let limit = crate::transport::FRAME_MAX_BYTES / BLOCK_BYTES as usize / 2;
+        let content = self.transport.content_index();
+        hashes
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let (volume, block) = content.get(h).filter(|_| i < limit)?;
+                let file = self.read_handle(volume).ok()?;
+                let mut buf = vec![0u8; BLOCK_BYTES as usize];
+                file.read_at(&mut buf, block * BLOCK_BYTES).ok()?;
+                dedup::verify(h, &buf).then_some(buf)
+            })
+            .collect()
+    }
+
     /// Serves a `FetchBlocks` from this node's replica.
     async fn fetch_blocks(
         &self,
@@ -596,6 +632,10 @@ fn unix_ms() -> u64 {
 pub struct PeerHandler(pub Arc<Node>);
 
 impl RequestHandler for PeerHandler {
+    fn local_blocks(&self, hashes: &[Hash]) -> Vec<Option<Vec<u8>>> {
+        self.0.local_blocks(hashes)
+    }
+
     fn handle(
         &self,
         req: PeerRequest,
@@ -646,6 +686,13 @@ impl RequestHandler for PeerHandler {
                         .fetch_blocks(volume, start_block, &hashes)
                         .await
                         .map_err(WireRefused::from),
+                ),
+                PeerRequest::BlocksByHash { hashes } => PeerResponse::BlocksByHash(
+                    self.0
+                        .local_blocks(&hashes)
+                        .into_iter()
+                        .map(|b| b.map(ByteBuf))
+                        .collect(),
                 ),
                 PeerRequest::GroupStatus { group } => PeerResponse::GroupStatus(
                     self.0

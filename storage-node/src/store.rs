@@ -32,6 +32,7 @@ use roamdisk_core::meta::{ClusterState, Durability, MetaCommand, MetaResult, Vol
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
+use crate::dedup::{ContentIndex, CONTENT_INDEX_MAX};
 use crate::lag::{Lag, LagTracker};
 use crate::volume::VolumeReplica;
 
@@ -64,6 +65,8 @@ pub const PENDING_READS_MAX: usize = 8192;
 /// A read whose read index has not arrived by then (no leader, partition) is refused
 /// with `Superseded` so that the caller retries or forwards.
 pub const READ_INDEX_TIMEOUT_MS: u64 = 2000;
+/// Longest a proposal is held while its leader transfers leadership.
+const HELD_PROPOSAL_MAX: Duration = Duration::from_millis(1000);
 
 /// Where outgoing Raft messages go. The transport implements it; it must not block.
 pub trait Outbox: Send + Sync + 'static {
@@ -222,6 +225,12 @@ struct Group<S: LogStore> {
     /// Answers to metadata proposals, sent once the new cluster state is published, so
     /// that a caller reading this node's view right after sees its own change.
     meta_replies: Vec<(ProposeReply, Outcome)>,
+    /// Proposals that arrived while this leader hands leadership over (raft-rs refuses
+    /// them then). Refusing at once sends the caller into a backoff that outlasts the
+    /// transfer; held, they are answered the moment it ends: with the new leader's name
+    /// (the caller goes straight there) or, if the transfer failed, proposed here.
+    /// Bounded with `proposals` by `PENDING_PROPOSALS_MAX`.
+    held: Vec<(Instant, Vec<u8>, ProposeReply)>,
 }
 
 /// What the metadata says about how a group's writes are acknowledged.
@@ -250,6 +259,48 @@ impl Policy {
 }
 
 impl<S: LogStore> Group<S> {
+    /// Ends the wait of proposals held during a leader transfer once it is over: a new
+    /// leader known → refused with its name; still leading → proposed again. A proposal
+    /// held longer than an election timeout is refused plainly (the caller retries).
+    fn release_held(&mut self, group: GroupId) {
+        if self.held.is_empty() {
+            return;
+        }
+        let leading = self.raft.is_leader();
+        let transferring = leading && self.raft.transferring_to().is_some();
+        let leader = self.raft.leader().filter(|_| !leading);
+        let now = Instant::now();
+        let expired = self
+            .held
+            .iter()
+            .any(|(t, _, _)| now.duration_since(*t) > HELD_PROPOSAL_MAX);
+        if (transferring || (!leading && leader.is_none())) && !expired {
+            return;
+        }
+        for (_, data, reply) in std::mem::take(&mut self.held) {
+            if leading && !transferring {
+                let bytes = data.len() as u64;
+                match self.raft.propose(data) {
+                    Ok((index, term)) => {
+                        self.lag.proposed(index.0, bytes, now);
+                        self.proposals.insert(index.0, (term, reply));
+                    }
+                    Err(_) => {
+                        let _ = reply.send(Err(Refused::Superseded));
+                    }
+                }
+                continue;
+            }
+            let _ = reply.send(Err(match leader {
+                Some(l) => Refused::NotLeader {
+                    group,
+                    leader: Some(l),
+                },
+                None => Refused::Superseded,
+            }));
+        }
+    }
+
     /// Highest index a replica outside the home site has persisted (leader only).
     fn remote_matched(&self) -> u64 {
         self.raft
@@ -298,6 +349,9 @@ pub struct StoreConfig {
     pub group: GroupConfig,
     /// Voters of the metadata group when it is bootstrapped on an empty store.
     pub initial_meta_voters: Vec<NodeId>,
+    /// Dedup's index of the blocks this node stores, by content: filled from the hash
+    /// index at start and by every checkpoint.
+    pub content: Arc<ContentIndex>,
 }
 
 pub struct Store<S: LogStore> {
@@ -413,6 +467,14 @@ impl<S: LogStore> Store<S> {
         } else {
             let vol = VolumeId(g.0);
             let size = self.cluster.volume_by_id(vol).map_or(0, |v| v.size);
+            if recovering.is_none() && self.cfg.content.len() < CONTENT_INDEX_MAX {
+                for (k, h) in self.log.scan(&crate::volume::hash_prefix(vol))? {
+                    if let (Some(b), Ok(h)) = (k.get(9..17), <[u8; 32]>::try_from(h.as_slice())) {
+                        let b = u64::from_be_bytes(b.try_into().expect("8 bytes"));
+                        self.cfg.content.insert(&h, vol, b);
+                    }
+                }
+            }
             Machine::Volume(VolumeReplica::open(
                 &self.cfg.data_dir.join("volumes"),
                 vol,
@@ -444,6 +506,7 @@ impl<S: LogStore> Store<S> {
                 policy: Policy::default(),
                 site_waiting: VecDeque::new(),
                 meta_replies: Vec::new(),
+                held: Vec::new(),
                 deferred_to: st.applied_index,
                 serve_after: 0,
             },
@@ -551,6 +614,13 @@ impl<S: LogStore> Store<S> {
                 };
                 if g.proposals.len() >= PENDING_PROPOSALS_MAX {
                     let _ = reply.send(Err(Refused::Busy));
+                    return false;
+                }
+                if g.raft.is_leader()
+                    && g.raft.transferring_to().is_some()
+                    && g.proposals.len() + g.held.len() < PENDING_PROPOSALS_MAX
+                {
+                    g.held.push((Instant::now(), data, reply));
                     return false;
                 }
                 let bytes = data.len() as u64;
@@ -737,8 +807,9 @@ impl<S: LogStore> Store<S> {
         }
         // A remote replica's append response changes no commit index, so it may bring no
         // Ready: answer the site-durable writes it completes here, every round.
-        for g in self.groups.values_mut() {
+        for (id, g) in self.groups.iter_mut() {
             g.release_site_waiting();
+            g.release_held(*id);
         }
         if readied.is_empty() {
             return Ok(());
@@ -923,7 +994,7 @@ impl<S: LogStore> Store<S> {
                     }
                 }
             }
-            let idx = v.checkpoint(&mut batch)?;
+            let idx = v.checkpoint(&mut batch, &self.cfg.content)?;
             batch.push(LogOp::Delete {
                 key: recovering_key(group),
             });
@@ -1025,7 +1096,7 @@ impl<S: LogStore> Store<S> {
             match &mut g.machine {
                 Machine::Volume(v) => {
                     if v.needs_checkpoint() {
-                        let idx = v.checkpoint(&mut batch)?;
+                        let idx = v.checkpoint(&mut batch, &self.cfg.content)?;
                         written.push((*id, idx));
                     }
                 }
@@ -1109,6 +1180,9 @@ pub fn recovering_key(group: GroupId) -> Vec<u8> {
 }
 
 fn fail_all<S: LogStore>(g: &mut Group<S>, why: Refused) {
+    for (_, _, reply) in std::mem::take(&mut g.held) {
+        let _ = reply.send(Err(why.clone()));
+    }
     for (_, reply) in std::mem::take(&mut g.site_waiting) {
         let _ = reply.send(Err(why.clone()));
     }

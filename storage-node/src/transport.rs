@@ -2,7 +2,8 @@
 //!
 //! Wire format (versioned by [`PEER_PROTOCOL_VERSION`]; changelog: 1 — Hello, Raft,
 //! Request/Response with Propose and Read; 2 — records that may carry a zstd batch of
-//! frames, one connection per lane named in Hello): see [`crate::link`] for records. A
+//! frames, one connection per lane named in Hello; 3 — `RaftRefs` and `DedupMiss`, Raft
+//! appends with blocks sent by reference, see [`crate::dedup`]): see [`crate::link`] for records. A
 //! frame above [`FRAME_MAX_BYTES`] ends the connection. A connection starts with `Hello`
 //! from the dialer.
 //!
@@ -30,10 +31,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::dedup::{self, ContentIndex, DedupStats, EntryRefs, Hash, MissSet};
 use crate::link::{read_record, Lane, LinkStatus, SiteLink, WriterMode, BATCH_BYTES_MAX};
 use crate::store::{Event, Outbox, Outcome, Refused};
 
-pub const PEER_PROTOCOL_VERSION: u16 = 2;
+pub const PEER_PROTOCOL_VERSION: u16 = 3;
 /// Largest frame: a 32 MiB write plus headers.
 pub const FRAME_MAX_BYTES: usize = codec::DECODE_LIMIT_BYTES;
 /// Frames queued per connection before Raft messages are dropped.
@@ -44,6 +46,8 @@ pub const RECONNECT_DELAY_MS: u64 = 200;
 pub const REQUEST_TIMEOUT_MS: u64 = 10_000;
 /// Requests and reads carrying more than this many bytes go on the bulk lane.
 pub const CONTROL_LANE_BYTES_MAX: usize = 64 << 10;
+/// How long a receiver waits for another node of its site to resolve block references.
+pub const SITE_LOOKUP_TIMEOUT_MS: u64 = 2_000;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerFrame {
@@ -56,6 +60,18 @@ pub enum PeerFrame {
         group: GroupId,
         #[serde(with = "serde_bytes")]
         msg: Vec<u8>,
+    },
+    /// A Raft append to another site with blocks cut out and named by hash: the
+    /// receiver restores the exact entries before Raft sees them.
+    RaftRefs {
+        group: GroupId,
+        #[serde(with = "serde_bytes")]
+        msg: Vec<u8>,
+        refs: Vec<EntryRefs>,
+    },
+    /// The receiver's site does not store these blocks: send them as data.
+    DedupMiss {
+        hashes: Vec<Hash>,
     },
     Request {
         id: u64,
@@ -73,6 +89,10 @@ impl PeerFrame {
         16 + match self {
             PeerFrame::Hello { .. } => 0,
             PeerFrame::Raft { msg, .. } => msg.len(),
+            PeerFrame::RaftRefs { msg, refs, .. } => {
+                msg.len() + refs.iter().map(|r| 8 + 36 * r.refs.len()).sum::<usize>()
+            }
+            PeerFrame::DedupMiss { hashes } => 32 * hashes.len(),
             PeerFrame::Request { req, .. } => req.approx_len(),
             PeerFrame::Response { resp, .. } => match resp {
                 PeerResponse::Read(Ok(b)) => b.0.len(),
@@ -80,6 +100,10 @@ impl PeerFrame {
                     .blocks
                     .iter()
                     .map(|(_, b)| 8 + b.as_ref().map_or(0, |b| b.0.len()))
+                    .sum(),
+                PeerResponse::BlocksByHash(bs) => bs
+                    .iter()
+                    .map(|b| 8 + b.as_ref().map_or(0, |b| b.0.len()))
                     .sum(),
                 _ => 64,
             },
@@ -115,6 +139,9 @@ pub enum PeerRequest {
     },
     /// Status of one group on the receiver (its leader knows every replica's lag).
     GroupStatus { group: GroupId },
+    /// Blocks the receiver stores with these blake3 hashes (another node of its site
+    /// resolving references).
+    BlocksByHash { hashes: Vec<Hash> },
 }
 
 impl PeerRequest {
@@ -122,6 +149,7 @@ impl PeerRequest {
         match self {
             PeerRequest::Propose { data, .. } => data.len(),
             PeerRequest::FetchBlocks { hashes, .. } => hashes.len(),
+            PeerRequest::BlocksByHash { hashes } => 32 * hashes.len(),
             _ => 32,
         }
     }
@@ -129,7 +157,7 @@ impl PeerRequest {
     /// The lane a request (and so its response) travels on.
     pub fn lane(&self) -> Lane {
         match self {
-            PeerRequest::FetchBlocks { .. } => Lane::Bulk,
+            PeerRequest::FetchBlocks { .. } | PeerRequest::BlocksByHash { .. } => Lane::Bulk,
             PeerRequest::Read { len, .. } if *len as usize > CONTROL_LANE_BYTES_MAX => Lane::Bulk,
             PeerRequest::Propose { data, .. } if data.len() > CONTROL_LANE_BYTES_MAX => Lane::Bulk,
             _ => Lane::Control,
@@ -163,6 +191,8 @@ pub enum PeerResponse {
     Read(Result<ByteBuf, WireRefused>),
     Blocks(Result<BlocksReply, WireRefused>),
     GroupStatus(Option<crate::store::GroupStatus>),
+    /// One answer per hash asked, in order; `None` where the receiver has no such block.
+    BlocksByHash(Vec<Option<ByteBuf>>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -242,6 +272,11 @@ pub trait RequestHandler: Send + Sync + 'static {
         &self,
         req: PeerRequest,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = PeerResponse> + Send + '_>>;
+
+    /// This node's blocks with these hashes, verified (one answer per hash, in order).
+    fn local_blocks(&self, hashes: &[Hash]) -> Vec<Option<Vec<u8>>> {
+        vec![None; hashes.len()]
+    }
 }
 
 /// Why a request to a peer failed before it got an answer.
@@ -283,6 +318,11 @@ pub struct Transport {
     handler: RwLock<Option<Arc<dyn RequestHandler>>>,
     rt: tokio::runtime::Handle,
     shutdown: CancellationToken,
+    /// Blocks this node stores, by content (filled by the store's checkpoints).
+    content: Arc<ContentIndex>,
+    /// Hashes other sites reported missing.
+    misses: MissSet,
+    dedup: DedupStats,
 }
 
 impl Transport {
@@ -308,7 +348,42 @@ impl Transport {
             handler: RwLock::new(None),
             rt,
             shutdown,
+            content: Arc::default(),
+            misses: MissSet::default(),
+            dedup: DedupStats::default(),
         })
+    }
+
+    /// Where this node stores blocks by content (the store fills it, dedup reads it).
+    pub fn content_index(&self) -> Arc<ContentIndex> {
+        Arc::clone(&self.content)
+    }
+
+    pub fn dedup_counts(&self) -> dedup::DedupCounts {
+        self.dedup.counts(&self.content)
+    }
+
+    /// The site of `node`, if known.
+    fn site_of(&self, node: NodeId) -> Option<String> {
+        self.addrs
+            .read()
+            .expect("addr lock")
+            .get(&node)
+            .map(|p| p.site.clone())
+    }
+
+    /// The other nodes of this node's site.
+    fn site_peers(&self) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = self
+            .addrs
+            .read()
+            .expect("addr lock")
+            .iter()
+            .filter(|(n, p)| p.site == self.site && **n != self.me)
+            .map(|(n, _)| *n)
+            .collect();
+        v.sort();
+        v
     }
 
     pub fn set_handler(&self, h: Arc<dyn RequestHandler>) {
@@ -350,13 +425,7 @@ impl Transport {
 
     /// How a writer to `node` on `lane` treats its frames.
     fn mode_for(&self, node: NodeId, lane: Lane) -> WriterMode {
-        let site = self
-            .addrs
-            .read()
-            .expect("addr lock")
-            .get(&node)
-            .map(|p| p.site.clone());
-        match site {
+        match self.site_of(node) {
             Some(site) if site != self.site => {
                 let link = self
                     .links
@@ -472,7 +541,7 @@ impl Transport {
         let mode = self.mode_for(to, lane);
         let me = Arc::clone(self);
         let (reply_tx, mut reply_rx) = mpsc::channel::<PeerFrame>(PEER_QUEUE_FRAMES_MAX);
-        let reader = tokio::spawn(async move { me.read_frames(rd, reply_tx).await });
+        let reader = tokio::spawn(async move { me.read_frames(rd, to, reply_tx).await });
         let result = async {
             loop {
                 let frame = tokio::select! {
@@ -523,31 +592,150 @@ impl Transport {
             }
             anyhow::Ok(())
         });
-        let r = self.read_frames(rd, tx).await;
+        let r = self.read_frames(rd, from, tx).await;
         writer.abort();
         r
     }
 
-    /// Reads frames until the connection ends; requests are answered through `reply`.
+    /// Reads frames from `from` until the connection ends; requests are answered through
+    /// `reply`. Frames are handled in order (an append with references waits for them to
+    /// resolve before the next frame is read).
     async fn read_frames(
         self: Arc<Self>,
         mut rd: tokio::net::tcp::OwnedReadHalf,
+        from: NodeId,
         reply: mpsc::Sender<PeerFrame>,
     ) -> anyhow::Result<()> {
         while let Some(frames) = read_record(&mut rd).await? {
             for frame in frames {
-                self.receive(frame, &reply)?;
+                match frame {
+                    PeerFrame::RaftRefs { group, msg, refs } => {
+                        self.receive_refs(from, group, msg, refs).await?
+                    }
+                    frame => self.receive(from, frame, &reply)?,
+                }
             }
         }
         Ok(())
     }
 
-    fn receive(&self, frame: PeerFrame, reply: &mpsc::Sender<PeerFrame>) -> anyhow::Result<()> {
+    /// Restores an append sent with references and hands it to Raft, or drops it and
+    /// tells the sender which blocks this site lacks (Raft then resends the entries).
+    async fn receive_refs(
+        self: &Arc<Self>,
+        from: NodeId,
+        group: GroupId,
+        msg: Vec<u8>,
+        refs: Vec<EntryRefs>,
+    ) -> anyhow::Result<()> {
+        let mut m = Message::default();
+        m.merge_from_bytes(&msg)?;
+        drop(msg);
+        let want: Vec<Hash> = dedup::wanted(&refs)
+            .into_iter()
+            .filter(|h| h != dedup::zero_hash())
+            .collect();
+        anyhow::ensure!(
+            want.len() <= FRAME_MAX_BYTES / crate::dedup::BLOCK,
+            "append from {from} names {} blocks",
+            want.len()
+        );
+        let mut found: HashMap<Hash, Vec<u8>> = HashMap::with_capacity(want.len());
+        if !want.is_empty() {
+            let handler = self.handler.read().expect("handler lock").clone();
+            if let Some(h) = handler {
+                for (hash, b) in want.iter().zip(h.local_blocks(&want)) {
+                    if let Some(b) = b {
+                        found.insert(*hash, b);
+                    }
+                }
+            }
+            self.dedup
+                .resolved_local
+                .fetch_add(found.len() as u64, Ordering::Relaxed);
+            let mut missing: Vec<Hash> = want
+                .iter()
+                .filter(|h| !found.contains_key(*h))
+                .copied()
+                .collect();
+            for peer in self.site_peers() {
+                if missing.is_empty() {
+                    break;
+                }
+                let req = PeerRequest::BlocksByHash {
+                    hashes: missing.clone(),
+                };
+                let timeout = Duration::from_millis(SITE_LOOKUP_TIMEOUT_MS);
+                let Ok(PeerResponse::BlocksByHash(blocks)) =
+                    self.request_within(peer, req, timeout).await
+                else {
+                    continue;
+                };
+                if blocks.len() != missing.len() {
+                    continue;
+                }
+                for (hash, b) in missing.iter().zip(blocks) {
+                    if let Some(b) = b.filter(|b| dedup::verify(hash, &b.0)) {
+                        found.insert(*hash, b.0);
+                        self.dedup.resolved_site.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                missing.retain(|h| !found.contains_key(h));
+            }
+            if !missing.is_empty() {
+                self.dedup
+                    .missed
+                    .fetch_add(missing.len() as u64, Ordering::Relaxed);
+                debug!(peer = %from, %group, missing = missing.len(), "append refers to blocks this site lacks; dropped");
+                // On the control lane, ahead of this node's next Raft answer to `from`:
+                // by the time the leader resends, it knows to send these as data.
+                if let Some(tx) = self.conn(from, Lane::Control) {
+                    let _ = tx.try_send(PeerFrame::DedupMiss { hashes: missing });
+                }
+                return Ok(());
+            }
+        }
+        dedup::restore(&mut m, &refs, FRAME_MAX_BYTES, |h| {
+            found.get(h).map(|b| b.as_slice())
+        })?;
+        self.index_remote_append(from, group, &m);
+        let _ = self.store.try_send(Event::Raft { group, msg: m });
+        Ok(())
+    }
+
+    /// An append from another site: its blocks are indexed as they arrive.
+    fn index_remote_append(&self, from: NodeId, group: GroupId, m: &Message) {
+        if m.get_msg_type() == raft::eraftpb::MessageType::MsgAppend
+            && group != roamdisk_core::ids::META_GROUP
+            && self.site_of(from).is_some_and(|s| s != self.site)
+        {
+            dedup::index_writes(m, VolumeId(group.0), &self.content);
+        }
+    }
+
+    fn receive(
+        &self,
+        from: NodeId,
+        frame: PeerFrame,
+        reply: &mpsc::Sender<PeerFrame>,
+    ) -> anyhow::Result<()> {
         match frame {
             PeerFrame::Hello { .. } => anyhow::bail!("unexpected Hello"),
+            PeerFrame::RaftRefs { .. } => anyhow::bail!("RaftRefs handled by the reader"),
+            PeerFrame::DedupMiss { hashes } => {
+                anyhow::ensure!(
+                    hashes.len() <= FRAME_MAX_BYTES / crate::dedup::BLOCK,
+                    "DedupMiss from {from} names {} blocks",
+                    hashes.len()
+                );
+                if let Some(site) = self.site_of(from) {
+                    self.misses.insert(&site, &hashes);
+                }
+            }
             PeerFrame::Raft { group, msg } => {
                 let mut m = Message::default();
                 m.merge_from_bytes(&msg)?;
+                self.index_remote_append(from, group, &m);
                 // Dropping under overload is safe: Raft retransmits.
                 let _ = self.store.try_send(Event::Raft { group, msg: m });
             }
@@ -585,6 +773,17 @@ impl Transport {
         to: NodeId,
         req: PeerRequest,
     ) -> Result<PeerResponse, RequestError> {
+        self.request_within(to, req, Duration::from_millis(REQUEST_TIMEOUT_MS))
+            .await
+    }
+
+    /// Sends a request to `to` and waits up to `timeout` for its response.
+    pub async fn request_within(
+        self: &Arc<Self>,
+        to: NodeId,
+        req: PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerResponse, RequestError> {
         let tx = self
             .conn(to, req.lane())
             .ok_or(RequestError::NoAddress(to))?;
@@ -601,7 +800,7 @@ impl Transport {
             cleanup(self);
             return Err(RequestError::Closed(to));
         }
-        match tokio::time::timeout(Duration::from_millis(REQUEST_TIMEOUT_MS), done_rx).await {
+        match tokio::time::timeout(timeout, done_rx).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(_)) => {
                 cleanup(self);
@@ -647,11 +846,26 @@ async fn write_queued<W: tokio::io::AsyncWrite + Unpin>(
 pub struct ArcOutbox(pub Arc<Transport>);
 
 impl Outbox for ArcOutbox {
-    fn send(&self, to: NodeId, group: GroupId, msg: Message) {
-        let Some(tx) = self.0.conn(to, raft_lane(&msg)) else {
-            let _ = self.0.store.try_send(Event::Unreachable { node: to });
+    fn send(&self, to: NodeId, group: GroupId, mut msg: Message) {
+        let t = &self.0;
+        let Some(tx) = t.conn(to, raft_lane(&msg)) else {
+            let _ = t.store.try_send(Event::Unreachable { node: to });
             return;
         };
+        // Appends of volume writes to another site: blocks that site stores go by hash.
+        let mut refs = Vec::new();
+        if msg.get_msg_type() == raft::eraftpb::MessageType::MsgAppend
+            && group != roamdisk_core::ids::META_GROUP
+            && !msg.entries.is_empty()
+        {
+            if let Some(site) = t.site_of(to).filter(|s| *s != t.site) {
+                refs = dedup::cut_known_blocks(&mut msg, |h| {
+                    t.content.get(h).is_some() && !t.misses.contains(&site, h)
+                });
+                let n: usize = refs.iter().map(|r| r.refs.len()).sum();
+                t.dedup.refs_sent.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
         let bytes = match msg.write_to_bytes() {
             Ok(b) => b,
             Err(e) => {
@@ -659,7 +873,16 @@ impl Outbox for ArcOutbox {
                 return;
             }
         };
-        if tx.try_send(PeerFrame::Raft { group, msg: bytes }).is_err() {
+        let frame = if refs.is_empty() {
+            PeerFrame::Raft { group, msg: bytes }
+        } else {
+            PeerFrame::RaftRefs {
+                group,
+                msg: bytes,
+                refs,
+            }
+        };
+        if tx.try_send(frame).is_err() {
             let _ = self.0.store.try_send(Event::Unreachable { node: to });
         }
     }

@@ -21,6 +21,8 @@ use roamdisk_core::ids::{BlockIndex, GroupId, LogIndex, VolumeId, BLOCK_BYTES};
 use roamdisk_core::logstore::{LogBatch, LogOp};
 use roamdisk_nbd::file::RawFile;
 
+use crate::dedup::ContentIndex;
+
 /// Touched blocks kept before a checkpoint is forced (bounds the memory of the set and
 /// the work of one checkpoint: 64 Ki blocks = 256 MiB of data).
 pub const TOUCHED_BLOCKS_MAX: usize = 64 << 10;
@@ -220,8 +222,12 @@ impl VolumeReplica {
 
     /// Makes everything applied durable and adds the matching hash-index and applied
     /// records to `batch`. Call [`VolumeReplica::checkpoint_written`] once the batch is
-    /// written.
-    pub fn checkpoint(&mut self, batch: &mut LogBatch) -> Result<LogIndex, VolumeError> {
+    /// written. Every block hashed is also recorded in `content` (dedup's index).
+    pub fn checkpoint(
+        &mut self,
+        batch: &mut LogBatch,
+        content: &ContentIndex,
+    ) -> Result<LogIndex, VolumeError> {
         if self.dirty {
             self.extent
                 .sync_data()
@@ -237,9 +243,11 @@ impl VolumeReplica {
             if roamdisk_nbd::backend::is_zero(&block) {
                 batch.push(LogOp::Delete { key });
             } else {
+                let hash = *blake3::hash(&block).as_bytes();
+                content.insert(&hash, self.id, b);
                 batch.push(LogOp::Put {
                     key,
-                    value: blake3::hash(&block).as_bytes().to_vec(),
+                    value: hash.to_vec(),
                 });
             }
         }
@@ -364,7 +372,7 @@ mod tests {
         .unwrap();
         assert!(r.needs_checkpoint());
         let mut batch = LogBatch::default();
-        let idx = r.checkpoint(&mut batch).unwrap();
+        let idx = r.checkpoint(&mut batch, &ContentIndex::default()).unwrap();
         store.write(batch).unwrap();
         r.checkpoint_written(idx);
         assert_eq!(r.durable_applied(), LogIndex(3));
@@ -415,7 +423,7 @@ mod tests {
         // Not checkpointed yet: the index is not exact, nothing is verified.
         assert_eq!(r.scrub(u64::MAX, get).unwrap(), (0, vec![]));
         let mut batch = LogBatch::default();
-        let idx = r.checkpoint(&mut batch).unwrap();
+        let idx = r.checkpoint(&mut batch, &ContentIndex::default()).unwrap();
         store.write(batch).unwrap();
         r.checkpoint_written(idx);
         assert_eq!(

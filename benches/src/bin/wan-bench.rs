@@ -434,21 +434,45 @@ fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     std::thread::sleep(Duration::from_secs(5));
     let t = Instant::now();
     admin.move_volume("vm1", "fukuoka")?;
+    // The handoff starts when the first fukuoka replica becomes a voter (joint
+    // consensus); before that the move only copies data to the new replicas.
+    let mut handoff: Option<Instant> = None;
     wait_until(300, "the move", || {
         let v = admin.volume("vm1").ok()?;
+        let progress = v["progress"].as_array().cloned().unwrap_or_default();
+        if handoff.is_none()
+            && progress
+                .iter()
+                .any(|p| p["site"] == "fukuoka" && p["learner"] == false)
+        {
+            handoff = Some(Instant::now());
+        }
         (v["home_site"] == "fukuoka" && v["moving"].is_null()).then_some(())
     })?;
+    let done = Instant::now();
     let move_s = t.elapsed().as_secs_f64();
     let move_at = (t - fio_start).as_secs_f64();
+    let handoff_at = (handoff.unwrap_or(done) - fio_start).as_secs_f64();
+    let done_at = (done - fio_start).as_secs_f64();
     let (w, lat) = writer.join().expect("writer thread")?;
     let max_ms = w["clat_ns"]["max"].as_f64().unwrap_or(f64::NAN) / 1e6;
+    // The pause: the longest write that completed between the start of the handoff
+    // (less one polling interval) and a second after the move was recorded done.
+    let pause_ms = lat
+        .iter()
+        .filter(|(at, _)| *at >= handoff_at - 0.1 && *at <= done_at + 1.0)
+        .map(|(_, ms)| *ms)
+        .fold(0.0, f64::max);
     let rtt_of = profile.rtt("osaka", "fukuoka").as_secs_f64() * 1e3;
     let goal = 2.0 * rtt_of + 50.0;
     rows.push(json!({
         "scenario": "move osaka -> fukuoka under a QD1 writer at fukuoka",
-        "move_s": move_s, "p50_ms": pct(&w, "50.000000"), "max_write_ms": max_ms,
-        "goal": format!("handoff pause (longest write) <= {goal:.0} ms (2 RTT + 50 ms)"),
-        "met": max_ms <= goal,
+        "move_s": move_s, "handoff_s": done_at - handoff_at, "p50_ms": pct(&w, "50.000000"),
+        "handoff_max_write_ms": pause_ms, "max_write_ms": max_ms,
+        "goal": format!(
+            "handoff pause (longest write from joint consensus to done) <= {goal:.0} ms (2 RTT + 50 ms)"
+        ),
+        "met": pause_ms <= goal,
     }));
     Chart {
         title: "move osaka -> fukuoka: 4k QD1 writes from a fukuoka node",
@@ -472,8 +496,13 @@ fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
                 color: GREY,
             },
             VLine {
-                name: "move finished".into(),
-                x: move_at + move_s,
+                name: "handoff began (joint consensus)".into(),
+                x: handoff_at,
+                color: GREEN,
+            },
+            VLine {
+                name: format!("move finished (handoff longest {pause_ms:.0} ms)"),
+                x: done_at,
                 color: RED,
             },
         ],

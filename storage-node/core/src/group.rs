@@ -406,6 +406,13 @@ impl<S: LogStore> RaftGroup<S> {
         self.node.transfer_leader(to.0);
     }
 
+    /// The node this leader is handing leadership to, while a transfer runs (raft-rs
+    /// drops proposals meanwhile).
+    pub fn transferring_to(&self) -> Option<NodeId> {
+        let id = self.node.raft.lead_transferee?;
+        (id != raft::INVALID_ID).then_some(NodeId(id))
+    }
+
     /// Starts a linearizable read; its `ReadState` (with `ctx`) appears in a later Ready.
     pub fn read_index(&mut self, ctx: Vec<u8>) {
         self.node.read_index(ctx);

@@ -139,6 +139,7 @@ fn main() -> Result<()> {
         data_dir: cfg.data_dir.clone(),
         group: GroupConfig::default(),
         initial_meta_voters: members.iter().map(|m| m.id).collect(),
+        content: transport.content_index(),
     };
     let (store, cluster_view, leaders) =
         Store::open(store_cfg, log, Arc::new(ArcOutbox(Arc::clone(&transport))))?;
@@ -211,6 +212,21 @@ fn main() -> Result<()> {
             Arc::clone(&node),
             shutdown.clone(),
         ));
+        {
+            // Deleted volumes' extent files must not stay open.
+            let node = Arc::clone(&node);
+            let mut view = node.cluster_view();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        r = view.changed() => if r.is_err() { return },
+                        _ = shutdown.cancelled() => return,
+                    }
+                    node.prune_read_handles();
+                }
+            });
+        }
         let nbd_server = roamdisk_nbd::Server::new(
             Arc::new(NodeCatalog {
                 node: Arc::clone(&node),
