@@ -10,10 +10,13 @@
 //! - *Guess (sender).* A block is sent by reference when it is all zeros, or when its
 //!   hash is in this node's [`ContentIndex`] (content this node stores: every volume is
 //!   replicated to every site, so the other site most likely stores it too) and the
-//!   receiving site has not reported it missing ([`MissSet`]).
+//!   receiving site has not reported it missing ([`MissSet`]; a hash leaves that set when
+//!   the block is next sent as data, since the site then stores it).
 //! - *Resolve (receiver).* From its own content index (reading the block and checking its
 //!   blake3: an index entry may be stale), else from the other nodes of its site (a LAN
-//!   round trip), else it drops the whole message and reports the hashes missing. The
+//!   round trip), else, if its index names a block that is not yet what the reference
+//!   says (an entry received but not yet applied), it waits for apply a few times
+//!   ([`RESOLVE_RETRIES`]); else it drops the whole message and reports the hashes missing. The
 //!   sender then sends those blocks as data, and Raft resends the dropped entries (the
 //!   next append finds a gap and is rejected, or a heartbeat response shows the follower
 //!   behind). A wrong guess costs a resend; it never changes a byte.
@@ -38,6 +41,11 @@ pub type Hash = [u8; 32];
 pub const CONTENT_INDEX_MAX: usize = 256 << 10;
 /// Hashes a sender remembers as missing at one site.
 pub const MISSES_MAX: usize = 64 << 10;
+/// Extra attempts a receiver makes, [`RESOLVE_RETRY_MS`] apart, at references its own
+/// index names but its replica does not hold yet (the entry with the data arrived, on the
+/// same ordered lane, and is waiting to apply).
+pub const RESOLVE_RETRIES: u32 = 4;
+pub const RESOLVE_RETRY_MS: u64 = 10;
 
 pub const BLOCK: usize = BLOCK_BYTES as usize;
 
@@ -111,6 +119,16 @@ impl MissSet {
         for h in hashes {
             set.insert(key(h), ());
         }
+    }
+
+    /// True if `site` reported `hash` missing, and forgets it: the caller is about to send
+    /// the block as data, after which the site stores it.
+    pub fn take(&self, site: &str, hash: &Hash) -> bool {
+        self.sites
+            .lock()
+            .expect("miss set")
+            .get_mut(site)
+            .is_some_and(|s| s.map.remove(&key(hash)).is_some())
     }
 
     pub fn contains(&self, site: &str, hash: &Hash) -> bool {
@@ -196,9 +214,13 @@ impl DedupStats {
 
 /// Cuts out of `msg`'s entries every whole, aligned 4 KiB block written by a volume
 /// `Write` for which `known(hash)` holds (all-zero blocks always), and returns where they
-/// were. Entries that are not writes are left alone.
+/// were. Entries that are not writes are left alone. `known` is asked once per distinct
+/// hash: a block repeated within the message goes the same way every time (otherwise a
+/// hash just taken out of the miss set would go once as data and then by reference in
+/// the same message, which the receiver cannot resolve: a resend loop).
 pub fn cut_known_blocks(msg: &mut Message, mut known: impl FnMut(&Hash) -> bool) -> Vec<EntryRefs> {
     let mut out = Vec::new();
+    let mut decided: HashMap<Hash, bool> = HashMap::new();
     for (i, e) in msg.entries.iter_mut().enumerate() {
         if e.get_entry_type() != EntryType::EntryNormal || e.data.len() < BLOCK {
             continue;
@@ -223,7 +245,9 @@ pub fn cut_known_blocks(msg: &mut Message, mut known: impl FnMut(&Hash) -> bool)
             } else {
                 *blake3::hash(block).as_bytes()
             };
-            if &hash == zero_hash() || known(&hash) {
+            let is_known =
+                hash == *zero_hash() || *decided.entry(hash).or_insert_with(|| known(&hash));
+            if is_known {
                 refs.push(((base + at) as u32, hash));
             }
             at += BLOCK;
@@ -440,6 +464,20 @@ mod tests {
     }
 
     #[test]
+    fn a_repeated_block_is_decided_once_per_message() {
+        let a = block(6);
+        let mut m = msg_with(&[(0, [a.clone(), a.clone(), a.clone()].concat())]);
+        let mut asked = 0;
+        // Known only the first time it is asked (a miss-set entry taken): all data.
+        let refs = cut_known_blocks(&mut m, |_| {
+            asked += 1;
+            asked > 1
+        });
+        assert_eq!(asked, 1);
+        assert!(refs.is_empty(), "{refs:?}");
+    }
+
+    #[test]
     fn a_missing_or_misplaced_reference_changes_nothing() {
         let a = block(4);
         let ha = *blake3::hash(&a).as_bytes();
@@ -493,5 +531,10 @@ mod tests {
         misses.insert("b", &[h(1)]);
         assert!(misses.contains("b", &h(1)));
         assert!(!misses.contains("c", &h(1)));
+        assert!(misses.take("b", &h(1)));
+        assert!(
+            !misses.contains("b", &h(1)),
+            "sent as data once, then known again"
+        );
     }
 }

@@ -643,21 +643,26 @@ impl Transport {
         let mut found: HashMap<Hash, Vec<u8>> = HashMap::with_capacity(want.len());
         if !want.is_empty() {
             let handler = self.handler.read().expect("handler lock").clone();
-            if let Some(h) = handler {
-                for (hash, b) in want.iter().zip(h.local_blocks(&want)) {
-                    if let Some(b) = b {
-                        found.insert(*hash, b);
+            let mut missing = want.clone();
+            for attempt in 0..=dedup::RESOLVE_RETRIES {
+                if let Some(h) = &handler {
+                    for (hash, b) in missing.iter().zip(h.local_blocks(&missing)) {
+                        if let Some(b) = b {
+                            found.insert(*hash, b);
+                        }
                     }
                 }
+                missing.retain(|h| !found.contains_key(h));
+                // Named by the index but not there yet: its entry is waiting to apply.
+                let pending = missing.iter().any(|h| self.content.get(h).is_some());
+                if missing.is_empty() || !pending || attempt == dedup::RESOLVE_RETRIES {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(dedup::RESOLVE_RETRY_MS)).await;
             }
             self.dedup
                 .resolved_local
                 .fetch_add(found.len() as u64, Ordering::Relaxed);
-            let mut missing: Vec<Hash> = want
-                .iter()
-                .filter(|h| !found.contains_key(*h))
-                .copied()
-                .collect();
             for peer in self.site_peers() {
                 if missing.is_empty() {
                     break;
@@ -860,7 +865,8 @@ impl Outbox for ArcOutbox {
         {
             if let Some(site) = t.site_of(to).filter(|s| *s != t.site) {
                 refs = dedup::cut_known_blocks(&mut msg, |h| {
-                    t.content.get(h).is_some() && !t.misses.contains(&site, h)
+                    // A block the site reported missing goes as data (once).
+                    t.content.get(h).is_some() && !t.misses.take(&site, h)
                 });
                 let n: usize = refs.iter().map(|r| r.refs.len()).sum();
                 t.dedup.refs_sent.fetch_add(n as u64, Ordering::Relaxed);
