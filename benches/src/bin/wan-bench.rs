@@ -538,7 +538,17 @@ fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     }
     .draw(&png("wan-move.png"))?;
 
-    let mut md = String::from("| scenario | figures | goal | met |\n|---|---|---|---|\n");
+    let mut md = format!(
+        "# WAN scenarios (`wan-bench`, sinet5 profile, 3 sites × 3 nodes on one machine)\n\n\
+         Command: `cargo build --release --bins --workspace && {}`\n\
+         (plots: `wan-site-latency.png`, `wan-catchup.png`, `wan-move.png`). Shipping rate is\n\
+         the steady state: the mean over 100 ms samples of the osaka→hokkaido link in which it\n\
+         carried more than half its bandwidth; `average_mib_s` is over the whole drain. The\n\
+         handoff pause is the longest write from the joint-consensus change to the move's end;\n\
+         `max_write_ms` includes the copy to the new replicas before it.\n\n\
+         | scenario | figures | goal | met |\n|---|---|---|---|\n",
+        std::env::args().collect::<Vec<_>>().join(" ")
+    );
     for r in &rows {
         let mut figs: Vec<String> = Vec::new();
         for (k, v) in r.as_object().expect("object") {
