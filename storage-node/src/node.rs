@@ -557,11 +557,13 @@ impl Node {
         }
         // Read after the blocks: the copy reflects a state no newer than this.
         let applied = self
-            .status()
+            .to_store(|reply| Event::Applied {
+                group: volume.group(),
+                reply,
+            })
             .await
-            .into_iter()
-            .find(|g| g.group == volume.0)
-            .map_or(0, |g| g.applied);
+            .flatten()
+            .unwrap_or(0);
         Ok(BlocksReply {
             applied,
             blocks: out,
