@@ -72,6 +72,15 @@ impl AdminClient {
         self.call(self.agent.get(&format!("{}/v1/nodes", self.base)), None)
     }
 
+    /// Registers a node that joins the cluster after bootstrap (what `roamdisk-node
+    /// --join` does); returns the nodes after it.
+    pub fn add_node(&self, info: &NodeInfo) -> Result<Vec<NodeInfo>> {
+        self.call(
+            self.agent.post(&format!("{}/v1/nodes", self.base)),
+            Some(serde_json::to_value(info)?),
+        )
+    }
+
     pub fn volumes(&self) -> Result<Vec<Value>> {
         self.call(self.agent.get(&format!("{}/v1/volumes", self.base)), None)
     }

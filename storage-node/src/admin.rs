@@ -35,7 +35,7 @@ use crate::store::GroupStatus;
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/v1/status", get(status))
-        .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes", get(nodes).post(add_node))
         .route("/v1/volumes", get(volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(show_volume).delete(delete_volume))
         .route("/v1/volumes/{name}/resize", post(resize_volume))
@@ -278,6 +278,35 @@ async fn status(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
 
 async fn nodes(State(node): State<Arc<Node>>) -> Json<Vec<NodeInfo>> {
     Json(node.cluster().nodes.values().cloned().collect())
+}
+
+/// A node joining a running cluster registers through any member.
+async fn add_node(
+    State(node): State<Arc<Node>>,
+    Json(info): Json<NodeInfo>,
+) -> Result<(StatusCode, Json<Vec<NodeInfo>>), ApiError> {
+    if info.id.0 == 0 || info.site.is_empty() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "a node needs an id of at least 1 and a site".into(),
+        ));
+    }
+    if let Some(known) = node.cluster().nodes.get(&info.id) {
+        if known.peer_addr != info.peer_addr {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!(
+                    "node id {} is already {}@{}; pick another id",
+                    info.id, known.site, known.peer_addr
+                ),
+            ));
+        }
+    }
+    node.meta(MetaCommand::AddNode(info)).await??;
+    Ok((
+        StatusCode::CREATED,
+        Json(node.cluster().nodes.values().cloned().collect()),
+    ))
 }
 
 async fn volumes(State(node): State<Arc<Node>>) -> Json<Vec<VolumeView>> {

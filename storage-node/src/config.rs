@@ -9,6 +9,9 @@
 //! nbd_addr = "10.0.0.1:10809"     # NBD exports of every volume
 //! # Members that bootstrap the metadata group together (id=site@peer_addr).
 //! initial_cluster = ["1=osaka@10.0.0.1:7001", "2=osaka@10.0.0.2:7001", "3=osaka@10.0.0.3:7001"]
+//! # Or, for a node added to a running cluster: the admin address of any member. Used
+//! # once, when the data dir is new; the node then follows the cluster's metadata.
+//! # join = "10.0.0.1:8001"
 //! # Optional: dial these addresses instead of a node's registered peer address (a WAN
 //! # link, an emulator's proxy, a site gateway), by node id.
 //! [peer_routes]
@@ -35,6 +38,9 @@ pub struct NodeConfig {
     pub nbd_addr: String,
     #[serde(default)]
     pub initial_cluster: Vec<String>,
+    /// Admin address of a running member, for a node joining after bootstrap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<String>,
     /// Node id → address to dial instead of that node's registered `peer_addr`.
     #[serde(default)]
     pub peer_routes: std::collections::BTreeMap<String, String>,
@@ -127,6 +133,14 @@ impl NodeConfig {
             }
         }
         self.link_caps()?;
+        if let Some(j) = &self.join {
+            if !j.contains(':') {
+                bail!("join {j:?} must be the host:port of a member's admin API");
+            }
+            if !self.initial_cluster.is_empty() {
+                bail!("give either initial_cluster (bootstrap) or join (add to a running cluster), not both");
+            }
+        }
         let members = self.members()?;
         if let Some(m) = members.iter().find(|m| m.id.0 == self.id) {
             if m.site != self.site || m.peer_addr != self.peer_addr {
@@ -195,5 +209,21 @@ mod tests {
         capped.link_caps.insert("fukuoka".into(), "lots".into());
         let e = format!("{:#}", capped.validate().unwrap_err());
         assert!(e.contains("link_caps.fukuoka"), "{e}");
+
+        let mut joiner = cfg.clone();
+        joiner.join = Some("127.0.0.1:8001".into());
+        assert!(joiner
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("not both"));
+        joiner.initial_cluster.clear();
+        joiner.validate().unwrap();
+        joiner.join = Some("nowhere".into());
+        assert!(joiner
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("host:port"));
     }
 }

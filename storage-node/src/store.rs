@@ -358,6 +358,9 @@ pub struct StoreConfig {
     /// Dedup's index of the blocks this node stores, by content: filled from the hash
     /// index at start and by every checkpoint.
     pub content: Arc<ContentIndex>,
+    /// A new node joining a running cluster: its metadata group starts with no members
+    /// and waits for the metadata leader to add it (as a learner) and send a snapshot.
+    pub joining: bool,
 }
 
 pub struct Store<S: LogStore> {
@@ -406,8 +409,8 @@ impl<S: LogStore> Store<S> {
             let mut cs = ConfState::default();
             cs.voters = store.cfg.initial_meta_voters.iter().map(|n| n.0).collect();
             anyhow::ensure!(
-                !cs.voters.is_empty(),
-                "a new node needs the initial metadata voters (--initial-cluster)"
+                !cs.voters.is_empty() || store.cfg.joining,
+                "a new node needs the initial metadata voters (--initial-cluster) or a member to join (--join)"
             );
             let mut b = LogBatch::default();
             b.push(LogOp::Create {
@@ -434,6 +437,11 @@ impl<S: LogStore> Store<S> {
             store.open_group(g)?;
         }
         store.publish_cluster();
+        // Apply what was committed before the restart now, so the node's view of the
+        // metadata (its volumes, its peers) is whole before it says it is ready; a node
+        // that had not checkpointed its metadata yet would otherwise refuse exports for
+        // a moment after starting.
+        store.process_readies()?;
         Ok((store, cluster_rx, leaders))
     }
 
@@ -520,6 +528,37 @@ impl<S: LogStore> Store<S> {
         Ok(())
     }
 
+    /// On the metadata leader: a registered node that is not a member of the metadata
+    /// group (it joined after bootstrap) is added as a learner, one change at a time, so
+    /// that it receives the cluster's metadata. Retried every tick until it holds.
+    fn add_meta_learners(&mut self) {
+        let Some(g) = self.groups.get_mut(&META_GROUP) else {
+            return;
+        };
+        if !g.raft.is_leader() {
+            return;
+        }
+        let cs = g.raft.conf_state();
+        let Some(n) = self.cluster.nodes.keys().find(|n| {
+            !cs.voters.contains(&n.0)
+                && !cs.learners.contains(&n.0)
+                && !cs.voters_outgoing.contains(&n.0)
+        }) else {
+            return;
+        };
+        let mut single = raft::eraftpb::ConfChangeSingle::default();
+        single.set_change_type(raft::eraftpb::ConfChangeType::AddLearnerNode);
+        single.node_id = n.0;
+        let mut cc = raft::eraftpb::ConfChangeV2::default();
+        cc.changes.push(single);
+        match g.raft.propose_conf_change(cc) {
+            Ok(index) => {
+                info!(node = %n, index = index.0, "adding a joined node to the metadata group")
+            }
+            Err(e) => debug!(node = %n, error = ?e, "metadata learner not added yet"),
+        }
+    }
+
     fn publish_cluster(&self) {
         self.cluster_tx.send_replace(Arc::new(self.cluster.clone()));
     }
@@ -557,6 +596,7 @@ impl<S: LogStore> Store<S> {
                 }
                 let expiry = Duration::from_millis(READ_INDEX_TIMEOUT_MS);
                 let now = Instant::now();
+                self.add_meta_learners();
                 for g in self.groups.values_mut() {
                     g.raft.tick();
                     if g.raft.is_leader() {

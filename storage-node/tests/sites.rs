@@ -275,3 +275,47 @@ fn a_volume_moves_to_another_site_while_written_and_back_without_a_copy() {
         );
     }
 }
+
+/// A node added after bootstrap (`join`, no `initial_cluster`) gets the cluster's
+/// metadata, receives replicas, serves them, and keeps doing so after kill -9 and a
+/// restart; a join that reuses a taken id is refused with a clear error.
+#[test]
+fn a_node_joins_after_bootstrap_and_serves_volumes() {
+    let mut c = Cluster::start_sites(&[("osaka", 3)]);
+    let new = c.join("hokkaido");
+    c.wait_until("every node, the new one too, to list four nodes", |c| {
+        (1..=new)
+            .all(|i| c.admin(i).nodes().is_ok_and(|n| n.len() == 4))
+            .then_some(())
+    });
+
+    // The new node is the only one at hokkaido: a volume at osaka puts its learner there.
+    let admin = c.admin(1);
+    admin
+        .create_volume("v", 16 * MIB, Some(3), Some("osaka"), None)
+        .unwrap();
+    let v = c.wait_until("the learner at hokkaido", |c| {
+        let v = c.admin(1).volume("v").ok()?;
+        (v["learners"].as_array()?.len() == 1).then_some(v)
+    });
+    assert_eq!(v["learners"][0].as_u64(), Some(new), "{v:#}");
+    let leader = c.leader("v");
+    qemu_io(&c.uri(leader, "v"), &["write -P 0x5a 0 1M"]);
+    // Reads at the new node are linearizable: they see the write at once.
+    qemu_io(&c.uri(new, "v"), &["read -P 0x5a 0 1M"]);
+
+    c.kill9(new);
+    qemu_io(&c.uri(leader, "v"), &["write -P 0x6b 1M 1M"]);
+    c.restart(new);
+    qemu_io(
+        &c.uri(new, "v"),
+        &["read -P 0x5a 0 1M", "read -P 0x6b 1M 1M"],
+    );
+
+    // A second node claiming a taken id is refused, and nothing changes.
+    let mut imposter = admin.nodes().unwrap()[1].clone();
+    imposter.peer_addr = "127.0.0.1:1".into();
+    let err = admin.add_node(&imposter).unwrap_err().to_string();
+    assert!(err.contains("already"), "{err}");
+    assert_eq!(admin.nodes().unwrap().len(), 4);
+}

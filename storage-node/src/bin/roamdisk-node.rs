@@ -5,6 +5,9 @@
 //! roamdisk-node --id 1 --site osaka --data-dir /var/lib/roamdisk \
 //!     --peer 127.0.0.1:7001 --admin 127.0.0.1:8001 --nbd 127.0.0.1:10809 \
 //!     --initial-cluster 1=osaka@127.0.0.1:7001,2=osaka@127.0.0.1:7002,3=osaka@127.0.0.1:7003
+//! roamdisk-node --id 4 --site hokkaido --data-dir /var/lib/roamdisk \
+//!     --peer 127.0.0.1:7004 --admin 127.0.0.1:8004 --nbd 127.0.0.1:10812 \
+//!     --join 127.0.0.1:8001
 //! ```
 //! Prints one line `roamdisk-node <id> ready ...` on stdout once every listener is bound.
 //! SIGTERM or Ctrl-C: stop accepting, finish in-flight NBD requests, checkpoint, exit 0.
@@ -17,6 +20,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use roamdisk_core::group::GroupConfig;
 use roamdisk_core::ids::NodeId;
+use roamdisk_core::logstore::LogStore;
 use roamdisk_core::meta::{MetaCommand, NodeInfo};
 use roamdisk_storage_node::config::NodeConfig;
 use roamdisk_storage_node::nbd::NodeCatalog;
@@ -51,6 +55,9 @@ struct Args {
     /// Comma-separated id=site@peer_addr of the members that bootstrap the cluster.
     #[arg(long, value_delimiter = ',')]
     initial_cluster: Option<Vec<String>>,
+    /// Admin address of a member of a running cluster to join (a new data dir only).
+    #[arg(long)]
+    join: Option<String>,
 }
 
 fn config(args: Args) -> Result<NodeConfig> {
@@ -64,6 +71,7 @@ fn config(args: Args) -> Result<NodeConfig> {
             admin_addr: String::new(),
             nbd_addr: String::new(),
             initial_cluster: vec![],
+            join: None,
             peer_routes: Default::default(),
             link_caps: Default::default(),
         },
@@ -88,6 +96,9 @@ fn config(args: Args) -> Result<NodeConfig> {
     }
     if let Some(v) = args.initial_cluster {
         cfg.initial_cluster = v;
+    }
+    if let Some(v) = args.join {
+        cfg.join = Some(v);
     }
     if cfg.data_dir.as_os_str().is_empty() {
         anyhow::bail!("--data-dir (or data_dir in the config file) is required");
@@ -134,12 +145,26 @@ fn main() -> Result<()> {
     for m in &members {
         transport.set_peer(m.id, &m.site, cfg.dial_addr(m.id, &m.peer_addr));
     }
+    // A new node joining a running cluster learns the members from the node it joins
+    // through; once the metadata leader adds it, it follows the metadata like the others.
+    let joining = match &cfg.join {
+        Some(addr) if log.state(roamdisk_core::ids::META_GROUP)?.is_none() => {
+            let nodes = join_members(addr)?;
+            for n in &nodes {
+                transport.set_peer(n.id, &n.site, cfg.dial_addr(n.id, &n.peer_addr));
+            }
+            info!(via = %addr, members = nodes.len(), "joining a running cluster");
+            Some(addr.clone())
+        }
+        _ => None,
+    };
     let store_cfg = StoreConfig {
         me,
         data_dir: cfg.data_dir.clone(),
         group: GroupConfig::default(),
         initial_meta_voters: members.iter().map(|m| m.id).collect(),
         content: transport.content_index(),
+        joining: joining.is_some(),
     };
     let (store, cluster_view, leaders) =
         Store::open(store_cfg, log, Arc::new(ArcOutbox(Arc::clone(&transport))))?;
@@ -181,6 +206,33 @@ fn main() -> Result<()> {
             .with_context(|| format!("listen for NBD on {}", cfg.nbd_addr))?;
 
         tokio::spawn(Arc::clone(&transport).serve(peer_listener));
+        if let Some(addr) = joining.clone() {
+            let info = NodeInfo {
+                id: me,
+                site: cfg.site.clone(),
+                peer_addr: cfg.peer_addr.clone(),
+                admin_addr: cfg.admin_addr.clone(),
+                nbd_addr: cfg.nbd_addr.clone(),
+            };
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    let (a, i) = (addr.clone(), info.clone());
+                    match tokio::task::spawn_blocking(move || join_register(&a, &i)).await {
+                        Ok(Ok(())) => {
+                            info!(via = %addr, "registered with the cluster");
+                            return;
+                        }
+                        Ok(Err(e)) => warn!(via = %addr, error = %e, "join: register; retrying"),
+                        Err(e) => warn!(error = %e, "join task failed; retrying"),
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            });
+        }
         tokio::spawn(keep_registered(
             Arc::clone(&node),
             Arc::clone(&transport),
@@ -192,6 +244,7 @@ fn main() -> Result<()> {
                 nbd_addr: cfg.nbd_addr.clone(),
             },
             cfg.clone(),
+            joining.is_some(),
             shutdown.clone(),
         ));
         let admin = {
@@ -213,17 +266,23 @@ fn main() -> Result<()> {
             shutdown.clone(),
         ));
         {
-            // Deleted volumes' extent files must not stay open.
+            // Every change of the metadata: dial the nodes it lists (a registration that
+            // is still retrying must not hold this up), and close deleted volumes' files.
             let node = Arc::clone(&node);
+            let transport = Arc::clone(&transport);
+            let cfg = cfg.clone();
             let mut view = node.cluster_view();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 loop {
+                    for n in node.cluster().nodes.values() {
+                        transport.set_peer(n.id, &n.site, cfg.dial_addr(n.id, &n.peer_addr));
+                    }
+                    node.prune_read_handles();
                     tokio::select! {
                         r = view.changed() => if r.is_err() { return },
                         _ = shutdown.cancelled() => return,
                     }
-                    node.prune_read_handles();
                 }
             });
         }
@@ -286,11 +345,48 @@ fn main() -> Result<()> {
 
 /// Keeps this node's entry in the cluster metadata current and the transport's address
 /// book in step with the metadata.
+/// How long one join request to the member's admin API may take.
+const JOIN_HTTP_TIMEOUT_SECS: u64 = 10;
+
+/// The cluster's nodes, as the member at `admin_addr` lists them.
+fn join_members(admin_addr: &str) -> Result<Vec<NodeInfo>> {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(JOIN_HTTP_TIMEOUT_SECS))
+        .build();
+    let nodes: Vec<NodeInfo> = agent
+        .get(&format!("http://{admin_addr}/v1/nodes"))
+        .call()
+        .with_context(|| format!("join: list the nodes of the cluster at {admin_addr}"))?
+        .into_json()
+        .context("join: the member's node list does not parse")?;
+    anyhow::ensure!(!nodes.is_empty(), "join: {admin_addr} lists no nodes");
+    Ok(nodes)
+}
+
+/// Asks the member at `admin_addr` to add this node to the cluster's metadata.
+fn join_register(admin_addr: &str, me: &NodeInfo) -> Result<()> {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(JOIN_HTTP_TIMEOUT_SECS))
+        .build();
+    match agent
+        .post(&format!("http://{admin_addr}/v1/nodes"))
+        .send_json(me)
+    {
+        Ok(_) => Ok(()),
+        Err(ureq::Error::Status(code, resp)) => {
+            let body = resp.into_string().unwrap_or_default();
+            anyhow::bail!("{admin_addr} answered {code}: {body}")
+        }
+        Err(e) => Err(e).with_context(|| format!("join: reach {admin_addr}")),
+    }
+}
+
 async fn keep_registered(
     node: Arc<Node>,
     transport: Arc<Transport>,
     me: NodeInfo,
     cfg: NodeConfig,
+    joining: bool,
     shutdown: CancellationToken,
 ) {
     let mut view = node.cluster_view();
@@ -299,7 +395,13 @@ async fn keep_registered(
         for n in cluster.nodes.values() {
             transport.set_peer(n.id, &n.site, cfg.dial_addr(n.id, &n.peer_addr));
         }
-        if cluster.nodes.get(&me.id) != Some(&me) {
+        // A joining node has no metadata until the metadata leader adds it; it registered
+        // through the member it joined.
+        // So does a node restarted with neither `initial_cluster` nor metadata replayed yet:
+        // it knows no one to ask until its store has replayed its log.
+        let waiting_for_metadata =
+            (joining || cfg.initial_cluster.is_empty()) && cluster.nodes.is_empty();
+        if cluster.nodes.get(&me.id) != Some(&me) && !waiting_for_metadata {
             match node.meta(MetaCommand::AddNode(me.clone())).await {
                 Ok(_) => info!(node = %me.id, site = %me.site, "registered in cluster metadata"),
                 Err(e) => warn!(error = %e, "register in cluster metadata; retrying"),

@@ -117,6 +117,38 @@ impl Cluster {
         node.child = Some(child);
     }
 
+    /// Starts one more node, at `site`, that joins the running cluster through node 1's
+    /// admin API (no `initial_cluster`); returns its id once it serves.
+    pub fn join(&mut self, site: &str) -> u64 {
+        let id = self.nodes.len() as u64 + 1;
+        let ports = free_ports(3);
+        let data_dir = self._dir.path().join(format!("node-{id}"));
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let config = data_dir.join("node.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "id = {id}\nsite = {site:?}\ndata_dir = {:?}\npeer_addr = \"127.0.0.1:{}\"\nadmin_addr = \"127.0.0.1:{}\"\nnbd_addr = \"127.0.0.1:{}\"\njoin = {:?}\n",
+                data_dir.display().to_string(),
+                ports[0],
+                ports[1],
+                ports[2],
+                self.nodes[0].admin
+            ),
+        )
+        .unwrap();
+        self.nodes.push(NodeProc {
+            id,
+            child: None,
+            admin: format!("127.0.0.1:{}", ports[1]),
+            nbd: format!("127.0.0.1:{}", ports[2]),
+            config,
+            data_dir,
+        });
+        self.spawn(id);
+        id
+    }
+
     pub fn admin(&self, id: u64) -> AdminClient {
         AdminClient::new(&self.nodes[id as usize - 1].admin)
     }
