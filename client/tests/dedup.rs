@@ -7,37 +7,17 @@
 //!    references miss, the sender is told, Raft resends the entries with the data, and
 //!    the replica is again byte-for-byte the home replica.
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::path::Path;
+use std::process::Command;
+
+use common::{group, logical_to, wait_until, Playground};
 use roamdisk_client::playground::{free_base_port, Manifest, PlaygroundNode};
 use roamdisk_client::AdminClient;
-use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 const DATA_MIB: u64 = 8;
-
-struct Playground(Child);
-
-impl Drop for Playground {
-    fn drop(&mut self) {
-        // SAFETY: plain kill(2) on our child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// Sum of one dedup counter over `nodes`.
 fn dedup(nodes: &[&PlaygroundNode], counter: &str) -> u64 {
@@ -51,33 +31,6 @@ fn dedup(nodes: &[&PlaygroundNode], counter: &str) -> u64 {
         .sum()
 }
 
-/// Bytes `nodes` sent to `site` on the log and bulk lanes (before compression).
-fn logical_to(nodes: &[&PlaygroundNode], site: &str) -> u64 {
-    let mut total = 0;
-    for n in nodes {
-        let status = AdminClient::new(&n.admin).status().unwrap();
-        for link in status["links"].as_array().unwrap() {
-            if link["site"] != site {
-                continue;
-            }
-            for lane in link["lanes"].as_array().unwrap() {
-                if lane["lane"] != "control" {
-                    total += lane["logical_bytes"].as_u64().unwrap();
-                }
-            }
-        }
-    }
-    total
-}
-
-fn group(admin: &AdminClient, id: u64) -> Option<Value> {
-    admin.status().ok()?["groups"]
-        .as_array()?
-        .iter()
-        .find(|g| g["group"].as_u64() == Some(id))
-        .cloned()
-}
-
 /// Creates `name`, copies `image` into it with qemu-img through its leader, waits until
 /// its hokkaido replica applied everything, and checks that replica equals the home one.
 /// Returns the volume's id.
@@ -85,8 +38,10 @@ fn clone_and_check(m: &Manifest, admin: &AdminClient, name: &str, image: &Path) 
     admin
         .create_volume(name, 64 * MIB, Some(3), Some("osaka"), None)
         .unwrap();
-    let leader = wait_until("a leader", || admin.volume(name).ok()?["leader"].as_u64());
-    let v = wait_until("the learner", || {
+    let leader = wait_until("a leader", 120, || {
+        admin.volume(name).ok()?["leader"].as_u64()
+    });
+    let v = wait_until("the learner", 120, || {
         let v = admin.volume(name).ok()?;
         (!v["learners"].as_array()?.is_empty()).then_some(v)
     });
@@ -109,7 +64,7 @@ fn clone_and_check(m: &Manifest, admin: &AdminClient, name: &str, image: &Path) 
         .and_then(|g| g["last_index"].as_u64())
         .unwrap();
     let learner_admin = AdminClient::new(&learner_node.admin);
-    wait_until("the learner to apply everything", || {
+    wait_until("the learner to apply everything", 120, || {
         let g = group(&learner_admin, vid)?;
         (g["applied"].as_u64()? >= last && g["recovering"] == false).then_some(())
     });
@@ -131,20 +86,18 @@ fn clone_and_check(m: &Manifest, admin: &AdminClient, name: &str, image: &Path) 
 #[test]
 fn a_second_clone_ships_as_references_and_a_missing_block_is_resent_as_data() {
     let dir = tempfile::tempdir().unwrap();
-    let base = free_base_port(6, 27000);
-    let child = Command::new(env!("CARGO_BIN_EXE_roamdisk"))
-        .args(["playground", "--dir"])
-        .arg(dir.path())
-        .args(["--sites", "osaka,hokkaido", "--volume", "seed:16M"])
-        .args(["--base-port", &base.to_string()])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _pg = Playground(child);
-    wait_until("the playground", || {
-        dir.path().join("playground.json").exists().then_some(())
-    });
-    let m = Manifest::load(dir.path()).unwrap();
+    let base = free_base_port(6, 27000).to_string();
+    let (_pg, m) = Playground::start(
+        dir.path(),
+        &[
+            "--sites",
+            "osaka,hokkaido",
+            "--volume",
+            "seed:16M",
+            "--base-port",
+            &base,
+        ],
+    );
     let osaka: Vec<&PlaygroundNode> = m.sites[0].nodes.iter().collect();
     let hokkaido: Vec<&PlaygroundNode> = m.sites[1].nodes.iter().collect();
     let admin = AdminClient::new(&osaka[0].admin);
@@ -165,21 +118,21 @@ fn a_second_clone_ships_as_references_and_a_missing_block_is_resent_as_data() {
 
     let a = clone_and_check(&m, &admin, "a", &image);
     // Both sites index the data once their replicas checkpoint it.
-    wait_until("osaka to index the first clone", || {
+    wait_until("osaka to index the first clone", 120, || {
         osaka
             .iter()
             .all(|n| dedup(&[n], "indexed_blocks") >= blocks)
             .then_some(())
     });
-    wait_until("hokkaido to index the first clone", || {
+    wait_until("hokkaido to index the first clone", 120, || {
         (dedup(&hokkaido, "indexed_blocks") >= blocks).then_some(())
     });
 
-    let sent_before = logical_to(&osaka, "hokkaido");
+    let sent_before = logical_to(osaka.iter().copied(), "hokkaido");
     let refs_before = dedup(&osaka, "refs_sent");
     let resolved_before = dedup(&hokkaido, "resolved_local") + dedup(&hokkaido, "resolved_site");
     let b = clone_and_check(&m, &admin, "b", &image);
-    let sent = logical_to(&osaka, "hokkaido") - sent_before;
+    let sent = logical_to(osaka.iter().copied(), "hokkaido") - sent_before;
     let refs = dedup(&osaka, "refs_sent") - refs_before;
     let resolved =
         dedup(&hokkaido, "resolved_local") + dedup(&hokkaido, "resolved_site") - resolved_before;
@@ -201,7 +154,7 @@ fn a_second_clone_ships_as_references_and_a_missing_block_is_resent_as_data() {
     // copy goes by reference, misses at hokkaido, and must arrive as data.
     admin.delete_volume("a").unwrap();
     admin.delete_volume("b").unwrap();
-    wait_until("the replicas to go", || {
+    wait_until("the replicas to go", 120, || {
         m.nodes()
             .all(|n| {
                 [a, b]

@@ -3,37 +3,17 @@
 //! that crossed the link are close to the data written, not the volume size. Real node
 //! processes on the playground, real partitions in the WAN emulator.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::process::Command;
+
+use common::{group, logical_to, wait_until, Playground};
 use roamdisk_client::playground::free_base_port;
-use roamdisk_client::playground::Manifest;
 use roamdisk_client::AdminClient;
 use roamdisk_wan::{ControlClient, Partition};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
-
-struct Playground(Child);
-
-impl Drop for Playground {
-    fn drop(&mut self) {
-        // SAFETY: plain kill(2) on our child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn qemu_io(uri: &str, cmds: &[String]) {
     let mut c = Command::new("qemu-io");
@@ -59,50 +39,21 @@ fn hokkaido_lag(admin: &AdminClient) -> Option<Value> {
         .cloned()
 }
 
-/// Bytes the given nodes sent to hokkaido on the log and bulk lanes, before compression.
-fn logical_to_hokkaido(nodes: &[roamdisk_client::playground::PlaygroundNode]) -> u64 {
-    let mut total = 0;
-    for n in nodes {
-        let status = AdminClient::new(&n.admin).status().unwrap();
-        for link in status["links"].as_array().unwrap() {
-            if link["site"] != "hokkaido" {
-                continue;
-            }
-            for lane in link["lanes"].as_array().unwrap() {
-                if lane["lane"] != "control" {
-                    total += lane["logical_bytes"].as_u64().unwrap();
-                }
-            }
-        }
-    }
-    total
-}
-
-fn group(admin: &AdminClient, id: u64) -> Option<Value> {
-    admin.status().ok()?["groups"]
-        .as_array()?
-        .iter()
-        .find(|g| g["group"].as_u64() == Some(id))
-        .cloned()
-}
-
 #[test]
 fn a_partitioned_site_converges_after_heal_shipping_only_what_changed() {
     let dir = tempfile::tempdir().unwrap();
-    let base = free_base_port(6, 26000);
-    let child = Command::new(env!("CARGO_BIN_EXE_roamdisk"))
-        .args(["playground", "--dir"])
-        .arg(dir.path())
-        .args(["--sites", "osaka,hokkaido", "--volume", "vm1:256M"])
-        .args(["--base-port", &base.to_string()])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _pg = Playground(child);
-    wait_until("the playground", || {
-        dir.path().join("playground.json").exists().then_some(())
-    });
-    let m = Manifest::load(dir.path()).unwrap();
+    let base = free_base_port(6, 26000).to_string();
+    let (_pg, m) = Playground::start(
+        dir.path(),
+        &[
+            "--sites",
+            "osaka,hokkaido",
+            "--volume",
+            "vm1:256M",
+            "--base-port",
+            &base,
+        ],
+    );
     let osaka = &m.sites[0].nodes;
     let admin = AdminClient::new(&osaka[0].admin);
     let wan = ControlClient::new(m.wan.as_ref().unwrap().control.parse().unwrap());
@@ -111,18 +62,20 @@ fn a_partitioned_site_converges_after_heal_shipping_only_what_changed() {
     let learner = v["learners"][0].as_u64().unwrap();
     let learner_node = m.nodes().find(|n| n.id == learner).unwrap();
     assert!(learner > 3, "the learner is in hokkaido: {v:#}");
-    let leader = wait_until("a leader", || admin.volume("vm1").ok()?["leader"].as_u64());
+    let leader = wait_until("a leader", 90, || {
+        admin.volume("vm1").ok()?["leader"].as_u64()
+    });
     let uri = format!("nbd://{}/vm1", osaka[leader as usize - 1].nbd);
 
     // 16 MiB everywhere first.
     qemu_io(&uri, &["write -P 0x11 0 16M".to_owned()]);
-    wait_until("hokkaido to have everything", || {
+    wait_until("hokkaido to have everything", 90, || {
         hokkaido_lag(&admin)
             .filter(|l| l["entries"] == 0)
             .map(|_| ())
     });
     let shipped_before = wan.link("osaka", "hokkaido").unwrap().stats.bytes_forwarded;
-    let logical_before = logical_to_hokkaido(osaka);
+    let logical_before = logical_to(osaka, "hokkaido");
 
     // Partition hokkaido from osaka (both directions held) and write 8 MiB at home.
     wan.partition("osaka", "hokkaido", Partition::Hold).unwrap();
@@ -131,14 +84,14 @@ fn a_partitioned_site_converges_after_heal_shipping_only_what_changed() {
         .map(|i| format!("write -P {:#x} {} 1M", 0x20 + i, (32 + 4 * i) * MIB))
         .collect();
     qemu_io(&uri, &writes);
-    let lag = wait_until("the lag to show the partition", || {
+    let lag = wait_until("the lag to show the partition", 90, || {
         hokkaido_lag(&admin).filter(|l| l["entries"].as_u64() > Some(0))
     });
     assert!(lag["bytes"].as_u64().unwrap() >= MIB, "{lag:#}");
 
     // Heal: hokkaido catches up and its replica equals the home replicas.
     wan.heal().unwrap();
-    wait_until("hokkaido to catch up after the heal", || {
+    wait_until("hokkaido to catch up after the heal", 90, || {
         hokkaido_lag(&admin)
             .filter(|l| l["entries"] == 0)
             .map(|_| ())
@@ -147,7 +100,7 @@ fn a_partitioned_site_converges_after_heal_shipping_only_what_changed() {
         .and_then(|g| g["last_index"].as_u64())
         .unwrap();
     let learner_admin = AdminClient::new(&learner_node.admin);
-    wait_until("the learner to apply everything", || {
+    wait_until("the learner to apply everything", 90, || {
         let g = group(&learner_admin, vid)?;
         (g["applied"].as_u64()? >= last && g["recovering"] == false).then_some(())
     });
@@ -169,7 +122,7 @@ fn a_partitioned_site_converges_after_heal_shipping_only_what_changed() {
 
     // What was shipped is about the data written (8 MiB), not the volume (256 MiB); the
     // patterns compress, so the wire carried far less than that.
-    let logical = logical_to_hokkaido(osaka) - logical_before;
+    let logical = logical_to(osaka, "hokkaido") - logical_before;
     let wire = wan.link("osaka", "hokkaido").unwrap().stats.bytes_forwarded - shipped_before;
     eprintln!("shipped {logical} bytes ({wire} on the wire) for 8 MiB written");
     assert!(logical >= 8 * MIB, "shipped {logical}");

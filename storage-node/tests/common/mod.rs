@@ -19,6 +19,35 @@ pub struct NodeProc {
     pub data_dir: PathBuf,
 }
 
+impl NodeProc {
+    /// Writes the config of node `id` under `dir` (ports: peer, admin, NBD; `how`: the
+    /// `initial_cluster` or `join` line).
+    fn configure(dir: &std::path::Path, id: u64, site: &str, ports: &[u16], how: &str) -> NodeProc {
+        let data_dir = dir.join(format!("node-{id}"));
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let config = data_dir.join("node.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "id = {id}\nsite = {site:?}\ndata_dir = {:?}\npeer_addr = \"127.0.0.1:{}\"\nadmin_addr = \"127.0.0.1:{}\"\nnbd_addr = \"127.0.0.1:{}\"\n{how}\n",
+                data_dir.display().to_string(),
+                ports[0],
+                ports[1],
+                ports[2],
+            ),
+        )
+        .unwrap();
+        NodeProc {
+            id,
+            child: None,
+            admin: format!("127.0.0.1:{}", ports[1]),
+            nbd: format!("127.0.0.1:{}", ports[2]),
+            config,
+            data_dir,
+        }
+    }
+}
+
 pub struct Cluster {
     pub nodes: Vec<NodeProc>,
     _dir: tempfile::TempDir,
@@ -55,29 +84,13 @@ impl Cluster {
         for i in 0..n {
             let id = i as u64 + 1;
             let site = site_of[i];
-            let data_dir = dir.path().join(format!("node-{id}"));
-            std::fs::create_dir_all(&data_dir).unwrap();
-            let config = data_dir.join("node.toml");
-            std::fs::write(
-                &config,
-                format!(
-                    "id = {id}\nsite = {site:?}\ndata_dir = {:?}\npeer_addr = \"127.0.0.1:{}\"\nadmin_addr = \"127.0.0.1:{}\"\nnbd_addr = \"127.0.0.1:{}\"\ninitial_cluster = {:?}\n",
-                    data_dir.display().to_string(),
-                    ports[3 * i],
-                    ports[3 * i + 1],
-                    ports[3 * i + 2],
-                    initial
-                ),
-            )
-            .unwrap();
-            nodes.push(NodeProc {
+            nodes.push(NodeProc::configure(
+                dir.path(),
                 id,
-                child: None,
-                admin: format!("127.0.0.1:{}", ports[3 * i + 1]),
-                nbd: format!("127.0.0.1:{}", ports[3 * i + 2]),
-                config,
-                data_dir,
-            });
+                site,
+                &ports[3 * i..3 * i + 3],
+                &format!("initial_cluster = {initial:?}"),
+            ));
         }
         let mut c = Cluster { nodes, _dir: dir };
         for id in 1..=n as u64 {
@@ -121,30 +134,9 @@ impl Cluster {
     /// admin API (no `initial_cluster`); returns its id once it serves.
     pub fn join(&mut self, site: &str) -> u64 {
         let id = self.nodes.len() as u64 + 1;
-        let ports = free_ports(3);
-        let data_dir = self._dir.path().join(format!("node-{id}"));
-        std::fs::create_dir_all(&data_dir).unwrap();
-        let config = data_dir.join("node.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "id = {id}\nsite = {site:?}\ndata_dir = {:?}\npeer_addr = \"127.0.0.1:{}\"\nadmin_addr = \"127.0.0.1:{}\"\nnbd_addr = \"127.0.0.1:{}\"\njoin = {:?}\n",
-                data_dir.display().to_string(),
-                ports[0],
-                ports[1],
-                ports[2],
-                self.nodes[0].admin
-            ),
-        )
-        .unwrap();
-        self.nodes.push(NodeProc {
-            id,
-            child: None,
-            admin: format!("127.0.0.1:{}", ports[1]),
-            nbd: format!("127.0.0.1:{}", ports[2]),
-            config,
-            data_dir,
-        });
+        let join = format!("join = {:?}", self.nodes[0].admin);
+        let node = NodeProc::configure(self._dir.path(), id, site, &free_ports(3), &join);
+        self.nodes.push(node);
         self.spawn(id);
         id
     }
