@@ -266,8 +266,8 @@ impl Policy {
 
 impl<S: LogStore> Group<S> {
     /// Ends the wait of proposals held during a leader transfer once it is over: a new
-    /// leader known → refused with its name; still leading → proposed again. A proposal
-    /// held longer than an election timeout is refused plainly (the caller retries).
+    /// leader known → refused with its name; still leading → proposed again. Proposals
+    /// held longer than `HELD_PROPOSAL_MAX` are refused plainly (the caller retries).
     fn release_held(&mut self, group: GroupId) {
         if self.held.is_empty() {
             return;
