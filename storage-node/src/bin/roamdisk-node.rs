@@ -235,7 +235,6 @@ fn main() -> Result<()> {
         }
         tokio::spawn(keep_registered(
             Arc::clone(&node),
-            Arc::clone(&transport),
             NodeInfo {
                 id: me,
                 site: cfg.site.clone(),
@@ -244,7 +243,6 @@ fn main() -> Result<()> {
                 nbd_addr: cfg.nbd_addr.clone(),
             },
             cfg.clone(),
-            joining.is_some(),
             shutdown.clone(),
         ));
         let admin = {
@@ -381,26 +379,21 @@ fn join_register(admin_addr: &str, me: &NodeInfo) -> Result<()> {
     }
 }
 
+/// Registers this node in the cluster metadata, again whenever the metadata lacks it or
+/// holds other addresses for it. (Peers are dialled by the task that follows the
+/// metadata.)
 async fn keep_registered(
     node: Arc<Node>,
-    transport: Arc<Transport>,
     me: NodeInfo,
     cfg: NodeConfig,
-    joining: bool,
     shutdown: CancellationToken,
 ) {
     let mut view = node.cluster_view();
     loop {
         let cluster = node.cluster();
-        for n in cluster.nodes.values() {
-            transport.set_peer(n.id, &n.site, cfg.dial_addr(n.id, &n.peer_addr));
-        }
-        // A joining node has no metadata until the metadata leader adds it; it registered
-        // through the member it joined.
-        // So does a node restarted with neither `initial_cluster` nor metadata replayed yet:
-        // it knows no one to ask until its store has replayed its log.
-        let waiting_for_metadata =
-            (joining || cfg.initial_cluster.is_empty()) && cluster.nodes.is_empty();
+        // A node without `initial_cluster` (one that joined) knows no one to ask until
+        // the metadata reaches it; it registered through the member it joined.
+        let waiting_for_metadata = cfg.initial_cluster.is_empty() && cluster.nodes.is_empty();
         if cluster.nodes.get(&me.id) != Some(&me) && !waiting_for_metadata {
             match node.meta(MetaCommand::AddNode(me.clone())).await {
                 Ok(_) => info!(node = %me.id, site = %me.site, "registered in cluster metadata"),
