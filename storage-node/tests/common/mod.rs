@@ -54,10 +54,22 @@ pub struct Cluster {
 }
 
 fn free_ports(n: usize) -> Vec<u16> {
-    // Hold all listeners until every port is chosen so that none repeats.
-    let ls: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+    // Below the kernel's ephemeral range (32768..): a port the OS hands out for `:0` is
+    // also the local port of any outgoing connection, so between choosing it and the node
+    // binding it a peer dial from another test could take it. Below 20000 too, where the
+    // playground tests and drills take theirs. Start at a random point so that concurrent
+    // test processes spread out, and hold every listener until all are chosen so that
+    // none repeats.
+    use std::hash::{BuildHasher, RandomState};
+    const LOW: u64 = 10_000;
+    const SPAN: u64 = 10_000;
+    let start = RandomState::new().hash_one(std::process::id()) % SPAN;
+    let ls: Vec<std::net::TcpListener> = (0..SPAN)
+        .map(|i| (LOW + (start + i) % SPAN) as u16)
+        .filter_map(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok())
+        .take(n)
         .collect();
+    assert_eq!(ls.len(), n, "no {n} free ports in 10000..20000");
     ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
@@ -223,6 +235,13 @@ impl Drop for Cluster {
             // The temp dir goes away with us: show what the nodes said.
             for n in &self.nodes {
                 let log = std::fs::read_to_string(n.data_dir.join("node.log")).unwrap_or_default();
+                // A failed start ends with a long backtrace: name the error first.
+                for l in log
+                    .lines()
+                    .filter(|l| l.starts_with("Error:") || l.contains("panicked at"))
+                {
+                    eprintln!("node {}: {l}", n.id);
+                }
                 let tail: Vec<&str> = log.lines().rev().take(40).collect();
                 eprintln!("--- node {} log (last 40 lines) ---", n.id);
                 for l in tail.into_iter().rev() {
