@@ -33,6 +33,7 @@ pub mod mover;
 pub mod nbd;
 pub mod node;
 pub mod rocks;
+pub mod scrub;
 pub mod store;
 pub mod transport;
 pub mod volume;

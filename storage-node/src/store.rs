@@ -11,14 +11,15 @@
 //!    for all groups and sync it once (group commit), send persisted messages, advance;
 //! 4. answer proposals and reads that became complete;
 //! 5. checkpoint volume replicas (fsync extents, then record hashes and applied
-//!    indexes) and compact logs behind the durable applied index.
+//!    indexes) and compact logs behind the durable applied index; then confirm the
+//!    suspects of the background scrub (`scrub`) and hand it its next slices.
 //!
 //! Acknowledgement semantics: a proposal is answered after its entry is committed (on
 //! a quorum, each of which synced its log) and applied on this node. Every
 //! acknowledged write is therefore already durable; FLUSH only has to wait for writes
 //! acknowledged before it, which by construction it never has to.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -34,6 +35,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::dedup::{ContentIndex, CONTENT_INDEX_MAX};
 use crate::lag::{Lag, LagTracker};
+use crate::scrub::Scrubber;
 use crate::volume::VolumeReplica;
 
 /// Interval between Raft ticks. Election timeout is `election_tick` ticks (1 s).
@@ -45,10 +47,14 @@ pub const EVENTS_PER_ROUND: usize = 4096;
 pub const EVENT_QUEUE_MAX: usize = 16384;
 /// Milliseconds between volume checkpoints (fsync extents, record applied index).
 pub const CHECKPOINT_INTERVAL_MS: u64 = 1000;
-/// Blocks the scrub verifies per round on the whole node, shared by its replicas in turn
-/// (16 MiB: a few ms of the store thread; one 64 MiB volume is verified every 4 s, 1 GiB
-/// every ~1 min, and more volumes take proportionally longer, not more store time).
+/// Blocks the background scan reads per round on the whole node, shared by its replicas in
+/// turn (16 MiB, on the `scrub` thread: one 64 MiB volume is verified every 4 s, 1 GiB
+/// every ~1 min, and more volumes take proportionally longer). Also the bound on the
+/// suspects waiting per group.
 pub const SCRUB_BLOCKS_PER_ROUND: u64 = 4096;
+/// Suspect blocks the store thread re-reads per round to confirm corruption (see
+/// `scrub`): 1 MiB, about a millisecond.
+pub const SCRUB_CONFIRM_PER_ROUND: usize = 256;
 /// Entries kept in a group's log behind the durable applied index, so that a briefly
 /// lagging follower catches up from the log instead of a snapshot...
 pub const RETAINED_LOG_ENTRIES: u64 = 1024;
@@ -374,8 +380,13 @@ pub struct Store<S: LogStore> {
     logger: slog::Logger,
     next_read_ctx: u64,
     last_checkpoint: Instant,
-    /// The group the next scrub round starts with (rounds take the replicas in turn).
+    /// The group the next scrub job starts with (jobs take the replicas in turn).
     scrub_next: GroupId,
+    /// The background scan (reads extent files off this thread).
+    scrubber: Scrubber,
+    /// Blocks the scan found different from the index, per group, waiting to be
+    /// confirmed when the index is exact; at most `SCRUB_BLOCKS_PER_ROUND` per group.
+    scrub_suspects: BTreeMap<GroupId, BTreeSet<u64>>,
     /// Groups whose replica must copy blocks (published for the node's catch-up task).
     recovering_tx: watch::Sender<std::collections::BTreeSet<GroupId>>,
 }
@@ -391,6 +402,7 @@ impl<S: LogStore> Store<S> {
         std::fs::create_dir_all(cfg.data_dir.join("volumes"))?;
         let (cluster_tx, cluster_rx) = watch::channel(Arc::new(ClusterState::default()));
         let leaders: LeaderMap = Arc::default();
+        let scrubber = Scrubber::spawn(Arc::clone(&log))?;
         let mut store = Store {
             cfg,
             log,
@@ -403,6 +415,8 @@ impl<S: LogStore> Store<S> {
             next_read_ctx: 1,
             last_checkpoint: Instant::now(),
             scrub_next: GroupId(0),
+            scrubber,
+            scrub_suspects: BTreeMap::new(),
             recovering_tx: watch::channel(Default::default()).0,
         };
         if store.log.state(META_GROUP)?.is_none() {
@@ -622,10 +636,33 @@ impl<S: LogStore> Store<S> {
             if self.last_checkpoint.elapsed() >= Duration::from_millis(CHECKPOINT_INTERVAL_MS)
                 || self.any_must_checkpoint()
             {
-                if let Err(e) = self.checkpoint().and_then(|()| self.scrub()) {
-                    error!(error = %e, "checkpoint failed; stopping the node");
-                    failure = Some(e.to_string());
-                    break;
+                let started = Instant::now();
+                let r = self.checkpoint();
+                let checkpointed = started.elapsed();
+                let confirmed = match r.and_then(|()| self.scrub()) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        error!(error = %e, "checkpoint failed; stopping the node");
+                        failure = Some(e.to_string());
+                        break;
+                    }
+                };
+                // Every write waits while this thread checkpoints: keep it visible.
+                let total = started.elapsed();
+                if total > Duration::from_millis(50) {
+                    warn!(
+                        checkpoint_ms = checkpointed.as_secs_f64() * 1e3,
+                        scrub_ms = (total - checkpointed).as_secs_f64() * 1e3,
+                        confirmed,
+                        "slow checkpoint (writes waited)"
+                    );
+                } else {
+                    debug!(
+                        checkpoint_ms = checkpointed.as_secs_f64() * 1e3,
+                        scrub_ms = (total - checkpointed).as_secs_f64() * 1e3,
+                        confirmed,
+                        "checkpoint"
+                    );
                 }
             }
             if shutdown {
@@ -959,41 +996,66 @@ impl<S: LogStore> Store<S> {
     /// A replica with a block that differs from its recorded hash was corrupted on disk:
     /// it stops serving reads and copies the differing blocks from a healthy replica,
     /// exactly as after a snapshot install (`recovering`).
-    fn scrub(&mut self) -> anyhow::Result<()> {
+    fn scrub(&mut self) -> anyhow::Result<usize> {
+        anyhow::ensure!(!self.scrubber.is_dead(), "the scrub thread stopped");
+        for f in self.scrubber.take_findings() {
+            let Some(g) = self.groups.get(&f.group) else {
+                continue; // deleted since
+            };
+            let suspects = f
+                .suspects
+                .map_err(|e| anyhow::anyhow!("scrub group {}: {e}", f.group))?;
+            if g.recovering.is_some() || suspects.is_empty() {
+                continue;
+            }
+            let set = self.scrub_suspects.entry(f.group).or_default();
+            let room = (SCRUB_BLOCKS_PER_ROUND as usize).saturating_sub(set.len());
+            set.extend(suspects.into_iter().take(room));
+        }
+        // Confirm where the index is exact: just checkpointed, nothing applied since, and
+        // every committed entry applied. Elsewhere the suspects wait for a later round.
+        // Most suspects are blocks written since the last checkpoint, so a round confirms
+        // at most `SCRUB_CONFIRM_PER_ROUND` of them (a few ms of this thread at most).
         let log = &self.log;
         let mut corrupted = Vec::new();
-        let mut budget = SCRUB_BLOCKS_PER_ROUND;
-        let next = self.scrub_next;
-        let order: Vec<GroupId> = (self.groups.range(next..))
-            .chain(self.groups.range(..next))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in order {
-            if budget == 0 {
-                self.scrub_next = id;
-                break;
-            }
-            let g = self.groups.get_mut(&id).expect("listed");
-            let Machine::Volume(v) = &mut g.machine else {
+        let mut budget = SCRUB_CONFIRM_PER_ROUND;
+        for (id, set) in self.scrub_suspects.iter_mut() {
+            let Some(g) = self.groups.get(id) else {
+                set.clear(); // deleted since
                 continue;
             };
-            // Exact only when every committed entry is applied (and checkpointed).
-            if g.recovering.is_some() || v.applied().0 < g.raft.commit_index().0 {
+            let Machine::Volume(v) = &g.machine else {
+                set.clear();
+                continue;
+            };
+            if g.recovering.is_some() {
+                set.clear(); // the copy rewrites every block anyway
                 continue;
             }
-            let (verified, bad) = v
-                .scrub(budget, |k| log.get(k))
-                .map_err(|e| anyhow::anyhow!("scrub volume {}: {e}", v.id))?;
-            budget -= verified;
+            if budget == 0 || v.applied().0 < g.raft.commit_index().0 || !v.index_exact() {
+                continue;
+            }
+            let blocks: Vec<u64> = set.iter().copied().take(budget).collect();
+            let bad = v
+                .confirm_corrupted(&blocks, |k| log.get(k))
+                .map_err(|e| anyhow::anyhow!("scrub volume {}: {e}", v.id))?
+                .expect("the index is exact");
+            budget -= blocks.len();
+            for b in &blocks {
+                set.remove(b);
+            }
             if !bad.is_empty() {
                 error!(volume = %v.id, blocks = ?&bad[..bad.len().min(16)], count = bad.len(),
                     "scrub: blocks differ from their recorded hashes (corrupted on disk); \
                      copying them from a healthy replica");
-                corrupted.push((id, v.applied()));
+                corrupted.push((*id, v.applied()));
             }
         }
+        self.scrub_suspects.retain(|_, set| !set.is_empty());
+        self.offer_scrub_job();
+        let confirmed = SCRUB_CONFIRM_PER_ROUND - budget;
         if corrupted.is_empty() {
-            return Ok(());
+            return Ok(confirmed);
         }
         let mut batch = LogBatch::default();
         for (id, applied) in &corrupted {
@@ -1010,7 +1072,40 @@ impl<S: LogStore> Store<S> {
             g.deferred_to = applied.0;
         }
         self.publish_recovering();
-        Ok(())
+        Ok(confirmed)
+    }
+
+    /// Gives the scan thread its next slices, `SCRUB_BLOCKS_PER_ROUND` blocks shared by
+    /// the replicas in turn, unless it is still busy with the last ones.
+    fn offer_scrub_job(&mut self) {
+        if !self.scrubber.idle() {
+            return;
+        }
+        let mut budget = SCRUB_BLOCKS_PER_ROUND;
+        let next = self.scrub_next;
+        let order: Vec<GroupId> = (self.groups.range(next..))
+            .chain(self.groups.range(..next))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut job = Vec::new();
+        for id in order {
+            if budget == 0 {
+                self.scrub_next = id;
+                break;
+            }
+            let g = self.groups.get_mut(&id).expect("listed");
+            let Machine::Volume(v) = &mut g.machine else {
+                continue;
+            };
+            if g.recovering.is_some() {
+                continue;
+            }
+            if let Some(slice) = v.next_scrub_slice(budget) {
+                budget -= slice.n;
+                job.push((id, slice));
+            }
+        }
+        self.scrubber.offer(job);
     }
 
     /// The block copy is done: replay the deferred entries from our own log, then serve

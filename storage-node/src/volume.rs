@@ -69,6 +69,71 @@ pub enum ScrubError<E> {
     Index(E),
 }
 
+/// Blocks of one replica that the background scan reads: `n` blocks from `first` of the
+/// extent file at `path`.
+#[derive(Clone, Debug)]
+pub struct ScrubSlice {
+    pub volume: VolumeId,
+    pub path: PathBuf,
+    pub first: u64,
+    pub n: u64,
+}
+
+/// Whether block `b` of `volume` (its `content`) matches the hash index (`hash_of(key)`:
+/// the recorded blake3; `None` for a block that must read as zeros).
+fn block_matches<E>(
+    volume: VolumeId,
+    b: u64,
+    content: &[u8],
+    hash_of: &mut impl FnMut(&[u8]) -> Result<Option<Vec<u8>>, E>,
+) -> Result<bool, ScrubError<E>> {
+    let recorded = hash_of(&hash_key(volume, BlockIndex(b))).map_err(ScrubError::Index)?;
+    Ok(match recorded {
+        Some(h) => h.as_slice() == blake3::hash(content).as_bytes(),
+        None => roamdisk_nbd::backend::is_zero(content),
+    })
+}
+
+/// The background half of the scrub: reads `slice` from its extent file and returns the
+/// blocks that differ from the index. It runs while the replica applies writes, so a
+/// block written since the last checkpoint differs too: these are suspects, which the
+/// store confirms with [`VolumeReplica::confirm_corrupted`] when the index is exact.
+pub fn scan_slice<E>(
+    slice: &ScrubSlice,
+    mut hash_of: impl FnMut(&[u8]) -> Result<Option<Vec<u8>>, E>,
+) -> Result<Vec<u64>, ScrubError<E>> {
+    const RUN: u64 = 64;
+    let io = |source| {
+        ScrubError::Io(VolumeError::Io {
+            volume: slice.volume,
+            context: "read extent file to scrub",
+            source,
+        })
+    };
+    let file = match RawFile::open(&slice.path, true) {
+        // The replica was removed since the slice was cut: nothing to verify.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        r => r.map_err(io)?,
+    };
+    let mut buf = vec![0u8; (RUN * BLOCK_BYTES) as usize];
+    let mut suspects = Vec::new();
+    let mut done = 0;
+    while done < slice.n {
+        let first = slice.first + done;
+        let n = RUN.min(slice.n - done);
+        let bytes = &mut buf[..(n * BLOCK_BYTES) as usize];
+        file.read_at(bytes, first * BLOCK_BYTES).map_err(io)?;
+        for (i, block) in bytes.chunks(BLOCK_BYTES as usize).enumerate() {
+            let b = first + i as u64;
+            if !block_matches(slice.volume, b, block, &mut hash_of)? {
+                suspects.push(b);
+            }
+        }
+        done += n;
+    }
+    Ok(suspects)
+}
+
 pub struct VolumeReplica {
     pub id: VolumeId,
     path: PathBuf,
@@ -262,49 +327,53 @@ impl VolumeReplica {
         self.durable_applied = self.durable_applied.max(index);
     }
 
-    /// Verifies up to `max_blocks` blocks, from where the last call stopped, against the
-    /// hash index (`hash_of(key)`: the recorded blake3, `None` for a block that must
-    /// read as zeros); returns how many blocks it verified and those that differ: data
-    /// corrupted on disk.
-    ///
-    /// Exact only right after a checkpoint, with nothing applied since: then the index
-    /// holds the hash of every block's current content. Otherwise it verifies nothing.
-    pub fn scrub<E>(
-        &mut self,
-        max_blocks: u64,
-        mut hash_of: impl FnMut(&[u8]) -> Result<Option<Vec<u8>>, E>,
-    ) -> Result<(u64, Vec<u64>), ScrubError<E>> {
+    /// The next at most `max_blocks` blocks for the background scan (up to the end of the
+    /// volume; the next call starts where this one stopped, wrapping around), or `None`
+    /// for an empty volume.
+    pub fn next_scrub_slice(&mut self, max_blocks: u64) -> Option<ScrubSlice> {
         let blocks = self.size / BLOCK_BYTES;
-        if self.dirty || !self.touched.is_empty() || blocks == 0 {
-            return Ok((0, Vec::new()));
+        if blocks == 0 || max_blocks == 0 {
+            return None;
         }
-        const RUN: u64 = 64;
-        let mut buf = vec![0u8; (RUN * BLOCK_BYTES) as usize];
+        let first = self.scrub_cursor % blocks;
+        let n = max_blocks.min(blocks - first);
+        self.scrub_cursor = (first + n) % blocks;
+        Some(ScrubSlice {
+            volume: self.id,
+            path: self.path.clone(),
+            first,
+            n,
+        })
+    }
+
+    /// Whether the hash index holds the hash of every block's current content: right
+    /// after a checkpoint, with nothing applied since.
+    pub fn index_exact(&self) -> bool {
+        !self.dirty && self.touched.is_empty()
+    }
+
+    /// Re-reads `blocks` (suspects of the background scan) and returns those that differ
+    /// from the index: data corrupted on disk. `None` when the index is not exact now
+    /// ([`VolumeReplica::index_exact`]), so that nothing can be confirmed.
+    pub fn confirm_corrupted<E>(
+        &self,
+        blocks: &[u64],
+        mut hash_of: impl FnMut(&[u8]) -> Result<Option<Vec<u8>>, E>,
+    ) -> Result<Option<Vec<u64>>, ScrubError<E>> {
+        if !self.index_exact() {
+            return Ok(None);
+        }
+        let mut block = vec![0u8; BLOCK_BYTES as usize];
         let mut bad = Vec::new();
-        let mut done = 0;
-        while done < max_blocks.min(blocks) {
-            let first = self.scrub_cursor % blocks;
-            let n = RUN.min(blocks - first).min(max_blocks - done);
-            let bytes = &mut buf[..(n * BLOCK_BYTES) as usize];
+        for &b in blocks.iter().filter(|&&b| b < self.size / BLOCK_BYTES) {
             self.extent
-                .read_at(bytes, first * BLOCK_BYTES)
+                .read_at(&mut block, b * BLOCK_BYTES)
                 .map_err(|e| ScrubError::Io(self.io("read extent file to scrub")(e)))?;
-            for (i, block) in bytes.chunks(BLOCK_BYTES as usize).enumerate() {
-                let b = first + i as u64;
-                let recorded =
-                    hash_of(&hash_key(self.id, BlockIndex(b))).map_err(ScrubError::Index)?;
-                let ok = match recorded {
-                    Some(h) => h.as_slice() == blake3::hash(block).as_bytes(),
-                    None => roamdisk_nbd::backend::is_zero(block),
-                };
-                if !ok {
-                    bad.push(b);
-                }
+            if !block_matches(self.id, b, &block, &mut hash_of)? {
+                bad.push(b);
             }
-            self.scrub_cursor = (first + n) % blocks;
-            done += n;
         }
-        Ok((done, bad))
+        Ok(Some(bad))
     }
 
     /// Deletes the extent file (the volume left this node).
@@ -405,7 +474,7 @@ mod tests {
     }
 
     #[test]
-    fn scrub_finds_blocks_corrupted_on_disk_and_only_right_after_a_checkpoint() {
+    fn scrub_scans_for_suspects_and_confirms_corruption_only_when_the_index_is_exact() {
         let dir = tempfile::tempdir().unwrap();
         let store = MemLogStore::new();
         let v = VolumeId(4);
@@ -420,16 +489,18 @@ mod tests {
         r.apply(LogIndex(2), &write(40 * 4096, &[2u8; 4096]))
             .unwrap();
         let get = |k: &[u8]| store.get(k);
-        // Not checkpointed yet: the index is not exact, nothing is verified.
-        assert_eq!(r.scrub(u64::MAX, get).unwrap(), (0, vec![]));
+        // Not checkpointed yet: the scan sees the new blocks as suspects, and nothing can
+        // be confirmed.
+        let all = r.next_scrub_slice(u64::MAX).unwrap();
+        assert_eq!((all.first, all.n), (0, 256));
+        assert_eq!(scan_slice(&all, get).unwrap(), vec![0, 1, 40]);
+        assert!(r.confirm_corrupted(&[0, 1, 40], get).unwrap().is_none());
         let mut batch = LogBatch::default();
         let idx = r.checkpoint(&mut batch, &ContentIndex::default()).unwrap();
         store.write(batch).unwrap();
         r.checkpoint_written(idx);
-        assert_eq!(
-            r.scrub(1000, |k: &[u8]| store.get(k)).unwrap(),
-            (256, vec![])
-        );
+        assert_eq!(scan_slice(&all, get).unwrap(), Vec::<u64>::new());
+        assert_eq!(r.confirm_corrupted(&[0, 1, 40], get).unwrap(), Some(vec![]));
 
         // Flip bytes behind the replica's back: in a written block and in a hole.
         let f = std::fs::OpenOptions::new()
@@ -439,19 +510,24 @@ mod tests {
         use std::os::unix::fs::FileExt;
         f.write_all_at(&[9u8; 16], 4096 + 100).unwrap();
         f.write_all_at(&[9u8; 1], 77 * 4096).unwrap();
-        // In rounds of 10 blocks, one full pass (256 blocks) finds both, once each.
-        let mut bad = Vec::new();
-        for _ in 0..25 {
-            let (n, b) = r.scrub(10, |k: &[u8]| store.get(k)).unwrap();
-            assert_eq!(n, 10);
-            bad.extend(b);
+        // In slices of 10 blocks, one full pass (256 blocks) finds both, once each.
+        let mut suspects = Vec::new();
+        for _ in 0..26 {
+            let slice = r.next_scrub_slice(10).unwrap();
+            assert_eq!(slice.n, if slice.first == 250 { 6 } else { 10 });
+            suspects.extend(scan_slice(&slice, get).unwrap());
         }
-        bad.extend(r.scrub(6, |k: &[u8]| store.get(k)).unwrap().1);
-        assert_eq!(bad, vec![1, 77]);
-        // The next pass finds them again (nothing repaired them).
+        assert_eq!(r.next_scrub_slice(10).unwrap().first, 0, "wrapped around");
+        assert_eq!(suspects, vec![1, 77]);
         assert_eq!(
-            r.scrub(256, |k: &[u8]| store.get(k)).unwrap(),
-            (256, vec![1, 77])
+            r.confirm_corrupted(&suspects, get).unwrap(),
+            Some(vec![1, 77])
         );
+        // Out-of-range suspects (a shrunk or replaced volume) are ignored.
+        assert_eq!(r.confirm_corrupted(&[999], get).unwrap(), Some(vec![]));
+        // Once a write is applied, the index is not exact until the next checkpoint.
+        r.apply(LogIndex(3), &write(8 * 4096, &[3u8; 4096]))
+            .unwrap();
+        assert!(r.confirm_corrupted(&suspects, get).unwrap().is_none());
     }
 }
