@@ -198,6 +198,13 @@ impl RawFile {
         self.file.sync_data()
     }
 
+    /// Another handle to the same file (`dup`): syncing it syncs this file.
+    pub fn try_clone(&self) -> std::io::Result<RawFile> {
+        Ok(RawFile {
+            file: self.file.try_clone()?,
+        })
+    }
+
     /// Readahead hint.
     pub fn will_need(&self, offset: u64, len: u64) -> std::io::Result<()> {
         // SAFETY: plain syscall; advisory only.

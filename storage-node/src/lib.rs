@@ -35,5 +35,6 @@ pub mod node;
 pub mod rocks;
 pub mod scrub;
 pub mod store;
+pub mod syncer;
 pub mod transport;
 pub mod volume;

@@ -36,6 +36,7 @@ use tracing::{debug, error, info, warn};
 use crate::dedup::{ContentIndex, CONTENT_INDEX_MAX};
 use crate::lag::{Lag, LagTracker};
 use crate::scrub::Scrubber;
+use crate::syncer::Syncer;
 use crate::volume::VolumeReplica;
 
 /// Interval between Raft ticks. Election timeout is `election_tick` ticks (1 s).
@@ -384,6 +385,10 @@ pub struct Store<S: LogStore> {
     scrub_next: GroupId,
     /// The background scan (reads extent files off this thread).
     scrubber: Scrubber,
+    /// Runs the extent fsyncs of checkpoints off this thread.
+    syncer: Syncer,
+    /// The checkpoint whose fsyncs are in flight: its batch and the indexes it records.
+    checkpoint_pending: Option<(LogBatch, Vec<(GroupId, LogIndex)>)>,
     /// Blocks the scan found different from the index, per group, waiting to be
     /// confirmed when the index is exact; at most `SCRUB_BLOCKS_PER_ROUND` per group.
     scrub_suspects: BTreeMap<GroupId, BTreeSet<u64>>,
@@ -416,6 +421,8 @@ impl<S: LogStore> Store<S> {
             last_checkpoint: Instant::now(),
             scrub_next: GroupId(0),
             scrubber,
+            syncer: Syncer::spawn()?,
+            checkpoint_pending: None,
             scrub_suspects: BTreeMap::new(),
             recovering_tx: watch::channel(Default::default()).0,
         };
@@ -633,37 +640,32 @@ impl<S: LogStore> Store<S> {
                 failure = Some(e.to_string());
                 break;
             }
-            if self.last_checkpoint.elapsed() >= Duration::from_millis(CHECKPOINT_INTERVAL_MS)
-                || self.any_must_checkpoint()
+            // Checkpoints: the batch is built on this thread, the extent fsyncs run on
+            // the extent-sync thread, and the batch is written once they are done.
+            let started = Instant::now();
+            let mut r = self.poll_checkpoint(false);
+            if r.is_ok()
+                && (self.last_checkpoint.elapsed() >= Duration::from_millis(CHECKPOINT_INTERVAL_MS)
+                    || self.any_must_checkpoint())
             {
-                let started = Instant::now();
-                let r = self.checkpoint();
-                let checkpointed = started.elapsed();
-                let confirmed = match r.and_then(|()| self.scrub()) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        error!(error = %e, "checkpoint failed; stopping the node");
-                        failure = Some(e.to_string());
-                        break;
-                    }
-                };
-                // Every write waits while this thread checkpoints: keep it visible.
-                let total = started.elapsed();
-                if total > Duration::from_millis(50) {
-                    warn!(
-                        checkpoint_ms = checkpointed.as_secs_f64() * 1e3,
-                        scrub_ms = (total - checkpointed).as_secs_f64() * 1e3,
-                        confirmed,
-                        "slow checkpoint (writes waited)"
-                    );
-                } else {
-                    debug!(
-                        checkpoint_ms = checkpointed.as_secs_f64() * 1e3,
-                        scrub_ms = (total - checkpointed).as_secs_f64() * 1e3,
-                        confirmed,
-                        "checkpoint"
-                    );
+                if self.any_must_checkpoint() {
+                    // The touched-block bound: wait for the one in flight, start the next.
+                    r = self.poll_checkpoint(true);
                 }
+                r = r.and_then(|()| self.start_checkpoint());
+            }
+            if let Err(e) = r {
+                error!(error = %e, "checkpoint failed; stopping the node");
+                failure = Some(e.to_string());
+                break;
+            }
+            // Every write waits while this thread checkpoints: keep it visible.
+            let took = started.elapsed();
+            if took > Duration::from_millis(50) {
+                warn!(
+                    took_ms = took.as_secs_f64() * 1e3,
+                    "slow checkpoint (writes waited)"
+                );
             }
             if shutdown {
                 if let Err(e) = self.checkpoint() {
@@ -996,7 +998,7 @@ impl<S: LogStore> Store<S> {
     /// A replica with a block that differs from its recorded hash was corrupted on disk:
     /// it stops serving reads and copies the differing blocks from a healthy replica,
     /// exactly as after a snapshot install (`recovering`).
-    fn scrub(&mut self) -> anyhow::Result<usize> {
+    fn scrub(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(!self.scrubber.is_dead(), "the scrub thread stopped");
         for f in self.scrubber.take_findings() {
             let Some(g) = self.groups.get(&f.group) else {
@@ -1012,13 +1014,18 @@ impl<S: LogStore> Store<S> {
             let room = (SCRUB_BLOCKS_PER_ROUND as usize).saturating_sub(set.len());
             set.extend(suspects.into_iter().take(room));
         }
-        // Confirm where the index is exact: just checkpointed, nothing applied since, and
-        // every committed entry applied. Elsewhere the suspects wait for a later round.
-        // Most suspects are blocks written since the last checkpoint, so a round confirms
-        // at most `SCRUB_CONFIRM_PER_ROUND` of them (a few ms of this thread at most).
+        // Confirm where the index is exact: no checkpoint batch waiting to be written,
+        // every committed entry applied, and (checked per block) not written since the
+        // last checkpoint. Other suspects wait for a later round. Most suspects are
+        // blocks written since the last checkpoint, so a round confirms at most
+        // `SCRUB_CONFIRM_PER_ROUND` of them (a few ms of this thread at most).
         let log = &self.log;
         let mut corrupted = Vec::new();
-        let mut budget = SCRUB_CONFIRM_PER_ROUND;
+        let mut budget = if self.checkpoint_pending.is_some() {
+            0
+        } else {
+            SCRUB_CONFIRM_PER_ROUND
+        };
         for (id, set) in self.scrub_suspects.iter_mut() {
             let Some(g) = self.groups.get(id) else {
                 set.clear(); // deleted since
@@ -1032,18 +1039,19 @@ impl<S: LogStore> Store<S> {
                 set.clear(); // the copy rewrites every block anyway
                 continue;
             }
-            if budget == 0 || v.applied().0 < g.raft.commit_index().0 || !v.index_exact() {
+            if budget == 0 || v.applied().0 < g.raft.commit_index().0 {
                 continue;
             }
             let blocks: Vec<u64> = set.iter().copied().take(budget).collect();
-            let bad = v
+            let found = v
                 .confirm_corrupted(&blocks, |k| log.get(k))
-                .map_err(|e| anyhow::anyhow!("scrub volume {}: {e}", v.id))?
-                .expect("the index is exact");
+                .map_err(|e| anyhow::anyhow!("scrub volume {}: {e}", v.id))?;
             budget -= blocks.len();
             for b in &blocks {
                 set.remove(b);
             }
+            set.extend(found.deferred);
+            let bad = found.corrupted;
             if !bad.is_empty() {
                 error!(volume = %v.id, blocks = ?&bad[..bad.len().min(16)], count = bad.len(),
                     "scrub: blocks differ from their recorded hashes (corrupted on disk); \
@@ -1053,9 +1061,8 @@ impl<S: LogStore> Store<S> {
         }
         self.scrub_suspects.retain(|_, set| !set.is_empty());
         self.offer_scrub_job();
-        let confirmed = SCRUB_CONFIRM_PER_ROUND - budget;
         if corrupted.is_empty() {
-            return Ok(confirmed);
+            return Ok(());
         }
         let mut batch = LogBatch::default();
         for (id, applied) in &corrupted {
@@ -1072,7 +1079,7 @@ impl<S: LogStore> Store<S> {
             g.deferred_to = applied.0;
         }
         self.publish_recovering();
-        Ok(confirmed)
+        Ok(())
     }
 
     /// Gives the scan thread its next slices, `SCRUB_BLOCKS_PER_ROUND` blocks shared by
@@ -1122,6 +1129,9 @@ impl<S: LogStore> Store<S> {
         let Some(from) = g.recovering else {
             return Ok(());
         };
+        // Its own checkpoint below must be the last word on this group's applied index.
+        self.poll_checkpoint(true)?;
+        let g = self.groups.get_mut(&group).expect("present");
         let mut batch = LogBatch::default();
         if let Machine::Volume(v) = &mut g.machine {
             v.mark_dirty();
@@ -1157,6 +1167,9 @@ impl<S: LogStore> Store<S> {
     /// Creates groups for volumes placed on this node and removes groups of volumes
     /// that were deleted.
     fn reconcile(&mut self) -> anyhow::Result<()> {
+        // Groups may be removed or created here: a checkpoint in flight that still names
+        // a removed one must not land on a new group with the same id.
+        self.poll_checkpoint(true)?;
         let me = self.cfg.me;
         let wanted: Vec<VolumeInfo> = self
             .cluster
@@ -1231,16 +1244,31 @@ impl<S: LogStore> Store<S> {
         Ok(())
     }
 
-    /// Makes applied state durable for every group, then compacts logs behind it.
+    /// Makes applied state durable for every group, then compacts logs behind it; waits
+    /// for the checkpoint in flight first, and for this one's fsyncs.
     fn checkpoint(&mut self) -> anyhow::Result<()> {
+        self.poll_checkpoint(true)?;
+        self.start_checkpoint()?;
+        self.poll_checkpoint(true)
+    }
+
+    /// Starts a checkpoint unless one is in flight: hashes and builds the batch here, and
+    /// hands the extent fsyncs to the `extent-sync` thread; [`Store::poll_checkpoint`]
+    /// writes the batch once they are done.
+    fn start_checkpoint(&mut self) -> anyhow::Result<()> {
+        if self.checkpoint_pending.is_some() {
+            return Ok(());
+        }
         self.last_checkpoint = Instant::now();
         let mut batch = LogBatch::default();
         let mut written: Vec<(GroupId, LogIndex)> = Vec::new();
+        let mut files = Vec::new();
         for (id, g) in self.groups.iter_mut() {
             match &mut g.machine {
                 Machine::Volume(v) => {
                     if v.needs_checkpoint() {
-                        let idx = v.checkpoint(&mut batch, &self.cfg.content)?;
+                        let (idx, sync) = v.checkpoint_prepare(&mut batch, &self.cfg.content)?;
+                        files.extend(sync);
                         written.push((*id, idx));
                     }
                 }
@@ -1264,9 +1292,73 @@ impl<S: LogStore> Store<S> {
         if batch.is_empty() {
             return Ok(());
         }
+        if files.is_empty() {
+            return self.finish_checkpoint(batch, written);
+        }
+        self.syncer.start(files).map_err(anyhow::Error::msg)?;
+        self.checkpoint_pending = Some((batch, written));
+        Ok(())
+    }
+
+    /// Finishes the checkpoint in flight if its fsyncs are done (with `wait`, waits for
+    /// them), then runs a scrub round: right after the batch is written the index is
+    /// exact for every block not written since the checkpoint started.
+    fn poll_checkpoint(&mut self, wait: bool) -> anyhow::Result<()> {
+        let Some(synced) = self.syncer.poll(wait) else {
+            return Ok(());
+        };
+        synced.map_err(anyhow::Error::msg)?;
+        let (batch, written) = self
+            .checkpoint_pending
+            .take()
+            .expect("a sync in flight belongs to a pending checkpoint");
+        self.finish_checkpoint(batch, written)?;
+        self.scrub()
+    }
+
+    /// Writes a checkpoint's batch (its extents are synced), then compacts logs behind
+    /// it. Groups removed since the checkpoint started, or whose recorded applied index
+    /// moved past it meanwhile (a snapshot, a finished catch-up), keep what they have.
+    fn finish_checkpoint(
+        &mut self,
+        mut batch: LogBatch,
+        written: Vec<(GroupId, LogIndex)>,
+    ) -> anyhow::Result<()> {
+        let mut stale = BTreeSet::new();
+        for (id, idx) in &written {
+            let current = self
+                .groups
+                .contains_key(id)
+                .then(|| self.log.state(*id))
+                .transpose()?;
+            match current.flatten() {
+                Some(st) if st.applied_index <= idx.0 => {}
+                _ => {
+                    stale.insert(*id);
+                }
+            }
+        }
+        if !stale.is_empty() {
+            let stale_volume = |key: &[u8]| {
+                key.len() == 17
+                    && key[0] == b'h'
+                    && stale.contains(
+                        &VolumeId(u64::from_be_bytes(key[1..9].try_into().expect("8 bytes")))
+                            .group(),
+                    )
+            };
+            batch.ops.retain(|op| match op {
+                LogOp::Applied { group, .. } => !stale.contains(group),
+                LogOp::Put { key, .. } | LogOp::Delete { key } => !stale_volume(key),
+                _ => true,
+            });
+        }
         self.log.write(batch)?;
         let mut compact = LogBatch::default();
         for (id, idx) in written {
+            if stale.contains(&id) {
+                continue;
+            }
             let g = self.groups.get_mut(&id).expect("listed");
             if let Machine::Volume(v) = &mut g.machine {
                 v.checkpoint_written(idx);

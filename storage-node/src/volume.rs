@@ -69,6 +69,15 @@ pub enum ScrubError<E> {
     Index(E),
 }
 
+/// What [`VolumeReplica::confirm_corrupted`] found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Confirmed {
+    /// Blocks that differ from the index although nothing wrote them: corrupted on disk.
+    pub corrupted: Vec<u64>,
+    /// Blocks written since the last checkpoint: not verifiable until the next one.
+    pub deferred: Vec<u64>,
+}
+
 /// Blocks of one replica that the background scan reads: `n` blocks from `first` of the
 /// extent file at `path`.
 #[derive(Clone, Debug)]
@@ -293,12 +302,34 @@ impl VolumeReplica {
         batch: &mut LogBatch,
         content: &ContentIndex,
     ) -> Result<LogIndex, VolumeError> {
-        if self.dirty {
-            self.extent
-                .sync_data()
-                .map_err(self.io("fsync extent file"))?;
-            self.dirty = false;
+        let (index, sync) = self.checkpoint_prepare(batch, content)?;
+        if let Some(f) = sync {
+            f.sync_data().map_err(self.io("fsync extent file"))?;
         }
+        Ok(index)
+    }
+
+    /// A checkpoint without its fsync, for a caller that syncs elsewhere: hashes the
+    /// touched blocks into `batch` with the applied index, and returns that index and,
+    /// when the extent file was written since the last checkpoint, a handle that must be
+    /// synced before `batch` is written (the crash rule: the recorded applied index never
+    /// covers data that is not durable). Writes applied after this call are not covered;
+    /// they are marked for the next checkpoint.
+    pub fn checkpoint_prepare(
+        &mut self,
+        batch: &mut LogBatch,
+        content: &ContentIndex,
+    ) -> Result<(LogIndex, Option<RawFile>), VolumeError> {
+        let sync = if self.dirty {
+            self.dirty = false;
+            Some(
+                self.extent
+                    .try_clone()
+                    .map_err(self.io("open extent file to fsync"))?,
+            )
+        } else {
+            None
+        };
         let mut block = vec![0u8; BLOCK_BYTES as usize];
         for b in std::mem::take(&mut self.touched) {
             let key = hash_key(self.id, BlockIndex(b));
@@ -320,7 +351,7 @@ impl VolumeReplica {
             group: self.id.group(),
             index: self.applied.0,
         });
-        Ok(self.applied)
+        Ok((self.applied, sync))
     }
 
     pub fn checkpoint_written(&mut self, index: LogIndex) {
@@ -346,34 +377,30 @@ impl VolumeReplica {
         })
     }
 
-    /// Whether the hash index holds the hash of every block's current content: right
-    /// after a checkpoint, with nothing applied since.
-    pub fn index_exact(&self) -> bool {
-        !self.dirty && self.touched.is_empty()
-    }
-
     /// Re-reads `blocks` (suspects of the background scan) and returns those that differ
-    /// from the index: data corrupted on disk. `None` when the index is not exact now
-    /// ([`VolumeReplica::index_exact`]), so that nothing can be confirmed.
+    /// from the index: data corrupted on disk. Only blocks not written since the last
+    /// checkpoint are verified (for them the index is exact, once that checkpoint's batch
+    /// is written: the caller makes sure it is); the others are returned as deferred.
     pub fn confirm_corrupted<E>(
         &self,
         blocks: &[u64],
         mut hash_of: impl FnMut(&[u8]) -> Result<Option<Vec<u8>>, E>,
-    ) -> Result<Option<Vec<u64>>, ScrubError<E>> {
-        if !self.index_exact() {
-            return Ok(None);
-        }
+    ) -> Result<Confirmed, ScrubError<E>> {
         let mut block = vec![0u8; BLOCK_BYTES as usize];
-        let mut bad = Vec::new();
+        let mut out = Confirmed::default();
         for &b in blocks.iter().filter(|&&b| b < self.size / BLOCK_BYTES) {
+            if self.touched.contains(&b) {
+                out.deferred.push(b);
+                continue;
+            }
             self.extent
                 .read_at(&mut block, b * BLOCK_BYTES)
                 .map_err(|e| ScrubError::Io(self.io("read extent file to scrub")(e)))?;
             if !block_matches(self.id, b, &block, &mut hash_of)? {
-                bad.push(b);
+                out.corrupted.push(b);
             }
         }
-        Ok(Some(bad))
+        Ok(out)
     }
 
     /// Deletes the extent file (the volume left this node).
@@ -474,7 +501,7 @@ mod tests {
     }
 
     #[test]
-    fn scrub_scans_for_suspects_and_confirms_corruption_only_when_the_index_is_exact() {
+    fn scrub_scans_for_suspects_and_confirms_only_blocks_not_written_since_the_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let store = MemLogStore::new();
         let v = VolumeId(4);
@@ -489,18 +516,36 @@ mod tests {
         r.apply(LogIndex(2), &write(40 * 4096, &[2u8; 4096]))
             .unwrap();
         let get = |k: &[u8]| store.get(k);
-        // Not checkpointed yet: the scan sees the new blocks as suspects, and nothing can
-        // be confirmed.
+        let confirmed = |corrupted: Vec<u64>, deferred: Vec<u64>| Confirmed {
+            corrupted,
+            deferred,
+        };
+        // Not checkpointed yet: the scan sees the new blocks as suspects, and they cannot
+        // be confirmed (written since the last checkpoint).
         let all = r.next_scrub_slice(u64::MAX).unwrap();
         assert_eq!((all.first, all.n), (0, 256));
         assert_eq!(scan_slice(&all, get).unwrap(), vec![0, 1, 40]);
-        assert!(r.confirm_corrupted(&[0, 1, 40], get).unwrap().is_none());
+        assert_eq!(
+            r.confirm_corrupted(&[0, 1, 40], get).unwrap(),
+            confirmed(vec![], vec![0, 1, 40])
+        );
+        // The checkpoint in two halves, as the store does it: prepare, sync, write.
         let mut batch = LogBatch::default();
-        let idx = r.checkpoint(&mut batch, &ContentIndex::default()).unwrap();
+        let (idx, sync) = r
+            .checkpoint_prepare(&mut batch, &ContentIndex::default())
+            .unwrap();
+        assert_eq!(idx, LogIndex(2));
+        sync.expect("written since the last checkpoint")
+            .sync_data()
+            .unwrap();
         store.write(batch).unwrap();
         r.checkpoint_written(idx);
+        assert_eq!(r.durable_applied(), LogIndex(2));
         assert_eq!(scan_slice(&all, get).unwrap(), Vec::<u64>::new());
-        assert_eq!(r.confirm_corrupted(&[0, 1, 40], get).unwrap(), Some(vec![]));
+        assert_eq!(
+            r.confirm_corrupted(&[0, 1, 40], get).unwrap(),
+            Confirmed::default()
+        );
 
         // Flip bytes behind the replica's back: in a written block and in a hole.
         let f = std::fs::OpenOptions::new()
@@ -521,13 +566,18 @@ mod tests {
         assert_eq!(suspects, vec![1, 77]);
         assert_eq!(
             r.confirm_corrupted(&suspects, get).unwrap(),
-            Some(vec![1, 77])
+            confirmed(vec![1, 77], vec![])
         );
         // Out-of-range suspects (a shrunk or replaced volume) are ignored.
-        assert_eq!(r.confirm_corrupted(&[999], get).unwrap(), Some(vec![]));
-        // Once a write is applied, the index is not exact until the next checkpoint.
-        r.apply(LogIndex(3), &write(8 * 4096, &[3u8; 4096]))
-            .unwrap();
-        assert!(r.confirm_corrupted(&suspects, get).unwrap().is_none());
+        assert_eq!(
+            r.confirm_corrupted(&[999], get).unwrap(),
+            Confirmed::default()
+        );
+        // A block written since the checkpoint waits for the next one; the others do not.
+        r.apply(LogIndex(3), &write(4096, &[3u8; 4096])).unwrap();
+        assert_eq!(
+            r.confirm_corrupted(&suspects, get).unwrap(),
+            confirmed(vec![77], vec![1])
+        );
     }
 }
