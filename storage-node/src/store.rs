@@ -653,6 +653,11 @@ impl<S: LogStore> Store<S> {
                     r = self.poll_checkpoint(true);
                 }
                 r = r.and_then(|()| self.start_checkpoint());
+                if self.checkpoint_pending.is_none() {
+                    // Nothing to sync (or done at once): the index is written, scrub now.
+                    // Otherwise the scrub runs when the fsyncs are done.
+                    r = r.and_then(|()| self.scrub());
+                }
             }
             if let Err(e) = r {
                 error!(error = %e, "checkpoint failed; stopping the node");

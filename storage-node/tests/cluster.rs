@@ -296,3 +296,44 @@ fn replica_behind_the_retained_log_catches_up_by_block_copy() {
         "the replica should have caught up by block copy"
     );
 }
+
+/// Silent corruption on an idle node: the background scrub finds the block, the replica
+/// copies it back from a healthy one, and the replicas hash identically again.
+#[test]
+fn scrub_on_an_idle_node_finds_a_corrupted_block_and_repairs_it() {
+    let c = Cluster::start(3);
+    // 8 MiB: one scrub round (4096 blocks) covers the whole volume.
+    let leader = c.create_volume("vm1", 8 * MIB, 3);
+    let vid = volume_id(&c, "vm1");
+    qemu_io(&c.uri(leader, "vm1"), &["write -P 0x5c 1M 2M", "flush"]);
+    let victim = followers(&c, leader)[0];
+    c.wait_until("every replica to checkpoint the writes", |c| {
+        let last = c.group_status(leader, vid)?["last_index"].as_u64()?;
+        (1..=3)
+            .all(|id| {
+                c.group_status(id, vid)
+                    .and_then(|g| g["durable_applied"].as_u64())
+                    .is_some_and(|d| d >= last)
+            })
+            .then_some(())
+    });
+    let want = image_block_hashes(&c.volume_path(leader, vid)).unwrap();
+    // Flip bytes in a written block, behind the node's back; nothing writes afterwards.
+    let path = c.volume_path(victim, vid);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0xffu8; 64], MIB + 5 * 4096 + 100).unwrap();
+        f.sync_all().unwrap();
+    }
+    assert_ne!(image_block_hashes(&path).unwrap(), want);
+    let log = c.nodes[victim as usize - 1].data_dir.join("node.log");
+    c.wait_until("the scrub to find the corrupted block", |_| {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains("scrub: blocks differ").then_some(())
+    });
+    c.wait_until("the replica to copy the block back", |_| {
+        (image_block_hashes(&path).ok()? == want).then_some(())
+    });
+    qemu_io(&c.uri(victim, "vm1"), &["read -P 0x5c 1M 2M"]);
+}

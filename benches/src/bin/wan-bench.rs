@@ -237,6 +237,18 @@ fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     let leader = wait_until(60, "safe's leader", || {
         admin.volume("safe").ok()?["leader"].as_u64()
     })?;
+    // Every replica, the learners at the other sites included, has the volume's first
+    // entries: the writes measure steady state, not the new volume's setup.
+    wait_until(60, "safe's replicas to match", || {
+        let v = admin.volume("safe").ok()?;
+        let progress = v["progress"].as_array()?;
+        let matched: Vec<u64> = progress
+            .iter()
+            .filter_map(|p| p["matched"].as_u64())
+            .collect();
+        let top = *matched.iter().max()?;
+        (progress.len() == 5 && top > 0 && matched.iter().all(|&m| m == top)).then_some(())
+    })?;
     let rtt_ms = profile.rtt("osaka", "fukuoka").as_secs_f64() * 1e3;
     let link_rtt = link_rtt_ms(profile, "osaka", "fukuoka")?;
     eprintln!(
