@@ -398,7 +398,7 @@ impl Node {
         use roamdisk_core::ids::BLOCK_BYTES;
         let start = Instant::now();
         let group = volume.group();
-        let file = RawFile::open(&self.volume_path(volume), false)?;
+        let file = Arc::new(RawFile::open(&self.volume_path(volume), false)?);
         let mut copy_end = 0u64;
         let mut copied = 0u64;
         let mut copied_blocks: Vec<u64> = Vec::new();
@@ -424,16 +424,24 @@ impl Node {
                     None => break,
                 };
                 let count = CATCH_UP_CHUNK_BLOCKS.min(blocks - block);
-                let mut hashes = Vec::with_capacity(count as usize * 32);
-                let mut buf = vec![0u8; BLOCK_BYTES as usize];
-                for b in block..block + count {
-                    file.read_at(&mut buf, b * BLOCK_BYTES)?;
-                    if roamdisk_nbd::backend::is_zero(&buf) {
-                        hashes.extend_from_slice(&[0u8; 32]);
-                    } else {
-                        hashes.extend_from_slice(blake3::hash(&buf).as_bytes());
+                // On the blocking pool (a millisecond or more per chunk), so that the
+                // runtime's workers keep serving the link meanwhile.
+                let reader = Arc::clone(&file);
+                let hashes = tokio::task::spawn_blocking(move || {
+                    let mut hashes = Vec::with_capacity(count as usize * 32);
+                    let mut buf = vec![0u8; BLOCK_BYTES as usize];
+                    for b in block..block + count {
+                        reader.read_at(&mut buf, b * BLOCK_BYTES)?;
+                        if roamdisk_nbd::backend::is_zero(&buf) {
+                            hashes.extend_from_slice(&[0u8; 32]);
+                        } else {
+                            hashes.extend_from_slice(blake3::hash(&buf).as_bytes());
+                        }
                     }
-                }
+                    Ok::<_, std::io::Error>(hashes)
+                })
+                .await
+                .map_err(|e| std::io::Error::other(format!("catch-up hash task: {e}")))??;
                 // Copy from the leader, or from any voter (in turn) when it is unknown.
                 let Some(fallback) = self.other_voter(info, attempt) else {
                     return Err(Refused::Failed("no other replica to copy from".into()).into());
@@ -541,20 +549,28 @@ impl Node {
         let file = self
             .read_handle(volume)
             .map_err(|e| Refused::Failed(e.to_string()))?;
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; BLOCK_BYTES as usize];
-        for (i, theirs) in hashes.chunks(32).enumerate() {
-            let at = (start_block + i as u64) * BLOCK_BYTES;
-            file.read_at(&mut buf, at)
-                .map_err(|e| Refused::Failed(e.to_string()))?;
-            if roamdisk_nbd::backend::is_zero(&buf) {
-                if theirs != [0u8; 32] {
-                    out.push((i as u32, None));
+        // Reading and hashing a chunk (1 MiB) takes a millisecond or more: on the blocking
+        // pool, so that the runtime's workers keep the link writers going meanwhile.
+        let hashes = hashes.to_vec();
+        let out = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let mut buf = vec![0u8; BLOCK_BYTES as usize];
+            for (i, theirs) in hashes.chunks(32).enumerate() {
+                let at = (start_block + i as u64) * BLOCK_BYTES;
+                file.read_at(&mut buf, at)
+                    .map_err(|e| Refused::Failed(e.to_string()))?;
+                if roamdisk_nbd::backend::is_zero(&buf) {
+                    if theirs != [0u8; 32] {
+                        out.push((i as u32, None));
+                    }
+                } else if blake3::hash(&buf).as_bytes() != theirs {
+                    out.push((i as u32, Some(ByteBuf(buf.clone()))));
                 }
-            } else if blake3::hash(&buf).as_bytes() != theirs {
-                out.push((i as u32, Some(ByteBuf(buf.clone()))));
             }
-        }
+            Ok::<_, Refused>(out)
+        })
+        .await
+        .map_err(|e| Refused::Failed(format!("catch-up read task: {e}")))??;
         // Read after the blocks: the copy reflects a state no newer than this.
         let applied = self
             .to_store(|reply| Event::Applied {
