@@ -460,10 +460,10 @@ pub fn start(opts: &Options) -> Result<Cluster> {
         volumes,
         wan: Some(wan_info),
     };
-    std::fs::write(
-        dir.join("playground.json"),
-        serde_json::to_vec_pretty(&manifest)?,
-    )?;
+    // Readers wait for the file to exist: it must appear whole (write, then rename).
+    let tmp = dir.join("playground.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&manifest)?)?;
+    std::fs::rename(&tmp, dir.join("playground.json"))?;
     running.manifest = manifest;
     Ok(running)
 }

@@ -305,6 +305,25 @@ impl LogStore for RocksLogStore {
         Ok(out)
     }
 
+    fn scan_range(&self, from: &[u8], to: &[u8]) -> Result<Vec<Record>, StoreError> {
+        let (from, to) = (record_key(from), record_key(to));
+        let mut out = Vec::new();
+        if from >= to {
+            return Ok(out);
+        }
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&from, Direction::Forward))
+        {
+            let (k, v) = item.map_err(backend)?;
+            if *k >= *to {
+                break;
+            }
+            out.push((k[1..].to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
     fn write(&self, batch: LogBatch) -> Result<(), StoreError> {
         // Work on copies of the cached states so that a failed write changes nothing.
         let mut cache = self.cache.write().unwrap();

@@ -51,12 +51,13 @@ impl Scrubber {
             .spawn(move || {
                 for job in job_rx {
                     for (group, slice) in job {
-                        let suspects = scan_slice(&slice, |k| log.get(k)).map_err(|e| match e {
-                            crate::volume::ScrubError::Io(e) => e.to_string(),
-                            crate::volume::ScrubError::Index(e) => {
-                                format!("read the hash index: {e}")
-                            }
-                        });
+                        let suspects = scan_slice(&slice, |from, to| log.scan_range(from, to))
+                            .map_err(|e| match e {
+                                crate::volume::ScrubError::Io(e) => e.to_string(),
+                                crate::volume::ScrubError::Index(e) => {
+                                    format!("read the hash index: {e}")
+                                }
+                            });
                         debug!(volume = %slice.volume, first = slice.first, n = slice.n,
                             ?suspects, "scrub slice scanned");
                         if found_tx.send(Finding { group, suspects }).is_err() {

@@ -104,12 +104,14 @@ fn block_matches<E>(
 }
 
 /// The background half of the scrub: reads `slice` from its extent file and returns the
-/// blocks that differ from the index. It runs while the replica applies writes, so a
-/// block written since the last checkpoint differs too: these are suspects, which the
-/// store confirms with [`VolumeReplica::confirm_corrupted`] when the index is exact.
+/// blocks that differ from the index (`index_range(from, to)`: the index records with
+/// keys in `from..to`, read in one scan rather than one lookup per block). It runs while
+/// the replica applies writes, so a block written since the last checkpoint differs too:
+/// these are suspects, which the store confirms with
+/// [`VolumeReplica::confirm_corrupted`].
 pub fn scan_slice<E>(
     slice: &ScrubSlice,
-    mut hash_of: impl FnMut(&[u8]) -> Result<Option<Vec<u8>>, E>,
+    index_range: impl FnOnce(&[u8], &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, E>,
 ) -> Result<Vec<u64>, ScrubError<E>> {
     const RUN: u64 = 64;
     let io = |source| {
@@ -124,22 +126,60 @@ pub fn scan_slice<E>(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         r => r.map_err(io)?,
     };
-    let mut buf = vec![0u8; (RUN * BLOCK_BYTES) as usize];
-    let mut suspects = Vec::new();
-    let mut done = 0;
-    while done < slice.n {
-        let first = slice.first + done;
-        let n = RUN.min(slice.n - done);
-        let bytes = &mut buf[..(n * BLOCK_BYTES) as usize];
-        file.read_at(bytes, first * BLOCK_BYTES).map_err(io)?;
-        for (i, block) in bytes.chunks(BLOCK_BYTES as usize).enumerate() {
-            let b = first + i as u64;
-            if !block_matches(slice.volume, b, block, &mut hash_of)? {
-                suspects.push(b);
-            }
+    let end = slice.first + slice.n;
+    let records = index_range(
+        &hash_key(slice.volume, BlockIndex(slice.first)),
+        &hash_key(slice.volume, BlockIndex(end)),
+    )
+    .map_err(ScrubError::Index)?;
+    let recorded: std::collections::HashMap<u64, Vec<u8>> = records
+        .into_iter()
+        .filter(|(k, _)| k.len() == 17)
+        .map(|(k, v)| (u64::from_be_bytes(k[9..17].try_into().expect("8 bytes")), v))
+        .collect();
+    // Only allocated ranges are read: reading a hole costs the kernel fresh zeroed
+    // page-cache pages (measured: 0.9 ms per 256 KiB, 5.7 % of a core per node for the
+    // scan of a mostly empty 1 GiB volume). A block in a hole reads as zeros, so it is a
+    // suspect only if the index records a hash for it.
+    let (start, end_byte) = (slice.first * BLOCK_BYTES, end * BLOCK_BYTES);
+    let file_len = file.len().map_err(io)?;
+    let mut data: Vec<(u64, u64)> = Vec::new(); // block ranges [a, b) holding data
+    let mut pos = start;
+    for e in file
+        .extents(start, end_byte - start, file_len, usize::MAX)
+        .map_err(io)?
+    {
+        let next = pos + u64::from(e.length);
+        if e.flags == 0 {
+            data.push((pos / BLOCK_BYTES, next.div_ceil(BLOCK_BYTES).min(end)));
         }
-        done += n;
+        pos = next;
     }
+    let mut suspects: Vec<u64> = Vec::new();
+    let mut buf = vec![0u8; (RUN * BLOCK_BYTES) as usize];
+    let mut b = slice.first;
+    for (a, z) in data {
+        // The hole before this data run.
+        suspects.extend((b..a.max(b)).filter(|x| recorded.contains_key(x)));
+        b = b.max(a);
+        while b < z {
+            let n = RUN.min(z - b);
+            let bytes = &mut buf[..(n * BLOCK_BYTES) as usize];
+            file.read_at(bytes, b * BLOCK_BYTES).map_err(io)?;
+            for (i, block) in bytes.chunks(BLOCK_BYTES as usize).enumerate() {
+                let x = b + i as u64;
+                let ok = match recorded.get(&x) {
+                    Some(h) => h.as_slice() == blake3::hash(block).as_bytes(),
+                    None => roamdisk_nbd::backend::is_zero(block),
+                };
+                if !ok {
+                    suspects.push(x);
+                }
+            }
+            b += n;
+        }
+    }
+    suspects.extend((b..end).filter(|x| recorded.contains_key(x)));
     Ok(suspects)
 }
 
@@ -516,6 +556,7 @@ mod tests {
         r.apply(LogIndex(2), &write(40 * 4096, &[2u8; 4096]))
             .unwrap();
         let get = |k: &[u8]| store.get(k);
+        let range = |f: &[u8], t: &[u8]| store.scan_range(f, t);
         let confirmed = |corrupted: Vec<u64>, deferred: Vec<u64>| Confirmed {
             corrupted,
             deferred,
@@ -524,7 +565,7 @@ mod tests {
         // be confirmed (written since the last checkpoint).
         let all = r.next_scrub_slice(u64::MAX).unwrap();
         assert_eq!((all.first, all.n), (0, 256));
-        assert_eq!(scan_slice(&all, get).unwrap(), vec![0, 1, 40]);
+        assert_eq!(scan_slice(&all, range).unwrap(), vec![0, 1, 40]);
         assert_eq!(
             r.confirm_corrupted(&[0, 1, 40], get).unwrap(),
             confirmed(vec![], vec![0, 1, 40])
@@ -541,7 +582,7 @@ mod tests {
         store.write(batch).unwrap();
         r.checkpoint_written(idx);
         assert_eq!(r.durable_applied(), LogIndex(2));
-        assert_eq!(scan_slice(&all, get).unwrap(), Vec::<u64>::new());
+        assert_eq!(scan_slice(&all, range).unwrap(), Vec::<u64>::new());
         assert_eq!(
             r.confirm_corrupted(&[0, 1, 40], get).unwrap(),
             Confirmed::default()
@@ -560,13 +601,21 @@ mod tests {
         for _ in 0..26 {
             let slice = r.next_scrub_slice(10).unwrap();
             assert_eq!(slice.n, if slice.first == 250 { 6 } else { 10 });
-            suspects.extend(scan_slice(&slice, get).unwrap());
+            suspects.extend(scan_slice(&slice, range).unwrap());
         }
         assert_eq!(r.next_scrub_slice(10).unwrap().first, 0, "wrapped around");
         assert_eq!(suspects, vec![1, 77]);
         assert_eq!(
             r.confirm_corrupted(&suspects, get).unwrap(),
             confirmed(vec![1, 77], vec![])
+        );
+        // A block whose data is lost to a hole (it reads as zeros, the index has its
+        // hash) is found too, though the scan does not read holes.
+        assert!(r.extent().punch_hole(40 * 4096, 4096).unwrap());
+        assert_eq!(scan_slice(&all, range).unwrap(), vec![1, 40, 77]);
+        assert_eq!(
+            r.confirm_corrupted(&[1, 40, 77], get).unwrap(),
+            confirmed(vec![1, 40, 77], vec![])
         );
         // Out-of-range suspects (a shrunk or replaced volume) are ignored.
         assert_eq!(

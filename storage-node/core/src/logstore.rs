@@ -142,6 +142,8 @@ pub trait LogStore: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// All records whose key starts with `prefix`, in key order.
     fn scan(&self, prefix: &[u8]) -> Result<Vec<Record>, StoreError>;
+    /// All records with `from <= key < to`, in key order.
+    fn scan_range(&self, from: &[u8], to: &[u8]) -> Result<Vec<Record>, StoreError>;
     fn write(&self, batch: LogBatch) -> Result<(), StoreError>;
     fn sync(&self) -> Result<(), StoreError>;
 }
@@ -383,6 +385,19 @@ impl LogStore for MemLogStore {
         Ok(self.inner.lock().unwrap().current.records.get(key).cloned())
     }
 
+    fn scan_range(&self, from: &[u8], to: &[u8]) -> Result<Vec<Record>, StoreError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let inner = self.inner.lock().unwrap();
+        Ok(inner
+            .current
+            .records
+            .range(from.to_vec()..to.to_vec())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
     fn scan(&self, prefix: &[u8]) -> Result<Vec<Record>, StoreError> {
         let inner = self.inner.lock().unwrap();
         Ok(inner
@@ -497,6 +512,17 @@ pub fn conformance<S: LogStore>(mut open: impl FnMut() -> S) {
         "entries past the end are unavailable"
     );
     assert_eq!(store.scan(b"node/").unwrap().len(), 2);
+    let keys = |r: Vec<Record>| r.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    assert_eq!(
+        keys(store.scan_range(b"node/", b"node/b").unwrap()),
+        vec![b"node/a".to_vec()]
+    );
+    assert_eq!(
+        keys(store.scan_range(b"node/b", b"node0").unwrap()),
+        vec![b"node/b".to_vec()]
+    );
+    assert!(store.scan_range(b"node/b", b"node/a").unwrap().is_empty());
+    assert!(store.scan_range(b"node/c", b"node0").unwrap().is_empty());
     // A byte budget stops early but always returns at least one entry.
     assert_eq!(store.entries(g, 6, 11, 1).unwrap().len(), 1);
     let two = entry_bytes(&e(6, 1)) + entry_bytes(&e(7, 1));
@@ -621,6 +647,9 @@ mod tests {
         }
         fn scan(&self, p: &[u8]) -> Result<Vec<Record>, StoreError> {
             self.0.scan(p)
+        }
+        fn scan_range(&self, f: &[u8], t: &[u8]) -> Result<Vec<Record>, StoreError> {
+            self.0.scan_range(f, t)
         }
         fn write(&self, b: LogBatch) -> Result<(), StoreError> {
             self.0.write(b)
