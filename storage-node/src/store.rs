@@ -1439,6 +1439,16 @@ fn fail_all<S: LogStore>(g: &mut Group<S>, why: Refused) {
 }
 
 fn complete_reads<S: LogStore>(g: &mut Group<S>) {
+    if g.recovering.is_some() || g.raft.applied_index().0 < g.serve_after {
+        // The replica's blocks are being replaced (a snapshot arrived while these reads
+        // waited): its applied index says nothing about its data, so they read
+        // elsewhere. (Answering them when applied passed their index served zeros that
+        // a flushed write had replaced: the chaos smoke drill found it.)
+        for (_, reply) in std::mem::take(&mut g.reads_waiting_apply) {
+            let _ = reply.send(Err(Refused::Recovering(g.raft.id)));
+        }
+        return;
+    }
     let applied = g.raft.applied_index().0;
     let waiting = std::mem::take(&mut g.reads_waiting_apply);
     for (index, reply) in waiting {
