@@ -41,10 +41,6 @@ impl Syncer {
         })
     }
 
-    pub fn in_flight(&self) -> bool {
-        self.in_flight
-    }
-
     /// Starts syncing `files`; one job at a time (call only when none is in flight).
     pub fn start(&mut self, files: Vec<RawFile>) -> Result<(), String> {
         assert!(!self.in_flight, "one extent sync at a time");
