@@ -37,7 +37,7 @@ use crate::dedup::{ContentIndex, CONTENT_INDEX_MAX};
 use crate::lag::{Lag, LagTracker};
 use crate::scrub::Scrubber;
 use crate::syncer::Syncer;
-use crate::volume::VolumeReplica;
+use crate::volume::{parse_hash_key, VolumeReplica};
 
 /// Interval between Raft ticks. Election timeout is `election_tick` ticks (1 s).
 pub const TICK_MS: u64 = 100;
@@ -504,8 +504,9 @@ impl<S: LogStore> Store<S> {
             let size = self.cluster.volume_by_id(vol).map_or(0, |v| v.size);
             if recovering.is_none() && self.cfg.content.len() < CONTENT_INDEX_MAX {
                 for (k, h) in self.log.scan(&crate::volume::hash_prefix(vol))? {
-                    if let (Some(b), Ok(h)) = (k.get(9..17), <[u8; 32]>::try_from(h.as_slice())) {
-                        let b = u64::from_be_bytes(b.try_into().expect("8 bytes"));
+                    if let (Some((_, b)), Ok(h)) =
+                        (parse_hash_key(&k), <[u8; 32]>::try_from(h.as_slice()))
+                    {
                         self.cfg.content.insert(&h, vol, b);
                     }
                 }
@@ -1344,14 +1345,8 @@ impl<S: LogStore> Store<S> {
             }
         }
         if !stale.is_empty() {
-            let stale_volume = |key: &[u8]| {
-                key.len() == 17
-                    && key[0] == b'h'
-                    && stale.contains(
-                        &VolumeId(u64::from_be_bytes(key[1..9].try_into().expect("8 bytes")))
-                            .group(),
-                    )
-            };
+            let stale_volume =
+                |key: &[u8]| parse_hash_key(key).is_some_and(|(v, _)| stale.contains(&v.group()));
             batch.ops.retain(|op| match op {
                 LogOp::Applied { group, .. } => !stale.contains(group),
                 LogOp::Put { key, .. } | LogOp::Delete { key } => !stale_volume(key),
