@@ -631,6 +631,7 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
         let _ = writeln!(out, "# TYPE {name} counter");
         let _ = writeln!(out, "{name}{{node=\"{}\"}} {v}", node.me);
     }
+    node.store_stats().render(&mut out, node.me.0);
     let _ = writeln!(out, "# HELP roamdisk_volumes Volumes in the cluster.");
     let _ = writeln!(out, "# TYPE roamdisk_volumes gauge");
     let _ = writeln!(out, "roamdisk_volumes {}", cluster.volumes.len());

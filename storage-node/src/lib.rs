@@ -6,6 +6,7 @@
 //! - [`rocks`]: the RocksDB `LogStore` (Raft logs, Raft state, node records, block index).
 //! - [`volume`]: one volume replica — sparse extent file, blake3 block index, crash rule.
 //! - [`lag`]: replication lag per replica (entries, bytes, seconds, drain rate).
+//! - [`stats`]: counters and histograms of the store thread's work, for `/metrics`.
 //! - [`store`]: the Raft store thread that owns every group on the node (multi-Raft, one
 //!   write batch and one sync per round for all groups).
 //! - [`transport`]: node-to-node TCP (Raft messages, forwarded proposals and reads).
@@ -34,6 +35,7 @@ pub mod nbd;
 pub mod node;
 pub mod rocks;
 pub mod scrub;
+pub mod stats;
 pub mod store;
 pub mod syncer;
 pub mod transport;

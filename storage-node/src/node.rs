@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
 use crate::dedup::{self, Hash};
+use crate::stats::StoreStats;
 use crate::store::{ClusterView, Event, GroupStatus, LeaderMap, Outcome, Refused};
 use crate::transport::{
     BlocksReply, ByteBuf, PeerRequest, PeerResponse, RequestHandler, Transport, WireRefused,
@@ -48,6 +49,7 @@ pub struct Node {
     remote_leaders: Mutex<HashMap<GroupId, NodeId>>,
     volumes_dir: PathBuf,
     read_handles: Mutex<HashMap<VolumeId, Arc<RawFile>>>,
+    stats: Arc<StoreStats>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +73,7 @@ impl Node {
         cluster: ClusterView,
         leaders: LeaderMap,
         volumes_dir: PathBuf,
+        stats: Arc<StoreStats>,
     ) -> Arc<Node> {
         Arc::new(Node {
             me,
@@ -82,7 +85,13 @@ impl Node {
             remote_leaders: Mutex::default(),
             volumes_dir,
             read_handles: Mutex::default(),
+            stats,
         })
+    }
+
+    /// Counters and histograms of the store thread's work.
+    pub fn store_stats(&self) -> &StoreStats {
+        &self.stats
     }
 
     /// This node's links to other sites: caps and bytes per lane.

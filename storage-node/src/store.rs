@@ -36,6 +36,7 @@ use tracing::{debug, error, info, warn};
 use crate::dedup::{ContentIndex, CONTENT_INDEX_MAX};
 use crate::lag::{Lag, LagTracker};
 use crate::scrub::Scrubber;
+use crate::stats::StoreStats;
 use crate::syncer::Syncer;
 use crate::volume::{parse_hash_key, VolumeReplica};
 
@@ -394,6 +395,8 @@ pub struct Store<S: LogStore> {
     scrub_suspects: BTreeMap<GroupId, BTreeSet<u64>>,
     /// Groups whose replica must copy blocks (published for the node's catch-up task).
     recovering_tx: watch::Sender<std::collections::BTreeSet<GroupId>>,
+    /// Where this thread's time goes (`/metrics`).
+    stats: Arc<StoreStats>,
 }
 
 impl<S: LogStore> Store<S> {
@@ -408,6 +411,7 @@ impl<S: LogStore> Store<S> {
         let (cluster_tx, cluster_rx) = watch::channel(Arc::new(ClusterState::default()));
         let leaders: LeaderMap = Arc::default();
         let scrubber = Scrubber::spawn(Arc::clone(&log))?;
+        let stats = Arc::new(StoreStats::default());
         let mut store = Store {
             cfg,
             log,
@@ -421,10 +425,11 @@ impl<S: LogStore> Store<S> {
             last_checkpoint: Instant::now(),
             scrub_next: GroupId(0),
             scrubber,
-            syncer: Syncer::spawn()?,
+            syncer: Syncer::spawn(Arc::clone(&stats))?,
             checkpoint_pending: None,
             scrub_suspects: BTreeMap::new(),
             recovering_tx: watch::channel(Default::default()).0,
+            stats,
         };
         if store.log.state(META_GROUP)?.is_none() {
             let mut cs = ConfState::default();
@@ -850,6 +855,8 @@ impl<S: LogStore> Store<S> {
     }
 
     fn process_readies(&mut self) -> anyhow::Result<()> {
+        let round_started = Instant::now();
+        let mut apply_took = Duration::ZERO;
         let mut batch = LogBatch::default();
         let mut must_sync = false;
         let mut readied: Vec<(GroupId, Vec<Message>, Vec<raft::ReadState>)> = Vec::new();
@@ -877,13 +884,17 @@ impl<S: LogStore> Store<S> {
                 )?;
             }
             // 3. Committed entries.
+            let started = Instant::now();
             meta_changed |= apply(
                 g,
                 std::mem::take(&mut work.committed),
                 &mut batch,
                 &mut self.cluster,
+                &self.stats,
             )?;
+            apply_took += started.elapsed();
             // 4. Persistence (collected for all groups).
+            count_appends(&work.persist.ops, &self.stats);
             batch.ops.append(&mut work.persist.ops);
             must_sync |= work.must_sync;
             if let Some((role, leader)) = work.role_changed {
@@ -909,10 +920,14 @@ impl<S: LogStore> Store<S> {
             return Ok(());
         }
         if !batch.is_empty() {
+            let started = Instant::now();
             self.log.write(std::mem::take(&mut batch))?;
+            self.stats.log_write.observe(started.elapsed());
         }
         if must_sync {
+            let started = Instant::now();
             self.log.sync()?;
+            self.stats.log_sync.observe(started.elapsed());
         }
         for (id, persisted, read_states) in readied {
             let g = self.groups.get_mut(&id).expect("listed");
@@ -932,12 +947,16 @@ impl<S: LogStore> Store<S> {
             for m in adv.messages.drain(..) {
                 self.outbox.send(NodeId(m.to), id, m);
             }
+            let started = Instant::now();
             meta_changed |= apply(
                 g,
                 std::mem::take(&mut adv.committed),
                 &mut batch,
                 &mut self.cluster,
+                &self.stats,
             )?;
+            apply_took += started.elapsed();
+            count_appends(&adv.persist.ops, &self.stats);
             batch.ops.append(&mut adv.persist.ops);
             // 7. Applied index to raft, then answer what completed.
             let applied = g.machine.applied();
@@ -960,7 +979,17 @@ impl<S: LogStore> Store<S> {
             }
         }
         self.publish_recovering();
+        self.stats.apply.observe(apply_took);
+        self.stats.round.observe(round_started.elapsed());
+        self.stats
+            .rounds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Counters of this thread's work, for `/metrics`.
+    pub fn stats(&self) -> Arc<StoreStats> {
+        Arc::clone(&self.stats)
     }
 
     /// Receiver of the set of groups whose replica must copy blocks.
@@ -1298,6 +1327,9 @@ impl<S: LogStore> Store<S> {
         if batch.is_empty() {
             return Ok(());
         }
+        self.stats
+            .checkpoint
+            .observe(self.last_checkpoint.elapsed());
         if files.is_empty() {
             return self.finish_checkpoint(batch, written);
         }
@@ -1490,6 +1522,20 @@ fn install_snapshot<S: LogStore>(
     Ok(())
 }
 
+/// Counts the entries a Ready appends to the log.
+fn count_appends(ops: &[LogOp], stats: &StoreStats) {
+    use std::sync::atomic::Ordering::Relaxed;
+    for op in ops {
+        if let LogOp::Append { entries, .. } = op {
+            let bytes: usize = entries.iter().map(|e| e.data.len()).sum();
+            stats
+                .entries_persisted
+                .fetch_add(entries.len() as u64, Relaxed);
+            stats.bytes_persisted.fetch_add(bytes as u64, Relaxed);
+        }
+    }
+}
+
 /// Applies committed entries to the group's state machine and answers proposals whose
 /// entries applied. Returns true if the cluster state changed.
 fn apply<S: LogStore>(
@@ -1497,10 +1543,14 @@ fn apply<S: LogStore>(
     entries: Vec<raft::eraftpb::Entry>,
     batch: &mut LogBatch,
     cluster: &mut ClusterState,
+    stats: &StoreStats,
 ) -> anyhow::Result<bool> {
     if entries.is_empty() {
         return Ok(false);
     }
+    stats
+        .entries_applied
+        .fetch_add(entries.len() as u64, std::sync::atomic::Ordering::Relaxed);
     let mut changed = false;
     for a in g.raft.apply_committed(entries, batch)? {
         if g.recovering.is_some() {

@@ -7,8 +7,12 @@
 //! flight on that node waited.
 
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
+use std::sync::Arc;
+use std::time::Instant;
 
 use roamdisk_nbd::file::RawFile;
+
+use crate::stats::StoreStats;
 
 pub struct Syncer {
     jobs: SyncSender<Vec<RawFile>>,
@@ -18,17 +22,19 @@ pub struct Syncer {
 
 impl Syncer {
     /// Starts the thread; it stops when the `Syncer` is dropped.
-    pub fn spawn() -> std::io::Result<Syncer> {
+    pub fn spawn(stats: Arc<StoreStats>) -> std::io::Result<Syncer> {
         let (jobs, job_rx) = mpsc::sync_channel::<Vec<RawFile>>(1);
         let (done_tx, done) = mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("extent-sync".into())
             .spawn(move || {
                 for files in job_rx {
+                    let started = Instant::now();
                     let r = files
                         .iter()
                         .try_for_each(|f| f.sync_data())
                         .map_err(|e| format!("fsync extent file: {e}"));
+                    stats.extent_sync.observe(started.elapsed());
                     if done_tx.send(r).is_err() {
                         return;
                     }

@@ -169,6 +169,7 @@ fn main() -> Result<()> {
     let (store, cluster_view, leaders) =
         Store::open(store_cfg, log, Arc::new(ArcOutbox(Arc::clone(&transport))))?;
     let recovering = store.recovering_view();
+    let store_stats = store.stats();
     // Set when the store stops on its own (a failed disk): the node then stops too.
     let store_failed = CancellationToken::new();
     let store_thread = {
@@ -193,6 +194,7 @@ fn main() -> Result<()> {
             cluster_view.clone(),
             leaders,
             cfg.data_dir.join("volumes"),
+            store_stats,
         );
         transport.set_handler(Arc::new(PeerHandler(Arc::clone(&node))));
         let peer_listener = tokio::net::TcpListener::bind(&cfg.peer_addr)
