@@ -80,10 +80,11 @@ pub struct StoreStats {
     pub apply: Histogram,
     /// A whole round: Readies, persistence, messages, apply, answers.
     pub round: Histogram,
-    /// The store thread's part of a checkpoint (hashing touched blocks, the batch).
+    /// The store thread's part of a checkpoint (taking the touched sets, the batch).
     pub checkpoint: Histogram,
-    /// The extent fsyncs of a checkpoint (on the `extent-sync` thread).
-    pub extent_sync: Histogram,
+    /// Hashing the touched blocks and fsyncing the extent files of a checkpoint (on the
+    /// `extent-sync` thread).
+    pub checkpoint_extents: Histogram,
 }
 
 impl StoreStats {
@@ -140,12 +141,12 @@ impl StoreStats {
             (
                 &self.checkpoint,
                 "roamdisk_store_checkpoint_seconds",
-                "The store thread's part of a checkpoint (hashing, building the batch).",
+                "The store thread's part of a checkpoint (building its batch).",
             ),
             (
-                &self.extent_sync,
-                "roamdisk_store_extent_sync_seconds",
-                "Fsyncing the extent files of one checkpoint (off the store thread).",
+                &self.checkpoint_extents,
+                "roamdisk_store_checkpoint_extents_seconds",
+                "Hashing touched blocks and fsyncing extent files for one checkpoint (off the store thread).",
             ),
         ] {
             h.render(out, name, help, &labels);

@@ -412,6 +412,7 @@ impl<S: LogStore> Store<S> {
         let leaders: LeaderMap = Arc::default();
         let scrubber = Scrubber::spawn(Arc::clone(&log))?;
         let stats = Arc::new(StoreStats::default());
+        let cfg_content = Arc::clone(&cfg.content);
         let mut store = Store {
             cfg,
             log,
@@ -425,7 +426,7 @@ impl<S: LogStore> Store<S> {
             last_checkpoint: Instant::now(),
             scrub_next: GroupId(0),
             scrubber,
-            syncer: Syncer::spawn(Arc::clone(&stats))?,
+            syncer: Syncer::spawn(Arc::clone(&stats), Arc::clone(&cfg_content))?,
             checkpoint_pending: None,
             scrub_suspects: BTreeMap::new(),
             recovering_tx: watch::channel(Default::default()).0,
@@ -1287,9 +1288,10 @@ impl<S: LogStore> Store<S> {
         self.poll_checkpoint(true)
     }
 
-    /// Starts a checkpoint unless one is in flight: hashes and builds the batch here, and
-    /// hands the extent fsyncs to the `extent-sync` thread; [`Store::poll_checkpoint`]
-    /// writes the batch once they are done.
+    /// Starts a checkpoint unless one is in flight: builds the batch here (applied
+    /// indexes, the metadata state), and hands the hashing of touched blocks and the
+    /// extent fsyncs to the `extent-sync` thread; [`Store::poll_checkpoint`] adds the
+    /// hashes and writes the batch once they are done.
     fn start_checkpoint(&mut self) -> anyhow::Result<()> {
         if self.checkpoint_pending.is_some() {
             return Ok(());
@@ -1297,13 +1299,13 @@ impl<S: LogStore> Store<S> {
         self.last_checkpoint = Instant::now();
         let mut batch = LogBatch::default();
         let mut written: Vec<(GroupId, LogIndex)> = Vec::new();
-        let mut files = Vec::new();
+        let mut extents = Vec::new();
         for (id, g) in self.groups.iter_mut() {
             match &mut g.machine {
                 Machine::Volume(v) => {
                     if v.needs_checkpoint() {
-                        let (idx, sync) = v.checkpoint_prepare(&mut batch, &self.cfg.content)?;
-                        files.extend(sync);
+                        let (idx, work) = v.checkpoint_prepare(&mut batch)?;
+                        extents.extend(work);
                         written.push((*id, idx));
                     }
                 }
@@ -1330,10 +1332,10 @@ impl<S: LogStore> Store<S> {
         self.stats
             .checkpoint
             .observe(self.last_checkpoint.elapsed());
-        if files.is_empty() {
+        if extents.is_empty() {
             return self.finish_checkpoint(batch, written);
         }
-        self.syncer.start(files).map_err(anyhow::Error::msg)?;
+        self.syncer.start(extents).map_err(anyhow::Error::msg)?;
         self.checkpoint_pending = Some((batch, written));
         Ok(())
     }
@@ -1342,14 +1344,15 @@ impl<S: LogStore> Store<S> {
     /// them), then runs a scrub round: right after the batch is written the index is
     /// exact for every block not written since the checkpoint started.
     fn poll_checkpoint(&mut self, wait: bool) -> anyhow::Result<()> {
-        let Some(synced) = self.syncer.poll(wait) else {
+        let Some(done) = self.syncer.poll(wait) else {
             return Ok(());
         };
-        synced.map_err(anyhow::Error::msg)?;
-        let (batch, written) = self
+        let hashes = done.map_err(anyhow::Error::msg)?;
+        let (mut batch, written) = self
             .checkpoint_pending
             .take()
             .expect("a sync in flight belongs to a pending checkpoint");
+        batch.ops.extend(hashes);
         self.finish_checkpoint(batch, written)?;
         self.scrub()
     }

@@ -3,12 +3,16 @@
 //! them to the Raft log.
 //!
 //! Crash rule. Applying a committed entry writes the extent file through the page cache
-//! and marks the touched blocks. A *checkpoint* then, in this order: fsyncs the extent
-//! file; hashes the touched blocks; and adds to the caller's batch the new block hashes
-//! and the applied index. So the applied index recorded in the store never covers data
-//! that is not durable, and the Raft log is only compacted up to that recorded index
-//! (`durable_applied`). After a crash the node replays the log from the recorded index;
-//! every command is idempotent, so entries applied twice leave the same bytes.
+//! and marks the touched blocks. A *checkpoint* then takes the applied index A and the
+//! touched set, hashes those blocks and fsyncs the extent file ([`ExtentWork`], on the
+//! `extent-sync` thread while later entries keep applying), and only then writes the
+//! block hashes with A in one batch. So the applied index recorded in the store never
+//! covers data that is not durable, and the Raft log is only compacted up to that
+//! recorded index (`durable_applied`). After a crash the node replays the log from the
+//! recorded index; every command is idempotent, so entries applied twice leave the same
+//! bytes. A block written again after A was taken may be hashed with its newer bytes:
+//! that write is after A, so a replay rewrites exactly those bytes, and the block is in
+//! the next checkpoint's touched set anyway.
 //!
 //! Hash index records: key `h` volume(8) block(8) → blake3 of the 4 KiB block; blocks that
 //! read as zeros have no record.
@@ -22,6 +26,58 @@ use roamdisk_core::logstore::{LogBatch, LogOp};
 use roamdisk_nbd::file::RawFile;
 
 use crate::dedup::ContentIndex;
+
+/// Blocks hashed per read by [`ExtentWork::run`] (1 MiB).
+const HASH_RUN_BLOCKS: usize = 256;
+
+/// The I/O half of one replica's checkpoint: hash the blocks touched since the last one
+/// and fsync the extent file if it was written. Runs on the `extent-sync` thread.
+pub struct ExtentWork {
+    pub volume: VolumeId,
+    file: RawFile,
+    /// Sorted.
+    blocks: Vec<u64>,
+    sync: bool,
+}
+
+impl ExtentWork {
+    /// Appends a hash record for every touched block to `ops` (a delete for a block that
+    /// reads as zeros) and records the hashes in `content`, reading runs of adjacent
+    /// blocks at once; then fsyncs the file if it was written.
+    pub fn run(&self, ops: &mut Vec<LogOp>, content: &ContentIndex) -> std::io::Result<()> {
+        let mut buf = vec![0u8; HASH_RUN_BLOCKS * BLOCK_BYTES as usize];
+        let mut rest = &self.blocks[..];
+        while let Some(&first) = rest.first() {
+            let run = rest
+                .iter()
+                .take(HASH_RUN_BLOCKS)
+                .enumerate()
+                .take_while(|&(i, &b)| b == first + i as u64)
+                .count();
+            let bytes = &mut buf[..run * BLOCK_BYTES as usize];
+            self.file.read_at(bytes, first * BLOCK_BYTES)?;
+            for (i, block) in bytes.chunks_exact(BLOCK_BYTES as usize).enumerate() {
+                let b = first + i as u64;
+                let key = hash_key(self.volume, BlockIndex(b));
+                if roamdisk_nbd::backend::is_zero(block) {
+                    ops.push(LogOp::Delete { key });
+                } else {
+                    let hash = *blake3::hash(block).as_bytes();
+                    content.insert(&hash, self.volume, b);
+                    ops.push(LogOp::Put {
+                        key,
+                        value: hash.to_vec(),
+                    });
+                }
+            }
+            rest = &rest[run..];
+        }
+        if self.sync {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+}
 
 /// Touched blocks kept before a checkpoint is forced (bounds the memory of the set and
 /// the work of one checkpoint: 64 Ki blocks = 256 MiB of data).
@@ -350,56 +406,41 @@ impl VolumeReplica {
         batch: &mut LogBatch,
         content: &ContentIndex,
     ) -> Result<LogIndex, VolumeError> {
-        let (index, sync) = self.checkpoint_prepare(batch, content)?;
-        if let Some(f) = sync {
-            f.sync_data().map_err(self.io("fsync extent file"))?;
+        let (index, work) = self.checkpoint_prepare(batch)?;
+        if let Some(work) = work {
+            work.run(&mut batch.ops, content)
+                .map_err(self.io("hash and fsync extent file"))?;
         }
         Ok(index)
     }
 
-    /// A checkpoint without its fsync, for a caller that syncs elsewhere: hashes the
-    /// touched blocks into `batch` with the applied index, and returns that index and,
-    /// when the extent file was written since the last checkpoint, a handle that must be
-    /// synced before `batch` is written (the crash rule: the recorded applied index never
-    /// covers data that is not durable). Writes applied after this call are not covered;
-    /// they are marked for the next checkpoint.
+    /// A checkpoint without its reads and fsync, for a caller that runs them elsewhere:
+    /// adds the applied index to `batch` and returns it with the [`ExtentWork`] (hash the
+    /// touched blocks, fsync the file) whose records must join `batch` before it is
+    /// written (the crash rule: the recorded applied index never covers data that is not
+    /// durable). Writes applied after this call are not covered; they are marked for the
+    /// next checkpoint.
     pub fn checkpoint_prepare(
         &mut self,
         batch: &mut LogBatch,
-        content: &ContentIndex,
-    ) -> Result<(LogIndex, Option<RawFile>), VolumeError> {
-        let sync = if self.dirty {
-            self.dirty = false;
-            Some(
-                self.extent
-                    .try_clone()
-                    .map_err(self.io("open extent file to fsync"))?,
-            )
-        } else {
-            None
-        };
-        let mut block = vec![0u8; BLOCK_BYTES as usize];
-        for b in std::mem::take(&mut self.touched) {
-            let key = hash_key(self.id, BlockIndex(b));
-            self.extent
-                .read_at(&mut block, b * BLOCK_BYTES)
-                .map_err(self.io("read extent file for hashing"))?;
-            if roamdisk_nbd::backend::is_zero(&block) {
-                batch.push(LogOp::Delete { key });
-            } else {
-                let hash = *blake3::hash(&block).as_bytes();
-                content.insert(&hash, self.id, b);
-                batch.push(LogOp::Put {
-                    key,
-                    value: hash.to_vec(),
-                });
-            }
-        }
+    ) -> Result<(LogIndex, Option<ExtentWork>), VolumeError> {
         batch.push(LogOp::Applied {
             group: self.id.group(),
             index: self.applied.0,
         });
-        Ok((self.applied, sync))
+        if !self.dirty && self.touched.is_empty() {
+            return Ok((self.applied, None));
+        }
+        let work = ExtentWork {
+            volume: self.id,
+            file: self
+                .extent
+                .try_clone()
+                .map_err(self.io("open extent file to hash and fsync"))?,
+            blocks: std::mem::take(&mut self.touched).into_iter().collect(),
+            sync: std::mem::take(&mut self.dirty),
+        };
+        Ok((self.applied, Some(work)))
     }
 
     pub fn checkpoint_written(&mut self, index: LogIndex) {
@@ -484,6 +525,7 @@ pub fn image_block_hashes(path: &Path) -> std::io::Result<Vec<(u64, [u8; 32])>> 
 mod tests {
     use super::*;
     use roamdisk_core::logstore::{GroupState, LogStore, MemLogStore};
+    use std::collections::BTreeMap;
 
     fn write(offset: u64, data: &[u8]) -> Vec<u8> {
         VolumeCommand::Write { offset, data }.encode()
@@ -549,6 +591,67 @@ mod tests {
     }
 
     #[test]
+    fn checkpoint_work_hashes_runs_of_blocks_off_the_replica_and_covers_only_its_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = VolumeId(5);
+        let mut r = VolumeReplica::open(dir.path(), v, 4 << 20, LogIndex(0)).unwrap();
+        // 300 adjacent blocks (more than one read), a lone block, and a zeroed one.
+        let data: Vec<u8> = (0..300 * 4096)
+            .map(|i| match i % 4096 {
+                0 => (i / 4096) as u8, // every block differs
+                1 => (i / 4096 / 256) as u8,
+                _ => 0xa5,
+            })
+            .collect();
+        r.apply(LogIndex(1), &write(0, &data)).unwrap();
+        r.apply(LogIndex(2), &write(900 * 4096, &[7u8; 4096]))
+            .unwrap();
+        r.apply(LogIndex(3), &write(950 * 4096, &[0u8; 4096]))
+            .unwrap();
+        let mut batch = LogBatch::default();
+        let (idx, work) = r.checkpoint_prepare(&mut batch).unwrap();
+        assert_eq!(idx, LogIndex(3));
+        // Applied while the work is in flight: the next checkpoint's.
+        r.apply(LogIndex(4), &write(901 * 4096, &[8u8; 4096]))
+            .unwrap();
+        let content = ContentIndex::default();
+        work.unwrap().run(&mut batch.ops, &content).unwrap();
+        let mut puts = BTreeMap::new();
+        let mut deletes = Vec::new();
+        for op in &batch.ops {
+            match op {
+                LogOp::Put { key, value } => {
+                    puts.insert(parse_hash_key(key).unwrap().1, value.clone());
+                }
+                LogOp::Delete { key } => deletes.push(parse_hash_key(key).unwrap().1),
+                LogOp::Applied { index, .. } => assert_eq!(*index, 3),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(puts.len(), 301);
+        assert_eq!(deletes, vec![950]);
+        for b in [0u64, 255, 256, 299] {
+            let block = &data[b as usize * 4096..][..4096];
+            assert_eq!(
+                puts[&b],
+                blake3::hash(block).as_bytes().to_vec(),
+                "block {b}"
+            );
+            assert_eq!(content.get(blake3::hash(block).as_bytes()), Some((v, b)));
+        }
+        assert_eq!(puts[&900], blake3::hash(&[7u8; 4096]).as_bytes().to_vec());
+        assert!(
+            !puts.contains_key(&901),
+            "applied after the checkpoint began"
+        );
+        let mut next = LogBatch::default();
+        let (idx, work) = r.checkpoint_prepare(&mut next).unwrap();
+        assert_eq!(idx, LogIndex(4));
+        work.unwrap().run(&mut next.ops, &content).unwrap();
+        assert_eq!(next.ops.len(), 2, "block 901 and the applied index");
+    }
+
+    #[test]
     fn scrub_scans_for_suspects_and_confirms_only_blocks_not_written_since_the_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let store = MemLogStore::new();
@@ -580,12 +683,10 @@ mod tests {
         );
         // The checkpoint in two halves, as the store does it: prepare, sync, write.
         let mut batch = LogBatch::default();
-        let (idx, sync) = r
-            .checkpoint_prepare(&mut batch, &ContentIndex::default())
-            .unwrap();
+        let (idx, work) = r.checkpoint_prepare(&mut batch).unwrap();
         assert_eq!(idx, LogIndex(2));
-        sync.expect("written since the last checkpoint")
-            .sync_data()
+        work.expect("written since the last checkpoint")
+            .run(&mut batch.ops, &ContentIndex::default())
             .unwrap();
         store.write(batch).unwrap();
         r.checkpoint_written(idx);
