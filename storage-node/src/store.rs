@@ -10,8 +10,9 @@
 //!    send messages, install snapshots, apply committed entries, then write *one* batch
 //!    for all groups and sync it once (group commit), send persisted messages, advance;
 //! 4. answer proposals and reads that became complete;
-//! 5. checkpoint volume replicas (fsync extents, then record hashes and applied
-//!    indexes) and compact logs behind the durable applied index; then confirm the
+//! 5. checkpoint volume replicas (the `extent-sync` thread hashes touched blocks and
+//!    fsyncs extents, then this thread records the hashes and applied indexes) and
+//!    compact logs behind the durable applied index; then confirm the
 //!    suspects of the background scrub (`scrub`) and hand it its next slices.
 //!
 //! Acknowledgement semantics: a proposal is answered after its entry is committed (on
@@ -647,8 +648,9 @@ impl<S: LogStore> Store<S> {
                 failure = Some(e.to_string());
                 break;
             }
-            // Checkpoints: the batch is built on this thread, the extent fsyncs run on
-            // the extent-sync thread, and the batch is written once they are done.
+            // Checkpoints: the batch is built on this thread, the hashing of touched
+            // blocks and the extent fsyncs run on the extent-sync thread, and the batch
+            // is written once they are done.
             let started = Instant::now();
             let mut r = self.poll_checkpoint(false);
             if r.is_ok()
