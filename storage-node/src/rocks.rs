@@ -152,9 +152,47 @@ pub const ENTRY_CACHE_BYTES: u64 = 128 << 20;
 /// there are any, always end at its last index. Bounded by [`ENTRY_CACHE_BYTES`]; the
 /// oldest entries of the group with the most cached bytes go first.
 struct EntryCache {
-    groups: HashMap<GroupId, VecDeque<Entry>>,
+    groups: HashMap<GroupId, Tail>,
     bytes: u64,
     budget: u64,
+}
+
+/// One group's cached entries and their bytes (`entry_bytes`).
+#[derive(Default)]
+struct Tail {
+    entries: VecDeque<Entry>,
+    bytes: u64,
+}
+
+impl Tail {
+    fn push(&mut self, e: Entry) -> u64 {
+        let n = roamdisk_core::logstore::entry_bytes(&e);
+        self.entries.push_back(e);
+        self.bytes += n;
+        n
+    }
+
+    /// Drops entries from the back while `drop` says so; returns the bytes freed.
+    fn pop_back_while(&mut self, drop: impl Fn(&Entry) -> bool) -> u64 {
+        let mut freed = 0;
+        while self.entries.back().is_some_and(&drop) {
+            let e = self.entries.pop_back().expect("non-empty");
+            freed += roamdisk_core::logstore::entry_bytes(&e);
+        }
+        self.bytes -= freed;
+        freed
+    }
+
+    /// Drops entries from the front while `drop` says so; returns the bytes freed.
+    fn pop_front_while(&mut self, mut drop: impl FnMut(&Entry) -> bool) -> u64 {
+        let mut freed = 0;
+        while self.entries.front().is_some_and(&mut drop) {
+            let e = self.entries.pop_front().expect("non-empty");
+            freed += roamdisk_core::logstore::entry_bytes(&e);
+        }
+        self.bytes -= freed;
+        freed
+    }
 }
 
 impl EntryCache {
@@ -168,7 +206,7 @@ impl EntryCache {
 
     /// Entries `[low, high)` if all are cached, at most `max_bytes` of them (at least one).
     fn get(&self, g: GroupId, low: u64, high: u64, max_bytes: u64) -> Option<Vec<Entry>> {
-        let q = self.groups.get(&g)?;
+        let q = &self.groups.get(&g)?.entries;
         let first = q.front()?.index;
         let last = q.back()?.index;
         if low < first || high > last + 1 || low >= high {
@@ -194,58 +232,46 @@ impl EntryCache {
                     let Some(first) = entries.first().map(|e| e.index) else {
                         continue;
                     };
-                    let q = self.groups.entry(group).or_default();
+                    let t = self.groups.entry(group).or_default();
                     // Replaced entries go; a cache that does not reach the new entries
                     // (evicted down to nothing meanwhile) restarts with them.
-                    while q.back().is_some_and(|e| e.index >= first) {
-                        let e = q.pop_back().expect("non-empty");
-                        self.bytes -= roamdisk_core::logstore::entry_bytes(&e);
-                    }
-                    if q.back().is_some_and(|e| e.index + 1 != first) {
-                        for e in q.drain(..) {
-                            self.bytes -= roamdisk_core::logstore::entry_bytes(&e);
-                        }
+                    self.bytes -= t.pop_back_while(|e| e.index >= first);
+                    if t.entries.back().is_some_and(|e| e.index + 1 != first) {
+                        self.bytes -= t.pop_back_while(|_| true);
                     }
                     for e in entries {
-                        self.bytes += roamdisk_core::logstore::entry_bytes(&e);
-                        q.push_back(e);
+                        self.bytes += t.push(e);
                     }
                 }
                 LogOp::Compact { group, index } => {
-                    if let Some(q) = self.groups.get_mut(&group) {
-                        while q.front().is_some_and(|e| e.index <= index) {
-                            let e = q.pop_front().expect("non-empty");
-                            self.bytes -= roamdisk_core::logstore::entry_bytes(&e);
-                        }
+                    if let Some(t) = self.groups.get_mut(&group) {
+                        self.bytes -= t.pop_front_while(|e| e.index <= index);
                     }
                 }
                 LogOp::Snapshot { group, .. } | LogOp::Remove { group } => {
-                    if let Some(q) = self.groups.remove(&group) {
-                        self.bytes -= q
-                            .iter()
-                            .map(roamdisk_core::logstore::entry_bytes)
-                            .sum::<u64>();
+                    if let Some(t) = self.groups.remove(&group) {
+                        self.bytes -= t.bytes;
                     }
                 }
                 _ => {}
             }
         }
         while self.bytes > self.budget {
-            let Some(q) = self
-                .groups
-                .values_mut()
-                .filter(|q| !q.is_empty())
-                .max_by_key(|q| q.len())
-            else {
+            let Some(t) = self.groups.values_mut().max_by_key(|t| t.bytes) else {
                 break;
             };
-            // Evict in chunks so that one busy group does not cost a scan per entry.
-            let n = (q.len() / 8).max(1);
-            for e in q.drain(..n) {
-                self.bytes -= roamdisk_core::logstore::entry_bytes(&e);
+            if t.entries.is_empty() {
+                break;
             }
+            // Evict in chunks so that one busy group does not cost a scan per entry.
+            let mut left = (t.entries.len() / 8).max(1);
+            self.bytes -= t.pop_front_while(|_| {
+                let more = left > 0;
+                left = left.saturating_sub(1);
+                more
+            });
         }
-        self.groups.retain(|_, q| !q.is_empty());
+        self.groups.retain(|_, t| !t.entries.is_empty());
     }
 }
 
@@ -650,12 +676,27 @@ mod tests {
         for i in 1..=200 {
             c.apply(append(1 + i % 3, vec![entry(i / 3 + 1, 1, 1000)]));
             assert!(c.bytes <= per * 50, "{} bytes after {i}", c.bytes);
+            assert_eq!(c.groups.values().map(|t| t.bytes).sum::<u64>(), c.bytes);
         }
         // The newest entries of every group are still there.
         for g in 1..=3 {
-            let q = &c.groups[&GroupId(g)];
+            let q = &c.groups[&GroupId(g)].entries;
             assert!(q.len() >= 10, "group {g} kept {}", q.len());
         }
+    }
+
+    #[test]
+    fn entry_cache_evicts_from_the_group_with_the_most_bytes() {
+        let small = roamdisk_core::logstore::entry_bytes(&entry(1, 1, 100));
+        let big = roamdisk_core::logstore::entry_bytes(&entry(1, 1, 10_000));
+        let mut c = EntryCache::new(40 * small + 4 * big);
+        c.apply(append(1, (1..=40).map(|i| entry(i, 1, 100)).collect()));
+        c.apply(append(2, (1..=5).map(|i| entry(i, 1, 10_000)).collect()));
+        // Over budget by one big entry: the group of big entries pays, not the one with
+        // more (but smaller) entries.
+        assert_eq!(c.groups[&GroupId(1)].entries.len(), 40);
+        assert_eq!(c.groups[&GroupId(2)].entries.front().unwrap().index, 2);
+        assert_eq!(c.bytes, 40 * small + 4 * big);
     }
 
     #[test]

@@ -398,6 +398,8 @@ pub struct Store<S: LogStore> {
     recovering_tx: watch::Sender<std::collections::BTreeSet<GroupId>>,
     /// Where this thread's time goes (`/metrics`).
     stats: Arc<StoreStats>,
+    /// Set by an event whose handling failed on disk: the loop stops the node.
+    failed: Option<String>,
 }
 
 impl<S: LogStore> Store<S> {
@@ -432,6 +434,7 @@ impl<S: LogStore> Store<S> {
             scrub_suspects: BTreeMap::new(),
             recovering_tx: watch::channel(Default::default()).0,
             stats,
+            failed: None,
         };
         if store.log.state(META_GROUP)?.is_none() {
             let mut cs = ConfState::default();
@@ -642,6 +645,10 @@ impl<S: LogStore> Store<S> {
                         .retain(|_, (started, _)| started.elapsed() < expiry);
                 }
             }
+            if let Some(e) = self.failed.take() {
+                failure = Some(e);
+                break;
+            }
             if let Err(e) = self.process_readies() {
                 // The log store failed: continuing could acknowledge what is not durable.
                 error!(error = %e, "raft store failed; stopping the node");
@@ -796,7 +803,12 @@ impl<S: LogStore> Store<S> {
                 blocks,
             } => {
                 if let Err(e) = self.finish_catch_up(group, copy_end, &blocks) {
-                    error!(%group, error = %e, "finishing catch-up failed");
+                    // Its checkpoint or log write failed: fail-stop like any other disk
+                    // error (carrying on would leave checkpoints stuck or the replica's
+                    // copied blocks unsynced under a recorded applied index).
+                    error!(%group, error = %e, "finishing catch-up failed; stopping the node");
+                    self.failed = Some(format!("finish catch-up of group {group}: {e}"));
+                    return true;
                 }
             }
             Event::Shutdown => return true,
@@ -1349,12 +1361,11 @@ impl<S: LogStore> Store<S> {
         let Some(done) = self.syncer.poll(wait) else {
             return Ok(());
         };
-        let hashes = done.map_err(anyhow::Error::msg)?;
         let (mut batch, written) = self
             .checkpoint_pending
             .take()
             .expect("a sync in flight belongs to a pending checkpoint");
-        batch.ops.extend(hashes);
+        batch.ops.extend(done.map_err(anyhow::Error::msg)?);
         self.finish_checkpoint(batch, written)?;
         self.scrub()
     }
