@@ -26,9 +26,22 @@ use crate::transport::{
 /// bursts into a WAN's queue) cut the catch-up rate from 44.7 to 36 MiB/s: each request
 /// costs a read barrier and a status round trip through the store thread.
 pub const CATCH_UP_CHUNK_BLOCKS: u64 = 256;
-/// Catch-up requests in flight: 8 × 1 MiB covers a 50 MiB/s × 40 ms link with room to
-/// spare, and bounds the memory a copy takes on both sides.
-pub const CATCH_UP_WINDOW: usize = 8;
+/// Catch-up requests in flight, at the start and at the least: 4 × 1 MiB covers a
+/// 50 MiB/s × 40 ms link even when no reply compresses.
+pub const CATCH_UP_WINDOW_MIN: usize = 4;
+/// At the most: bounds the memory a copy takes on both sides (a reply is 1 MiB at most).
+pub const CATCH_UP_WINDOW_MAX: usize = 32;
+/// Queueing a copy may add to a request's round trip before its window shrinks. The
+/// window follows the link's delay, not a fixed count: a fixed 8 chunks kept the 50 MiB/s
+/// link only ~43 MiB/s busy when replies compress (8 chunks crossed in one round trip with
+/// room to spare: its writer waited for the cap 1.1 s of a 5.5 s copy), and with replies that
+/// do not compress 8 MiB queued is 170 ms ahead of the other bulk traffic to that site.
+pub const CATCH_UP_QUEUE_TARGET_MS: u64 = 25;
+/// Catch-up chunks a node reads and hashes at once (each a millisecond or more of a core
+/// for 1 MiB of data). Two copies of 32 chunks each, unbounded, put 64 hashing tasks on a
+/// 2-core node's blocking pool and a writer's forwarded write waited 1 s behind them
+/// (`wan-bench`'s move); two keep serving well above a WAN link's rate.
+pub const CATCH_UP_IO_MAX: usize = 2;
 
 /// How long a proposal or read keeps retrying (leader elections, forwarding) before it
 /// fails. Longer than an election plus a reconnect.
@@ -50,6 +63,9 @@ pub struct Node {
     volumes_dir: PathBuf,
     read_handles: Mutex<HashMap<VolumeId, Arc<RawFile>>>,
     stats: Arc<StoreStats>,
+    /// Catch-up chunks being read and hashed on this node at once, for copies it serves
+    /// and copies it makes ([`CATCH_UP_IO_MAX`]).
+    catch_up_io: tokio::sync::Semaphore,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +102,7 @@ impl Node {
             volumes_dir,
             read_handles: Mutex::default(),
             stats,
+            catch_up_io: tokio::sync::Semaphore::new(CATCH_UP_IO_MAX),
         })
     }
 
@@ -413,44 +430,34 @@ impl Node {
         let mut copied_blocks: Vec<u64> = Vec::new();
         let mut next_block = 0u64;
         let mut attempt = 0u32;
-        // Chunks to (re)send, oldest first; up to CATCH_UP_WINDOW requests in flight so
-        // that a WAN link's bandwidth-delay product is covered.
+        // Chunks to (re)send, oldest first; up to `window` chunks in flight so that a WAN
+        // link's bandwidth-delay product is covered: the window grows by one for every
+        // reply whose round trip is within CATCH_UP_QUEUE_TARGET_MS of the fastest seen and
+        // shrinks by one for every slower one (a delay-based controller, as LEDBAT). Each in-flight chunk hashes
+        // its blocks (on the blocking pool: a millisecond or more for 1 MiB of data, holes
+        // are not read) and then asks for them, so hashing overlaps the transfers: hashed
+        // one at a time ahead of the requests, the window held fewer chunks than it
+        // allowed while a chunk was being hashed.
         let mut retry: std::collections::VecDeque<u64> = Default::default();
         let mut inflight = FuturesUnordered::new();
+        let mut window = CATCH_UP_WINDOW_MIN * 2;
+        let mut fastest = Duration::MAX;
         loop {
             let cluster = self.cluster();
             let info = cluster
                 .volume_by_id(volume)
                 .ok_or_else(|| NodeError::NoVolume(volume.to_string()))?;
             let blocks = info.size.div_ceil(BLOCK_BYTES);
-            while inflight.len() < CATCH_UP_WINDOW {
-                let block = match retry.pop_front() {
-                    Some(b) => b,
+            while inflight.len() < window {
+                let (block, backoff) = match retry.pop_front() {
+                    Some(b) => (b, true),
                     None if next_block < blocks => {
                         next_block += CATCH_UP_CHUNK_BLOCKS;
-                        next_block - CATCH_UP_CHUNK_BLOCKS
+                        (next_block - CATCH_UP_CHUNK_BLOCKS, false)
                     }
                     None => break,
                 };
                 let count = CATCH_UP_CHUNK_BLOCKS.min(blocks - block);
-                // On the blocking pool (a millisecond or more per chunk), so that the
-                // runtime's workers keep serving the link meanwhile.
-                let reader = Arc::clone(&file);
-                let hashes = tokio::task::spawn_blocking(move || {
-                    let mut hashes = Vec::with_capacity(count as usize * 32);
-                    let mut buf = vec![0u8; BLOCK_BYTES as usize];
-                    for b in block..block + count {
-                        reader.read_at(&mut buf, b * BLOCK_BYTES)?;
-                        if roamdisk_nbd::backend::is_zero(&buf) {
-                            hashes.extend_from_slice(&[0u8; 32]);
-                        } else {
-                            hashes.extend_from_slice(blake3::hash(&buf).as_bytes());
-                        }
-                    }
-                    Ok::<_, std::io::Error>(hashes)
-                })
-                .await
-                .map_err(|e| std::io::Error::other(format!("catch-up hash task: {e}")))??;
                 // Copy from the leader, or from any voter (in turn) when it is unknown.
                 let Some(fallback) = self.other_voter(info, attempt) else {
                     return Err(Refused::Failed("no other replica to copy from".into()).into());
@@ -459,43 +466,97 @@ impl Node {
                     .leader_of(group)
                     .filter(|l| *l != self.me)
                     .unwrap_or(fallback);
-                let req = PeerRequest::FetchBlocks {
-                    volume,
-                    start_block: block,
-                    hashes,
-                };
+                let reader = Arc::clone(&file);
                 let transport = Arc::clone(&self.transport);
-                inflight.push(async move { (block, target, transport.request(target, req).await) });
+                let io = &self.catch_up_io;
+                inflight.push(async move {
+                    if backoff {
+                        tokio::time::sleep(Duration::from_millis(RETRY_BACKOFF_MAX_MS)).await;
+                    }
+                    let permit = io.acquire().await.map_err(std::io::Error::other)?;
+                    let hashes =
+                        tokio::task::spawn_blocking(move || {
+                            let mut hashes = Vec::with_capacity(count as usize * 32);
+                            crate::volume::for_each_block(&reader, block, count, |_, data| {
+                                match data {
+                                    Some(d) if !roamdisk_nbd::backend::is_zero(d) => {
+                                        hashes.extend_from_slice(blake3::hash(d).as_bytes())
+                                    }
+                                    _ => hashes.extend_from_slice(&[0u8; 32]),
+                                }
+                            })?;
+                            Ok::<_, std::io::Error>(hashes)
+                        })
+                        .await
+                        .map_err(|e| std::io::Error::other(format!("catch-up hash task: {e}")))??;
+                    drop(permit);
+                    let req = PeerRequest::FetchBlocks {
+                        volume,
+                        start_block: block,
+                        hashes,
+                    };
+                    let sent = Instant::now();
+                    let reply = transport.request(target, req).await;
+                    Ok::<_, std::io::Error>((block, target, sent.elapsed(), reply))
+                });
             }
-            let Some((block, target, reply)) = inflight.next().await else {
+            let Some(done) = inflight.next().await else {
                 break;
             };
+            let (block, target, took, reply) = done?;
             match reply {
                 Ok(PeerResponse::Blocks(Ok(BlocksReply {
                     applied,
                     blocks: changed,
                 }))) => {
-                    for (off, data) in changed {
-                        let at = (block + u64::from(off)) * BLOCK_BYTES;
-                        copied_blocks.push(block + u64::from(off));
-                        match data {
-                            Some(ByteBuf(d)) if d.len() as u64 == BLOCK_BYTES => {
-                                file.write_at(&d, at, false)?
-                            }
-                            Some(_) => {
-                                return Err(Refused::Failed(
-                                    "catch-up block of the wrong size".into(),
-                                )
-                                .into())
-                            }
-                            None => {
-                                file.zero(at, BLOCK_BYTES, false, false)?;
+                    // Written on the blocking pool: page-cache writes of a whole chunk
+                    // can sleep in the kernel's dirty-page throttling, which would hold a
+                    // runtime worker (and the tasks queued on it) meanwhile.
+                    let mut chunk_blocks = Vec::with_capacity(changed.len());
+                    for (off, data) in &changed {
+                        chunk_blocks.push(block + u64::from(*off));
+                        if data
+                            .as_ref()
+                            .is_some_and(|d| d.0.len() as u64 != BLOCK_BYTES)
+                        {
+                            return Err(
+                                Refused::Failed("catch-up block of the wrong size".into()).into()
+                            );
+                        }
+                    }
+                    let writer = Arc::clone(&file);
+                    tokio::task::spawn_blocking(move || {
+                        for (off, data) in changed {
+                            let at = (block + u64::from(off)) * BLOCK_BYTES;
+                            match data {
+                                Some(ByteBuf(d)) => writer.write_at(&d, at, false)?,
+                                None => {
+                                    writer.zero(at, BLOCK_BYTES, false, false)?;
+                                }
                             }
                         }
-                        copied += 1;
-                    }
+                        // Write-behind: a copy that left all its data dirty until the
+                        // final fsync (two new replicas, 480 MiB) made every node's log
+                        // sync on this disk wait behind it, and writes stalled for
+                        // 0.6-1 s (`wan-bench`'s move).
+                        writer.start_writeback(
+                            block * BLOCK_BYTES,
+                            CATCH_UP_CHUNK_BLOCKS * BLOCK_BYTES,
+                        )?;
+                        Ok::<_, std::io::Error>(())
+                    })
+                    .await
+                    .map_err(|e| std::io::Error::other(format!("catch-up write task: {e}")))??;
+                    copied += chunk_blocks.len() as u64;
+                    copied_blocks.extend(chunk_blocks);
                     copy_end = copy_end.max(applied);
                     attempt = 0;
+                    fastest = fastest.min(took);
+                    window = if took <= fastest + Duration::from_millis(CATCH_UP_QUEUE_TARGET_MS) {
+                        (window + 1).min(CATCH_UP_WINDOW_MAX)
+                    } else {
+                        (window - 1).max(CATCH_UP_WINDOW_MIN)
+                    };
                 }
                 other => {
                     debug!(%volume, peer = %target, "catch-up request failed: {other:?}");
@@ -507,12 +568,14 @@ impl Node {
                         });
                     }
                     retry.push_back(block);
-                    tokio::time::sleep(Duration::from_millis(RETRY_BACKOFF_MAX_MS)).await;
                 }
             }
         }
-        file.sync_data()?;
-        tracing::info!(%volume, blocks_copied = copied, ms = start.elapsed().as_millis() as u64, "catch-up copy done");
+        let syncer = Arc::clone(&file);
+        tokio::task::spawn_blocking(move || syncer.sync_data())
+            .await
+            .map_err(|e| std::io::Error::other(format!("catch-up sync task: {e}")))??;
+        tracing::info!(%volume, blocks_copied = copied, ms = start.elapsed().as_millis() as u64, window, "catch-up copy done");
         let done = Event::CatchUpDone {
             group,
             copy_end: roamdisk_core::ids::LogIndex(copy_end),
@@ -549,7 +612,6 @@ impl Node {
         start_block: u64,
         hashes: &[u8],
     ) -> Result<BlocksReply, Refused> {
-        use roamdisk_core::ids::BLOCK_BYTES;
         if hashes.len() % 32 != 0 || hashes.len() / 32 > CATCH_UP_CHUNK_BLOCKS as usize {
             return Err(Refused::Failed("malformed block hashes".into()));
         }
@@ -561,21 +623,29 @@ impl Node {
         // Reading and hashing a chunk (1 MiB) takes a millisecond or more: on the blocking
         // pool, so that the runtime's workers keep the link writers going meanwhile.
         let hashes = hashes.to_vec();
+        let _permit = self
+            .catch_up_io
+            .acquire()
+            .await
+            .map_err(|e| Refused::Failed(e.to_string()))?;
         let out = tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
-            let mut buf = vec![0u8; BLOCK_BYTES as usize];
-            for (i, theirs) in hashes.chunks(32).enumerate() {
-                let at = (start_block + i as u64) * BLOCK_BYTES;
-                file.read_at(&mut buf, at)
-                    .map_err(|e| Refused::Failed(e.to_string()))?;
-                if roamdisk_nbd::backend::is_zero(&buf) {
-                    if theirs != [0u8; 32] {
-                        out.push((i as u32, None));
+            let count = (hashes.len() / 32) as u64;
+            crate::volume::for_each_block(&file, start_block, count, |b, data| {
+                let i = (b - start_block) as usize;
+                let theirs = &hashes[i * 32..(i + 1) * 32];
+                match data {
+                    Some(d) if !roamdisk_nbd::backend::is_zero(d) => {
+                        if blake3::hash(d).as_bytes() != theirs {
+                            out.push((i as u32, Some(ByteBuf(d.to_vec()))));
+                        }
                     }
-                } else if blake3::hash(&buf).as_bytes() != theirs {
-                    out.push((i as u32, Some(ByteBuf(buf.clone()))));
+                    // A hole, or zeros: the other side must have zeros too.
+                    _ if theirs != [0u8; 32] => out.push((i as u32, None)),
+                    _ => {}
                 }
-            }
+            })
+            .map_err(|e| Refused::Failed(e.to_string()))?;
             Ok::<_, Refused>(out)
         })
         .await

@@ -828,7 +828,8 @@ async fn write_queued<W: tokio::io::AsyncWrite + Unpin>(
     rx: &mut mpsc::Receiver<PeerFrame>,
 ) -> anyhow::Result<()> {
     let mut next = Some(first);
-    while let Some(f) = next.take() {
+    crate::link::write_pipelined(wr, mode, || {
+        let f = next.take().or_else(|| rx.try_recv().ok())?;
         let mut bytes = f.approx_len();
         let mut batch = vec![f];
         while bytes < BATCH_BYTES_MAX {
@@ -840,9 +841,9 @@ async fn write_queued<W: tokio::io::AsyncWrite + Unpin>(
                 Err(_) => break,
             }
         }
-        mode.write_batch(wr, &batch).await?;
-        next = rx.try_recv().ok();
-    }
+        Some(batch)
+    })
+    .await?;
     wr.flush().await?;
     Ok(())
 }
