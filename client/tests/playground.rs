@@ -18,6 +18,8 @@ fn start(dir: &std::path::Path, base: u16) -> Child {
         .arg(dir)
         .args(["--base-port", &base.to_string(), "--volume", "vm1:64M"])
         .stdout(Stdio::piped())
+        // Its "node N stopped (...)" lines, read by `stop` (a file: nothing drains a pipe).
+        .stderr(std::fs::File::create(stop_log(dir)).expect("create stderr log"))
         .spawn()
         .expect("start roamdisk playground");
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -28,7 +30,14 @@ fn start(dir: &std::path::Path, base: u16) -> Child {
     child
 }
 
-fn stop(mut child: Child) -> String {
+fn stop_log(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join("playground.stderr.log")
+}
+
+/// Stops the playground with SIGINT, as Ctrl-C does: it and every node must exit cleanly
+/// (a node once aborted in RocksDB as the process exited, while the playground itself
+/// still exited 0).
+fn stop(mut child: Child, dir: &std::path::Path) -> String {
     // SAFETY: plain kill(2) on our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();
@@ -40,6 +49,12 @@ fn stop(mut child: Child) -> String {
         .read_to_string(&mut out)
         .unwrap();
     assert!(status.success(), "playground exited with {status}: {out}");
+    let log = std::fs::read_to_string(stop_log(dir)).unwrap();
+    let stops: Vec<&str> = log.lines().filter(|l| l.contains(" stopped (")).collect();
+    assert!(!stops.is_empty(), "no node reported stopping: {log}");
+    for l in &stops {
+        assert!(l.ends_with("stopped (exit status: 0)"), "{l}\n{log}");
+    }
     out
 }
 
@@ -165,7 +180,7 @@ fn playground_serves_a_volume_that_qemu_img_converts_into() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("already exists"));
 
-    let out = stop(child);
+    let out = stop(child, dir.path());
     assert!(
         out.contains("nbd://"),
         "banner should print the URIs: {out}"
@@ -178,5 +193,5 @@ fn playground_serves_a_volume_that_qemu_img_converts_into() {
         .args(["compare", "-f", "qcow2", "-F", "raw"])
         .arg(&img)
         .arg(&m.volumes[0].uris[1]));
-    stop(child);
+    stop(child, dir.path());
 }

@@ -30,7 +30,9 @@ pub struct Finding {
 /// Handle to the scan thread. One job in flight at a time: the store offers the next one
 /// only when the previous is done, so the scan's pace is at most one job per checkpoint.
 pub struct Scrubber {
-    jobs: SyncSender<Vec<(GroupId, ScrubSlice)>>,
+    /// `None` once dropping: the thread then ends after the job it is on.
+    jobs: Option<SyncSender<Vec<(GroupId, ScrubSlice)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     findings: Receiver<Finding>,
     busy: bool,
     /// The thread is gone (it panicked): no more work is offered.
@@ -46,7 +48,7 @@ impl Scrubber {
         let (jobs, job_rx) = mpsc::sync_channel::<Vec<(GroupId, ScrubSlice)>>(1);
         // Bounded by the job size: the store never has more than one job out.
         let (found_tx, findings) = mpsc::channel();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("scrub".into())
             .spawn(move || {
                 for job in job_rx {
@@ -67,7 +69,8 @@ impl Scrubber {
                 }
             })?;
         Ok(Scrubber {
-            jobs,
+            jobs: Some(jobs),
+            thread: Some(thread),
             findings,
             busy: false,
             dead: false,
@@ -86,7 +89,10 @@ impl Scrubber {
             return false;
         }
         let n = job.len();
-        match self.jobs.try_send(job) {
+        let Some(jobs) = &self.jobs else {
+            return false;
+        };
+        match jobs.try_send(job) {
             Ok(()) => {
                 self.busy = true;
                 self.outstanding = n;
@@ -121,5 +127,18 @@ impl Scrubber {
             self.busy = false;
         }
         out
+    }
+}
+
+impl Drop for Scrubber {
+    /// Waits for the thread: it reads the index through the log store, so it must be gone
+    /// before the store closes. Left running, it could hold the last reference to RocksDB
+    /// while the process exited, and a node stopped by Ctrl-C aborted ("pthread lock:
+    /// Invalid argument", 2 of 9 playground nodes once).
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
