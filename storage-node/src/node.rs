@@ -26,8 +26,8 @@ use crate::transport::{
 /// bursts into a WAN's queue) cut the catch-up rate from 44.7 to 36 MiB/s: each request
 /// costs a read barrier and a status round trip through the store thread.
 pub const CATCH_UP_CHUNK_BLOCKS: u64 = 256;
-/// Catch-up requests in flight, at the start and at the least: 4 × 1 MiB covers a
-/// 50 MiB/s × 40 ms link even when no reply compresses.
+/// Catch-up requests in flight at the least (a copy starts at twice this): 4 × 1 MiB
+/// covers a 50 MiB/s × 40 ms link even when no reply compresses.
 pub const CATCH_UP_WINDOW_MIN: usize = 4;
 /// At the most: bounds the memory a copy takes on both sides (a reply is 1 MiB at most).
 pub const CATCH_UP_WINDOW_MAX: usize = 32;
@@ -432,9 +432,9 @@ impl Node {
         let mut attempt = 0u32;
         // Chunks to (re)send, oldest first; up to `window` chunks in flight so that a WAN
         // link's bandwidth-delay product is covered: the window grows by one for every
-        // reply whose round trip is within CATCH_UP_QUEUE_TARGET_MS of the fastest seen and
-        // shrinks by one for every slower one (a delay-based controller, as LEDBAT). Each in-flight chunk hashes
-        // its blocks (on the blocking pool: a millisecond or more for 1 MiB of data, holes
+        // reply whose round trip is within CATCH_UP_QUEUE_TARGET_MS of the fastest seen
+        // and shrinks by one for every slower one (a delay-based controller, as LEDBAT).
+        // Each in-flight chunk hashes its blocks (on the blocking pool: a millisecond or more for 1 MiB of data, holes
         // are not read) and then asks for them, so hashing overlaps the transfers: hashed
         // one at a time ahead of the requests, the window held fewer chunks than it
         // allowed while a chunk was being hashed.
@@ -512,9 +512,16 @@ impl Node {
                     // Written on the blocking pool: page-cache writes of a whole chunk
                     // can sleep in the kernel's dirty-page throttling, which would hold a
                     // runtime worker (and the tasks queued on it) meanwhile.
+                    let count = CATCH_UP_CHUNK_BLOCKS.min(blocks.saturating_sub(block));
                     let mut chunk_blocks = Vec::with_capacity(changed.len());
                     for (off, data) in &changed {
                         chunk_blocks.push(block + u64::from(*off));
+                        if u64::from(*off) >= count {
+                            return Err(Refused::Failed(format!(
+                                "catch-up block {off} outside a chunk of {count}"
+                            ))
+                            .into());
+                        }
                         if data
                             .as_ref()
                             .is_some_and(|d| d.0.len() as u64 != BLOCK_BYTES)
