@@ -195,13 +195,6 @@ impl WriterMode {
         self.link.is_some() && self.lane != Lane::Control
     }
 
-    /// Whether batches are compressed, so that preparing one costs real CPU time (zstd
-    /// on a 1 MiB catch-up reply: 5-10 ms here) and is worth doing while the previous one
-    /// is sent ([`write_pipelined`]).
-    pub fn pipelined(&self) -> bool {
-        self.compress()
-    }
-
     fn capped(&self) -> Option<(&SiteLink, &TokenBucket)> {
         self.link
             .as_deref()
@@ -348,7 +341,9 @@ pub async fn write_pipelined<W: AsyncWrite + Unpin>(
     let mut ready: Option<Prepared> = None;
     while let Some(batch) = batches() {
         let bytes: usize = batch.iter().map(PeerFrame::approx_len).sum();
-        let prepared = if mode.pipelined() && bytes >= PIPELINE_MIN_BYTES {
+        // Compressing (zstd on a 1 MiB catch-up reply: 5-10 ms here) is what makes a batch
+        // worth preparing on the pool.
+        let prepared = if mode.compress() && bytes >= PIPELINE_MIN_BYTES {
             let m = mode.clone();
             let job = tokio::task::spawn_blocking(move || m.prepare(&batch));
             if let Some(p) = ready.take() {
