@@ -2,9 +2,11 @@
 //!
 //! Writes become Raft proposals (forwarded to the volume's leader when it is elsewhere);
 //! reads are linearizable (ReadIndex, then the local extent file; forwarded when this
-//! node has no replica). A write is acknowledged once committed and applied, which
-//! makes it durable on a quorum: FUA costs nothing extra and FLUSH has nothing left to
-//! do (see `store` for the argument).
+//! node has no replica). A write without FUA is acknowledged once a quorum of voters has
+//! written its entry, before their fsyncs ([`Ack::Written`]); a write with FUA once it
+//! is committed on a quorum of synced logs; FLUSH returns once every write acknowledged
+//! before it is committed. Reads see every acknowledged write. See `store` for the
+//! argument.
 
 use std::sync::Arc;
 
@@ -17,6 +19,7 @@ use roamdisk_nbd::backend::{
 use tracing::warn;
 
 use crate::node::{Node, NodeError};
+use crate::store::Ack;
 
 pub struct VolumeBackend {
     node: Arc<Node>,
@@ -32,9 +35,10 @@ fn unavailable(e: NodeError) -> BackendError {
 }
 
 impl VolumeBackend {
-    async fn propose(&self, cmd: VolumeCommand<'_>) -> BackendResult<()> {
+    async fn propose(&self, cmd: VolumeCommand<'_>, fua: bool) -> BackendResult<()> {
+        let ack = if fua { Ack::Committed } else { Ack::Written };
         self.node
-            .propose(self.volume.group(), cmd.encode())
+            .propose_acked(self.volume.group(), cmd.encode(), ack)
             .await
             .map(|_| ())
             .map_err(unavailable)
@@ -70,38 +74,49 @@ impl Backend for VolumeBackend {
             .map_err(unavailable)
     }
 
-    async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> BackendResult<()> {
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> BackendResult<()> {
         if drops_this_write() {
             return Ok(());
         }
-        self.propose(VolumeCommand::Write {
-            offset,
-            data: &data,
-        })
+        self.propose(
+            VolumeCommand::Write {
+                offset,
+                data: &data,
+            },
+            fua,
+        )
         .await
     }
 
     async fn flush(&self) -> BackendResult<()> {
-        // Every acknowledged write is committed on a quorum of synced logs already.
-        Ok(())
+        self.node
+            .flush(self.volume.group())
+            .await
+            .map_err(unavailable)
     }
 
-    async fn trim(&self, offset: u64, len: u32, _fua: bool) -> BackendResult<()> {
-        self.propose(VolumeCommand::Zero {
-            offset,
-            len: u64::from(len),
-            punch: true,
-        })
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> BackendResult<()> {
+        self.propose(
+            VolumeCommand::Zero {
+                offset,
+                len: u64::from(len),
+                punch: true,
+            },
+            fua,
+        )
         .await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> BackendResult<()> {
         // Zeroing is one small log entry whatever its length: always fast.
-        self.propose(VolumeCommand::Zero {
-            offset,
-            len: u64::from(len),
-            punch: !flags.no_hole,
-        })
+        self.propose(
+            VolumeCommand::Zero {
+                offset,
+                len: u64::from(len),
+                punch: !flags.no_hole,
+            },
+            flags.fua,
+        )
         .await
     }
 

@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 
 use crate::dedup::{self, Hash};
 use crate::stats::StoreStats;
-use crate::store::{ClusterView, Event, GroupStatus, LeaderMap, Outcome, Refused};
+use crate::store::{Ack, ClusterView, Event, GroupStatus, LeaderMap, Outcome, Refused};
 use crate::transport::{
     BlocksReply, ByteBuf, PeerRequest, PeerResponse, RequestHandler, Transport, WireRefused,
     REQUEST_TIMEOUT_MS,
@@ -67,6 +67,12 @@ pub struct Node {
     /// Catch-up chunks being read and hashed on this node at once, for copies it serves
     /// and copies it makes ([`CATCH_UP_IO_MAX`]).
     catch_up_io: tokio::sync::Semaphore,
+}
+
+/// What [`Node::submit`] takes to a group's leader.
+enum Submission {
+    Propose(Vec<u8>, Ack),
+    Flush,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,8 +176,24 @@ impl Node {
         rx.await.ok()
     }
 
-    async fn propose_local(&self, group: GroupId, data: Vec<u8>) -> Result<Outcome, Refused> {
-        self.to_store(|reply| Event::Propose { group, data, reply })
+    async fn propose_local(
+        &self,
+        group: GroupId,
+        data: Vec<u8>,
+        ack: Ack,
+    ) -> Result<Outcome, Refused> {
+        self.to_store(|reply| Event::Propose {
+            group,
+            data,
+            ack,
+            reply,
+        })
+        .await
+        .unwrap_or(Err(Refused::Superseded))
+    }
+
+    async fn flush_local(&self, group: GroupId) -> Result<Outcome, Refused> {
+        self.to_store(|reply| Event::Flush { group, reply })
             .await
             .unwrap_or(Err(Refused::Superseded))
     }
@@ -212,11 +234,33 @@ impl Node {
         v
     }
 
-    /// Proposes `data` in `group` wherever its leader is, retrying through elections
-    /// until [`REQUEST_DEADLINE_MS`]. A retry after an unanswered attempt is safe: an
-    /// earlier attempt either committed before the retry's entry or never commits
-    /// (log matching), so nothing lands after the caller is answered.
+    /// Proposes `data` in `group` wherever its leader is, answered once committed
+    /// (durable), retrying through elections until [`REQUEST_DEADLINE_MS`]. A retry after
+    /// an unanswered attempt is safe: an earlier attempt either committed before the
+    /// retry's entry or never commits (log matching), so nothing lands after the caller
+    /// is answered.
     pub async fn propose(&self, group: GroupId, data: Vec<u8>) -> Result<Outcome, NodeError> {
+        self.submit(group, Submission::Propose(data, Ack::Committed))
+            .await
+    }
+
+    /// [`Node::propose`] answered as `ack` says (see [`Ack`]).
+    pub async fn propose_acked(
+        &self,
+        group: GroupId,
+        data: Vec<u8>,
+        ack: Ack,
+    ) -> Result<Outcome, NodeError> {
+        self.submit(group, Submission::Propose(data, ack)).await
+    }
+
+    /// Returns once every write of `group` acknowledged before the call is committed
+    /// (NBD FLUSH), asking the group's leader wherever it is.
+    pub async fn flush(&self, group: GroupId) -> Result<(), NodeError> {
+        self.submit(group, Submission::Flush).await.map(|_| ())
+    }
+
+    async fn submit(&self, group: GroupId, what: Submission) -> Result<Outcome, NodeError> {
         let start = Instant::now();
         let candidates = self.candidates(group);
         let mut target = self
@@ -229,21 +273,24 @@ impl Node {
         let mut attempt = 0u32;
         loop {
             let result = if target == self.me {
-                self.propose_local(group, data.clone()).await
+                match &what {
+                    Submission::Propose(data, ack) => {
+                        self.propose_local(group, data.clone(), *ack).await
+                    }
+                    Submission::Flush => self.flush_local(group).await,
+                }
             } else {
-                match self
-                    .transport
-                    .request(
-                        target,
-                        PeerRequest::Propose {
-                            group,
-                            data: data.clone(),
-                            // The transport gives up on the request after its timeout.
-                            expires_unix_ms: unix_ms() + REQUEST_TIMEOUT_MS,
-                        },
-                    )
-                    .await
-                {
+                let req = match &what {
+                    Submission::Propose(data, ack) => PeerRequest::Propose {
+                        group,
+                        data: data.clone(),
+                        ack: *ack,
+                        // The transport gives up on the request after its timeout.
+                        expires_unix_ms: unix_ms() + REQUEST_TIMEOUT_MS,
+                    },
+                    Submission::Flush => PeerRequest::Flush { group },
+                };
+                match self.transport.request(target, req).await {
                     Ok(PeerResponse::Proposed(r)) => r.map(Outcome::from).map_err(Refused::from),
                     Ok(_) => Err(Refused::Failed("mismatched response".into())),
                     Err(e) => {
@@ -731,9 +778,14 @@ impl RequestHandler for PeerHandler {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = PeerResponse> + Send + '_>> {
         Box::pin(async move {
             match req {
+                PeerRequest::Flush { group } => {
+                    let r = self.0.flush_local(group).await;
+                    PeerResponse::Proposed(r.map(Into::into).map_err(WireRefused::from))
+                }
                 PeerRequest::Propose {
                     group,
                     data,
+                    ack,
                     expires_unix_ms,
                 } => {
                     if unix_ms() > expires_unix_ms {
@@ -744,7 +796,7 @@ impl RequestHandler for PeerHandler {
                             "forwarded proposal arrived after its sender gave up".into(),
                         )));
                     }
-                    let r = self.0.propose_local(group, data).await;
+                    let r = self.0.propose_local(group, data, ack).await;
                     PeerResponse::Proposed(r.map(Into::into).map_err(WireRefused::from))
                 }
                 PeerRequest::Read {

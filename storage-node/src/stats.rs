@@ -72,6 +72,12 @@ pub struct StoreStats {
     pub bytes_persisted: AtomicU64,
     /// Committed entries applied to state machines.
     pub entries_applied: AtomicU64,
+    /// Writes answered once a quorum of voters had written them, before they committed.
+    pub acked_written: AtomicU64,
+    /// Followers' reports of what they wrote: taken, and refused (another term, or a log
+    /// that does not match the leader's there).
+    pub written_reports: AtomicU64,
+    pub written_reports_refused: AtomicU64,
     /// One RocksDB batch write (all groups of a round).
     pub log_write: Histogram,
     /// One log sync (fdatasync of the WAL), shared by every group of a round.
@@ -111,6 +117,21 @@ impl StoreStats {
                 "roamdisk_store_entries_applied_total",
                 "Committed entries applied on this node.",
                 &self.entries_applied,
+            ),
+            (
+                "roamdisk_store_acked_written_total",
+                "Writes acknowledged once a quorum had written their entry, before commit.",
+                &self.acked_written,
+            ),
+            (
+                "roamdisk_store_written_reports_total",
+                "Followers' reports of how far they wrote the log, taken by this leader.",
+                &self.written_reports,
+            ),
+            (
+                "roamdisk_store_written_reports_refused_total",
+                "Followers' reports refused (another term, or a log not matching there).",
+                &self.written_reports_refused,
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}");

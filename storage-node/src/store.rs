@@ -8,17 +8,23 @@
 //! 2. tick every group if a tick is due;
 //! 3. for every group with a Ready, in raft-rs's order (see `roamdisk_core::group`):
 //!    send messages, install snapshots, apply committed entries, then write *one* batch
-//!    for all groups and sync it once (group commit), send persisted messages, advance;
-//! 4. answer proposals and reads that became complete;
+//!    for all groups; tell the leaders what was written; sync it once (group commit),
+//!    send persisted messages, advance;
+//! 4. answer proposals, flushes and reads that became complete;
 //! 5. checkpoint volume replicas (the `extent-sync` thread hashes touched blocks and
 //!    fsyncs extents, then this thread records the hashes and applied indexes) and
 //!    compact logs behind the durable applied index; then confirm the
 //!    suspects of the background scrub (`scrub`) and hand it its next slices.
 //!
-//! Acknowledgement semantics: a proposal is answered after its entry is committed (on
-//! a quorum, each of which synced its log) and applied on this node. Every
-//! acknowledged write is therefore already durable; FLUSH only has to wait for writes
-//! acknowledged before it, which by construction it never has to.
+//! Acknowledgement semantics ([`Ack`]): a proposal is answered after its entry is
+//! committed (on a quorum, each of which synced its log) and applied on this node —
+//! durable. A volume write proposed with [`Ack::Written`] (an NBD write without FUA) is
+//! answered as soon as a quorum of voters has *written* its entry to the OS
+//! (`roamdisk_core::written`), before the fsyncs: it survives any number of process
+//! crashes and the loss of any one machine, and a FLUSH ([`Event::Flush`]) waits until
+//! everything answered before it is committed. Reads wait for every write answered
+//! before them (the read index is raised to the highest early answer), so a read never
+//! misses an acknowledged write.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -31,6 +37,7 @@ use roamdisk_core::group::{Applied, GroupConfig, ProposeError, RaftGroup};
 use roamdisk_core::ids::{GroupId, LogIndex, NodeId, Term, VolumeId, META_GROUP};
 use roamdisk_core::logstore::{GroupState, LogBatch, LogOp, LogStore};
 use roamdisk_core::meta::{ClusterState, Durability, MetaCommand, MetaResult, VolumeInfo};
+use roamdisk_core::written::WrittenTracker;
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
@@ -74,12 +81,18 @@ pub const PENDING_READS_MAX: usize = 8192;
 /// A read whose read index has not arrived by then (no leader, partition) is refused
 /// with `Superseded` so that the caller retries or forwards.
 pub const READ_INDEX_TIMEOUT_MS: u64 = 2000;
+/// Bytes of writes a leader may have answered before their commit (`Ack::Written`);
+/// beyond it, writes are answered at commit. Bounds what a power loss of a quorum could
+/// take of acknowledged, unflushed writes, and the entries held for it.
+pub const EARLY_ACK_BYTES_MAX: u64 = 64 << 20;
 /// Longest a proposal is held while its leader transfers leadership.
 const HELD_PROPOSAL_MAX: Duration = Duration::from_millis(1000);
 
 /// Where outgoing Raft messages go. The transport implements it; it must not block.
 pub trait Outbox: Send + Sync + 'static {
     fn send(&self, to: NodeId, group: GroupId, msg: Message);
+    /// Tells the leader `to` how far this node wrote `group`'s log (best effort).
+    fn written(&self, to: NodeId, group: GroupId, w: Written);
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -111,6 +124,25 @@ pub enum Outcome {
 }
 
 pub type ProposeReply = oneshot::Sender<Result<Outcome, Refused>>;
+
+/// When a proposal is answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Ack {
+    /// Committed (a quorum synced it) and applied here: durable.
+    Committed,
+    /// A volume write: once a quorum of voters has written its entry, synced or not
+    /// (falls back to `Committed` for site-durable volumes and the metadata group).
+    Written,
+}
+
+/// A follower's report that it wrote its log up to `index` (whose entry has `log_term`)
+/// while in `term`; see `roamdisk_core::written`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Written {
+    pub term: u64,
+    pub index: u64,
+    pub log_term: u64,
+}
 pub type ReadReply = oneshot::Sender<Result<(), Refused>>;
 
 /// Status of one group, for `status` and metrics.
@@ -160,7 +192,20 @@ pub enum Event {
     Propose {
         group: GroupId,
         data: Vec<u8>,
+        ack: Ack,
         reply: ProposeReply,
+    },
+    /// Completes once every write of `group` answered before it is committed (this node
+    /// must lead the group). Answers `Outcome::Volume`.
+    Flush {
+        group: GroupId,
+        reply: ProposeReply,
+    },
+    /// A follower wrote its log (see [`Written`]).
+    Written {
+        group: GroupId,
+        from: NodeId,
+        w: Written,
     },
     /// Completes once this node may serve a linearizable read of `group`.
     Read {
@@ -213,6 +258,20 @@ struct Group<S: LogStore> {
     machine: Machine,
     /// Proposals by log index: (term proposed in, reply).
     proposals: BTreeMap<u64, (Term, ProposeReply)>,
+    /// Proposals (index → command bytes) that may be answered once a quorum has
+    /// written them.
+    early: BTreeMap<u64, u64>,
+    /// Answered early and not yet committed, oldest first: (index, bytes), and their
+    /// sum, bounded by `EARLY_ACK_BYTES_MAX`.
+    early_uncommitted: VecDeque<(u64, u64)>,
+    early_uncommitted_bytes: u64,
+    /// How far each voter wrote the log in this leader's term.
+    written: WrittenTracker,
+    /// Highest index of a proposal answered before it committed. Reads wait for it and
+    /// flushes for its commit.
+    early_acked: u64,
+    /// Flushes waiting for the commit index to reach an index (and this leader's term).
+    flushes: Vec<(u64, ProposeReply)>,
     /// Reads waiting for their ReadState, by request context, with when they started.
     reads_waiting_index: HashMap<u64, (Instant, ReadReply)>,
     /// Reads waiting for apply to reach an index.
@@ -245,7 +304,7 @@ struct Group<S: LogStore> {
     /// transfer; held, they are answered the moment it ends: with the new leader's name
     /// (the caller goes straight there) or, if the transfer failed, proposed here.
     /// Bounded with `proposals` by `PENDING_PROPOSALS_MAX`.
-    held: Vec<(Instant, Vec<u8>, ProposeReply)>,
+    held: Vec<(Instant, Vec<u8>, Ack, ProposeReply)>,
 }
 
 /// What the metadata says about how a group's writes are acknowledged.
@@ -288,22 +347,13 @@ impl<S: LogStore> Group<S> {
         let expired = self
             .held
             .iter()
-            .any(|(t, _, _)| now.duration_since(*t) > HELD_PROPOSAL_MAX);
+            .any(|(t, _, _, _)| now.duration_since(*t) > HELD_PROPOSAL_MAX);
         if (transferring || (!leading && leader.is_none())) && !expired {
             return;
         }
-        for (_, data, reply) in std::mem::take(&mut self.held) {
+        for (_, data, ack, reply) in std::mem::take(&mut self.held) {
             if leading && !transferring {
-                let bytes = data.len() as u64;
-                match self.raft.propose(data) {
-                    Ok((index, term)) => {
-                        self.lag.proposed(index.0, bytes, now);
-                        self.proposals.insert(index.0, (term, reply));
-                    }
-                    Err(_) => {
-                        let _ = reply.send(Err(Refused::Superseded));
-                    }
-                }
+                self.propose(group, data, ack, reply);
                 continue;
             }
             let _ = reply.send(Err(match leader {
@@ -313,6 +363,135 @@ impl<S: LogStore> Group<S> {
                 },
                 None => Refused::Superseded,
             }));
+        }
+    }
+
+    /// Proposes `data`; the reply waits in `proposals` (and in `early` if it may be
+    /// answered once a quorum has written the entry).
+    fn propose(&mut self, group: GroupId, data: Vec<u8>, ack: Ack, reply: ProposeReply) {
+        let bytes = data.len() as u64;
+        match self.raft.propose(data) {
+            Ok((index, term)) => {
+                self.lag.proposed(index.0, bytes, Instant::now());
+                self.proposals.insert(index.0, (term, reply));
+                if ack == Ack::Written && self.early_allowed() {
+                    self.early.insert(index.0, bytes);
+                } else {
+                    self.early.remove(&index.0);
+                }
+            }
+            Err(ProposeError::NotLeader { leader }) => {
+                let _ = reply.send(Err(Refused::NotLeader { group, leader }));
+            }
+            Err(ProposeError::Dropped) => {
+                let _ = reply.send(Err(Refused::Superseded));
+            }
+            Err(ProposeError::Raft(e)) => {
+                let _ = reply.send(Err(Refused::Failed(e)));
+            }
+        }
+    }
+
+    /// Writes may be answered before they commit: volume groups that are not
+    /// site-durable (a site-durable write waits for another site's synced log).
+    fn early_allowed(&self) -> bool {
+        matches!(self.machine, Machine::Volume(_)) && !self.policy.site_durable
+    }
+
+    /// Answers the early proposals that a quorum of voters has written (leader only).
+    /// Off the leader they stay in `proposals` and are answered at apply, or refused.
+    fn release_written(&mut self, me: NodeId) -> u64 {
+        if self.early.is_empty() {
+            return 0;
+        }
+        if !self.raft.is_leader() || !self.early_allowed() {
+            self.early.clear();
+            return 0;
+        }
+        self.trim_early_uncommitted();
+        let mut answered = 0;
+        let term = self.raft.term();
+        let (voters, outgoing) = self.raft.voter_sets();
+        let progress = self.raft.progress();
+        let matched = |n: NodeId| {
+            progress
+                .iter()
+                .find(|p| p.node == n)
+                .map_or(0, |p| p.matched)
+        };
+        let quorum = self.written.quorum(term, me, &voters, &outgoing, matched).0;
+        while let Some((&i, &bytes)) = self.early.first_key_value() {
+            if i > quorum {
+                break;
+            }
+            if self.early_uncommitted_bytes + bytes > EARLY_ACK_BYTES_MAX
+                && !self.early_uncommitted.is_empty()
+            {
+                // Enough answered ahead of the fsyncs: the rest wait for their commit.
+                break;
+            }
+            self.early.pop_first();
+            // Proposed in an earlier term of ours: the entry may have been replaced,
+            // so it waits for apply, which knows.
+            if self.proposals.get(&i).is_none_or(|(t, _)| *t != term) {
+                continue;
+            }
+            let (_, reply) = self.proposals.remove(&i).expect("present");
+            self.early_acked = self.early_acked.max(i);
+            self.early_uncommitted.push_back((i, bytes));
+            self.early_uncommitted_bytes += bytes;
+            let _ = reply.send(Ok(Outcome::Volume));
+            answered += 1;
+        }
+        answered
+    }
+
+    /// Forgets the early answers that have committed since.
+    fn trim_early_uncommitted(&mut self) {
+        let commit = self.raft.commit_index().0;
+        while let Some(&(i, bytes)) = self.early_uncommitted.front() {
+            if i > commit && self.raft.is_leader() {
+                break;
+            }
+            self.early_uncommitted.pop_front();
+            self.early_uncommitted_bytes -= bytes;
+        }
+    }
+
+    /// Answers the flushes whose writes are committed: the commit index has reached
+    /// their index and an entry of this leader's term (so whatever an earlier leader
+    /// answered early is committed too). Off the leader they are sent to the new one.
+    fn release_flushes(&mut self) {
+        if self.flushes.is_empty() {
+            return;
+        }
+        if !self.raft.is_leader() {
+            let leader = self.raft.leader();
+            for (_, reply) in self.flushes.drain(..) {
+                let _ = reply.send(Err(Refused::NotLeader {
+                    group: self.raft.id,
+                    leader,
+                }));
+            }
+            return;
+        }
+        if !self.raft.committed_in_term() {
+            return;
+        }
+        let commit = self.raft.commit_index().0;
+        let (done, waiting): (Vec<_>, Vec<_>) =
+            self.flushes.drain(..).partition(|(i, _)| *i <= commit);
+        self.flushes = waiting;
+        for (_, reply) in done {
+            let _ = reply.send(Ok(Outcome::Volume));
+        }
+    }
+
+    /// A leader's answer to a follower's ReadIndex carries at least the highest write
+    /// it answered early, so that the follower's read waits for it to apply.
+    fn stamp_read_index(&self, m: &mut Message) {
+        if m.get_msg_type() == raft::eraftpb::MessageType::MsgReadIndexResp {
+            m.index = m.index.max(self.early_acked);
         }
     }
 
@@ -389,6 +568,14 @@ pub struct Store<S: LogStore> {
     scrubber: Scrubber,
     /// Runs the extent fsyncs of checkpoints off this thread.
     syncer: Syncer,
+    /// Runs the log's fsyncs, one at a time, while this thread goes on.
+    log_syncer: LogSyncer<S>,
+    /// Readies written but not yet covered by a sync: (group, Ready number, messages
+    /// to send once persisted).
+    unsynced: Vec<(GroupId, u64, Vec<Message>)>,
+    /// Readies the sync in flight covers (empty: no sync in flight).
+    syncing: Vec<(GroupId, u64, Vec<Message>)>,
+    sync_started: Instant,
     /// The checkpoint whose fsyncs are in flight: its batch and the indexes it records.
     checkpoint_pending: Option<(LogBatch, Vec<(GroupId, LogIndex)>)>,
     /// Blocks the scan found different from the index, per group, waiting to be
@@ -414,6 +601,7 @@ impl<S: LogStore> Store<S> {
         let (cluster_tx, cluster_rx) = watch::channel(Arc::new(ClusterState::default()));
         let leaders: LeaderMap = Arc::default();
         let scrubber = Scrubber::spawn(Arc::clone(&log))?;
+        let log_syncer = LogSyncer::spawn(Arc::clone(&log))?;
         let stats = Arc::new(StoreStats::default());
         let cfg_content = Arc::clone(&cfg.content);
         let mut store = Store {
@@ -430,6 +618,10 @@ impl<S: LogStore> Store<S> {
             scrub_next: GroupId(0),
             scrubber,
             syncer: Syncer::spawn(Arc::clone(&stats), Arc::clone(&cfg_content))?,
+            log_syncer,
+            unsynced: Vec::new(),
+            syncing: Vec::new(),
+            sync_started: Instant::now(),
             checkpoint_pending: None,
             scrub_suspects: BTreeMap::new(),
             recovering_tx: watch::channel(Default::default()).0,
@@ -473,6 +665,7 @@ impl<S: LogStore> Store<S> {
         // that had not checkpointed its metadata yet would otherwise refuse exports for
         // a moment after starting.
         store.process_readies()?;
+        store.sync_log_now()?;
         Ok((store, cluster_rx, leaders))
     }
 
@@ -542,6 +735,12 @@ impl<S: LogStore> Store<S> {
                 raft,
                 machine,
                 proposals: BTreeMap::new(),
+                early: BTreeMap::new(),
+                early_uncommitted: VecDeque::new(),
+                early_uncommitted_bytes: 0,
+                written: WrittenTracker::default(),
+                early_acked: 0,
+                flushes: Vec::new(),
                 reads_waiting_index: HashMap::new(),
                 reads_waiting_apply: Vec::new(),
                 retained: Default::default(),
@@ -603,17 +802,45 @@ impl<S: LogStore> Store<S> {
         let mut failure = None;
         let tick = Duration::from_millis(TICK_MS);
         let mut next_tick = Instant::now() + tick;
+        enum Woken {
+            Event(Result<Event, flume::RecvError>),
+            Synced(Result<Result<(), String>, flume::RecvError>),
+        }
         loop {
             let now = Instant::now();
-            let first = if now >= next_tick {
+            let mut synced = self.log_syncer.done.try_recv().ok();
+            let first = if now >= next_tick || synced.is_some() {
                 events.try_recv().ok()
-            } else {
+            } else if self.syncing.is_empty() {
                 match events.recv_timeout(next_tick - now) {
                     Ok(ev) => Some(ev),
                     Err(flume::RecvTimeoutError::Timeout) => None,
                     Err(flume::RecvTimeoutError::Disconnected) => break,
                 }
+            } else {
+                // A sync is in flight: wake for it as for an event.
+                match flume::Selector::new()
+                    .recv(&events, Woken::Event)
+                    .recv(&self.log_syncer.done, Woken::Synced)
+                    .wait_timeout(next_tick - now)
+                {
+                    Ok(Woken::Event(Ok(ev))) => Some(ev),
+                    Ok(Woken::Event(Err(_))) => break,
+                    Ok(Woken::Synced(r)) => {
+                        synced =
+                            Some(r.unwrap_or_else(|_| Err("the log-sync thread stopped".into())));
+                        None
+                    }
+                    Err(_) => None,
+                }
             };
+            if let Some(r) = synced {
+                if let Err(e) = self.finish_log_sync(r) {
+                    error!(error = %e, "raft log sync failed; stopping the node");
+                    failure = Some(e.to_string());
+                    break;
+                }
+            }
             let mut shutdown = false;
             if let Some(ev) = first {
                 shutdown |= self.handle(ev);
@@ -689,7 +916,7 @@ impl<S: LogStore> Store<S> {
                 );
             }
             if shutdown {
-                if let Err(e) = self.checkpoint() {
+                if let Err(e) = self.sync_log_now().and_then(|()| self.checkpoint()) {
                     error!(error = %e, "final checkpoint failed");
                 }
                 break;
@@ -713,7 +940,12 @@ impl<S: LogStore> Store<S> {
                 }
                 None => debug!(%group, from = msg.from, "message for a group not on this node"),
             },
-            Event::Propose { group, data, reply } => {
+            Event::Propose {
+                group,
+                data,
+                ack,
+                reply,
+            } => {
                 let Some(g) = self.groups.get_mut(&group) else {
                     let _ = reply.send(Err(Refused::NoGroup(group)));
                     return false;
@@ -726,23 +958,42 @@ impl<S: LogStore> Store<S> {
                     && g.raft.transferring_to().is_some()
                     && g.proposals.len() + g.held.len() < PENDING_PROPOSALS_MAX
                 {
-                    g.held.push((Instant::now(), data, reply));
+                    g.held.push((Instant::now(), data, ack, reply));
                     return false;
                 }
-                let bytes = data.len() as u64;
-                match g.raft.propose(data) {
-                    Ok((index, term)) => {
-                        g.lag.proposed(index.0, bytes, Instant::now());
-                        g.proposals.insert(index.0, (term, reply));
-                    }
-                    Err(ProposeError::NotLeader { leader }) => {
-                        let _ = reply.send(Err(Refused::NotLeader { group, leader }));
-                    }
-                    Err(ProposeError::Dropped) => {
-                        let _ = reply.send(Err(Refused::Superseded));
-                    }
-                    Err(ProposeError::Raft(e)) => {
-                        let _ = reply.send(Err(Refused::Failed(e)));
+                g.propose(group, data, ack, reply);
+            }
+            Event::Flush { group, reply } => {
+                let Some(g) = self.groups.get_mut(&group) else {
+                    let _ = reply.send(Err(Refused::NoGroup(group)));
+                    return false;
+                };
+                if !g.raft.is_leader() {
+                    let leader = g.raft.leader();
+                    let _ = reply.send(Err(Refused::NotLeader { group, leader }));
+                    return false;
+                }
+                if g.flushes.len() >= PENDING_PROPOSALS_MAX {
+                    let _ = reply.send(Err(Refused::Busy));
+                    return false;
+                }
+                g.flushes.push((g.early_acked, reply));
+                g.release_flushes();
+            }
+            Event::Written { group, from, w } => {
+                if let Some(g) = self.groups.get_mut(&group) {
+                    // Only this leader's term, and only where the follower's log matches
+                    // ours (see `roamdisk_core::written`).
+                    use std::sync::atomic::Ordering::Relaxed;
+                    if g.raft.is_leader()
+                        && g.raft.term() == Term(w.term)
+                        && g.raft.log_term(LogIndex(w.index)) == Some(Term(w.log_term))
+                    {
+                        g.written
+                            .peer_written(Term(w.term), from, LogIndex(w.index));
+                        self.stats.written_reports.fetch_add(1, Relaxed);
+                    } else {
+                        self.stats.written_reports_refused.fetch_add(1, Relaxed);
                     }
                 }
             }
@@ -869,12 +1120,22 @@ impl<S: LogStore> Store<S> {
             .any(|g| matches!(&g.machine, Machine::Volume(v) if v.must_checkpoint()))
     }
 
+    /// One round of Raft work for every group: the log is written here and synced on the
+    /// `log-sync` thread ([`Store::finish_log_sync`] completes what the sync covers).
     fn process_readies(&mut self) -> anyhow::Result<()> {
         let round_started = Instant::now();
         let mut apply_took = Duration::ZERO;
         let mut batch = LogBatch::default();
-        let mut must_sync = false;
-        let mut readied: Vec<(GroupId, Vec<Message>, Vec<raft::ReadState>)> = Vec::new();
+        #[allow(clippy::type_complexity)]
+        let mut readied: Vec<(
+            GroupId,
+            Vec<Message>,
+            Vec<raft::ReadState>,
+            bool,
+            Option<LogIndex>,
+        )> = Vec::new();
+        // Groups whose entries this round writes: (group, last index, its term).
+        let mut wrote: Vec<(GroupId, u64, u64)> = Vec::new();
         let mut meta_changed = false;
         let ids: Vec<GroupId> = self.groups.keys().copied().collect();
         for id in &ids {
@@ -883,7 +1144,8 @@ impl<S: LogStore> Store<S> {
                 continue;
             };
             // 1. Messages that need not wait for persistence.
-            for m in work.messages.drain(..) {
+            for mut m in work.messages.drain(..) {
+                g.stamp_read_index(&mut m);
                 self.outbox.send(NodeId(m.to), *id, m);
             }
             // 2. Snapshot.
@@ -899,6 +1161,7 @@ impl<S: LogStore> Store<S> {
                 )?;
             }
             // 3. Committed entries.
+            let delivered = work.committed.last().map(|e| LogIndex(e.index));
             let started = Instant::now();
             meta_changed |= apply(
                 g,
@@ -910,8 +1173,13 @@ impl<S: LogStore> Store<S> {
             apply_took += started.elapsed();
             // 4. Persistence (collected for all groups).
             count_appends(&work.persist.ops, &self.stats);
+            if let Some(last) = work.persist.ops.iter().rev().find_map(|op| match op {
+                LogOp::Append { entries, .. } => entries.last(),
+                _ => None,
+            }) {
+                wrote.push((*id, last.index, last.term));
+            }
             batch.ops.append(&mut work.persist.ops);
-            must_sync |= work.must_sync;
             if let Some((role, leader)) = work.role_changed {
                 g.lag.reset(Instant::now());
                 let mut leaders = self.leaders.write().expect("leader map poisoned");
@@ -923,13 +1191,25 @@ impl<S: LogStore> Store<S> {
                     info!(group = %id, term = g.raft.term().0, "became leader");
                 }
             }
-            readied.push((*id, work.persisted_messages, work.read_states));
+            readied.push((
+                *id,
+                work.persisted_messages,
+                work.read_states,
+                work.must_sync,
+                delivered,
+            ));
         }
         // A remote replica's append response changes no commit index, so it may bring no
         // Ready: answer the site-durable writes it completes here, every round.
+        let me = self.cfg.me;
         for (id, g) in self.groups.iter_mut() {
             g.release_site_waiting();
             g.release_held(*id);
+            let n = g.release_written(me);
+            self.stats
+                .acked_written
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            g.release_flushes();
         }
         if readied.is_empty() {
             return Ok(());
@@ -939,40 +1219,61 @@ impl<S: LogStore> Store<S> {
             self.log.write(std::mem::take(&mut batch))?;
             self.stats.log_write.observe(started.elapsed());
         }
-        if must_sync {
-            let started = Instant::now();
-            self.log.sync()?;
-            self.stats.log_sync.observe(started.elapsed());
-        }
-        for (id, persisted, read_states) in readied {
+        // Written, not yet synced: a leader counts itself, a voter tells its leader.
+        for (id, index, log_term) in wrote {
             let g = self.groups.get_mut(&id).expect("listed");
-            // 5. Messages promising persisted state.
-            for m in persisted {
-                self.outbox.send(NodeId(m.to), id, m);
+            if !matches!(g.machine, Machine::Volume(_)) {
+                continue;
             }
+            let term = g.raft.term();
+            if g.raft.is_leader() {
+                g.written.own_written(term, LogIndex(index));
+                let n = g.release_written(me);
+                self.stats
+                    .acked_written
+                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            } else if let Some(leader) = g.raft.leader().filter(|l| *l != me) {
+                let (voters, outgoing) = g.raft.voter_sets();
+                if voters.contains(&me) || outgoing.contains(&me) {
+                    let w = Written {
+                        term: term.0,
+                        index,
+                        log_term,
+                    };
+                    self.outbox.written(leader, id, w);
+                }
+            }
+        }
+        for (id, persisted, read_states, must_sync, delivered) in readied {
+            let g = self.groups.get_mut(&id).expect("listed");
             for rs in read_states {
                 let ctx =
                     u64::from_be_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
                 if let Some((_, reply)) = g.reads_waiting_index.remove(&ctx) {
-                    g.reads_waiting_apply.push((rs.index, reply));
+                    // Writes answered before they committed are read too.
+                    g.reads_waiting_apply
+                        .push((rs.index.max(g.early_acked), reply));
                 }
             }
-            // 6. Advance.
-            let mut adv = g.raft.advance();
-            for m in adv.messages.drain(..) {
-                self.outbox.send(NodeId(m.to), id, m);
+            // 5 and 6. Advance: written now, persisted once a sync covers the write; the
+            // messages that promise persisted state (votes, append responses) wait for
+            // it. Readies persist in order, so one that needed no sync waits too if an
+            // earlier one of its group does.
+            let number = g.raft.advance_written(delivered);
+            let behind = self
+                .unsynced
+                .iter()
+                .chain(&self.syncing)
+                .any(|(gid, _, _)| *gid == id);
+            if must_sync || behind {
+                self.unsynced.push((id, number, persisted));
+            } else {
+                g.raft.on_persisted(number);
+                for mut m in persisted {
+                    g.stamp_read_index(&mut m);
+                    self.outbox.send(NodeId(m.to), id, m);
+                }
             }
-            let started = Instant::now();
-            meta_changed |= apply(
-                g,
-                std::mem::take(&mut adv.committed),
-                &mut batch,
-                &mut self.cluster,
-                &self.stats,
-            )?;
-            apply_took += started.elapsed();
-            count_appends(&adv.persist.ops, &self.stats);
-            batch.ops.append(&mut adv.persist.ops);
             // 7. Applied index to raft, then answer what completed.
             let applied = g.machine.applied();
             if applied > g.raft.applied_index() {
@@ -980,10 +1281,12 @@ impl<S: LogStore> Store<S> {
             }
             complete_reads(g);
             g.release_site_waiting();
+            g.release_flushes();
         }
         if !batch.is_empty() {
             self.log.write(batch)?;
         }
+        self.start_log_sync()?;
         if meta_changed {
             self.publish_cluster();
             self.reconcile()?;
@@ -999,6 +1302,53 @@ impl<S: LogStore> Store<S> {
         self.stats
             .rounds
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Starts a sync of everything written so far, unless one is running (the next starts
+    /// when it ends, covering what was written meanwhile: syncs pipeline with writes).
+    fn start_log_sync(&mut self) -> anyhow::Result<()> {
+        if self.syncing.is_empty() && !self.unsynced.is_empty() {
+            self.log_syncer.start()?;
+            self.sync_started = Instant::now();
+            std::mem::swap(&mut self.syncing, &mut self.unsynced);
+        }
+        Ok(())
+    }
+
+    /// The sync in flight ended with `r`: its Readies are persisted; send the messages
+    /// that promised it, then start the next sync.
+    fn finish_log_sync(&mut self, r: Result<(), String>) -> anyhow::Result<()> {
+        r.map_err(anyhow::Error::msg)?;
+        self.stats.log_sync.observe(self.sync_started.elapsed());
+        for (id, number, persisted) in std::mem::take(&mut self.syncing) {
+            let Some(g) = self.groups.get_mut(&id) else {
+                continue;
+            };
+            g.raft.on_persisted(number);
+            let applied = g.machine.applied();
+            if applied > g.raft.applied_index() {
+                g.raft.advance_apply_to(applied);
+            }
+            for mut m in persisted {
+                g.stamp_read_index(&mut m);
+                self.outbox.send(NodeId(m.to), id, m);
+            }
+        }
+        self.start_log_sync()
+    }
+
+    /// Waits until every written Ready is persisted (opening, shutting down).
+    fn sync_log_now(&mut self) -> anyhow::Result<()> {
+        self.start_log_sync()?;
+        while !self.syncing.is_empty() {
+            let r = self
+                .log_syncer
+                .done
+                .recv()
+                .map_err(|_| anyhow::anyhow!("the log-sync thread stopped"))?;
+            self.finish_log_sync(r)?;
+        }
         Ok(())
     }
 
@@ -1457,6 +1807,56 @@ pub const META_SNAPSHOT_KEY: &[u8] = b"meta/state";
 /// Record marking a volume replica whose data must be caught up (it installed a Raft
 /// snapshot at the given index but has not copied the blocks yet). Written in the same
 /// batch as the snapshot, so a restart knows the extent file is not trustworthy.
+/// The thread that syncs the log for [`Store::sync_log_answering_written`]: one sync at a
+/// time, each covering everything written before it started.
+struct LogSyncer<S: LogStore> {
+    start: Option<flume::Sender<()>>,
+    done: flume::Receiver<Result<(), String>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _log: std::marker::PhantomData<S>,
+}
+
+impl<S: LogStore> LogSyncer<S> {
+    fn spawn(log: Arc<S>) -> std::io::Result<Self> {
+        let (start, start_rx) = flume::bounded::<()>(1);
+        let (done_tx, done) = flume::bounded(1);
+        let thread = std::thread::Builder::new()
+            .name("log-sync".into())
+            .spawn(move || {
+                for () in start_rx.iter() {
+                    let r = log.sync().map_err(|e| format!("sync raft log: {e}"));
+                    if done_tx.send(r).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(LogSyncer {
+            start: Some(start),
+            done,
+            thread: Some(thread),
+            _log: std::marker::PhantomData,
+        })
+    }
+
+    fn start(&self) -> anyhow::Result<()> {
+        self.start
+            .as_ref()
+            .expect("running until dropped")
+            .send(())
+            .map_err(|_| anyhow::anyhow!("the log-sync thread stopped"))
+    }
+}
+
+impl<S: LogStore> Drop for LogSyncer<S> {
+    /// Joined before the store (and RocksDB) closes, like the scrub's thread.
+    fn drop(&mut self) {
+        self.start.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 pub fn recovering_key(group: GroupId) -> Vec<u8> {
     let mut k = b"recover/".to_vec();
     k.extend_from_slice(&group.0.to_be_bytes());
@@ -1464,7 +1864,13 @@ pub fn recovering_key(group: GroupId) -> Vec<u8> {
 }
 
 fn fail_all<S: LogStore>(g: &mut Group<S>, why: Refused) {
-    for (_, _, reply) in std::mem::take(&mut g.held) {
+    g.early.clear();
+    g.early_uncommitted.clear();
+    g.early_uncommitted_bytes = 0;
+    for (_, reply) in std::mem::take(&mut g.flushes) {
+        let _ = reply.send(Err(why.clone()));
+    }
+    for (_, _, _, reply) in std::mem::take(&mut g.held) {
         let _ = reply.send(Err(why.clone()));
     }
     for (_, reply) in std::mem::take(&mut g.site_waiting) {
@@ -1612,6 +2018,7 @@ fn apply<S: LogStore>(
         };
         // Answer the proposal at this index, if this node made it. A different term at
         // the same index means our entry was replaced: the caller retries.
+        g.early.remove(&index.0);
         if let Some((t, reply)) = g.proposals.remove(&index.0) {
             match (term, outcome) {
                 (Some(term), Some(Outcome::Volume)) if term == t && g.policy.site_durable => {

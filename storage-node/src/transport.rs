@@ -3,7 +3,8 @@
 //! Wire format (versioned by [`PEER_PROTOCOL_VERSION`]; changelog: 1 — Hello, Raft,
 //! Request/Response with Propose and Read; 2 — records that may carry a zstd batch of
 //! frames, one connection per lane named in Hello; 3 — `RaftRefs` and `DedupMiss`, Raft
-//! appends with blocks sent by reference, see [`crate::dedup`]): see [`crate::link`] for records. A
+//! appends with blocks sent by reference, see [`crate::dedup`]; 4 — `Written`, the
+//! acknowledgement mode of a forwarded `Propose`, and `Flush`): see [`crate::link`] for records. A
 //! frame above [`FRAME_MAX_BYTES`] ends the connection. A connection starts with `Hello`
 //! from the dialer.
 //!
@@ -33,9 +34,9 @@ use tracing::{debug, info, warn};
 
 use crate::dedup::{self, ContentIndex, DedupStats, EntryRefs, Hash, MissSet};
 use crate::link::{read_record, Lane, LinkStatus, SiteLink, WriterMode, BATCH_BYTES_MAX};
-use crate::store::{Event, Outbox, Outcome, Refused};
+use crate::store::{Ack, Event, Outbox, Outcome, Refused, Written};
 
-pub const PEER_PROTOCOL_VERSION: u16 = 3;
+pub const PEER_PROTOCOL_VERSION: u16 = 4;
 /// Largest frame: a 32 MiB write plus headers.
 pub const FRAME_MAX_BYTES: usize = codec::DECODE_LIMIT_BYTES;
 /// Frames queued per connection before Raft messages are dropped.
@@ -73,6 +74,11 @@ pub enum PeerFrame {
     DedupMiss {
         hashes: Vec<Hash>,
     },
+    /// The sender wrote (not yet synced) its log of `group` this far: to its leader.
+    Written {
+        group: GroupId,
+        w: Written,
+    },
     Request {
         id: u64,
         req: PeerRequest,
@@ -87,7 +93,7 @@ impl PeerFrame {
     /// Roughly the encoded size, to bound batches before encoding them.
     pub fn approx_len(&self) -> usize {
         16 + match self {
-            PeerFrame::Hello { .. } => 0,
+            PeerFrame::Hello { .. } | PeerFrame::Written { .. } => 0,
             PeerFrame::Raft { msg, .. } => msg.len(),
             PeerFrame::RaftRefs { msg, refs, .. } => {
                 msg.len() + refs.iter().map(|r| 8 + 36 * r.refs.len()).sum::<usize>()
@@ -121,8 +127,13 @@ pub enum PeerRequest {
         group: GroupId,
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+        /// When the receiver answers (see [`Ack`]).
+        ack: Ack,
         expires_unix_ms: u64,
     },
+    /// Answered once every write of `group` the receiver (its leader) acknowledged
+    /// before is committed.
+    Flush { group: GroupId },
     /// A linearizable read served by the receiver from its replica.
     Read {
         volume: VolumeId,
@@ -737,6 +748,9 @@ impl Transport {
                     self.misses.insert(&site, &hashes);
                 }
             }
+            PeerFrame::Written { group, w } => {
+                let _ = self.store.try_send(Event::Written { group, from, w });
+            }
             PeerFrame::Raft { group, msg } => {
                 let mut m = Message::default();
                 m.merge_from_bytes(&msg)?;
@@ -893,6 +907,13 @@ impl Outbox for ArcOutbox {
             let _ = self.0.store.try_send(Event::Unreachable { node: to });
         }
     }
+
+    fn written(&self, to: NodeId, group: GroupId, w: Written) {
+        // Best effort: a lost report only means the write waits for its commit.
+        if let Some(tx) = self.0.conn(to, Lane::Control) {
+            let _ = tx.try_send(PeerFrame::Written { group, w });
+        }
+    }
 }
 
 #[cfg(test)]
@@ -906,6 +927,7 @@ mod tests {
             req: PeerRequest::Propose {
                 group: GroupId(3),
                 data: vec![1, 2, 3],
+                ack: Ack::Written,
                 expires_unix_ms: 5,
             },
         };

@@ -117,6 +117,60 @@ fn kill9_of_the_leader_loses_no_flushed_write_and_io_resumes_elsewhere() {
     qemu_io(&c.uri(leader, "vm1"), &["read -P 0 6000k 4k"]); // past the writer's range: still zero
 }
 
+/// Writes acknowledged without FUA or FLUSH are answered once a quorum has written
+/// them, before their fsync (`store::Ack::Written`): a kill -9 of the leader must still
+/// lose none of them. The writer's connection is to a follower, which stays up, so it
+/// reads back through the same connection what it was told was written.
+#[test]
+fn kill9_of_the_leader_loses_no_acknowledged_unflushed_write() {
+    let mut c = Cluster::start(3);
+    let leader = c.create_volume("vm1", 64 * MIB, 3);
+    let via = followers(&c, leader)[0];
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/acked_writes.py");
+    let mut writer = Command::new("/usr/bin/python3")
+        .arg(script)
+        .arg("3000")
+        .arg(c.uri(via, "vm1"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run the libnbd writer");
+    let mut lines = BufReader::new(writer.stdout.take().unwrap()).lines();
+    let mut killed = false;
+    let mut log = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        log.push(line.clone());
+        if !killed && line == "acked 1000" {
+            c.kill9(leader);
+            killed = true;
+        }
+        if line.starts_with("verified") || line.starts_with("MISMATCH") {
+            break;
+        }
+    }
+    let status = writer.wait().unwrap();
+    assert!(killed, "the writer never got far enough: {log:?}");
+    assert!(
+        status.success() && log.last().map(String::as_str) == Some("verified 3000"),
+        "writer failed: {log:?}"
+    );
+    // The writes after the kill went to the new leader, one of the survivors.
+    let early: u64 = followers(&c, leader)
+        .into_iter()
+        .filter_map(|id| c.admin(id).metrics().ok())
+        .flat_map(|m| {
+            m.lines()
+                .filter(|l| l.starts_with("roamdisk_store_acked_written_total"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum();
+    assert!(
+        early > 0,
+        "no write was answered before its commit: the test shows nothing"
+    );
+}
+
 #[test]
 fn one_node_down_still_serves_two_down_blocks_writes_until_one_returns() {
     let mut c = Cluster::start(3);

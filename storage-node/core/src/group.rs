@@ -11,7 +11,9 @@
 //! 3. apply `ReadyWork::committed` (through [`RaftGroup::apply_committed`], which handles
 //!    membership changes itself and hands normal entries back);
 //! 4. write `ReadyWork::persist` to the [`LogStore`] and, if `ReadyWork::must_sync`,
-//!    sync it (many groups share one write and one sync: group commit);
+//!    sync it (many groups share one write and one sync: group commit); between the
+//!    write and the sync a follower may tell the leader what it wrote
+//!    ([`crate::written`]), never through a Raft message;
 //! 5. send `ReadyWork::persisted_messages` (votes and append responses: only after the
 //!    state they promise is durable);
 //! 6. call [`RaftGroup::advance`]; send its messages, apply its committed entries, write
@@ -316,6 +318,26 @@ impl<S: LogStore> RaftGroup<S> {
         self.node.raft.prs().conf().to_conf_state()
     }
 
+    /// Term of the entry at `index` in this replica's log, if it still holds it.
+    pub fn log_term(&self, index: LogIndex) -> Option<Term> {
+        self.node.raft.raft_log.term(index.0).ok().map(Term)
+    }
+
+    /// The commit index is at or past an entry of the current term: every entry a
+    /// previous leader placed on a quorum is committed (Raft's leader completeness).
+    pub fn committed_in_term(&self) -> bool {
+        self.log_term(self.commit_index()) == Some(self.term())
+    }
+
+    /// Voters of the configuration in force, and of the outgoing one while joint.
+    pub fn voter_sets(&self) -> (Vec<NodeId>, Vec<NodeId>) {
+        let cs = self.conf_state();
+        (
+            cs.voters.iter().copied().map(NodeId).collect(),
+            cs.voters_outgoing.iter().copied().map(NodeId).collect(),
+        )
+    }
+
     /// Match index of every peer (meaningful on the leader only).
     pub fn progress(&self) -> Vec<PeerProgress> {
         let learners = self.node.raft.prs().conf().learners();
@@ -510,6 +532,30 @@ impl<S: LogStore> RaftGroup<S> {
         work
     }
 
+    /// Tells raft-rs that the last Ready was *written* but not yet synced, and returns
+    /// its number: the driver calls [`RaftGroup::on_persisted`] with it once a sync
+    /// covers the write, and only then sends `ReadyWork::persisted_messages`. Until
+    /// then this node's own entries count toward no commit. Follow-up work (commit
+    /// index, committed entries, messages) comes with later Readies. The entries
+    /// delivered as committed count as applied, as with [`RaftGroup::advance`].
+    pub fn advance_written(&mut self, delivered: Option<LogIndex>) -> u64 {
+        let rd = self
+            .pending
+            .take()
+            .expect("advance_written() without ready()");
+        let number = rd.number();
+        self.node.advance_append_async(rd);
+        if let Some(i) = delivered {
+            self.advance_apply_to(i);
+        }
+        number
+    }
+
+    /// Every Ready up to `number` is durable (see [`RaftGroup::advance_written`]).
+    pub fn on_persisted(&mut self, number: u64) {
+        self.node.on_persist_ready(number);
+    }
+
     /// Handles committed entries: membership changes are applied to Raft here and their
     /// new `ConfState` is added to `batch`; everything else is returned for the state
     /// machine, in log order.
@@ -593,9 +639,16 @@ impl<S: LogStore> RaftGroup<S> {
             .collect())
     }
 
-    /// Records that the state machine has applied everything up to `index`.
+    /// Records that the state machine has applied everything up to `index`, as far as
+    /// raft-rs allows: not past what this replica has persisted (a snapshot's index is
+    /// applied at once but persisted with the next sync). Call again after
+    /// [`RaftGroup::on_persisted`].
     pub fn advance_apply_to(&mut self, index: LogIndex) {
-        self.node.advance_apply_to(index.0);
+        let log = &self.node.raft.raft_log;
+        let index = index.0.min(log.committed).min(log.persisted);
+        if index > log.applied {
+            self.node.advance_apply_to(index);
+        }
     }
 }
 

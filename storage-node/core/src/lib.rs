@@ -14,6 +14,8 @@
 //! - [`meta`]: the cluster-metadata state machine (sites, nodes, volumes, placement).
 //! - [`group`]: one Raft group over raft-rs, as a sans-I/O state machine, and the
 //!   documented Ready order.
+//! - [`written`]: how far a quorum has written (not yet synced) the log, for writes
+//!   acknowledged before their fsync.
 //!
 //! New replication logic belongs here with a deterministic test; anything that waits on
 //! a socket or a disk belongs in `roamdisk-storage-node`.
@@ -27,3 +29,4 @@ pub mod group;
 pub mod ids;
 pub mod logstore;
 pub mod meta;
+pub mod written;
