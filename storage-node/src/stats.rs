@@ -86,6 +86,10 @@ pub struct StoreStats {
     pub apply: Histogram,
     /// A whole round: Readies, persistence, messages, apply, answers.
     pub round: Histogram,
+    /// From proposal to answer of a write answered once a quorum had written it.
+    pub write_written: Histogram,
+    /// From arrival to answer of a flush on the leader.
+    pub flush: Histogram,
     /// The store thread's part of a checkpoint (taking the touched sets, the batch).
     pub checkpoint: Histogram,
     /// Hashing the touched blocks and fsyncing the extent files of a checkpoint (on the
@@ -153,6 +157,16 @@ impl StoreStats {
                 &self.apply,
                 "roamdisk_store_apply_seconds",
                 "Applying one round's committed entries.",
+            ),
+            (
+                &self.write_written,
+                "roamdisk_store_write_written_seconds",
+                "From proposal to answer of a write answered once a quorum had written it.",
+            ),
+            (
+                &self.flush,
+                "roamdisk_store_flush_seconds",
+                "From arrival to answer of a flush on the volume's leader.",
             ),
             (
                 &self.round,

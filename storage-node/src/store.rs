@@ -260,7 +260,7 @@ struct Group<S: LogStore> {
     proposals: BTreeMap<u64, (Term, ProposeReply)>,
     /// Proposals (index → command bytes) that may be answered once a quorum has
     /// written them.
-    early: BTreeMap<u64, u64>,
+    early: BTreeMap<u64, (u64, Instant)>,
     /// Answered early and not yet committed, oldest first: (index, bytes), and their
     /// sum, bounded by `EARLY_ACK_BYTES_MAX`.
     early_uncommitted: VecDeque<(u64, u64)>,
@@ -270,8 +270,9 @@ struct Group<S: LogStore> {
     /// Highest index of a proposal answered before it committed. Reads wait for it and
     /// flushes for its commit.
     early_acked: u64,
-    /// Flushes waiting for the commit index to reach an index (and this leader's term).
-    flushes: Vec<(u64, ProposeReply)>,
+    /// Flushes waiting for the commit index to reach an index (and this leader's term),
+    /// with when they arrived.
+    flushes: Vec<(u64, Instant, ProposeReply)>,
     /// Reads waiting for their ReadState, by request context, with when they started.
     reads_waiting_index: HashMap<u64, (Instant, ReadReply)>,
     /// Reads waiting for apply to reach an index.
@@ -375,7 +376,7 @@ impl<S: LogStore> Group<S> {
                 self.lag.proposed(index.0, bytes, Instant::now());
                 self.proposals.insert(index.0, (term, reply));
                 if ack == Ack::Written && self.early_allowed() {
-                    self.early.insert(index.0, bytes);
+                    self.early.insert(index.0, (bytes, Instant::now()));
                 } else {
                     self.early.remove(&index.0);
                 }
@@ -400,7 +401,7 @@ impl<S: LogStore> Group<S> {
 
     /// Answers the early proposals that a quorum of voters has written (leader only).
     /// Off the leader they stay in `proposals` and are answered at apply, or refused.
-    fn release_written(&mut self, me: NodeId) -> u64 {
+    fn release_written(&mut self, me: NodeId, stats: &StoreStats) -> u64 {
         if self.early.is_empty() {
             return 0;
         }
@@ -420,7 +421,7 @@ impl<S: LogStore> Group<S> {
                 .map_or(0, |p| p.matched)
         };
         let quorum = self.written.quorum(term, me, &voters, &outgoing, matched).0;
-        while let Some((&i, &bytes)) = self.early.first_key_value() {
+        while let Some((&i, &(bytes, proposed))) = self.early.first_key_value() {
             if i > quorum {
                 break;
             }
@@ -440,6 +441,7 @@ impl<S: LogStore> Group<S> {
             self.early_acked = self.early_acked.max(i);
             self.early_uncommitted.push_back((i, bytes));
             self.early_uncommitted_bytes += bytes;
+            stats.write_written.observe(proposed.elapsed());
             let _ = reply.send(Ok(Outcome::Volume));
             answered += 1;
         }
@@ -461,13 +463,13 @@ impl<S: LogStore> Group<S> {
     /// Answers the flushes whose writes are committed: the commit index has reached
     /// their index and an entry of this leader's term (so whatever an earlier leader
     /// answered early is committed too). Off the leader they are sent to the new one.
-    fn release_flushes(&mut self) {
+    fn release_flushes(&mut self, stats: &StoreStats) {
         if self.flushes.is_empty() {
             return;
         }
         if !self.raft.is_leader() {
             let leader = self.raft.leader();
-            for (_, reply) in self.flushes.drain(..) {
+            for (_, _, reply) in self.flushes.drain(..) {
                 let _ = reply.send(Err(Refused::NotLeader {
                     group: self.raft.id,
                     leader,
@@ -480,9 +482,10 @@ impl<S: LogStore> Group<S> {
         }
         let commit = self.raft.commit_index().0;
         let (done, waiting): (Vec<_>, Vec<_>) =
-            self.flushes.drain(..).partition(|(i, _)| *i <= commit);
+            self.flushes.drain(..).partition(|(i, _, _)| *i <= commit);
         self.flushes = waiting;
-        for (_, reply) in done {
+        for (_, arrived, reply) in done {
+            stats.flush.observe(arrived.elapsed());
             let _ = reply.send(Ok(Outcome::Volume));
         }
     }
@@ -977,8 +980,8 @@ impl<S: LogStore> Store<S> {
                     let _ = reply.send(Err(Refused::Busy));
                     return false;
                 }
-                g.flushes.push((g.early_acked, reply));
-                g.release_flushes();
+                g.flushes.push((g.early_acked, Instant::now(), reply));
+                g.release_flushes(&self.stats);
             }
             Event::Written { group, from, w } => {
                 if let Some(g) = self.groups.get_mut(&group) {
@@ -1205,11 +1208,11 @@ impl<S: LogStore> Store<S> {
         for (id, g) in self.groups.iter_mut() {
             g.release_site_waiting();
             g.release_held(*id);
-            let n = g.release_written(me);
+            let n = g.release_written(me, &self.stats);
             self.stats
                 .acked_written
                 .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-            g.release_flushes();
+            g.release_flushes(&self.stats);
         }
         if readied.is_empty() {
             return Ok(());
@@ -1228,7 +1231,7 @@ impl<S: LogStore> Store<S> {
             let term = g.raft.term();
             if g.raft.is_leader() {
                 g.written.own_written(term, LogIndex(index));
-                let n = g.release_written(me);
+                let n = g.release_written(me, &self.stats);
                 self.stats
                     .acked_written
                     .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
@@ -1281,7 +1284,7 @@ impl<S: LogStore> Store<S> {
             }
             complete_reads(g);
             g.release_site_waiting();
-            g.release_flushes();
+            g.release_flushes(&self.stats);
         }
         if !batch.is_empty() {
             self.log.write(batch)?;
@@ -1867,7 +1870,7 @@ fn fail_all<S: LogStore>(g: &mut Group<S>, why: Refused) {
     g.early.clear();
     g.early_uncommitted.clear();
     g.early_uncommitted_bytes = 0;
-    for (_, reply) in std::mem::take(&mut g.flushes) {
+    for (_, _, reply) in std::mem::take(&mut g.flushes) {
         let _ = reply.send(Err(why.clone()));
     }
     for (_, _, _, reply) in std::mem::take(&mut g.held) {
