@@ -84,7 +84,10 @@ pub const READ_INDEX_TIMEOUT_MS: u64 = 2000;
 /// Bytes of writes a leader may have answered before their commit (`Ack::Written`);
 /// beyond it, writes are answered at commit. Bounds what a power loss of a quorum could
 /// take of acknowledged, unflushed writes, and the entries held for it.
-pub const EARLY_ACK_BYTES_MAX: u64 = 64 << 20;
+pub const EARLY_ACK_BYTES_MAX: u64 = 16 << 20;
+/// How long a written Ready waits for others to share its fsync, when no sync is in
+/// flight (one in flight makes the next wait anyway).
+const SYNC_GATHER: Duration = Duration::from_micros(300);
 /// Longest a proposal is held while its leader transfers leadership.
 const HELD_PROPOSAL_MAX: Duration = Duration::from_millis(1000);
 
@@ -579,6 +582,8 @@ pub struct Store<S: LogStore> {
     /// Readies the sync in flight covers (empty: no sync in flight).
     syncing: Vec<(GroupId, u64, Vec<Message>)>,
     sync_started: Instant,
+    /// When the oldest Ready in `unsynced` was written.
+    unsynced_since: Option<Instant>,
     /// The checkpoint whose fsyncs are in flight: its batch and the indexes it records.
     checkpoint_pending: Option<(LogBatch, Vec<(GroupId, LogIndex)>)>,
     /// Blocks the scan found different from the index, per group, waiting to be
@@ -625,6 +630,7 @@ impl<S: LogStore> Store<S> {
             unsynced: Vec::new(),
             syncing: Vec::new(),
             sync_started: Instant::now(),
+            unsynced_since: None,
             checkpoint_pending: None,
             scrub_suspects: BTreeMap::new(),
             recovering_tx: watch::channel(Default::default()).0,
@@ -812,10 +818,15 @@ impl<S: LogStore> Store<S> {
         loop {
             let now = Instant::now();
             let mut synced = self.log_syncer.done.try_recv().ok();
-            let first = if now >= next_tick || synced.is_some() {
+            // Wake for the tick, or for a sync waiting to gather more writes.
+            let wake_at = match self.sync_due().filter(|_| self.syncing.is_empty()) {
+                Some(due) => next_tick.min(due.max(now)),
+                None => next_tick,
+            };
+            let first = if now >= wake_at || synced.is_some() {
                 events.try_recv().ok()
             } else if self.syncing.is_empty() {
-                match events.recv_timeout(next_tick - now) {
+                match events.recv_timeout(wake_at - now) {
                     Ok(ev) => Some(ev),
                     Err(flume::RecvTimeoutError::Timeout) => None,
                     Err(flume::RecvTimeoutError::Disconnected) => break,
@@ -825,7 +836,7 @@ impl<S: LogStore> Store<S> {
                 match flume::Selector::new()
                     .recv(&events, Woken::Event)
                     .recv(&self.log_syncer.done, Woken::Synced)
-                    .wait_timeout(next_tick - now)
+                    .wait_timeout(wake_at - now)
                 {
                     Ok(Woken::Event(Ok(ev))) => Some(ev),
                     Ok(Woken::Event(Err(_))) => break,
@@ -879,7 +890,7 @@ impl<S: LogStore> Store<S> {
                 failure = Some(e);
                 break;
             }
-            if let Err(e) = self.process_readies() {
+            if let Err(e) = self.process_readies().and_then(|()| self.start_log_sync()) {
                 // The log store failed: continuing could acknowledge what is not durable.
                 error!(error = %e, "raft store failed; stopping the node");
                 failure = Some(e.to_string());
@@ -1270,6 +1281,7 @@ impl<S: LogStore> Store<S> {
                 .any(|(gid, _, _)| *gid == id);
             if must_sync || behind {
                 self.unsynced.push((id, number, persisted));
+                self.unsynced_since.get_or_insert_with(Instant::now);
             } else {
                 g.raft.on_persisted(number);
                 for mut m in persisted {
@@ -1311,12 +1323,19 @@ impl<S: LogStore> Store<S> {
     /// Starts a sync of everything written so far, unless one is running (the next starts
     /// when it ends, covering what was written meanwhile: syncs pipeline with writes).
     fn start_log_sync(&mut self) -> anyhow::Result<()> {
-        if self.syncing.is_empty() && !self.unsynced.is_empty() {
+        if self.syncing.is_empty() && self.sync_due().is_some_and(|due| due <= Instant::now()) {
             self.log_syncer.start()?;
             self.sync_started = Instant::now();
             std::mem::swap(&mut self.syncing, &mut self.unsynced);
+            self.unsynced_since = None;
         }
         Ok(())
+    }
+
+    /// When the next sync should start: `SYNC_GATHER` after the oldest write it would
+    /// cover, so that a burst of writes arriving over a few rounds shares one fsync.
+    fn sync_due(&self) -> Option<Instant> {
+        self.unsynced_since.map(|t| t + SYNC_GATHER)
     }
 
     /// The sync in flight ended with `r`: its Readies are persisted; send the messages
@@ -1343,6 +1362,9 @@ impl<S: LogStore> Store<S> {
 
     /// Waits until every written Ready is persisted (opening, shutting down).
     fn sync_log_now(&mut self) -> anyhow::Result<()> {
+        if self.syncing.is_empty() && !self.unsynced.is_empty() {
+            self.unsynced_since = Some(Instant::now() - SYNC_GATHER);
+        }
         self.start_log_sync()?;
         while !self.syncing.is_empty() {
             let r = self
