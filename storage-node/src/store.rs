@@ -21,7 +21,7 @@
 //! durable. A volume write proposed with [`Ack::Written`] (an NBD write without FUA) is
 //! answered as soon as a quorum of voters has *written* its entry to the OS
 //! (`roamdisk_core::written`), before the fsyncs: it survives any number of process
-//! crashes and the loss of any one machine, and a FLUSH ([`Event::Flush`]) waits until
+//! crashes (not every power loss: see ARCHITECTURE.md), and a FLUSH ([`Event::Flush`]) waits until
 //! everything answered before it is committed. Reads wait for every write answered
 //! before them (the read index is raised to the highest early answer), so a read never
 //! misses an acknowledged write.
@@ -405,6 +405,7 @@ impl<S: LogStore> Group<S> {
     /// Answers the early proposals that a quorum of voters has written (leader only).
     /// Off the leader they stay in `proposals` and are answered at apply, or refused.
     fn release_written(&mut self, me: NodeId, stats: &StoreStats) -> u64 {
+        self.trim_early_uncommitted();
         if self.early.is_empty() {
             return 0;
         }
@@ -412,7 +413,6 @@ impl<S: LogStore> Group<S> {
             self.early.clear();
             return 0;
         }
-        self.trim_early_uncommitted();
         let mut answered = 0;
         let term = self.raft.term();
         let (voters, outgoing) = self.raft.voter_sets();
@@ -890,6 +890,11 @@ impl<S: LogStore> Store<S> {
                 failure = Some(e);
                 break;
             }
+            // Proposals held through a leader transfer are proposed (or refused) between
+            // rounds: raft-rs must not take proposals between a Ready and its advance.
+            for (id, g) in self.groups.iter_mut() {
+                g.release_held(*id);
+            }
             if let Err(e) = self.process_readies().and_then(|()| self.start_log_sync()) {
                 // The log store failed: continuing could acknowledge what is not durable.
                 error!(error = %e, "raft store failed; stopping the node");
@@ -1216,9 +1221,8 @@ impl<S: LogStore> Store<S> {
         // A remote replica's append response changes no commit index, so it may bring no
         // Ready: answer the site-durable writes it completes here, every round.
         let me = self.cfg.me;
-        for (id, g) in self.groups.iter_mut() {
+        for g in self.groups.values_mut() {
             g.release_site_waiting();
-            g.release_held(*id);
             let n = g.release_written(me, &self.stats);
             self.stats
                 .acked_written
@@ -1351,6 +1355,7 @@ impl<S: LogStore> Store<S> {
             let applied = g.machine.applied();
             if applied > g.raft.applied_index() {
                 g.raft.advance_apply_to(applied);
+                complete_reads(g);
             }
             for mut m in persisted {
                 g.stamp_read_index(&mut m);
@@ -1362,11 +1367,15 @@ impl<S: LogStore> Store<S> {
 
     /// Waits until every written Ready is persisted (opening, shutting down).
     fn sync_log_now(&mut self) -> anyhow::Result<()> {
-        if self.syncing.is_empty() && !self.unsynced.is_empty() {
-            self.unsynced_since = Some(Instant::now() - SYNC_GATHER);
-        }
-        self.start_log_sync()?;
-        while !self.syncing.is_empty() {
+        loop {
+            if self.syncing.is_empty() && !self.unsynced.is_empty() {
+                // No gathering: start it now.
+                self.unsynced_since = Some(Instant::now() - SYNC_GATHER);
+            }
+            self.start_log_sync()?;
+            if self.syncing.is_empty() {
+                return Ok(());
+            }
             let r = self
                 .log_syncer
                 .done
@@ -1374,7 +1383,6 @@ impl<S: LogStore> Store<S> {
                 .map_err(|_| anyhow::anyhow!("the log-sync thread stopped"))?;
             self.finish_log_sync(r)?;
         }
-        Ok(())
     }
 
     /// Counters of this thread's work, for `/metrics`.
@@ -1829,10 +1837,7 @@ impl<S: LogStore> Store<S> {
 /// Record holding the metadata state as of the metadata group's recorded applied index.
 pub const META_SNAPSHOT_KEY: &[u8] = b"meta/state";
 
-/// Record marking a volume replica whose data must be caught up (it installed a Raft
-/// snapshot at the given index but has not copied the blocks yet). Written in the same
-/// batch as the snapshot, so a restart knows the extent file is not trustworthy.
-/// The thread that syncs the log for [`Store::sync_log_answering_written`]: one sync at a
+/// The thread that syncs the log for the store ([`Store::start_log_sync`]): one sync at a
 /// time, each covering everything written before it started.
 struct LogSyncer<S: LogStore> {
     start: Option<flume::Sender<()>>,
@@ -1882,6 +1887,9 @@ impl<S: LogStore> Drop for LogSyncer<S> {
     }
 }
 
+/// Record marking a volume replica whose data must be caught up (it installed a Raft
+/// snapshot at the given index but has not copied the blocks yet). Written in the same
+/// batch as the snapshot, so a restart knows the extent file is not trustworthy.
 pub fn recovering_key(group: GroupId) -> Vec<u8> {
     let mut k = b"recover/".to_vec();
     k.extend_from_slice(&group.0.to_be_bytes());
