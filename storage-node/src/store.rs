@@ -88,6 +88,8 @@ pub const EARLY_ACK_BYTES_MAX: u64 = 16 << 20;
 /// How long a written Ready waits for others to share its fsync, when no sync is in
 /// flight (one in flight makes the next wait anyway).
 const SYNC_GATHER: Duration = Duration::from_micros(300);
+/// Gathering applies only while syncs run back to back: one ended this recently.
+const SYNC_GATHER_BUSY: Duration = Duration::from_millis(2);
 /// Longest a proposal is held while its leader transfers leadership.
 const HELD_PROPOSAL_MAX: Duration = Duration::from_millis(1000);
 
@@ -584,6 +586,8 @@ pub struct Store<S: LogStore> {
     sync_started: Instant,
     /// When the oldest Ready in `unsynced` was written.
     unsynced_since: Option<Instant>,
+    /// When the last sync ended.
+    sync_ended: Instant,
     /// The checkpoint whose fsyncs are in flight: its batch and the indexes it records.
     checkpoint_pending: Option<(LogBatch, Vec<(GroupId, LogIndex)>)>,
     /// Blocks the scan found different from the index, per group, waiting to be
@@ -631,6 +635,7 @@ impl<S: LogStore> Store<S> {
             syncing: Vec::new(),
             sync_started: Instant::now(),
             unsynced_since: None,
+            sync_ended: Instant::now(),
             checkpoint_pending: None,
             scrub_suspects: BTreeMap::new(),
             recovering_tx: watch::channel(Default::default()).0,
@@ -1336,10 +1341,14 @@ impl<S: LogStore> Store<S> {
         Ok(())
     }
 
-    /// When the next sync should start: `SYNC_GATHER` after the oldest write it would
-    /// cover, so that a burst of writes arriving over a few rounds shares one fsync.
+    /// When the next sync should start. Under load (a sync ended within
+    /// `SYNC_GATHER_BUSY`), `SYNC_GATHER` after the oldest write it would cover, so that a
+    /// burst of writes arriving over a few rounds shares one fsync; otherwise at once
+    /// (a lone write, such as a site-durable QD1 write, must not wait for company).
     fn sync_due(&self) -> Option<Instant> {
-        self.unsynced_since.map(|t| t + SYNC_GATHER)
+        let busy = self.sync_ended.elapsed() < SYNC_GATHER_BUSY;
+        self.unsynced_since
+            .map(|t| if busy { t + SYNC_GATHER } else { t })
     }
 
     /// The sync in flight ended with `r`: its Readies are persisted; send the messages
@@ -1347,6 +1356,7 @@ impl<S: LogStore> Store<S> {
     fn finish_log_sync(&mut self, r: Result<(), String>) -> anyhow::Result<()> {
         r.map_err(anyhow::Error::msg)?;
         self.stats.log_sync.observe(self.sync_started.elapsed());
+        self.sync_ended = Instant::now();
         for (id, number, persisted) in std::mem::take(&mut self.syncing) {
             let Some(g) = self.groups.get_mut(&id) else {
                 continue;
