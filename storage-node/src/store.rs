@@ -8,8 +8,9 @@
 //! 2. tick every group if a tick is due;
 //! 3. for every group with a Ready, in raft-rs's order (see `roamdisk_core::group`):
 //!    send messages, install snapshots, apply committed entries, then write *one* batch
-//!    for all groups; tell the leaders what was written; sync it once (group commit),
-//!    send persisted messages, advance;
+//!    for all groups; tell the leaders what was written; advance raft-rs as written
+//!    (the `log-sync` thread syncs the log, one fsync for everything written before it
+//!    started: group commit; the persisted messages go out when it ends);
 //! 4. answer proposals, flushes and reads that became complete;
 //! 5. checkpoint volume replicas (the `extent-sync` thread hashes touched blocks and
 //!    fsyncs extents, then this thread records the hashes and applied indexes) and
@@ -85,8 +86,8 @@ pub const READ_INDEX_TIMEOUT_MS: u64 = 2000;
 /// beyond it, writes are answered at commit. Bounds what a power loss of a quorum could
 /// take of acknowledged, unflushed writes, and the entries held for it.
 pub const EARLY_ACK_BYTES_MAX: u64 = 16 << 20;
-/// How long a written Ready waits for others to share its fsync, when no sync is in
-/// flight (one in flight makes the next wait anyway).
+/// How long a written Ready waits for others to share its fsync while syncs run back to
+/// back (no sync in flight, one ended within `SYNC_GATHER_BUSY`).
 const SYNC_GATHER: Duration = Duration::from_micros(300);
 /// Gathering applies only while syncs run back to back: one ended this recently.
 const SYNC_GATHER_BUSY: Duration = Duration::from_millis(2);
@@ -406,16 +407,15 @@ impl<S: LogStore> Group<S> {
 
     /// Answers the early proposals that a quorum of voters has written (leader only).
     /// Off the leader they stay in `proposals` and are answered at apply, or refused.
-    fn release_written(&mut self, me: NodeId, stats: &StoreStats) -> u64 {
+    fn release_written(&mut self, me: NodeId, stats: &StoreStats) {
         self.trim_early_uncommitted();
         if self.early.is_empty() {
-            return 0;
+            return;
         }
         if !self.raft.is_leader() || !self.early_allowed() {
             self.early.clear();
-            return 0;
+            return;
         }
-        let mut answered = 0;
         let term = self.raft.term();
         let (voters, outgoing) = self.raft.voter_sets();
         let progress = self.raft.progress();
@@ -447,10 +447,11 @@ impl<S: LogStore> Group<S> {
             self.early_uncommitted.push_back((i, bytes));
             self.early_uncommitted_bytes += bytes;
             stats.write_written.observe(proposed.elapsed());
+            stats
+                .acked_written
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let _ = reply.send(Ok(Outcome::Volume));
-            answered += 1;
         }
-        answered
     }
 
     /// Forgets the early answers that have committed since.
@@ -1228,10 +1229,7 @@ impl<S: LogStore> Store<S> {
         let me = self.cfg.me;
         for g in self.groups.values_mut() {
             g.release_site_waiting();
-            let n = g.release_written(me, &self.stats);
-            self.stats
-                .acked_written
-                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            g.release_written(me, &self.stats);
             g.release_flushes(&self.stats);
         }
         if readied.is_empty() {
@@ -1251,10 +1249,7 @@ impl<S: LogStore> Store<S> {
             let term = g.raft.term();
             if g.raft.is_leader() {
                 g.written.own_written(term, LogIndex(index));
-                let n = g.release_written(me, &self.stats);
-                self.stats
-                    .acked_written
-                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                g.release_written(me, &self.stats);
             } else if let Some(leader) = g.raft.leader().filter(|l| *l != me) {
                 let (voters, outgoing) = g.raft.voter_sets();
                 if voters.contains(&me) || outgoing.contains(&me) {

@@ -72,39 +72,58 @@ fn writes_through_any_node_are_read_back_through_every_node() {
     );
 }
 
-#[test]
-fn kill9_of_the_leader_loses_no_flushed_write_and_io_resumes_elsewhere() {
-    let mut c = Cluster::start(3);
-    let leader = c.create_volume("vm1", 64 * MIB, 3);
-    let mut uris = vec![c.uri(leader, "vm1")];
-    uris.extend(followers(&c, leader).into_iter().map(|id| c.uri(id, "vm1")));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/flushed_writes.py");
+/// Runs a libnbd writer script from `tests/` with `args`, calls `kill` once it prints
+/// `kill_at`, and returns its output once it has verified (or found a mismatch). Fails
+/// unless the kill happened and the writer exited successfully.
+fn run_writer_killing(
+    script: &str,
+    args: &[String],
+    kill_at: &str,
+    kill: impl FnOnce(),
+) -> Vec<String> {
+    let path = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
     let mut writer = Command::new("/usr/bin/python3")
-        .arg(script)
-        .arg("1500")
-        .args(&uris)
+        .arg(path)
+        .args(args)
         .stdout(Stdio::piped())
         .spawn()
         .expect("run the libnbd writer");
-    let mut lines = BufReader::new(writer.stdout.take().unwrap()).lines();
-    let mut killed = false;
+    let lines = BufReader::new(writer.stdout.take().unwrap()).lines();
+    let mut kill = Some(kill);
     let mut log = Vec::new();
-    for line in lines.by_ref() {
+    for line in lines {
         let line = line.unwrap();
         log.push(line.clone());
-        if !killed && line == "flushed 400" {
-            c.kill9(leader);
-            killed = true;
+        if line == kill_at {
+            if let Some(k) = kill.take() {
+                k();
+            }
         }
         if line.starts_with("verified") || line.starts_with("MISMATCH") {
             break;
         }
     }
     let status = writer.wait().unwrap();
-    assert!(killed, "the writer never got far enough: {log:?}");
-    assert!(
-        status.success() && log.last().map(String::as_str) == Some("verified 1500"),
-        "writer failed: {log:?}"
+    assert!(kill.is_none(), "the writer never got far enough: {log:?}");
+    assert!(status.success(), "writer failed: {log:?}");
+    log
+}
+
+#[test]
+fn kill9_of_the_leader_loses_no_flushed_write_and_io_resumes_elsewhere() {
+    let mut c = Cluster::start(3);
+    let leader = c.create_volume("vm1", 64 * MIB, 3);
+    let mut uris = vec![c.uri(leader, "vm1")];
+    uris.extend(followers(&c, leader).into_iter().map(|id| c.uri(id, "vm1")));
+    let mut args = vec!["1500".to_string()];
+    args.extend(uris);
+    let log = run_writer_killing("flushed_writes.py", &args, "flushed 400", || {
+        c.kill9(leader)
+    });
+    assert_eq!(
+        log.last().map(String::as_str),
+        Some("verified 1500"),
+        "{log:?}"
     );
     assert!(
         log.iter().any(|l| l.starts_with("connection lost")),
@@ -126,33 +145,12 @@ fn kill9_of_the_leader_loses_no_acknowledged_unflushed_write() {
     let mut c = Cluster::start(3);
     let leader = c.create_volume("vm1", 64 * MIB, 3);
     let via = followers(&c, leader)[0];
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/acked_writes.py");
-    let mut writer = Command::new("/usr/bin/python3")
-        .arg(script)
-        .arg("3000")
-        .arg(c.uri(via, "vm1"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run the libnbd writer");
-    let mut lines = BufReader::new(writer.stdout.take().unwrap()).lines();
-    let mut killed = false;
-    let mut log = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        log.push(line.clone());
-        if !killed && line == "acked 1000" {
-            c.kill9(leader);
-            killed = true;
-        }
-        if line.starts_with("verified") || line.starts_with("MISMATCH") {
-            break;
-        }
-    }
-    let status = writer.wait().unwrap();
-    assert!(killed, "the writer never got far enough: {log:?}");
-    assert!(
-        status.success() && log.last().map(String::as_str) == Some("verified 3000"),
-        "writer failed: {log:?}"
+    let args = ["3000".to_string(), c.uri(via, "vm1")];
+    let log = run_writer_killing("acked_writes.py", &args, "acked 1000", || c.kill9(leader));
+    assert_eq!(
+        log.last().map(String::as_str),
+        Some("verified 3000"),
+        "{log:?}"
     );
     // The writes after the kill went to the new leader, one of the survivors.
     let early: u64 = followers(&c, leader)
