@@ -169,6 +169,9 @@ pub struct ReadyWork {
     pub committed: Vec<Entry>,
     pub persist: LogBatch,
     pub must_sync: bool,
+    /// The hard state's term or vote changed (not only its commit index): a sync
+    /// covering it must not wait (see `must_sync`; an election waits on it).
+    pub votes: bool,
     pub persisted_messages: Vec<Message>,
     pub read_states: Vec<ReadState>,
     /// Set when the leader or this node's role changed.
@@ -222,6 +225,8 @@ pub struct RaftGroup<S: LogStore> {
     last_role: (StateRole, u64),
     /// Index of the last membership change applied (see `GroupState::conf_index`).
     conf_index: u64,
+    /// Term and vote of the last hard state handed out, to tell a vote from a commit.
+    term_vote: (u64, u64),
 }
 
 impl<S: LogStore> RaftGroup<S> {
@@ -270,6 +275,7 @@ impl<S: LogStore> RaftGroup<S> {
             pending: None,
             last_role: (StateRole::Follower, 0),
             conf_index: st.conf_index,
+            term_vote: (st.hard_state.term, st.hard_state.vote),
         })
     }
 
@@ -493,6 +499,9 @@ impl<S: LogStore> RaftGroup<S> {
             });
         }
         if let Some(hs) = rd.hs() {
+            let term_vote = (hs.term, hs.vote);
+            work.votes = term_vote != self.term_vote;
+            self.term_vote = term_vote;
             work.persist.push(LogOp::HardState {
                 group: self.id,
                 hard_state: hs.clone(),
