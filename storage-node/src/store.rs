@@ -94,11 +94,12 @@ const SYNC_GATHER_BUSY: Duration = Duration::from_millis(2);
 /// Longest a written log waits for its sync when nothing but writes already answered
 /// (`Ack::Written`) waits on it. A FLUSH, a FUA write, a read, a vote, a site-durable or
 /// metadata write, or the leader's `SyncWanted` makes the sync urgent; so do
-/// `LAZY_SYNC_READIES_MAX` Readies or `LAZY_SYNC_BYTES_MAX` bytes waiting.
+/// `LAZY_SYNC_HELD_MAX` held messages or `LAZY_SYNC_BYTES_MAX` bytes waiting.
 pub const SYNC_LAZY_MAX: Duration = Duration::from_millis(10);
-/// Written Readies that make a put-off sync urgent (each holds back a Raft append
-/// response; raft-rs keeps 64 appends in flight per follower).
-const LAZY_SYNC_READIES_MAX: usize = 32;
+/// Messages held for a put-off sync (append and heartbeat responses) that make it
+/// urgent: raft-rs keeps at most 64 appends in flight per follower, and stops sending to
+/// one whose responses do not come back.
+const LAZY_SYNC_HELD_MAX: usize = 32;
 /// Written bytes of entries that make a put-off sync urgent. Putting off pays where
 /// syncs cost latency (bursts of small writes, then FLUSH), not where they cost
 /// bandwidth: large writes sync as they come (measured: 1 MiB writes lost 10 % at 8 MiB).
@@ -449,6 +450,7 @@ impl<S: LogStore> Group<S> {
             || !self.reads_waiting_index.is_empty()
             || !self.reads_waiting_apply.is_empty()
             || !self.held.is_empty()
+            || self.raft.transferring_to().is_some()
             || self.early_uncommitted_bytes >= EARLY_ACK_BYTES_MAX / 2
             || self.proposals.keys().any(|i| !self.early.contains_key(i))
     }
@@ -1310,6 +1312,13 @@ impl<S: LogStore> Store<S> {
                         _ => 0,
                     })
                     .sum();
+                // Entries from here on replace what this log had: not synced yet.
+                if let Some(first) = work.persist.ops.iter().find_map(|op| match op {
+                    LogOp::Append { entries, .. } => entries.first(),
+                    _ => None,
+                }) {
+                    g.synced_to = g.synced_to.min(first.index.saturating_sub(1));
+                }
                 wrote.push((*id, last.index, last.term, bytes));
             }
             batch.ops.append(&mut work.persist.ops);
@@ -1496,18 +1505,16 @@ impl<S: LogStore> Store<S> {
                 // Nothing is answered early there: voters sync at once anyway.
                 continue;
             }
-            let (voters, outgoing) = g.raft.voter_sets();
-            for v in voters
-                .iter()
-                .chain(outgoing.iter().filter(|n| !voters.contains(n)))
-            {
-                if *v != me {
-                    self.outbox.sync_wanted(*v, *id, want);
+            // Learners too: a move promotes one only once it has caught up.
+            for p in g.raft.progress() {
+                if p.node != me {
+                    self.outbox.sync_wanted(p.node, *id, want);
                 }
             }
         }
         let bytes: u64 = self.unsynced.iter().map(|u| u.bytes).sum();
-        self.sync_urgent = self.unsynced.len() >= LAZY_SYNC_READIES_MAX
+        let held: usize = self.unsynced.iter().map(|u| u.persisted.len()).sum();
+        self.sync_urgent = held >= LAZY_SYNC_HELD_MAX
             || bytes >= LAZY_SYNC_BYTES_MAX
             || self
                 .unsynced
@@ -1544,6 +1551,8 @@ impl<S: LogStore> Store<S> {
                 self.outbox.send(NodeId(m.to), id, m);
             }
         }
+        // What was urgent may have been this sync: decide again for what is left.
+        self.want_syncs();
         self.start_log_sync()
     }
 
