@@ -112,8 +112,8 @@ pub trait Outbox: Send + Sync + 'static {
     fn send(&self, to: NodeId, group: GroupId, msg: Message);
     /// Tells the leader `to` how far this node wrote `group`'s log (best effort).
     fn written(&self, to: NodeId, group: GroupId, w: Written);
-    /// Asks voter `to` to sync `group`'s log up to `index` now (best effort; see
-    /// `SYNC_LAZY_MAX`).
+    /// Asks replica `to` (voter or learner) to sync `group`'s log up to `want.index` now
+    /// (best effort; see `SYNC_LAZY_MAX`).
     fn sync_wanted(&self, to: NodeId, group: GroupId, want: SyncWanted);
 }
 
@@ -165,7 +165,7 @@ pub struct Written {
     pub index: u64,
     pub log_term: u64,
 }
-/// A leader's request that a voter sync its log of the group up to `index` at once
+/// A leader's request that a replica sync its log of the group up to `index` at once
 /// (something waits for the commit), sent in the leader's `term`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SyncWanted {
@@ -236,7 +236,7 @@ pub enum Event {
         from: NodeId,
         w: Written,
     },
-    /// The leader wants this voter's log synced (see [`SyncWanted`]).
+    /// The leader wants this replica's log synced (see [`SyncWanted`]).
     SyncWanted {
         group: GroupId,
         want: SyncWanted,
@@ -441,8 +441,8 @@ impl<S: LogStore> Group<S> {
     }
 
     /// Leader: whether anything but writes already answered waits for the commit (a
-    /// flush, a read, a proposal answered at commit, or the early-answer budget
-    /// half spent), so that the logs must sync now.
+    /// flush, a read, a proposal answered at commit or held, a leader transfer, or the
+    /// early-answer budget half spent), so that the logs must sync now.
     fn commit_awaited(&self) -> bool {
         !self.early_allowed()
             || self.read_asked
@@ -1297,28 +1297,15 @@ impl<S: LogStore> Store<S> {
             apply_took += started.elapsed();
             // 4. Persistence (collected for all groups).
             count_appends(&work.persist.ops, &self.stats);
-            if let Some(last) = work.persist.ops.iter().rev().find_map(|op| match op {
-                LogOp::Append { entries, .. } => entries.last(),
+            // A Ready appends at most once (`RaftGroup::ready`).
+            if let Some(entries) = work.persist.ops.iter().find_map(|op| match op {
+                LogOp::Append { entries, .. } if !entries.is_empty() => Some(entries),
                 _ => None,
             }) {
-                let bytes = work
-                    .persist
-                    .ops
-                    .iter()
-                    .map(|op| match op {
-                        LogOp::Append { entries, .. } => {
-                            entries.iter().map(|e| e.data.len() as u64).sum()
-                        }
-                        _ => 0,
-                    })
-                    .sum();
-                // Entries from here on replace what this log had: not synced yet.
-                if let Some(first) = work.persist.ops.iter().find_map(|op| match op {
-                    LogOp::Append { entries, .. } => entries.first(),
-                    _ => None,
-                }) {
-                    g.synced_to = g.synced_to.min(first.index.saturating_sub(1));
-                }
+                let (first, last) = (&entries[0], &entries[entries.len() - 1]);
+                // Entries from `first` on replace what this log had: not synced yet.
+                g.synced_to = g.synced_to.min(first.index.saturating_sub(1));
+                let bytes = entries.iter().map(|e| e.data.len() as u64).sum();
                 wrote.push((*id, last.index, last.term, bytes));
             }
             batch.ops.append(&mut work.persist.ops);
@@ -1394,8 +1381,8 @@ impl<S: LogStore> Store<S> {
             // 5 and 6. Advance: written now, persisted once a sync covers the write; the
             // messages that promise persisted state (votes, append responses) wait for
             // it. Readies persist in order, so one that needed no sync waits too if an
-            // earlier one of its group does.
-            // One that needed no sync rides the sync its group waits on, and starts none.
+            // earlier one of its group does: it rides the sync its group waits on, and
+            // starts none.
             let number = g.raft.advance_written(delivered);
             let in_unsynced = self.unsynced.iter().any(|u| u.group == id);
             let in_syncing = self.syncing.iter().any(|u| u.group == id);
@@ -1435,8 +1422,7 @@ impl<S: LogStore> Store<S> {
         if !batch.is_empty() {
             self.log.write(batch)?;
         }
-        self.want_syncs();
-        self.start_log_sync()?;
+        // The sync itself is decided by the caller (`want_syncs`, `start_log_sync`).
         if meta_changed {
             self.publish_cluster();
             self.reconcile()?;
@@ -1485,7 +1471,7 @@ impl<S: LogStore> Store<S> {
     }
 
     /// Decides whether the written log syncs now or may wait (`sync_urgent`), and, on
-    /// leaders whose commit is awaited, asks the voters to sync too.
+    /// leaders whose commit is awaited, asks the other replicas to sync too.
     fn want_syncs(&mut self) {
         let me = self.cfg.me;
         for (id, g) in self.groups.iter_mut() {

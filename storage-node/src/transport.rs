@@ -82,7 +82,7 @@ pub enum PeerFrame {
         group: GroupId,
         w: Written,
     },
-    /// Something waits on `group`'s commit: sync the log this far now (leader to voter).
+    /// Something waits on `group`'s commit: sync the log this far now (leader to replica).
     SyncWanted {
         group: GroupId,
         want: SyncWanted,
