@@ -427,7 +427,7 @@ async fn transfer_leader(
     }
     let group = v.id.group();
     let local = node.status().await.into_iter().find(|g| g.group == group.0);
-    let Some(status) = local.filter(|s| s.role == "Leader") else {
+    let Some(status) = local.filter(|s| s.is_leader()) else {
         return Err(ApiError(
             StatusCode::CONFLICT,
             match node.leader_of(group) {
@@ -501,7 +501,7 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
             "roamdisk_raft_is_leader{{node=\"{}\",group=\"{}\"}} {}",
             node.me,
             g.group,
-            u8::from(g.role == "Leader")
+            u8::from(g.is_leader())
         );
     }
     // Lag of every replica of the groups this node leads (the leader is the only node

@@ -5,10 +5,8 @@
 //! - [`config`]: node configuration (TOML and flags).
 //! - [`rocks`]: the RocksDB `LogStore` (Raft logs, Raft state, node records, block index).
 //! - [`volume`]: one volume replica — sparse extent file, blake3 block index, crash rule.
-//! - [`lag`]: replication lag per replica (entries, bytes, seconds, drain rate).
-//! - [`stats`]: counters and histograms of the store thread's work, for `/metrics`.
-//! - [`store`]: the Raft store thread that owns every group on the node (multi-Raft, one
-//!   write batch and one sync per round for all groups).
+//! - [`store`]: the store thread, the I/O shell around the node core
+//!   (`roamdisk_core::node`): log syncs, extent files, checkpoints, scrub.
 //! - [`transport`]: node-to-node TCP (Raft messages, forwarded proposals and reads).
 //! - [`dedup`]: blocks sent to other sites by reference when the site stores them.
 //! - [`link`]: lanes, batching, zstd compression and the bandwidth cap of links to
@@ -25,18 +23,16 @@
 // raft-rs's protobuf structs are built by assigning fields of a default value.
 #![allow(clippy::field_reassign_with_default)]
 
+pub use roamdisk_core::{lag, stats};
+
 pub mod admin;
 pub mod config;
 pub mod dedup;
-pub mod lag;
 pub mod link;
 pub mod mover;
 pub mod nbd;
 pub mod node;
 pub mod rocks;
-pub mod scrub;
-pub mod stats;
 pub mod store;
-pub mod syncer;
 pub mod transport;
 pub mod volume;

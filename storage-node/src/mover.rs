@@ -140,7 +140,7 @@ async fn step(node: &Arc<Node>, v: &VolumeInfo) -> anyhow::Result<()> {
         .status()
         .await
         .into_iter()
-        .find(|g| g.group == group.0 && g.role == "Leader")
+        .find(|g| g.group == group.0 && g.is_leader())
     else {
         return Ok(());
     };
@@ -239,7 +239,7 @@ mod tests {
     ) -> GroupStatus {
         GroupStatus {
             group: 1,
-            role: "Leader".into(),
+            role: crate::store::Role::Leader,
             leader: Some(1),
             term: 2,
             commit,

@@ -15,12 +15,12 @@ use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
 use crate::dedup::{self, Hash};
-use crate::stats::StoreStats;
 use crate::store::{Ack, ClusterView, Event, GroupStatus, LeaderMap, Outcome, Refused};
 use crate::transport::{
     BlocksReply, ByteBuf, PeerRequest, PeerResponse, RequestHandler, Transport, WireRefused,
     REQUEST_TIMEOUT_MS,
 };
+use roamdisk_core::stats::StoreStats;
 
 /// Blocks per catch-up request (1 MiB of data at most per reply). 64 (256 KiB, smaller
 /// bursts into a WAN's queue) cut the catch-up rate from 44.7 to 36 MiB/s: each request
@@ -85,6 +85,8 @@ pub enum NodeError {
     Deadline { ms: u64, last: String },
     #[error("read extent file: {0}")]
     Io(#[from] std::io::Error),
+    #[error("the block copy for recovery point {from} was superseded by a newer point")]
+    Superseded { from: u64 },
 }
 
 impl Node {
@@ -464,10 +466,23 @@ impl Node {
         }
     }
 
-    /// Copies the blocks of `volume` that differ from the leader's (by blake3), then tells
-    /// the store to replay its deferred log. Resumable: after a restart the same copy
-    /// sends only the blocks that still differ.
-    pub async fn catch_up(&self, volume: VolumeId) -> Result<(), NodeError> {
+    /// Copies the blocks of `volume` that differ from the leader's (by blake3) for
+    /// recovery point `from`, then tells the store to replay its deferred log.
+    /// Resumable: after a restart the same copy sends only the blocks that still differ.
+    ///
+    /// Every block must be read from the source after the replica took its recovery
+    /// point (the replay starts there). A copy whose point is replaced while it runs (a
+    /// second snapshot) stops (`still_current` turns false), before writing another
+    /// chunk; the caller waits for it to end before starting the copy for the new point,
+    /// so two copies never write one replica. (A copy that went on and reported done for
+    /// the old point left a block older than a flushed write it no longer replayed: the
+    /// chaos smoke drill found it as a stale read after a move.)
+    pub async fn catch_up(
+        &self,
+        volume: VolumeId,
+        from: roamdisk_core::ids::LogIndex,
+        still_current: impl Fn() -> bool,
+    ) -> Result<(), NodeError> {
         use futures_util::stream::{FuturesUnordered, StreamExt};
         use roamdisk_core::ids::BLOCK_BYTES;
         let start = Instant::now();
@@ -545,6 +560,9 @@ impl Node {
                 break;
             };
             let (block, target, took, reply) = done?;
+            if !still_current() {
+                return Err(NodeError::Superseded { from: from.0 });
+            }
             match reply {
                 Ok(PeerResponse::Blocks(Ok(BlocksReply {
                     applied,
@@ -620,8 +638,12 @@ impl Node {
             .await
             .map_err(|e| std::io::Error::other(format!("catch-up sync task: {e}")))??;
         tracing::info!(%volume, blocks_copied = copied_blocks.len(), ms = start.elapsed().as_millis() as u64, window, "catch-up copy done");
+        if !still_current() {
+            return Err(NodeError::Superseded { from: from.0 });
+        }
         let done = Event::CatchUpDone {
             group,
+            from,
             copy_end: roamdisk_core::ids::LogIndex(copy_end),
             blocks: copied_blocks,
         };
@@ -748,7 +770,7 @@ impl Node {
     /// leader if it is another node; `None` if no leader answers.
     pub async fn leader_status(&self, group: GroupId) -> Option<GroupStatus> {
         let local = self.status().await.into_iter().find(|g| g.group == group.0);
-        if local.as_ref().is_some_and(|g| g.role == "Leader") {
+        if local.as_ref().is_some_and(|g| g.is_leader()) {
             return local;
         }
         let leader = self.leader_of(group).filter(|l| *l != self.me)?;

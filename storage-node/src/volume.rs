@@ -21,8 +21,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use roamdisk_core::command::VolumeCommand;
-use roamdisk_core::ids::{BlockIndex, GroupId, LogIndex, VolumeId, BLOCK_BYTES};
-use roamdisk_core::logstore::{LogBatch, LogOp};
+use roamdisk_core::ids::{BlockIndex, LogIndex, VolumeId, BLOCK_BYTES};
+use roamdisk_core::logstore::LogOp;
 use roamdisk_nbd::file::RawFile;
 
 use crate::dedup::ContentIndex;
@@ -276,8 +276,7 @@ pub struct VolumeReplica {
     path: PathBuf,
     extent: RawFile,
     size: u64,
-    applied: LogIndex,
-    durable_applied: LogIndex,
+    /// Written since the last checkpoint took its work: the next one must fsync.
     dirty: bool,
     touched: BTreeSet<u64>,
     /// Next block the scrub verifies.
@@ -285,14 +284,9 @@ pub struct VolumeReplica {
 }
 
 impl VolumeReplica {
-    /// Opens (creating if needed) the extent file `dir/<id>.img` of `size` bytes;
-    /// `durable_applied` is the applied index recorded in the store.
-    pub fn open(
-        dir: &Path,
-        id: VolumeId,
-        size: u64,
-        durable_applied: LogIndex,
-    ) -> Result<VolumeReplica, VolumeError> {
+    /// Opens (creating if needed) the extent file `dir/<id>.img` of `size` bytes. Which
+    /// entries it holds is the node core's to know (its recorded applied index).
+    pub fn open(dir: &Path, id: VolumeId, size: u64) -> Result<VolumeReplica, VolumeError> {
         let path = dir.join(format!("{}.img", id.0));
         let extent = RawFile::open_sparse(&path, size).map_err(|source| VolumeError::Io {
             volume: id,
@@ -304,8 +298,6 @@ impl VolumeReplica {
             path,
             extent,
             size,
-            applied: durable_applied,
-            durable_applied,
             dirty: false,
             touched: BTreeSet::new(),
             scrub_cursor: 0,
@@ -324,17 +316,9 @@ impl VolumeReplica {
         self.size
     }
 
-    pub fn applied(&self) -> LogIndex {
-        self.applied
-    }
-
-    pub fn durable_applied(&self) -> LogIndex {
-        self.durable_applied
-    }
-
-    /// True when a checkpoint has work to do.
-    pub fn needs_checkpoint(&self) -> bool {
-        self.applied > self.durable_applied || self.dirty
+    /// Written since the last checkpoint took its work (it must be hashed and synced).
+    pub fn is_dirty(&self) -> bool {
+        self.dirty || !self.touched.is_empty()
     }
 
     /// True when the touched set is at its bound and a checkpoint must run now.
@@ -367,12 +351,10 @@ impl VolumeReplica {
         self.dirty = true;
     }
 
-    /// Applies the command at `index` (entries at or below `applied` are skipped, which
-    /// makes replay after a restart cheap; applying one twice would also be harmless).
+    /// Applies the command of entry `index` (the index only names it in errors).
+    /// Commands are idempotent: applying one again leaves the same bytes, which is what
+    /// makes a replay after a crash correct.
     pub fn apply(&mut self, index: LogIndex, data: &[u8]) -> Result<(), VolumeError> {
-        if index <= self.applied {
-            return Ok(());
-        }
         let cmd = VolumeCommand::decode(data).map_err(|e| VolumeError::BadEntry {
             volume: self.id,
             index,
@@ -395,20 +377,7 @@ impl VolumeReplica {
             }
             VolumeCommand::Resize { size } => self.grow(size)?,
         }
-        self.applied = index;
         Ok(())
-    }
-
-    /// Records progress for entries that carry no command (leader no-ops, membership
-    /// changes).
-    pub fn skip(&mut self, index: LogIndex) {
-        self.applied = self.applied.max(index);
-    }
-
-    /// Marks the extent file as written by someone else (the catch-up copy), so the
-    /// next checkpoint fsyncs it.
-    pub fn mark_dirty(&mut self) {
-        self.dirty = true;
     }
 
     pub fn grow(&mut self, size: u64) -> Result<(), VolumeError> {
@@ -422,40 +391,16 @@ impl VolumeReplica {
         Ok(())
     }
 
-    /// Makes everything applied durable and adds the matching hash-index and applied
-    /// records to `batch`. Call [`VolumeReplica::checkpoint_written`] once the batch is
-    /// written. Every block hashed is also recorded in `content` (dedup's index).
-    pub fn checkpoint(
-        &mut self,
-        batch: &mut LogBatch,
-        content: &ContentIndex,
-    ) -> Result<LogIndex, VolumeError> {
-        let (index, work) = self.checkpoint_prepare(batch)?;
-        if let Some(work) = work {
-            work.run(&mut batch.ops, content)
-                .map_err(self.io("hash and fsync extent file"))?;
+    /// The I/O half of a checkpoint: hash the blocks touched since the last one and
+    /// fsync the file, to run off the store thread ([`ExtentWork`]); its records join
+    /// the checkpoint's batch, written only once the work is done (the crash rule: the
+    /// recorded applied index never covers data that is not durable). Writes applied
+    /// after this call are not covered: they are marked for the next checkpoint.
+    pub fn checkpoint_work(&mut self) -> Result<Option<ExtentWork>, VolumeError> {
+        if !self.is_dirty() {
+            return Ok(None);
         }
-        Ok(index)
-    }
-
-    /// A checkpoint without its reads and fsync, for a caller that runs them elsewhere:
-    /// adds the applied index to `batch` and returns it with the [`ExtentWork`] (hash the
-    /// touched blocks, fsync the file) whose records must join `batch` before it is
-    /// written (the crash rule: the recorded applied index never covers data that is not
-    /// durable). Writes applied after this call are not covered; they are marked for the
-    /// next checkpoint.
-    pub fn checkpoint_prepare(
-        &mut self,
-        batch: &mut LogBatch,
-    ) -> Result<(LogIndex, Option<ExtentWork>), VolumeError> {
-        batch.push(LogOp::Applied {
-            group: self.id.group(),
-            index: self.applied.0,
-        });
-        if !self.dirty && self.touched.is_empty() {
-            return Ok((self.applied, None));
-        }
-        let work = ExtentWork {
+        Ok(Some(ExtentWork {
             volume: self.id,
             file: self
                 .extent
@@ -463,12 +408,7 @@ impl VolumeReplica {
                 .map_err(self.io("open extent file to hash and fsync"))?,
             blocks: std::mem::take(&mut self.touched).into_iter().collect(),
             sync: std::mem::take(&mut self.dirty),
-        };
-        Ok((self.applied, Some(work)))
-    }
-
-    pub fn checkpoint_written(&mut self, index: LogIndex) {
-        self.durable_applied = self.durable_applied.max(index);
+        }))
     }
 
     /// The next at most `max_blocks` blocks for the background scan (up to the end of the
@@ -517,8 +457,7 @@ impl VolumeReplica {
     }
 
     /// Deletes the extent file (the volume left this node).
-    pub fn destroy(self, batch: &mut LogBatch, group: GroupId) -> Result<(), VolumeError> {
-        batch.push(LogOp::Remove { group });
+    pub fn destroy(self) -> Result<(), VolumeError> {
         std::fs::remove_file(&self.path).map_err(|source| VolumeError::Io {
             volume: self.id,
             context: "remove extent file",
@@ -548,7 +487,7 @@ pub fn image_block_hashes(path: &Path) -> std::io::Result<Vec<(u64, [u8; 32])>> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use roamdisk_core::logstore::{GroupState, LogStore, MemLogStore};
+    use roamdisk_core::logstore::{GroupState, LogBatch, LogStore, MemLogStore};
     use std::collections::BTreeMap;
 
     fn write(offset: u64, data: &[u8]) -> Vec<u8> {
@@ -607,65 +546,61 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = MemLogStore::new();
         let v = VolumeId(3);
-        let mut b = LogBatch::default();
-        b.push(LogOp::Create {
-            group: v.group(),
-            state: GroupState::default(),
-        });
-        store.write(b).unwrap();
-
-        let mut r = VolumeReplica::open(dir.path(), v, 1 << 20, LogIndex(0)).unwrap();
-        r.apply(LogIndex(1), &write(100, b"hello")).unwrap();
-        r.apply(LogIndex(2), &write(4096, &[7u8; 4096])).unwrap();
-        r.apply(
-            LogIndex(3),
-            &VolumeCommand::Zero {
-                offset: 4096,
-                len: 4096,
-                punch: true,
-            }
-            .encode(),
-        )
-        .unwrap();
-        assert!(r.needs_checkpoint());
+        let mut r = VolumeReplica::open(dir.path(), v, 1 << 20).unwrap();
+        let zero = VolumeCommand::Zero {
+            offset: 4096,
+            len: 4096,
+            punch: true,
+        }
+        .encode();
+        let log = [
+            write(100, b"hello"),
+            write(4096, &[7u8; 4096]),
+            zero,
+            write(200, b"world"),
+        ];
+        for (i, cmd) in log[..3].iter().enumerate() {
+            r.apply(LogIndex(i as u64 + 1), cmd).unwrap();
+        }
+        assert!(r.is_dirty());
         let mut batch = LogBatch::default();
-        let idx = r.checkpoint(&mut batch, &ContentIndex::default()).unwrap();
+        r.checkpoint_work()
+            .unwrap()
+            .expect("written")
+            .run(&mut batch.ops, &ContentIndex::default())
+            .unwrap();
+        assert!(!r.is_dirty());
         store.write(batch).unwrap();
-        r.checkpoint_written(idx);
-        assert_eq!(r.durable_applied(), LogIndex(3));
         assert!(store.get(&hash_key(v, BlockIndex(0))).unwrap().is_some());
         assert!(
             store.get(&hash_key(v, BlockIndex(1))).unwrap().is_none(),
             "zeroed block has no hash"
         );
-
-        // Crash after applying more without a checkpoint: reopen replays from 3.
-        r.apply(LogIndex(4), &write(200, b"world")).unwrap();
+        let at_3 = image_block_hashes(r.path()).unwrap();
+        // Applied more without a checkpoint, then a crash: the node replays from the
+        // recorded index (3) over what the file holds, which ends equal to applying once.
+        r.apply(LogIndex(4), &log[3]).unwrap();
+        let once = image_block_hashes(r.path()).unwrap();
         drop(r);
-        let mut r = VolumeReplica::open(
-            dir.path(),
-            v,
-            1 << 20,
-            LogIndex(store.state(v.group()).unwrap().unwrap().applied_index),
-        )
-        .unwrap();
-        assert_eq!(r.applied(), LogIndex(3));
-        r.apply(LogIndex(3), &write(100, b"XXXXX")).unwrap(); // at or below applied: skipped
-        r.apply(LogIndex(4), &write(200, b"world")).unwrap();
+        let mut r = VolumeReplica::open(dir.path(), v, 1 << 20).unwrap();
+        for (i, cmd) in log.iter().enumerate() {
+            r.apply(LogIndex(i as u64 + 1), cmd).unwrap();
+        }
+        assert_eq!(image_block_hashes(r.path()).unwrap(), once);
+        assert_ne!(at_3, once);
         let mut buf = [0u8; 5];
         r.extent().read_at(&mut buf, 100).unwrap();
         assert_eq!(&buf, b"hello");
         r.extent().read_at(&mut buf, 200).unwrap();
         assert_eq!(&buf, b"world");
-        let hashes = image_block_hashes(r.path()).unwrap();
-        assert_eq!(hashes.len(), 1, "only block 0 holds data");
+        assert_eq!(once.len(), 1, "only block 0 holds data");
     }
 
     #[test]
     fn checkpoint_work_hashes_runs_of_blocks_off_the_replica_and_covers_only_its_index() {
         let dir = tempfile::tempdir().unwrap();
         let v = VolumeId(5);
-        let mut r = VolumeReplica::open(dir.path(), v, 4 << 20, LogIndex(0)).unwrap();
+        let mut r = VolumeReplica::open(dir.path(), v, 4 << 20).unwrap();
         // 300 adjacent blocks (more than one read), a lone block, and a zeroed one.
         let data: Vec<u8> = (0..300 * 4096)
             .map(|i| match i % 4096 {
@@ -680,8 +615,7 @@ mod tests {
         r.apply(LogIndex(3), &write(950 * 4096, &[0u8; 4096]))
             .unwrap();
         let mut batch = LogBatch::default();
-        let (idx, work) = r.checkpoint_prepare(&mut batch).unwrap();
-        assert_eq!(idx, LogIndex(3));
+        let work = r.checkpoint_work().unwrap();
         // Applied while the work is in flight: the next checkpoint's.
         r.apply(LogIndex(4), &write(901 * 4096, &[8u8; 4096]))
             .unwrap();
@@ -695,7 +629,6 @@ mod tests {
                     puts.insert(parse_hash_key(key).unwrap().1, value.clone());
                 }
                 LogOp::Delete { key } => deletes.push(parse_hash_key(key).unwrap().1),
-                LogOp::Applied { index, .. } => assert_eq!(*index, 3),
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -716,10 +649,9 @@ mod tests {
             "applied after the checkpoint began"
         );
         let mut next = LogBatch::default();
-        let (idx, work) = r.checkpoint_prepare(&mut next).unwrap();
-        assert_eq!(idx, LogIndex(4));
+        let work = r.checkpoint_work().unwrap();
         work.unwrap().run(&mut next.ops, &content).unwrap();
-        assert_eq!(next.ops.len(), 2, "block 901 and the applied index");
+        assert_eq!(next.ops.len(), 1, "block 901");
     }
 
     #[test]
@@ -733,7 +665,7 @@ mod tests {
             state: GroupState::default(),
         });
         store.write(b).unwrap();
-        let mut r = VolumeReplica::open(dir.path(), v, 1 << 20, LogIndex(0)).unwrap();
+        let mut r = VolumeReplica::open(dir.path(), v, 1 << 20).unwrap();
         r.apply(LogIndex(1), &write(0, &[1u8; 8192])).unwrap();
         r.apply(LogIndex(2), &write(40 * 4096, &[2u8; 4096]))
             .unwrap();
@@ -754,14 +686,12 @@ mod tests {
         );
         // The checkpoint in two halves, as the store does it: prepare, sync, write.
         let mut batch = LogBatch::default();
-        let (idx, work) = r.checkpoint_prepare(&mut batch).unwrap();
-        assert_eq!(idx, LogIndex(2));
-        work.expect("written since the last checkpoint")
+        r.checkpoint_work()
+            .unwrap()
+            .expect("written since the last checkpoint")
             .run(&mut batch.ops, &ContentIndex::default())
             .unwrap();
         store.write(batch).unwrap();
-        r.checkpoint_written(idx);
-        assert_eq!(r.durable_applied(), LogIndex(2));
         assert_eq!(scan_slice(&all, range).unwrap(), Vec::<u64>::new());
         assert_eq!(
             r.confirm_corrupted(&[0, 1, 40], get).unwrap(),

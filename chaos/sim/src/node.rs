@@ -392,8 +392,8 @@ impl Node {
         ctx.checker
             .observe_state(group, self.id, machine.applied, machine.hash(), how)?;
         let store = Arc::clone(&self.store);
-        let snapshot_data: Arc<dyn Fn(GroupId) -> Vec<u8> + Send + Sync> =
-            Arc::new(move |g| store.get(&image_key(g)).ok().flatten().unwrap_or_default());
+        let snapshot_data: roamdisk_core::group::SnapshotData =
+            Arc::new(move |g| Ok(store.get(&image_key(g))?.unwrap_or_default()));
         let raft = RaftGroup::open(
             group,
             self.id,

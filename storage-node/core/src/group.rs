@@ -67,12 +67,17 @@ impl Default for GroupConfig {
     }
 }
 
+/// Produces the state-machine part of a group's snapshot at its recorded applied index.
+/// An error is reported to raft-rs as "temporarily unavailable" (raft-rs would panic on
+/// any other); the driver learns of it on its own channel and stops.
+pub type SnapshotData = Arc<dyn Fn(GroupId) -> Result<Vec<u8>, StoreError> + Send + Sync>;
+
 /// raft-rs `Storage` over one group of a [`LogStore`].
 pub struct GroupStorage<S: LogStore> {
     group: GroupId,
     store: Arc<S>,
     /// Produces the state-machine part of a snapshot at the applied index.
-    snapshot_data: Arc<dyn Fn(GroupId) -> Vec<u8> + Send + Sync>,
+    snapshot_data: SnapshotData,
 }
 
 fn store_err(e: StoreError) -> raft::Error {
@@ -156,7 +161,9 @@ impl<S: LogStore> Storage for GroupStorage<S> {
         snap.mut_metadata().index = index;
         snap.mut_metadata().term = term;
         snap.mut_metadata().set_conf_state(st.conf_state);
-        snap.data = (self.snapshot_data)(self.group).into();
+        snap.data = (self.snapshot_data)(self.group)
+            .map_err(|_| raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable))?
+            .into();
         Ok(snap)
     }
 }
@@ -237,7 +244,7 @@ impl<S: LogStore> RaftGroup<S> {
         me: NodeId,
         store: Arc<S>,
         config: &GroupConfig,
-        snapshot_data: Arc<dyn Fn(GroupId) -> Vec<u8> + Send + Sync>,
+        snapshot_data: SnapshotData,
         logger: &slog::Logger,
     ) -> Result<RaftGroup<S>, raft::Error> {
         let st = store
@@ -314,6 +321,11 @@ impl<S: LogStore> RaftGroup<S> {
 
     pub fn applied_index(&self) -> LogIndex {
         LogIndex(self.node.raft.raft_log.applied)
+    }
+
+    /// Index of the first entry still in the log (one past the snapshot or compaction).
+    pub fn first_index(&self) -> LogIndex {
+        LogIndex(self.node.raft.raft_log.first_index())
     }
 
     pub fn last_index(&self) -> LogIndex {
@@ -428,6 +440,28 @@ impl<S: LogStore> RaftGroup<S> {
             ));
         }
         Ok(LogIndex(index))
+    }
+
+    /// Role, term and leader id: raft-rs draws a new randomized election timeout (from
+    /// its own thread-local generator) whenever one of them changes.
+    pub fn election_key(&self) -> (StateRole, u64, u64) {
+        let r = &self.node.raft;
+        (r.state, r.term, r.leader_id)
+    }
+
+    /// The election timeout in ticks (the randomized one is drawn from `[this, 2 × this)`).
+    pub fn election_tick(&self) -> usize {
+        self.node.raft.election_timeout()
+    }
+
+    /// Replaces raft-rs's randomized election timeout by `ticks` (within
+    /// `[election_tick, 2 × election_tick)`), so that the driver's seed, not a thread-local
+    /// generator, decides elections.
+    pub fn set_election_timeout(&mut self, ticks: usize) {
+        let base = self.election_tick();
+        self.node
+            .raft
+            .set_randomized_election_timeout(ticks.clamp(base, 2 * base - 1));
     }
 
     pub fn transfer_leader(&mut self, to: NodeId) {

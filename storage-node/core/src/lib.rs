@@ -16,6 +16,12 @@
 //!   documented Ready order.
 //! - [`written`]: how far a quorum has written (not yet synced) the log, for writes
 //!   acknowledged before their fsync.
+//! - [`node`]: the node core — every group of a node and every decision about them
+//!   (answers, flushes, reads, syncs, checkpoints, catch-up), driven by the storage
+//!   node's store thread and by the simulation alike.
+//! - [`lag`]: replication lag per replica (entries, bytes, seconds, drain rate).
+//! - [`stats`]: counters and histograms of the node's work, for `/metrics`.
+//! - [`time`]: time as an input.
 //!
 //! New replication logic belongs here with a deterministic test; anything that waits on
 //! a socket or a disk belongs in `roamdisk-storage-node`.
@@ -27,6 +33,10 @@ pub mod codec;
 pub mod command;
 pub mod group;
 pub mod ids;
+pub mod lag;
 pub mod logstore;
 pub mod meta;
+pub mod node;
+pub mod stats;
+pub mod time;
 pub mod written;

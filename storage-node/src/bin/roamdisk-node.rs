@@ -416,30 +416,51 @@ async fn keep_registered(
     }
 }
 
-/// Runs one block catch-up per replica the store reports as recovering.
+/// Runs one block catch-up per replica the store reports as recovering, for its current
+/// recovery point. A copy whose point changes stops by itself (see `Node::catch_up`);
+/// the copy for the new point starts only once it has ended.
 async fn catch_up_loop(
     node: Arc<Node>,
-    mut recovering: tokio::sync::watch::Receiver<
-        std::collections::BTreeSet<roamdisk_core::ids::GroupId>,
-    >,
+    mut recovering: roamdisk_storage_node::store::RecoveringView,
     shutdown: CancellationToken,
 ) {
-    let running: Arc<std::sync::Mutex<std::collections::BTreeSet<roamdisk_core::ids::GroupId>>> =
-        Arc::default();
+    use roamdisk_core::ids::{GroupId, LogIndex};
+    let running: Arc<std::sync::Mutex<std::collections::BTreeSet<GroupId>>> = Arc::default();
     loop {
-        let groups: Vec<_> = recovering.borrow_and_update().iter().copied().collect();
-        for g in groups {
+        let points: Vec<(GroupId, LogIndex)> = recovering.borrow_and_update().clone();
+        for (g, from) in points {
             if !running.lock().expect("catch-up set").insert(g) {
                 continue;
             }
             let node = Arc::clone(&node);
             let running = Arc::clone(&running);
+            let view = recovering.clone();
             tokio::spawn(async move {
                 let volume = roamdisk_core::ids::VolumeId(g.0);
-                info!(%volume, "catching up replica by block copy");
-                if let Err(e) = node.catch_up(volume).await {
-                    warn!(%volume, error = %e, "catch-up failed; will retry");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                info!(%volume, from = from.0, "catching up replica by block copy");
+                let current = || view.borrow().iter().any(|&(h, p)| h == g && p == from);
+                match node.catch_up(volume, from, current).await {
+                    Ok(()) => {
+                        // Stay listed as running until the store took the copy (its point
+                        // leaves the view): a second copy for the same point could write
+                        // a block after the replay had applied a newer entry to it.
+                        let mut view = view.clone();
+                        let taken = async {
+                            while current() {
+                                if view.changed().await.is_err() {
+                                    return;
+                                }
+                            }
+                        };
+                        let _ = tokio::time::timeout(Duration::from_secs(30), taken).await;
+                    }
+                    Err(e @ roamdisk_storage_node::node::NodeError::Superseded { .. }) => {
+                        info!(%volume, "{e}; copying again")
+                    }
+                    Err(e) => {
+                        warn!(%volume, error = %e, "catch-up failed; will retry");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
                 }
                 running.lock().expect("catch-up set").remove(&g);
             });

@@ -40,11 +40,11 @@ struct Cluster {
     logger: slog::Logger,
 }
 
-fn snapshot_fn(sm: Arc<Mutex<Sm>>) -> Arc<dyn Fn(GroupId) -> Vec<u8> + Send + Sync> {
+fn snapshot_fn(sm: Arc<Mutex<Sm>>) -> crate::group::SnapshotData {
     Arc::new(move |_| {
         let sm = sm.lock().unwrap();
         let pairs: Vec<(u64, u8)> = sm.bytes.iter().map(|(k, v)| (*k, *v)).collect();
-        crate::codec::encode(&(sm.applied, pairs)).unwrap()
+        Ok(crate::codec::encode(&(sm.applied, pairs)).unwrap())
     })
 }
 

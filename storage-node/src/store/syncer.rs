@@ -12,14 +12,15 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 
+use roamdisk_core::ids::VolumeId;
 use roamdisk_core::logstore::LogOp;
 
 use crate::dedup::ContentIndex;
-use crate::stats::StoreStats;
 use crate::volume::ExtentWork;
+use roamdisk_core::stats::StoreStats;
 
-/// What a finished job returns: the hash records of every replica's touched blocks.
-pub type SyncResult = Result<Vec<LogOp>, String>;
+/// What a finished job returns: the hash records of each replica's touched blocks.
+pub type SyncResult = Result<Vec<(VolumeId, Vec<LogOp>)>, String>;
 
 pub struct Syncer {
     jobs: SyncSender<Vec<ExtentWork>>,
@@ -38,15 +39,16 @@ impl Syncer {
             .spawn(move || {
                 for work in job_rx {
                     let started = Instant::now();
-                    let mut ops = Vec::new();
                     let r = work
                         .iter()
-                        .try_for_each(|w| {
+                        .map(|w| {
+                            let mut ops = Vec::new();
                             w.run(&mut ops, &content).map_err(|e| {
                                 format!("hash and fsync extent file of volume {}: {e}", w.volume)
-                            })
+                            })?;
+                            Ok((w.volume, ops))
                         })
-                        .map(|()| ops);
+                        .collect();
                     stats.checkpoint_extents.observe(started.elapsed());
                     if done_tx.send(r).is_err() {
                         return;

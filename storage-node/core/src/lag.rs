@@ -9,9 +9,11 @@
 //! leader took over. Pure bookkeeping, no I/O; times come from the caller.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::time::Time;
 
 /// Entries remembered; past this the oldest are forgotten (and lag bytes of a replica
 /// further behind become an estimate).
@@ -48,7 +50,7 @@ impl Lag {
 #[derive(Debug)]
 struct Rate {
     matched: u64,
-    at: Instant,
+    at: Time,
     bytes_per_sec: f64,
 }
 
@@ -56,15 +58,15 @@ struct Rate {
 pub struct LagTracker {
     /// (index, cumulative bytes up to and including it, its bytes, proposed at), by
     /// increasing index.
-    marks: VecDeque<(u64, u64, u64, Instant)>,
+    marks: VecDeque<(u64, u64, u64, Time)>,
     total: u64,
     /// When this node started recording (became leader).
-    since: Instant,
+    since: Time,
     rates: BTreeMap<u64, Rate>,
 }
 
 impl LagTracker {
-    pub fn new(now: Instant) -> LagTracker {
+    pub fn new(now: Time) -> LagTracker {
         LagTracker {
             marks: VecDeque::new(),
             total: 0,
@@ -74,12 +76,12 @@ impl LagTracker {
     }
 
     /// Forgets everything (leadership changed: indexes may be reused by the new term).
-    pub fn reset(&mut self, now: Instant) {
+    pub fn reset(&mut self, now: Time) {
         *self = LagTracker::new(now);
     }
 
     /// The leader appended entry `index` holding `bytes`.
-    pub fn proposed(&mut self, index: u64, bytes: u64, now: Instant) {
+    pub fn proposed(&mut self, index: u64, bytes: u64, now: Time) {
         // A re-proposal at an index already recorded replaces the tail from there.
         while self.marks.back().is_some_and(|m| m.0 >= index) {
             self.marks.pop_back();
@@ -121,7 +123,7 @@ impl LagTracker {
     }
 
     /// Lag of a replica at `matched` when the log ends at `last_index`.
-    pub fn lag(&self, peer: u64, matched: u64, last_index: u64, now: Instant) -> Lag {
+    pub fn lag(&self, peer: u64, matched: u64, last_index: u64, now: Time) -> Lag {
         let entries = last_index.saturating_sub(matched);
         let drain = self.rates.get(&peer).map_or(0.0, |r| r.bytes_per_sec);
         if entries == 0 {
@@ -151,7 +153,7 @@ impl LagTracker {
     }
 
     /// Samples how fast `peer` advances (call every tick with its match index).
-    pub fn observe(&mut self, peer: u64, matched: u64, now: Instant) {
+    pub fn observe(&mut self, peer: u64, matched: u64, now: Time) {
         let through = self.bytes_through(matched);
         let before = self
             .rates
@@ -193,7 +195,7 @@ mod tests {
 
     #[test]
     fn lag_counts_entries_bytes_and_age() {
-        let t0 = Instant::now();
+        let t0 = Time::ZERO;
         let mut t = LagTracker::new(t0);
         for i in 1..=10u64 {
             t.proposed(i, 1000, t0 + Duration::from_secs(i));
@@ -210,7 +212,7 @@ mod tests {
 
     #[test]
     fn rate_and_eta_follow_the_replica() {
-        let t0 = Instant::now();
+        let t0 = Time::ZERO;
         let mut t = LagTracker::new(t0);
         for i in 1..=100u64 {
             t.proposed(i, 1 << 20, t0);
@@ -230,7 +232,7 @@ mod tests {
 
     #[test]
     fn reproposal_replaces_tail_and_marks_are_bounded() {
-        let t0 = Instant::now();
+        let t0 = Time::ZERO;
         let mut t = LagTracker::new(t0);
         t.proposed(1, 10, t0);
         t.proposed(2, 10, t0);
@@ -246,7 +248,7 @@ mod tests {
 
     #[test]
     fn entries_before_this_leader_are_estimated() {
-        let t0 = Instant::now();
+        let t0 = Time::ZERO;
         let mut t = LagTracker::new(t0);
         for i in 101..=110u64 {
             t.proposed(i, 100, t0 + Duration::from_secs(1));

@@ -78,6 +78,8 @@ pub struct StoreStats {
     /// that does not match the leader's there).
     pub written_reports: AtomicU64,
     pub written_reports_refused: AtomicU64,
+    /// Replicas the scrub found corrupted on disk (each then copies its blocks again).
+    pub scrub_corrupted: AtomicU64,
     /// One RocksDB batch write (all groups of a round).
     pub log_write: Histogram,
     /// One log sync (fdatasync of the WAL), shared by every group of a round.
@@ -136,6 +138,11 @@ impl StoreStats {
                 "roamdisk_store_written_reports_refused_total",
                 "Followers' reports refused (another term, or a log not matching there).",
                 &self.written_reports_refused,
+            ),
+            (
+                "roamdisk_store_scrub_corrupted_total",
+                "Times the scrub found a replica's block differing from its recorded hash.",
+                &self.scrub_corrupted,
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}");

@@ -1,0 +1,240 @@
+//! What goes into and comes out of the node core: request ids, answers, effects, and the
+//! status it reports.
+
+use raft::eraftpb::Message;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{GroupId, LogIndex, NodeId, VolumeId};
+use crate::lag::Lag;
+use crate::logstore::LogBatch;
+use crate::meta::MetaResult;
+
+/// A caller's request (proposal, flush, read) as the core knows it. The driver chooses
+/// the ids and maps each answer back to its caller; the core answers every id it was
+/// given exactly once ([`Effect::Answer`]), also when it refuses it at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ReqId(pub u64);
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum Refused {
+    #[error("not the leader of group {group} (leader: {leader:?})")]
+    NotLeader {
+        group: GroupId,
+        leader: Option<NodeId>,
+    },
+    #[error("group {0} is not on this node")]
+    NoGroup(GroupId),
+    #[error("proposal was superseded by a leader change; retry")]
+    Superseded,
+    #[error("too many requests in flight")]
+    Busy,
+    #[error("node is shutting down")]
+    Shutdown,
+    #[error("state machine failure: {0}")]
+    Failed(String),
+    #[error("replica of group {0} is catching up and cannot serve reads yet")]
+    Recovering(GroupId),
+}
+
+/// What an answered request produced.
+// Metadata answers are rare; boxing them would cost every volume answer an indirection.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A volume write or flush is done, or a read may be served.
+    Volume,
+    /// A metadata command applied, with its result.
+    Meta(MetaResult),
+}
+
+pub type Answer = Result<Outcome, Refused>;
+
+/// When a proposal is answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Ack {
+    /// Committed (a quorum synced it) and applied here: durable.
+    Committed,
+    /// A volume write: once a quorum of voters has written its entry, synced or not
+    /// (falls back to `Committed` for site-durable volumes and the metadata group).
+    Written,
+}
+
+/// A follower's report that it wrote its log up to `index` (whose entry has `log_term`)
+/// while in `term`; see [`crate::written`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Written {
+    pub term: u64,
+    pub index: u64,
+    pub log_term: u64,
+}
+
+/// A leader's request that a replica sync its log of the group up to `index` at once
+/// (something waits for the commit), sent in the leader's `term`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncWanted {
+    pub term: u64,
+    pub index: u64,
+}
+
+/// What the driver must do. Effects are executed in the order they were emitted: an
+/// answer that follows an [`Effect::Apply`] may rely on the data being applied.
+#[derive(Debug)]
+pub enum Effect {
+    /// Send a Raft message of `group` to `to`.
+    Send {
+        to: NodeId,
+        group: GroupId,
+        msg: Message,
+    },
+    /// Tell the leader `to` how far this node wrote `group`'s log (best effort).
+    Written {
+        to: NodeId,
+        group: GroupId,
+        w: Written,
+    },
+    /// Ask replica `to` to sync `group`'s log now (best effort).
+    SyncWanted {
+        to: NodeId,
+        group: GroupId,
+        want: SyncWanted,
+    },
+    /// Start a sync of the log store covering everything written so far; report its end
+    /// with [`super::NodeCore::log_synced`]. Never emitted while one is in flight.
+    StartSync,
+    /// Apply the volume command of entry `index` to the volume's data (its extent file).
+    /// Applying an entry twice leaves the same bytes (commands are idempotent).
+    Apply {
+        volume: VolumeId,
+        index: LogIndex,
+        data: Vec<u8>,
+    },
+    /// The answer to a request.
+    Answer { id: ReqId, answer: Answer },
+    /// This node now sees `leader` as the leader of `group` (`None`: unknown).
+    Leader {
+        group: GroupId,
+        leader: Option<NodeId>,
+    },
+    /// The cluster metadata changed ([`super::NodeCore::cluster`]): publish it. Emitted
+    /// before the answers to the metadata proposals that changed it.
+    ClusterChanged,
+    /// A replica of this volume now lives on this node: create its (empty, sparse) data
+    /// of `size` bytes, or open what is there.
+    VolumeCreated { volume: VolumeId, size: u64 },
+    /// The volume grew.
+    VolumeGrown { volume: VolumeId, size: u64 },
+    /// The volume left this node: delete its data. Its log is already gone.
+    VolumeRemoved { volume: VolumeId },
+    /// The replicas that must copy their blocks from a healthy replica, each with the
+    /// index its copy is for (its recovery point). A running copy whose recovery point
+    /// is no longer listed must start again: the blocks it copied may predate the new
+    /// point.
+    Recovering(Vec<(GroupId, LogIndex)>),
+    /// Observations for a checker (only with `NodeConfig::observe`).
+    Note(Note),
+}
+
+/// Facts the simulation checks its invariants against; never emitted on a storage node.
+#[derive(Debug, Clone)]
+pub enum Note {
+    /// The commit index of `group` moved from `from` to `to` on its leader, under this
+    /// membership (its voters, and the outgoing ones while joint).
+    LeaderCommit {
+        group: GroupId,
+        from: u64,
+        to: u64,
+        voters: Vec<u64>,
+        outgoing: Vec<u64>,
+    },
+    /// An entry was delivered as committed to this replica.
+    Committed {
+        group: GroupId,
+        entry: raft::eraftpb::Entry,
+    },
+    /// A metadata entry was applied; `hash` is the blake3 of the encoded state after it.
+    MetaApplied { index: u64, hash: [u8; 32] },
+    /// A proposal was answered before its commit (`Ack::Written`).
+    AnsweredEarly {
+        group: GroupId,
+        index: u64,
+        term: u64,
+    },
+    /// A proposal was answered after its commit.
+    AnsweredCommitted {
+        group: GroupId,
+        index: u64,
+        term: u64,
+    },
+    /// A flush was answered: everything answered before it was committed up to `commit`.
+    Flushed { group: GroupId, commit: u64 },
+}
+
+/// A replica's role in its group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Follower,
+    Candidate,
+    PreCandidate,
+    Leader,
+}
+
+impl From<raft::StateRole> for Role {
+    fn from(r: raft::StateRole) -> Role {
+        match r {
+            raft::StateRole::Follower => Role::Follower,
+            raft::StateRole::Candidate => Role::Candidate,
+            raft::StateRole::PreCandidate => Role::PreCandidate,
+            raft::StateRole::Leader => Role::Leader,
+        }
+    }
+}
+
+/// Status of one group on this node, for `status` and metrics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub group: u64,
+    pub role: Role,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub durable_applied: u64,
+    pub last_index: u64,
+    /// Every peer's match index and lag (leader only).
+    pub progress: Vec<PeerStatus>,
+    /// This replica is copying blocks after a snapshot and serves no reads.
+    pub recovering: bool,
+    /// Raft membership as this replica has applied it.
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// In joint consensus (leaving it is automatic).
+    pub joint: bool,
+}
+
+impl GroupStatus {
+    pub fn is_leader(&self) -> bool {
+        self.role == Role::Leader
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub node: u64,
+    pub matched: u64,
+    pub learner: bool,
+    pub lag: Lag,
+}
+
+/// A checkpoint the core asked for ([`super::NodeCore::checkpoint_begin`]): make every
+/// listed volume's data durable as applied up to its index (fsync its extents), then
+/// hand it back with [`super::NodeCore::checkpoint_end`].
+#[derive(Debug)]
+pub struct CheckpointPlan {
+    /// Volumes and the applied index their data must be durable at.
+    pub volumes: Vec<(VolumeId, LogIndex)>,
+    /// What the core itself records with it (applied indexes, the metadata state).
+    pub(super) batch: LogBatch,
+    pub(super) groups: Vec<(GroupId, LogIndex)>,
+    /// The checkpoint's sequence number.
+    pub(super) seq: u64,
+}

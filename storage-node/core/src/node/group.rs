@@ -1,0 +1,498 @@
+//! One Raft group on a node with everything the node decides about it: which proposals
+//! are answered when (early, at commit, after another site has the entry), flushes,
+//! reads and their read index, proposals held through a leader transfer, and whether its
+//! log must sync now.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use raft::eraftpb::Message;
+
+use crate::group::{ProposeError, RaftGroup};
+use crate::ids::{GroupId, LogIndex, NodeId, Term};
+use crate::lag::LagTracker;
+use crate::logstore::LogStore;
+use crate::meta::{ClusterState, Durability, VolumeInfo};
+use crate::stats::StoreStats;
+use crate::time::Time;
+use crate::written::WrittenTracker;
+
+use super::api::{Ack, Answer, Effect, Note, Outcome, Refused, ReqId, SyncWanted};
+use super::{CoreBug, EARLY_ACK_BYTES_MAX, HELD_PROPOSAL_MAX};
+
+/// What a group replicates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// The cluster metadata; its state is the node core's `ClusterState`.
+    Meta,
+    /// A volume; its data is the driver's (applied through `Effect::Apply`).
+    Volume,
+}
+
+/// What the metadata says about how a group's writes are acknowledged.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Policy {
+    /// Acknowledge a write only once a replica outside the home site has its entry.
+    pub site_durable: bool,
+    /// Replicas outside the volume's home site.
+    pub remote: Vec<NodeId>,
+}
+
+impl Policy {
+    pub fn of(cluster: &ClusterState, v: &VolumeInfo) -> Policy {
+        let remote = v
+            .voters
+            .iter()
+            .chain(&v.learners)
+            .copied()
+            .filter(|n| cluster.nodes.get(n).is_some_and(|i| i.site != v.home_site))
+            .collect();
+        Policy {
+            site_durable: v.durability == Durability::Site,
+            remote,
+        }
+    }
+}
+
+/// Where answers and observations go while a group decides.
+pub(crate) struct Out<'a> {
+    pub effects: &'a mut Vec<Effect>,
+    pub stats: &'a StoreStats,
+    pub observe: bool,
+    pub bug: Option<CoreBug>,
+}
+
+impl Out<'_> {
+    pub fn answer(&mut self, id: ReqId, answer: Answer) {
+        self.effects.push(Effect::Answer { id, answer });
+    }
+
+    pub fn note(&mut self, note: impl FnOnce() -> Note) {
+        if self.observe {
+            self.effects.push(Effect::Note(note()));
+        }
+    }
+}
+
+pub(crate) struct GroupCore<S: LogStore> {
+    pub raft: RaftGroup<S>,
+    pub kind: Kind,
+    /// Highest entry applied to the state machine (commands and skipped entries).
+    pub applied: LogIndex,
+    /// Highest applied index recorded in the log store (data durable up to it).
+    pub durable_applied: LogIndex,
+    /// Proposals by log index: (term proposed in, request).
+    pub proposals: BTreeMap<u64, (Term, ReqId)>,
+    /// Proposals (index → command bytes, proposed at) that may be answered once a quorum
+    /// has written them.
+    pub early: BTreeMap<u64, (u64, Time)>,
+    /// Answered early and not yet committed, oldest first: (index, bytes), and their
+    /// sum, bounded by `EARLY_ACK_BYTES_MAX`.
+    pub early_uncommitted: VecDeque<(u64, u64)>,
+    pub early_uncommitted_bytes: u64,
+    /// How far each voter wrote the log in this leader's term.
+    pub written: WrittenTracker,
+    /// Highest index of a proposal answered before it committed. Reads wait for it and
+    /// flushes for its commit.
+    pub early_acked: u64,
+    /// Flushes waiting for the commit index to reach an index (and this leader's term),
+    /// with when they arrived.
+    pub flushes: Vec<(u64, Time, ReqId)>,
+    /// Reads waiting for their ReadState, by request context, with when they started.
+    pub reads_waiting_index: BTreeMap<u64, (Time, ReqId)>,
+    /// Reads waiting for apply to reach an index.
+    pub reads_waiting_apply: Vec<(u64, ReqId)>,
+    /// Applied command entries still in the log: (index, bytes), oldest first.
+    pub retained: VecDeque<(u64, u64)>,
+    pub retained_bytes: u64,
+    /// Set while this replica installed a Raft snapshot at this index and has not yet
+    /// copied the blocks: committed entries are not applied (they stay in the log) and
+    /// reads are refused.
+    pub recovering: Option<LogIndex>,
+    /// Highest committed index delivered while recovering.
+    pub deferred_to: u64,
+    /// Reads are refused until applied reaches this index (the end of a catch-up copy).
+    pub serve_after: u64,
+    /// The catch-up finished; its recovery record goes with the next checkpoint, which
+    /// makes the copied blocks durable.
+    pub recovery_record_stale: bool,
+    /// Lag of every peer (meaningful while this node leads).
+    pub lag: LagTracker,
+    /// Replication policy of the volume, refreshed from the cluster metadata.
+    pub policy: Policy,
+    /// durability=site: applied writes whose acknowledgement waits until a replica at
+    /// another site has their entry, oldest first. Bounded by `PENDING_PROPOSALS_MAX`
+    /// (they come from `proposals`).
+    pub site_waiting: VecDeque<(u64, ReqId)>,
+    /// Answers to metadata proposals, sent once the new cluster state is published, so
+    /// that a caller reading this node's view right after sees its own change.
+    pub meta_replies: Vec<(ReqId, Outcome)>,
+    /// Proposals that arrived while this leader hands leadership over (raft-rs refuses
+    /// them then). Refusing at once sends the caller into a backoff that outlasts the
+    /// transfer; held, they are answered the moment it ends: with the new leader's name
+    /// (the caller goes straight there) or, if the transfer failed, proposed here.
+    /// Bounded with `proposals` by `PENDING_PROPOSALS_MAX`.
+    pub held: Vec<(Time, Vec<u8>, Ack, ReqId)>,
+    /// Highest entry index a finished sync covered.
+    pub synced_to: u64,
+    /// Follower: what the leader asked to be synced now. Leader: what it asked for.
+    pub sync_wanted: SyncWanted,
+    /// Leader: a follower asked for a read index since the last round (its read waits
+    /// for the commit of every write answered early).
+    pub read_asked: bool,
+    /// Role, term and leader when raft-rs last drew an election timeout (see
+    /// `election`).
+    pub election_seen: (raft::StateRole, u64, u64),
+}
+
+impl<S: LogStore> GroupCore<S> {
+    pub fn id(&self) -> GroupId {
+        self.raft.id
+    }
+
+    /// Ends the wait of proposals held during a leader transfer once it is over: a new
+    /// leader known → refused with its name; still leading → proposed again. Proposals
+    /// held longer than `HELD_PROPOSAL_MAX` are refused plainly (the caller retries).
+    pub fn release_held(&mut self, now: Time, out: &mut Out<'_>) {
+        if self.held.is_empty() {
+            return;
+        }
+        let group = self.id();
+        let leading = self.raft.is_leader();
+        let transferring = leading && self.raft.transferring_to().is_some();
+        let leader = self.raft.leader().filter(|_| !leading);
+        let expired = self
+            .held
+            .iter()
+            .any(|(t, _, _, _)| now.saturating_duration_since(*t) > HELD_PROPOSAL_MAX);
+        if (transferring || (!leading && leader.is_none())) && !expired {
+            return;
+        }
+        for (_, data, ack, id) in std::mem::take(&mut self.held) {
+            if leading && !transferring {
+                self.propose(now, data, ack, id, out);
+                continue;
+            }
+            out.answer(
+                id,
+                Err(match leader {
+                    Some(l) => Refused::NotLeader {
+                        group,
+                        leader: Some(l),
+                    },
+                    None => Refused::Superseded,
+                }),
+            );
+        }
+    }
+
+    /// Proposes `data`; the request waits in `proposals` (and in `early` if it may be
+    /// answered once a quorum has written the entry).
+    pub fn propose(&mut self, now: Time, data: Vec<u8>, ack: Ack, id: ReqId, out: &mut Out<'_>) {
+        let group = self.id();
+        let bytes = data.len() as u64;
+        match self.raft.propose(data) {
+            Ok((index, term)) => {
+                self.lag.proposed(index.0, bytes, now);
+                if let Some((_, old)) = self.proposals.insert(index.0, (term, id)) {
+                    // An index is proposed again only in a later term of ours, after
+                    // the earlier entry there was replaced.
+                    out.answer(old, Err(Refused::Superseded));
+                }
+                if ack == Ack::Written && self.early_allowed() {
+                    self.early.insert(index.0, (bytes, now));
+                } else {
+                    self.early.remove(&index.0);
+                }
+            }
+            Err(ProposeError::NotLeader { leader }) => {
+                out.answer(id, Err(Refused::NotLeader { group, leader }));
+            }
+            Err(ProposeError::Dropped) => out.answer(id, Err(Refused::Superseded)),
+            Err(ProposeError::Raft(e)) => out.answer(id, Err(Refused::Failed(e))),
+        }
+    }
+
+    /// Off the leader: refuses the proposals whose entry is no longer in this log (a new
+    /// leader replaced it, or cut the log short of it): by log matching, an entry with
+    /// the proposal's index and term is the proposal, anything else never will be. Left
+    /// waiting, such a proposal was answered only once a later entry applied past its
+    /// index, which an idle volume never does.
+    pub fn drop_replaced_proposals(&mut self, out: &mut Out<'_>) {
+        if self.raft.is_leader() || self.proposals.is_empty() {
+            return;
+        }
+        let truncated = self.raft.first_index().0.saturating_sub(1);
+        let replaced: Vec<u64> = self
+            .proposals
+            .iter()
+            .filter(|(&i, (term, _))| {
+                i > truncated && self.raft.log_term(LogIndex(i)) != Some(*term)
+            })
+            .map(|(&i, _)| i)
+            .collect();
+        for i in replaced {
+            let (_, id) = self.proposals.remove(&i).expect("listed");
+            self.early.remove(&i);
+            out.answer(id, Err(Refused::Superseded));
+        }
+    }
+
+    /// Writes may be answered before they commit: volume groups that are not
+    /// site-durable (a site-durable write waits for another site's synced log).
+    pub fn early_allowed(&self) -> bool {
+        self.kind == Kind::Volume && !self.policy.site_durable
+    }
+
+    /// Leader: whether anything but writes already answered waits for the commit (a
+    /// flush, a read, a proposal answered at commit or held, a leader transfer, or the
+    /// early-answer budget half spent), so that the logs must sync now.
+    pub fn commit_awaited(&self) -> bool {
+        !self.early_allowed()
+            || self.read_asked
+            || !self.flushes.is_empty()
+            || !self.reads_waiting_index.is_empty()
+            || !self.reads_waiting_apply.is_empty()
+            || !self.held.is_empty()
+            || self.raft.transferring_to().is_some()
+            || self.early_uncommitted_bytes >= EARLY_ACK_BYTES_MAX / 2
+            || self.proposals.keys().any(|i| !self.early.contains_key(i))
+    }
+
+    /// Whether this replica's written, unsynced log must sync now rather than within
+    /// `SYNC_LAZY_MAX`.
+    pub fn sync_urgent(&self) -> bool {
+        if !self.early_allowed()
+            || !self.reads_waiting_index.is_empty()
+            || !self.reads_waiting_apply.is_empty()
+        {
+            return true;
+        }
+        let want = self.sync_wanted;
+        want.term == self.raft.term().0 && want.index > self.synced_to
+    }
+
+    /// Answers the early proposals that a quorum of voters has written (leader only).
+    /// Off the leader they stay in `proposals` and are answered at apply, or refused.
+    pub fn release_written(&mut self, me: NodeId, now: Time, out: &mut Out<'_>) {
+        self.trim_early_uncommitted();
+        if self.early.is_empty() {
+            return;
+        }
+        if !self.raft.is_leader() || !self.early_allowed() {
+            self.early.clear();
+            return;
+        }
+        let term = self.raft.term();
+        let quorum = if out.bug == Some(CoreBug::EarlyAckOnLeaderWrite) {
+            // Negative control: the leader's own write stands for a quorum.
+            self.raft.last_index().0
+        } else {
+            let (voters, outgoing) = self.raft.voter_sets();
+            let progress = self.raft.progress();
+            let matched = |n: NodeId| {
+                progress
+                    .iter()
+                    .find(|p| p.node == n)
+                    .map_or(0, |p| p.matched)
+            };
+            self.written.quorum(term, me, &voters, &outgoing, matched).0
+        };
+        while let Some((&i, &(bytes, proposed))) = self.early.first_key_value() {
+            if i > quorum {
+                break;
+            }
+            if self.early_uncommitted_bytes + bytes > EARLY_ACK_BYTES_MAX
+                && !self.early_uncommitted.is_empty()
+            {
+                // Enough answered ahead of the fsyncs: the rest wait for their commit.
+                break;
+            }
+            self.early.pop_first();
+            // Proposed in an earlier term of ours: the entry may have been replaced,
+            // so it waits for apply, which knows.
+            if self.proposals.get(&i).is_none_or(|(t, _)| *t != term) {
+                continue;
+            }
+            let (_, id) = self.proposals.remove(&i).expect("present");
+            self.early_acked = self.early_acked.max(i);
+            self.early_uncommitted.push_back((i, bytes));
+            self.early_uncommitted_bytes += bytes;
+            out.stats
+                .write_written
+                .observe(now.saturating_duration_since(proposed));
+            out.stats
+                .acked_written
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let group = self.id();
+            out.note(|| Note::AnsweredEarly {
+                group,
+                index: i,
+                term: term.0,
+            });
+            out.answer(id, Ok(Outcome::Volume));
+        }
+    }
+
+    /// Forgets the early answers that have committed since.
+    fn trim_early_uncommitted(&mut self) {
+        let commit = self.raft.commit_index().0;
+        while let Some(&(i, bytes)) = self.early_uncommitted.front() {
+            if i > commit && self.raft.is_leader() {
+                break;
+            }
+            self.early_uncommitted.pop_front();
+            self.early_uncommitted_bytes -= bytes;
+        }
+    }
+
+    /// Answers the flushes whose writes are committed: the commit index has reached
+    /// their index and an entry of this leader's term (so whatever an earlier leader
+    /// answered early is committed too). Off the leader they are sent to the new one.
+    pub fn release_flushes(&mut self, now: Time, out: &mut Out<'_>) {
+        if self.flushes.is_empty() {
+            return;
+        }
+        let group = self.id();
+        if !self.raft.is_leader() {
+            let leader = self.raft.leader();
+            for (_, _, id) in self.flushes.drain(..) {
+                out.answer(id, Err(Refused::NotLeader { group, leader }));
+            }
+            return;
+        }
+        let early_flush = out.bug == Some(CoreBug::FlushBeforeCommit);
+        if !self.raft.committed_in_term() && !early_flush {
+            return;
+        }
+        let commit = self.raft.commit_index().0;
+        let (done, waiting): (Vec<_>, Vec<_>) = self
+            .flushes
+            .drain(..)
+            .partition(|(i, _, _)| *i <= commit || early_flush);
+        self.flushes = waiting;
+        for (_, arrived, id) in done {
+            out.stats
+                .flush
+                .observe(now.saturating_duration_since(arrived));
+            out.note(|| Note::Flushed { group, commit });
+            out.answer(id, Ok(Outcome::Volume));
+        }
+    }
+
+    /// A leader's answer to a follower's ReadIndex carries at least the highest write
+    /// it answered early, so that the follower's read waits for it to apply.
+    pub fn stamp_read_index(&self, m: &mut Message) {
+        if m.get_msg_type() == raft::eraftpb::MessageType::MsgReadIndexResp {
+            m.index = m.index.max(self.early_acked);
+        }
+    }
+
+    /// Highest index a replica outside the home site has persisted (leader only).
+    fn remote_matched(&self) -> u64 {
+        self.raft
+            .progress()
+            .iter()
+            .filter(|p| self.policy.remote.contains(&p.node))
+            .map(|p| p.matched)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Answers the site-durable writes that a remote replica now has; refuses them all
+    /// if this node no longer leads (the caller retries; writes are idempotent).
+    pub fn release_site_waiting(&mut self, out: &mut Out<'_>) {
+        if self.site_waiting.is_empty() {
+            return;
+        }
+        if !self.raft.is_leader() {
+            for (_, id) in self.site_waiting.drain(..) {
+                out.answer(id, Err(Refused::Superseded));
+            }
+            return;
+        }
+        let shipped = self.remote_matched();
+        while self
+            .site_waiting
+            .front()
+            .is_some_and(|(i, _)| *i <= shipped)
+        {
+            let (_, id) = self.site_waiting.pop_front().expect("present");
+            out.answer(id, Ok(Outcome::Volume));
+        }
+    }
+
+    /// Whether reads may be served by this replica: its data is whole (not copying
+    /// blocks) and applied past the end of its last copy.
+    pub fn serves_reads(&self) -> bool {
+        self.recovering.is_none() && self.raft.applied_index().0 >= self.serve_after
+    }
+
+    /// Answers the reads whose index has been applied; refuses all of them while the
+    /// replica's data is being replaced by a block copy.
+    pub fn complete_reads(&mut self, out: &mut Out<'_>) {
+        if !self.serves_reads() {
+            // The replica's blocks are being replaced (a snapshot arrived while these
+            // reads waited): its applied index says nothing about its data, so they read
+            // elsewhere. (Answering them when applied passed their index served zeros
+            // that a flushed write had replaced: the chaos smoke drill found it.)
+            let group = self.id();
+            for (_, id) in std::mem::take(&mut self.reads_waiting_apply) {
+                out.answer(id, Err(Refused::Recovering(group)));
+            }
+            return;
+        }
+        let applied = self.raft.applied_index().0;
+        let waiting = std::mem::take(&mut self.reads_waiting_apply);
+        for (index, id) in waiting {
+            if index <= applied {
+                out.answer(id, Ok(Outcome::Volume));
+            } else {
+                self.reads_waiting_apply.push((index, id));
+            }
+        }
+    }
+
+    /// Refuses reads whose read index did not arrive within `expiry` (no leader, a
+    /// partition), so that their callers retry or read elsewhere.
+    pub fn expire_reads(&mut self, now: Time, expiry: Duration, out: &mut Out<'_>) {
+        let expired: Vec<u64> = self
+            .reads_waiting_index
+            .iter()
+            .filter(|(_, (started, _))| now.saturating_duration_since(*started) >= expiry)
+            .map(|(ctx, _)| *ctx)
+            .collect();
+        for ctx in expired {
+            let (_, id) = self.reads_waiting_index.remove(&ctx).expect("listed");
+            out.answer(id, Err(Refused::Superseded));
+        }
+    }
+
+    /// Refuses everything waiting (the group leaves this node, or the node stops).
+    pub fn fail_all(&mut self, why: Refused, out: &mut Out<'_>) {
+        self.early.clear();
+        self.early_uncommitted.clear();
+        self.early_uncommitted_bytes = 0;
+        for (_, _, id) in std::mem::take(&mut self.flushes) {
+            out.answer(id, Err(why.clone()));
+        }
+        for (_, _, _, id) in std::mem::take(&mut self.held) {
+            out.answer(id, Err(why.clone()));
+        }
+        for (_, id) in std::mem::take(&mut self.site_waiting) {
+            out.answer(id, Err(why.clone()));
+        }
+        for (_, (_, id)) in std::mem::take(&mut self.proposals) {
+            out.answer(id, Err(why.clone()));
+        }
+        for (_, (_, id)) in std::mem::take(&mut self.reads_waiting_index) {
+            out.answer(id, Err(why.clone()));
+        }
+        for (_, id) in std::mem::take(&mut self.reads_waiting_apply) {
+            out.answer(id, Err(why.clone()));
+        }
+        for (id, outcome) in std::mem::take(&mut self.meta_replies) {
+            out.answer(id, Ok(outcome));
+        }
+    }
+}
