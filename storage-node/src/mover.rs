@@ -256,6 +256,7 @@ mod tests {
                 })
                 .collect(),
             recovering: false,
+            quarantined: false,
             voters: voters.to_vec(),
             learners: learners.to_vec(),
             joint: false,

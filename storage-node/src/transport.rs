@@ -4,7 +4,9 @@
 //! Request/Response with Propose and Read; 2 — records that may carry a zstd batch of
 //! frames, one connection per lane named in Hello; 3 — `RaftRefs` and `DedupMiss`, Raft
 //! appends with blocks sent by reference, see [`crate::dedup`]; 4 — `Written`, the
-//! acknowledgement mode of a forwarded `Propose`, and `Flush`; 5 — `SyncWanted`): see [`crate::link`] for records. A
+//! acknowledgement mode of a forwarded `Propose`, and `Flush`; 5 — `SyncWanted`; 6 —
+//! `Quarantine`, a rebooted node's quarantine after an unclean shutdown): see
+//! [`crate::link`] for records. A
 //! frame above [`FRAME_MAX_BYTES`] ends the connection. A connection starts with `Hello`
 //! from the dialer.
 //!
@@ -34,9 +36,9 @@ use tracing::{debug, info, warn};
 
 use crate::dedup::{self, ContentIndex, DedupStats, EntryRefs, Hash, MissSet};
 use crate::link::{read_record, Lane, LinkStatus, SiteLink, WriterMode, BATCH_BYTES_MAX};
-use crate::store::{Ack, Event, Outbox, Outcome, Refused, SyncWanted, Written};
+use crate::store::{Ack, Event, Outbox, Outcome, QuarantineReport, Refused, SyncWanted, Written};
 
-pub const PEER_PROTOCOL_VERSION: u16 = 5;
+pub const PEER_PROTOCOL_VERSION: u16 = 6;
 /// Read buffer per peer connection: many small frames (heartbeats, acknowledgements,
 /// `Written`) arrive in one read instead of two reads each.
 const READ_BUFFER_BYTES: usize = 64 << 10;
@@ -50,6 +52,9 @@ pub const RECONNECT_DELAY_MS: u64 = 200;
 pub const REQUEST_TIMEOUT_MS: u64 = 10_000;
 /// Requests and reads carrying more than this many bytes go on the bulk lane.
 pub const CONTROL_LANE_BYTES_MAX: usize = 64 << 10;
+/// Voters (both sides of a joint configuration) a quarantine report may name; more is a
+/// malformed report (raft-rs groups have at most a handful).
+pub const QUARANTINE_VOTERS_MAX: usize = 32;
 /// How long a receiver waits for another node of its site to resolve block references.
 pub const SITE_LOOKUP_TIMEOUT_MS: u64 = 2_000;
 
@@ -87,6 +92,12 @@ pub enum PeerFrame {
         group: GroupId,
         want: SyncWanted,
     },
+    /// Whether the sender is quarantined in `group` (it rebooted without a clean
+    /// shutdown and may not vote yet), with the membership it knows.
+    Quarantine {
+        group: GroupId,
+        report: QuarantineReport,
+    },
     Request {
         id: u64,
         req: PeerRequest,
@@ -102,6 +113,9 @@ impl PeerFrame {
     pub fn approx_len(&self) -> usize {
         16 + match self {
             PeerFrame::Hello { .. } | PeerFrame::Written { .. } | PeerFrame::SyncWanted { .. } => 0,
+            PeerFrame::Quarantine { report, .. } => {
+                8 * (report.voters.len() + report.outgoing.len())
+            }
             PeerFrame::Raft { msg, .. } => msg.len(),
             PeerFrame::RaftRefs { msg, refs, .. } => {
                 msg.len() + refs.iter().map(|r| 8 + 36 * r.refs.len()).sum::<usize>()
@@ -761,6 +775,17 @@ impl Transport {
             PeerFrame::Written { group, w } => {
                 let _ = self.store.try_send(Event::Written { group, from, w });
             }
+            PeerFrame::Quarantine { group, report } => {
+                if report.voters.len() + report.outgoing.len() > QUARANTINE_VOTERS_MAX {
+                    warn!(peer = %from, "quarantine report with too many voters; ignored");
+                } else {
+                    let _ = self.store.try_send(Event::Quarantine {
+                        group,
+                        from,
+                        report,
+                    });
+                }
+            }
             PeerFrame::SyncWanted { group, want } => {
                 let _ = self.store.try_send(Event::SyncWanted { group, want });
             }
@@ -932,6 +957,13 @@ impl Outbox for ArcOutbox {
         // Best effort: without it the voter syncs within `SYNC_LAZY_MAX` anyway.
         if let Some(tx) = self.0.conn(to, Lane::Control) {
             let _ = tx.try_send(PeerFrame::SyncWanted { group, want });
+        }
+    }
+
+    fn quarantine(&self, to: NodeId, group: GroupId, report: QuarantineReport) {
+        // Best effort: repeated every tick while the sender is quarantined.
+        if let Some(tx) = self.0.conn(to, Lane::Control) {
+            let _ = tx.try_send(PeerFrame::Quarantine { group, report });
         }
     }
 }

@@ -15,16 +15,28 @@
 //! 4. **Generations never go back** (checked by the node driver with
 //!    [`crate::machine::MetaMonotone`]).
 //! 5. **Acknowledged writes stay**: an acknowledged proposal's `(index, term, digest)`
-//!    is in the committed record.
+//!    is in the committed record: at once for a write answered at commit; by the end of
+//!    the run for a write answered early, unless, before a flush covering it completed,
+//!    a voter lost power after its answer and at least half of the voters (of either side
+//!    of a joint configuration) were rebooted at once (the one loss documented for
+//!    unflushed writes; any number of process crashes, and power losses of a minority,
+//!    must keep it).
+//! 6. **Reads see acknowledged writes**: a register read returns the value of the last
+//!    write that must survive (5) acknowledged before the read was issued, or a later
+//!    one; never a torn value.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use raft::eraftpb::{ConfState, Entry, EntryType};
+use roamdisk_core::command::VolumeCommand;
 use roamdisk_core::ids::{GroupId, NodeId};
-use roamdisk_core::logstore::{LogStore, MemLogStore};
+use roamdisk_core::logstore::LogStore;
 
-use crate::machine::{Machine, MachineKind, StateHash};
+use crate::config::Micros;
+use crate::machine::{
+    register_stamp, Machine, MachineKind, StateHash, REGISTERS_AT, REGISTER_BYTES,
+};
 use crate::shadow::ShadowLog;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +47,7 @@ pub enum Invariant {
     ReplicaStateAgrees,
     GenerationMonotone,
     AcknowledgedWriteKept,
+    ReadSeesAcknowledgedWrites,
     CrashRule,
     Liveness,
     /// The core or raft-rs returned an error or panicked where the driver expects none.
@@ -50,6 +63,9 @@ impl fmt::Display for Invariant {
             Invariant::ReplicaStateAgrees => "replicas' state is identical at equal applied index",
             Invariant::GenerationMonotone => "a generation never goes back",
             Invariant::AcknowledgedWriteKept => "acknowledged writes are committed and kept",
+            Invariant::ReadSeesAcknowledgedWrites => {
+                "a read returns no less than the writes acknowledged before it"
+            }
             Invariant::CrashRule => "the recorded applied index matches the recorded state",
             Invariant::Liveness => "after healing, a leader exists and replicas converge",
             Invariant::CoreError => "the core does not fail or panic",
@@ -104,6 +120,29 @@ struct CommitRange {
     conf: ConfState,
 }
 
+/// A write a client was told is done.
+#[derive(Clone, Debug)]
+struct Ack {
+    index: u64,
+    term: u64,
+    digest: [u8; 32],
+    early: bool,
+    acked_at: Micros,
+    /// (slot, stamp) of a register write.
+    register: Option<(usize, u64)>,
+    /// The group's voters when it was answered: incoming, and outgoing while joint.
+    voters: (Vec<NodeId>, Vec<NodeId>),
+}
+
+/// A register read: what it returned, and when it was issued.
+#[derive(Clone, Debug)]
+struct Read {
+    slot: usize,
+    stamp: u64,
+    issued_at: Micros,
+    node: NodeId,
+}
+
 /// Everything the checker knows about one group.
 pub struct GroupRecord {
     kind: MachineKind,
@@ -113,7 +152,15 @@ pub struct GroupRecord {
     hashes: BTreeMap<u64, StateHash>,
     commit_ranges: Vec<CommitRange>,
     highest_commit_by_leader: u64,
-    acks: Vec<(u64, u64, [u8; 32])>,
+    acks: Vec<Ack>,
+    /// When each flush that succeeded was issued and answered.
+    flushes: Vec<(Micros, Micros)>,
+    /// Acks before this one were checked durable by a flush.
+    flushed_upto: usize,
+    /// When a node ended its quarantine because at least half of the voters were
+    /// quarantined (rebooted) at once.
+    quarantine_majority: Vec<Micros>,
+    reads: Vec<Read>,
 }
 
 impl GroupRecord {
@@ -133,6 +180,44 @@ impl GroupRecord {
     pub fn acks(&self) -> usize {
         self.acks.len()
     }
+}
+
+/// When a write answered early became losable: a voter lost power after its answer (it
+/// may have forgotten the write), and at least half of the voters were rebooted at once
+/// (a quarantine ended by that rule after the answer: the others could not elect a leader
+/// without their votes), or lost power after the answer. Never for a write answered at
+/// commit.
+fn losable_at(rec: &GroupRecord, a: &Ack, power_losses: &[(Micros, NodeId)]) -> Option<Micros> {
+    if !a.early {
+        return None;
+    }
+    let voter = |n: &NodeId| a.voters.0.contains(n) || a.voters.1.contains(n);
+    let first_loss = power_losses
+        .iter()
+        .find(|(at, n)| *at >= a.acked_at && voter(n))
+        .map(|(at, _)| *at)?;
+    let mut lost = std::collections::BTreeSet::new();
+    let mut half_lost = None;
+    for (at, node) in power_losses.iter().filter(|(at, _)| *at >= a.acked_at) {
+        lost.insert(*node);
+        let half = [&a.voters.0, &a.voters.1].into_iter().any(|side| {
+            !side.is_empty() && side.iter().filter(|n| lost.contains(n)).count() * 2 >= side.len()
+        });
+        if half {
+            half_lost = Some(*at);
+            break;
+        }
+    }
+    let quarantine = rec
+        .quarantine_majority
+        .iter()
+        .copied()
+        .find(|at| *at >= a.acked_at);
+    let at = match (half_lost, quarantine) {
+        (Some(x), Some(y)) => x.min(y),
+        (x, y) => x.or(y)?,
+    };
+    Some(at.max(first_loss))
 }
 
 #[derive(Default)]
@@ -157,6 +242,10 @@ impl Checker {
                 commit_ranges: Vec::new(),
                 highest_commit_by_leader: base_index,
                 acks: Vec::new(),
+                flushes: Vec::new(),
+                flushed_upto: 0,
+                quarantine_majority: Vec::new(),
+                reads: Vec::new(),
             },
         );
     }
@@ -277,7 +366,7 @@ impl Checker {
         &self,
         group: GroupId,
         node: NodeId,
-        store: &MemLogStore,
+        store: &impl LogStore,
         lo: u64,
         hi: u64,
         when: &str,
@@ -387,29 +476,227 @@ impl Checker {
         Ok(())
     }
 
-    /// Invariant 5, when a client receives an acknowledgement.
-    pub fn observe_ack(
+    /// Invariant 5, when a client is told its write is done: a write answered at commit
+    /// must be in the committed record now; one answered early is checked at the end.
+    #[allow(clippy::too_many_arguments)]
+    pub fn observe_write_ack(
         &mut self,
         group: GroupId,
         index: u64,
         term: u64,
         digest: [u8; 32],
+        early: bool,
+        acked_at: Micros,
+        register: Option<(usize, u64)>,
+        voters: (Vec<NodeId>, Vec<NodeId>),
     ) -> Check {
         let rec = self.rec(group);
-        match rec.committed.get(&index) {
-            Some(c) if c.term == term && c.digest == digest => {
-                rec.acks.push((index, term, digest));
-                Ok(())
+        if !early {
+            match rec.committed.get(&index) {
+                Some(c) if c.term == term && c.digest == digest => {}
+                other => return Err(violation(
+                    Invariant::AcknowledgedWriteKept,
+                    format!(
+                        "group {group}: a client was acknowledged for entry {index} term {term} \
+                             at its commit, but the committed record has {:?}",
+                        other.map(|c| c.term)
+                    ),
+                )),
             }
-            other => Err(violation(
-                Invariant::AcknowledgedWriteKept,
-                format!(
-                    "group {group}: a client was acknowledged for entry {index} term {term}, but \
-                     the committed record has {:?}",
-                    other.map(|c| c.term)
-                ),
-            )),
         }
+        rec.acks.push(Ack {
+            index,
+            term,
+            digest,
+            early,
+            acked_at,
+            register,
+            voters,
+        });
+        Ok(())
+    }
+
+    /// A node of `group` ended its quarantine because at least half of the voters were
+    /// quarantined.
+    pub fn observe_quarantine_majority(&mut self, group: GroupId, at: Micros) {
+        self.rec(group).quarantine_majority.push(at);
+    }
+
+    /// A flush issued at `issued_at` succeeded: every write acknowledged before then must
+    /// be durable now, on a majority of its voters (`synced(node)`: what that node's disk
+    /// has synced), unless it was lost before (see `losable_at`).
+    pub fn observe_flush(
+        &mut self,
+        group: GroupId,
+        issued_at: Micros,
+        answered_at: Micros,
+        power_losses: &[(Micros, NodeId)],
+        synced: impl Fn(NodeId) -> Option<ShadowLog>,
+    ) -> Check {
+        let rec = &self.groups[&group];
+        let mut proven = Vec::new();
+        for (i, a) in rec.acks.iter().enumerate().skip(rec.flushed_upto) {
+            if a.acked_at > issued_at {
+                break;
+            }
+            if !a.early || losable_at(rec, a, power_losses).is_some_and(|t| t <= answered_at) {
+                proven.push(i);
+                continue;
+            }
+            // Below a log's truncation point the entry is in the durable state, if it is
+            // the one committed there.
+            let committed = rec
+                .committed
+                .get(&a.index)
+                .is_some_and(|c| c.term == a.term && c.digest == a.digest);
+            let holds = |log: ShadowLog| {
+                log.term(a.index) == Some(a.term) || (a.index <= log.truncated_index && committed)
+            };
+            for side in [&a.voters.0, &a.voters.1] {
+                let holding = side
+                    .iter()
+                    .filter(|n| synced(**n).is_some_and(holds))
+                    .count();
+                if !side.is_empty() && holding * 2 <= side.len() {
+                    return Err(violation(
+                        Invariant::AcknowledgedWriteKept,
+                        format!(
+                            "group {group}: a flush issued at {issued_at} us succeeded, but the \
+                             write answered at {} us (entry {} term {}) is synced on only {holding} \
+                             of its voters {side:?}",
+                            a.acked_at, a.index, a.term
+                        ),
+                    ));
+                }
+            }
+            proven.push(i);
+        }
+        let rec = self.rec(group);
+        // Acks are in answer order; everything before the first unproven one is done.
+        let done = proven
+            .iter()
+            .enumerate()
+            .take_while(|(k, i)| rec.flushed_upto + k == **i)
+            .count();
+        rec.flushed_upto += done;
+        rec.flushes.push((issued_at, answered_at));
+        Ok(())
+    }
+
+    /// A register read issued at `issued_at` returned `bytes` on `node`.
+    pub fn observe_read(
+        &mut self,
+        group: GroupId,
+        slot: usize,
+        bytes: &[u8],
+        issued_at: Micros,
+        node: NodeId,
+    ) -> Check {
+        let Some(stamp) = register_stamp(bytes) else {
+            return Err(violation(
+                Invariant::ReadSeesAcknowledgedWrites,
+                format!("group {group}: node {node} returned a torn or foreign value for register {slot}"),
+            ));
+        };
+        self.rec(group).reads.push(Read {
+            slot,
+            stamp,
+            issued_at,
+            node,
+        });
+        Ok(())
+    }
+
+    /// End of run, invariants 5 and 6: `power_losses` are the times nodes lost power.
+    pub fn check_acks_and_reads(&self, group: GroupId, power_losses: &[(Micros, NodeId)]) -> Check {
+        let rec = &self.groups[&group];
+        let losable_at = |a: &Ack| losable_at(rec, a, power_losses);
+        // A flush issued after the answer that completed before then made it durable.
+        let must_survive = |a: &Ack| match losable_at(a) {
+            None => true,
+            Some(t) => rec
+                .flushes
+                .iter()
+                .any(|(issued, answered)| *issued >= a.acked_at && *answered < t),
+        };
+        for a in rec.acks.iter().filter(|a| must_survive(a)) {
+            match rec.committed.get(&a.index) {
+                Some(c) if c.term == a.term && c.digest == a.digest => {}
+                other => {
+                    return Err(violation(
+                        Invariant::AcknowledgedWriteKept,
+                        format!(
+                            "group {group}: a write answered {} at {} us (entry {} term {}) is not \
+                             in the committed record, which has {:?} there",
+                            if a.early { "early" } else { "at commit" },
+                            a.acked_at,
+                            a.index,
+                            a.term,
+                            other.map(|c| c.term)
+                        ),
+                    ))
+                }
+            }
+        }
+        // The highest committed index that wrote each (slot, stamp).
+        let mut written: BTreeMap<(usize, u64), u64> = BTreeMap::new();
+        for (index, c) in &rec.committed {
+            if let Ok(VolumeCommand::Write { offset, data }) = VolumeCommand::decode(&c.data) {
+                let at = offset as usize;
+                if c.normal && at >= REGISTERS_AT && data.len() == REGISTER_BYTES {
+                    if let Some(stamp) = register_stamp(data) {
+                        written.insert(((at - REGISTERS_AT) / REGISTER_BYTES, stamp), *index);
+                    }
+                }
+            }
+        }
+        for r in &rec.reads {
+            let seen = if r.stamp == 0 {
+                Some(rec.base_index)
+            } else {
+                written.get(&(r.slot, r.stamp)).copied()
+            };
+            let Some(seen) = seen else {
+                return Err(violation(
+                    Invariant::ReadSeesAcknowledgedWrites,
+                    format!(
+                        "group {group}: node {} read stamp {} in register {}, which no committed \
+                         entry wrote",
+                        r.node, r.stamp, r.slot
+                    ),
+                ));
+            };
+            // A read sees every write answered before it was issued that was not lost by
+            // then.
+            let newest = rec
+                .acks
+                .iter()
+                .filter(|a| {
+                    a.acked_at <= r.issued_at
+                        && (must_survive(a) || losable_at(a).is_some_and(|t| r.issued_at < t))
+                })
+                .filter(|a| a.register.is_some_and(|(slot, _)| slot == r.slot))
+                .max_by_key(|a| a.index);
+            if let Some(a) = newest {
+                if seen < a.index {
+                    return Err(violation(
+                        Invariant::ReadSeesAcknowledgedWrites,
+                        format!(
+                            "group {group}: node {} read register {} at {} us and saw the write at \
+                             entry {seen}, older than the write at entry {} acknowledged at {} us",
+                            r.node, r.slot, r.issued_at, a.index, a.acked_at
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Acknowledged writes, reads and flushes recorded for `group`.
+    pub fn counts(&self, group: GroupId) -> (usize, usize, usize) {
+        let rec = &self.groups[&group];
+        (rec.acks.len(), rec.reads.len(), rec.flushes.len())
     }
 
     /// End of run: replays the committed log from the bootstrap state through a fresh
@@ -444,7 +731,7 @@ impl Checker {
                 }
             }
         }
-        for (index, term, _) in &rec.acks {
+        for Ack { index, term, .. } in rec.acks.iter().filter(|a| !a.early) {
             if *index > upto {
                 return Err(violation(
                     Invariant::AcknowledgedWriteKept,

@@ -1,24 +1,43 @@
 //! Clients: each has at most one request in flight, sends it to the node it believes
 //! leads the group, follows leader hints, and retries on refusals and timeouts (so one
-//! command may be committed twice, as with a real client). A request counts as
-//! acknowledged when a node answers that the entry it proposed was committed and
-//! applied there with the term it was proposed in.
+//! command may be committed twice, as with a real client). Volume clients write (as NBD
+//! writes without FUA, answered early, or with FUA, answered at commit), flush, and read
+//! registers; metadata clients propose metadata commands.
 
 use raft::eraftpb::Entry;
 use roamdisk_core::command::VolumeCommand;
 use roamdisk_core::ids::{Generation, GroupId, NodeId};
 use roamdisk_core::meta::{Durability, MetaCommand, NodeInfo};
+use roamdisk_core::node::Ack;
 
 use crate::checker::entry_digest;
-use crate::machine::{MachineKind, VOLUME_BYTES};
+use crate::config::Micros;
+use crate::machine::{register_bytes, MachineKind, REGISTERS, REGISTERS_AT, REGISTER_BYTES};
 use crate::rng::SimRng;
+
+/// What a request asks.
+#[derive(Clone, Debug)]
+pub enum Op {
+    Write {
+        payload: Vec<u8>,
+        ack: Ack,
+        /// Digest of the log entry this write becomes.
+        digest: [u8; 32],
+        /// A stamped write of a register: (slot, stamp).
+        register: Option<(usize, u64)>,
+    },
+    Flush,
+    Read {
+        slot: usize,
+    },
+}
 
 pub struct InFlight {
     pub request: u64,
     pub attempt: u32,
-    pub payload: Vec<u8>,
-    /// Digest of the log entry this request becomes.
-    pub digest: [u8; 32],
+    pub op: Op,
+    /// When the first attempt was sent.
+    pub issued_at: Micros,
 }
 
 pub struct Client {
@@ -31,6 +50,17 @@ pub struct Client {
     /// A client of the liveness check at the end: it runs in the quiet phase and its
     /// one request must be acknowledged.
     pub liveness: bool,
+}
+
+fn write_op(payload: Vec<u8>, ack: Ack, register: Option<(usize, u64)>) -> Op {
+    let mut e = Entry::default();
+    e.data = payload.clone().into();
+    Op::Write {
+        digest: entry_digest(&e),
+        payload,
+        ack,
+        register,
+    }
 }
 
 impl Client {
@@ -46,22 +76,45 @@ impl Client {
         }
     }
 
-    /// Starts a new request with a command drawn from `rng`.
-    pub fn start(&mut self, rng: &mut SimRng) -> &mut InFlight {
-        let payload = match self.kind {
-            MachineKind::Volume => volume_command(rng),
-            MachineKind::Meta => meta_command(rng),
+    /// Starts a new request drawn from `rng`; `stamps` numbers register writes.
+    pub fn start(&mut self, rng: &mut SimRng, now: Micros, stamps: &mut u64) -> &mut InFlight {
+        let op = match self.kind {
+            MachineKind::Meta => write_op(meta_command(rng), Ack::Committed, None),
+            MachineKind::Volume if self.liveness => {
+                write_op(volume_command(rng), Ack::Committed, None)
+            }
+            MachineKind::Volume => {
+                let ack = if rng.below(10) < 7 {
+                    Ack::Written
+                } else {
+                    Ack::Committed
+                };
+                match rng.weighted(&[40, 25, 10, 25]) {
+                    0 => write_op(volume_command(rng), ack, None),
+                    1 => {
+                        *stamps += 1;
+                        let slot = rng.below(REGISTERS as u64) as usize;
+                        let payload = VolumeCommand::Write {
+                            offset: (REGISTERS_AT + slot * REGISTER_BYTES) as u64,
+                            data: &register_bytes(*stamps),
+                        }
+                        .encode();
+                        write_op(payload, ack, Some((slot, *stamps)))
+                    }
+                    2 => Op::Flush,
+                    _ => Op::Read {
+                        slot: rng.below(REGISTERS as u64) as usize,
+                    },
+                }
+            }
         };
-        let mut e = Entry::default();
-        e.data = payload.clone().into();
-        let digest = entry_digest(&e);
         let request = self.next_request;
         self.next_request += 1;
         self.in_flight.insert(InFlight {
             request,
             attempt: 0,
-            payload,
-            digest,
+            op,
+            issued_at: now,
         })
     }
 }
@@ -70,7 +123,7 @@ pub fn volume_command(rng: &mut SimRng) -> Vec<u8> {
     match rng.weighted(&[80, 15, 5]) {
         0 => {
             let len = rng.range(1, 64) as usize;
-            let offset = rng.below((VOLUME_BYTES - len) as u64);
+            let offset = rng.below((REGISTERS_AT - len) as u64);
             let data = rng.bytes(len);
             VolumeCommand::Write {
                 offset,
@@ -79,13 +132,13 @@ pub fn volume_command(rng: &mut SimRng) -> Vec<u8> {
             .encode()
         }
         1 => VolumeCommand::Zero {
-            offset: rng.below(VOLUME_BYTES as u64),
+            offset: rng.below(REGISTERS_AT as u64 - 256),
             len: rng.range(1, 256),
             punch: rng.below(2) == 0,
         }
         .encode(),
         _ => VolumeCommand::Resize {
-            size: (VOLUME_BYTES as u64) + rng.below(16) * 4096,
+            size: (crate::machine::VOLUME_BYTES as u64) + rng.below(16) * 4096,
         }
         .encode(),
     }

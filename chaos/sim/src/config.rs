@@ -7,21 +7,10 @@ pub type Micros = u64;
 
 pub const MS: Micros = 1_000;
 
-/// A deliberately wrong driver, to prove the checker can fail (negative controls).
-/// Each breaks one rule of the core's Ready order or crash rule.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DriverBug {
-    /// Send votes and append acknowledgements (the Ready's persisted messages) as soon
-    /// as their batch is written, before its sync completes; a power loss in between
-    /// forgets what they promised.
-    AckBeforeSync,
-    /// Apply entries to the state machine as soon as they are appended, before they
-    /// are committed.
-    ApplyBeforeCommit,
-    /// A power loss also loses synced data: the node comes back with an empty disk
-    /// under its old identity.
-    LoseSyncedDataOnPowerLoss,
-}
+/// A deliberately broken rule, to prove the checker can fail (negative controls): the
+/// core's own knobs (`roamdisk_core::node::CoreBug`, the code under test broken on
+/// purpose), or a disk that loses what it synced.
+pub use roamdisk_core::node::CoreBug;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SimConfig {
@@ -59,7 +48,7 @@ pub struct SimConfig {
     pub duplicate_per_million_max: u32,
     /// Time a sync takes: `[lo, hi]` microseconds. A power loss can land inside it.
     pub sync_us: (u64, u64),
-    /// Interval between a node's checkpoints (state image + applied index).
+    /// Interval between a node's checkpoints (volume data synced, applied index recorded).
     pub checkpoint_ms: (u64, u64),
     /// Entries kept behind the recorded applied index when compacting, drawn per run
     /// from `[lo, hi]`; small values force snapshots.
@@ -80,6 +69,14 @@ pub struct SimConfig {
     /// Share of crashes aimed at the sync window: the node crashes when its next sync
     /// would complete, after the write and before the sync.
     pub crash_in_sync_per_million: u32,
+    /// Share of runs whose volume is `durability=site` (writes answered once a replica
+    /// at another site has them), when the run has another site.
+    pub site_durable_per_million: u32,
+    /// A block copy whose recovery point changed stops before its next chunk with this
+    /// probability (the storage node checks between chunks); otherwise it goes on and
+    /// reports done for its old point, as it can when the check races with the store
+    /// thread, and the core must refuse it.
+    pub copy_stop_per_million: u32,
 
     /// Clients of the volume group (the metadata group has one more).
     pub volume_clients: usize,
@@ -97,14 +94,11 @@ pub struct SimConfig {
     /// it keeps leading, drops every proposal and never steps down (followers stay in
     /// its lease). With it off, voters only become learners, as in a volume move.
     pub allow_removing_leader: bool,
-    /// Sync the store when a node restarts, before any group is opened. A process crash
-    /// keeps what was written but not synced; raft-rs treats everything in the store as
-    /// persisted, so without this sync a restarted node acknowledges entries (already
-    /// in its log, so no new write and no sync) that a later power loss still takes.
-    /// The storage node's `Store::open` does not sync today.
-    pub sync_on_restart: bool,
-
-    pub driver_bug: Option<DriverBug>,
+    /// A broken rule in the core (negative controls).
+    pub core_bug: Option<CoreBug>,
+    /// A power loss also loses synced data: the node comes back with an empty disk
+    /// under its old identity (a disk that lies about fsync; negative control).
+    pub lose_synced_data: bool,
     /// Check that committed entries stay durable on a quorum (against the disk model).
     /// Only the negative controls turn it off, to see the other checks catch the
     /// consequences of a broken driver.
@@ -123,33 +117,21 @@ impl SimConfig {
         let presets = [
             (SimConfig::default(), None),
             (SimConfig::membership_stress(), Some("--stress")),
+            (SimConfig::power_loss_stress(), Some("--power-stress")),
         ];
         for (mut cfg, preset) in presets {
             let mut flags: Vec<&str> = preset.into_iter().collect();
-            if let Some(bug) = want.driver_bug {
-                cfg.driver_bug = Some(bug);
-                flags.push(match bug {
-                    DriverBug::AckBeforeSync => "--bug ack-before-sync",
-                    DriverBug::ApplyBeforeCommit => "--bug apply-early",
-                    DriverBug::LoseSyncedDataOnPowerLoss => "--bug lose-synced",
-                });
+            if let Some(bug) = want.core_bug {
+                cfg.core_bug = Some(bug);
+                flags.push(bug_flag(bug));
             }
-            for (knob, on, flag) in [
-                (
-                    &mut cfg.check_durable_quorum,
-                    want.check_durable_quorum,
-                    "--no-quorum-check",
-                ),
-                (
-                    &mut cfg.sync_on_restart,
-                    want.sync_on_restart,
-                    "--no-restart-sync",
-                ),
-            ] {
-                if !on {
-                    *knob = false;
-                    flags.push(flag);
-                }
+            if want.lose_synced_data {
+                cfg.lose_synced_data = true;
+                flags.push("--bug lose-synced");
+            }
+            if !want.check_durable_quorum {
+                cfg.check_durable_quorum = false;
+                flags.push("--no-quorum-check");
             }
             if want.allow_removing_leader {
                 cfg.allow_removing_leader = true;
@@ -180,12 +162,67 @@ impl SimConfig {
                 transfer_leader: 12,
                 membership: 50,
                 compact: 10,
+                catch_up_race: 5,
+                sync_failure: 5,
             },
             power_loss_per_million: 0,
             checkpoint_ms: (1_000, 2_000),
             ..SimConfig::default()
         }
     }
+}
+
+impl SimConfig {
+    /// Power losses and partitions only, in three-voter groups: the schedules where a
+    /// rebooted voter that forgot writes it reported as written could help elect a
+    /// leader without them (what quarantine prevents).
+    pub fn power_loss_stress() -> SimConfig {
+        SimConfig {
+            voters_choices: vec![3],
+            fault_weights: FaultWeights {
+                crash: 40,
+                partition: 40,
+                transfer_leader: 5,
+                membership: 0,
+                compact: 0,
+                catch_up_race: 0,
+                sync_failure: 0,
+            },
+            power_loss_per_million: 1_000_000,
+            crash_in_sync_per_million: 500_000,
+            downtime_ms: (50, 1_500),
+            partition_ms: (300, 3_000),
+            fault_interval_ms: (100, 500),
+            ..SimConfig::default()
+        }
+    }
+}
+
+/// The `roamdisk-sim` flag that turns `bug` on.
+pub fn bug_flag(bug: CoreBug) -> &'static str {
+    match bug {
+        CoreBug::AckBeforeSync => "--bug ack-before-sync",
+        CoreBug::EarlyAckOnLeaderWrite => "--bug early-ack-alone",
+        CoreBug::FlushBeforeCommit => "--bug flush-early",
+        CoreBug::AcceptStaleCatchUp => "--bug stale-copy",
+        CoreBug::TrustLogAfterFailedSync => "--bug trust-log",
+        CoreBug::NoQuarantine => "--bug no-quarantine",
+    }
+}
+
+/// The bug a `--bug NAME` flag names (`lose-synced` is not the core's: see
+/// `SimConfig::lose_synced_data`).
+pub fn bug_named(name: &str) -> Option<CoreBug> {
+    [
+        CoreBug::AckBeforeSync,
+        CoreBug::EarlyAckOnLeaderWrite,
+        CoreBug::FlushBeforeCommit,
+        CoreBug::AcceptStaleCatchUp,
+        CoreBug::TrustLogAfterFailedSync,
+        CoreBug::NoQuarantine,
+    ]
+    .into_iter()
+    .find(|b| bug_flag(*b).strip_prefix("--bug ") == Some(name))
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -195,6 +232,11 @@ pub struct FaultWeights {
     pub transfer_leader: u32,
     pub membership: u32,
     pub compact: u32,
+    /// A replica is cut off until it needs a snapshot, and again while it copies its
+    /// blocks, so that a second snapshot lands during the copy.
+    pub catch_up_race: u32,
+    /// A node's next log sync fails (the node stops, and restarts on the same boot).
+    pub sync_failure: u32,
 }
 
 impl Default for SimConfig {
@@ -228,15 +270,19 @@ impl Default for SimConfig {
                 transfer_leader: 12,
                 membership: 20,
                 compact: 8,
+                catch_up_race: 6,
+                sync_failure: 5,
             },
             power_loss_per_million: 700_000,
             crash_in_sync_per_million: 300_000,
+            site_durable_per_million: 300_000,
+            copy_stop_per_million: 500_000,
             volume_clients: 3,
             think_ms: (1, 60),
             client_timeout_ms: 600,
             allow_removing_leader: false,
-            sync_on_restart: true,
-            driver_bug: None,
+            core_bug: None,
+            lose_synced_data: false,
             check_durable_quorum: true,
             trace: false,
         }

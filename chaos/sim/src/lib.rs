@@ -45,7 +45,9 @@
 pub mod checker;
 pub mod client;
 pub mod config;
+pub mod copy;
 pub mod corelog;
+pub mod faults;
 pub mod machine;
 pub mod net;
 pub mod node;
@@ -53,10 +55,11 @@ pub mod rng;
 pub mod runner;
 pub mod shadow;
 pub mod sim;
+pub mod store;
 pub mod topology;
 pub mod trace;
 
 pub use checker::{Invariant, Violation};
-pub use config::{DriverBug, SimConfig};
+pub use config::{CoreBug, SimConfig};
 pub use runner::run_seed;
 pub use sim::{Outcome, SimFailure, Simulation, Stats};

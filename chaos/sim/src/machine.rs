@@ -2,10 +2,9 @@
 //! volume (bytes changed by `VolumeCommand`s) and the cluster metadata (`ClusterState`
 //! changed by `MetaCommand`s), both exactly as the core defines their commands.
 //!
-//! A machine has an *image*: its state plus the index it has applied, encoded as bytes.
-//! The driver writes the image into the node's `LogStore` together with the applied
-//! index (one batch), which is the crash rule: the recorded applied index never covers
-//! state that is not in the recorded image. The same image is a Raft snapshot's data.
+//! [`Machine`] replays the committed log (the checker's reference); [`VolumeData`] is one
+//! replica's volume data as a storage node keeps it, in an extent file with a page
+//! cache, which a power loss can leave with any mix of synced and unsynced pages.
 
 use roamdisk_core::command::VolumeCommand;
 use roamdisk_core::ids::{Generation, VolumeId};
@@ -14,6 +13,117 @@ use roamdisk_core::meta::{ClusterState, MetaCommand};
 /// Bytes of the simulated volume. Small, so that hashing the whole state after every
 /// applied entry stays cheap (the per-index state hash is how replicas are compared).
 pub const VOLUME_BYTES: usize = 4096;
+/// The volume's second half holds registers: slots that only stamped writes touch, so
+/// that a read of one can be checked against the writes acknowledged before it.
+pub const REGISTERS_AT: usize = VOLUME_BYTES / 2;
+pub const REGISTER_BYTES: usize = 256;
+pub const REGISTERS: usize = (VOLUME_BYTES - REGISTERS_AT) / REGISTER_BYTES;
+/// Granularity at which a power loss keeps or loses unsynced volume data (pages written
+/// back or not).
+pub const PAGE_BYTES: usize = 256;
+
+/// The bytes a stamped write puts in register `slot`.
+pub fn register_bytes(stamp: u64) -> Vec<u8> {
+    stamp.to_le_bytes().repeat(REGISTER_BYTES / 8)
+}
+
+/// The stamp a register holds (0: never written), or `None` if its bytes are not one
+/// stamp's (a torn or foreign write).
+pub fn register_stamp(bytes: &[u8]) -> Option<u64> {
+    let stamp = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    (bytes == register_bytes(stamp).as_slice()).then_some(stamp)
+}
+
+/// blake3 of a volume's state as the checker compares it.
+pub fn volume_hash(size: u64, bytes: &[u8]) -> StateHash {
+    let mut h = blake3::Hasher::new();
+    h.update(b"volume");
+    h.update(&size.to_le_bytes());
+    h.update(bytes);
+    *h.finalize().as_bytes()
+}
+
+/// One replica's volume data as a storage node holds it in an extent file: what reads
+/// see (the page cache) and what a power loss keeps (the last fsync, plus whatever pages
+/// happened to be written back).
+#[derive(Clone, Debug)]
+pub struct VolumeData {
+    pub size: u64,
+    pub bytes: Vec<u8>,
+    durable_size: u64,
+    durable: Vec<u8>,
+}
+
+impl Default for VolumeData {
+    fn default() -> Self {
+        VolumeData {
+            size: VOLUME_BYTES as u64,
+            bytes: vec![0; VOLUME_BYTES],
+            durable_size: VOLUME_BYTES as u64,
+            durable: vec![0; VOLUME_BYTES],
+        }
+    }
+}
+
+impl VolumeData {
+    /// Applies a volume command (idempotent, as the node's extent writes are).
+    pub fn apply(&mut self, data: &[u8]) -> Result<(), MachineError> {
+        let cmd = VolumeCommand::decode(data)
+            .map_err(|e| MachineError(format!("volume command: {e}")))?;
+        apply_volume(&mut self.size, &mut self.bytes, cmd);
+        Ok(())
+    }
+
+    /// Writes bytes copied from another replica (a catch-up chunk).
+    pub fn copy_from(&mut self, other: &VolumeData, range: std::ops::Range<usize>) {
+        self.bytes[range.clone()].copy_from_slice(&other.bytes[range]);
+        self.size = self.size.max(other.size);
+    }
+
+    /// fsync: everything written is durable.
+    pub fn sync(&mut self) {
+        self.durable.clone_from(&self.bytes);
+        self.durable_size = self.size;
+    }
+
+    /// A power loss: each page keeps what was synced, or what was written if it was
+    /// written back anyway (`kept(page)`).
+    pub fn power_loss(&mut self, mut kept: impl FnMut(usize) -> bool) {
+        for (page, (cur, dur)) in self
+            .bytes
+            .chunks_mut(PAGE_BYTES)
+            .zip(self.durable.chunks(PAGE_BYTES))
+            .enumerate()
+        {
+            if !kept(page) {
+                cur.copy_from_slice(dur);
+            }
+        }
+        self.sync();
+    }
+
+    pub fn hash(&self) -> StateHash {
+        volume_hash(self.size, &self.bytes)
+    }
+}
+
+fn apply_volume(size: &mut u64, bytes: &mut [u8], cmd: VolumeCommand<'_>) {
+    match cmd {
+        VolumeCommand::Write { offset, data } => {
+            for (i, b) in data.iter().enumerate() {
+                if let Some(slot) = bytes.get_mut(offset as usize + i) {
+                    *slot = *b;
+                }
+            }
+        }
+        VolumeCommand::Zero { offset, len, .. } => {
+            let end = (offset.saturating_add(len) as usize).min(VOLUME_BYTES);
+            let start = (offset as usize).min(end);
+            bytes[start..end].fill(0);
+        }
+        VolumeCommand::Resize { size: s } => *size = (*size).max(s),
+    }
+}
 
 /// blake3 of a machine's state (not of its applied index).
 pub type StateHash = [u8; 32];
@@ -33,6 +143,17 @@ pub struct MetaMonotone {
 }
 
 impl MetaMonotone {
+    pub fn of(state: &ClusterState) -> MetaMonotone {
+        MetaMonotone {
+            next_volume_id: state.next_volume_id,
+            generations: state
+                .volumes
+                .values()
+                .map(|v| (v.id, (v.generation, v.size)))
+                .collect(),
+        }
+    }
+
     /// Describes the first field of `self` that is behind `earlier`, if any. A volume
     /// missing from `self` was deleted, which is allowed; one that is present must not
     /// have a lower generation or size.
@@ -124,21 +245,7 @@ impl Machine {
             MachineState::Volume(v) => {
                 let cmd = VolumeCommand::decode(data)
                     .map_err(|e| MachineError(format!("entry {index}: volume command: {e}")))?;
-                match cmd {
-                    VolumeCommand::Write { offset, data } => {
-                        for (i, b) in data.iter().enumerate() {
-                            if let Some(slot) = v.bytes.get_mut(offset as usize + i) {
-                                *slot = *b;
-                            }
-                        }
-                    }
-                    VolumeCommand::Zero { offset, len, .. } => {
-                        let end = (offset.saturating_add(len) as usize).min(VOLUME_BYTES);
-                        let start = (offset as usize).min(end);
-                        v.bytes[start..end].fill(0);
-                    }
-                    VolumeCommand::Resize { size } => v.size = v.size.max(size),
-                }
+                apply_volume(&mut v.size, &mut v.bytes, cmd);
             }
             MachineState::Meta(m) => {
                 let cmd = MetaCommand::decode(data)
@@ -159,79 +266,20 @@ impl Machine {
         self.applied = self.applied.max(index);
     }
 
+    /// The state's hash, as replicas report it: a volume's as [`VolumeData::hash`], the
+    /// metadata's as the core's `Note::MetaApplied` (blake3 of the encoded state).
     pub fn hash(&self) -> StateHash {
-        let mut h = blake3::Hasher::new();
         match &self.state {
-            MachineState::Volume(v) => {
-                h.update(b"volume");
-                h.update(&v.size.to_le_bytes());
-                h.update(&v.bytes);
-            }
-            MachineState::Meta(m) => {
-                h.update(b"meta");
-                h.update(&m.state.encode());
-            }
+            MachineState::Volume(v) => volume_hash(v.size, &v.bytes),
+            MachineState::Meta(m) => *blake3::hash(&m.state.encode()).as_bytes(),
         }
-        *h.finalize().as_bytes()
     }
 
     pub fn monotone(&self) -> Option<MetaMonotone> {
         match &self.state {
             MachineState::Volume(_) => None,
-            MachineState::Meta(m) => Some(MetaMonotone {
-                next_volume_id: m.state.next_volume_id,
-                generations: m
-                    .state
-                    .volumes
-                    .values()
-                    .map(|v| (v.id, (v.generation, v.size)))
-                    .collect(),
-            }),
+            MachineState::Meta(m) => Some(MetaMonotone::of(&m.state)),
         }
-    }
-
-    /// Image: kind (1 byte), applied index (8 bytes LE), then the state.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(VOLUME_BYTES + 32);
-        match &self.state {
-            MachineState::Volume(v) => {
-                out.push(1);
-                out.extend_from_slice(&self.applied.to_le_bytes());
-                out.extend_from_slice(&v.size.to_le_bytes());
-                out.extend_from_slice(&v.bytes);
-            }
-            MachineState::Meta(m) => {
-                out.push(2);
-                out.extend_from_slice(&self.applied.to_le_bytes());
-                out.extend_from_slice(&m.state.encode());
-            }
-        }
-        out
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<Machine, MachineError> {
-        let bad = |what: &str| MachineError(format!("machine image: {what}"));
-        if bytes.len() < 9 {
-            return Err(bad("too short"));
-        }
-        let applied = u64::from_le_bytes(bytes[1..9].try_into().expect("8 bytes"));
-        let rest = &bytes[9..];
-        let state = match bytes[0] {
-            1 => {
-                if rest.len() != 8 + VOLUME_BYTES {
-                    return Err(bad("volume image has the wrong length"));
-                }
-                MachineState::Volume(VolumeMachine {
-                    size: u64::from_le_bytes(rest[..8].try_into().expect("8 bytes")),
-                    bytes: rest[8..].to_vec(),
-                })
-            }
-            2 => MachineState::Meta(MetaMachine {
-                state: ClusterState::decode(rest).map_err(|e| bad(&e.to_string()))?,
-            }),
-            k => return Err(bad(&format!("unknown kind {k}"))),
-        };
-        Ok(Machine { applied, state })
     }
 }
 
@@ -240,7 +288,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn image_round_trips_and_apply_is_idempotent_by_index() {
+    fn apply_is_idempotent_and_replicas_hash_alike() {
         let mut m = Machine::new(MachineKind::Volume, 5);
         let w = VolumeCommand::Write {
             offset: 10,
@@ -252,12 +300,50 @@ mod tests {
         m.apply(6, &w).unwrap();
         assert_eq!(m.hash(), h);
         assert_eq!(m.applied, 6);
-        let back = Machine::decode(&m.encode()).unwrap();
-        assert_eq!(back, m);
+        let mut d = VolumeData::default();
+        d.apply(&w).unwrap();
+        assert_eq!(
+            d.hash(),
+            h,
+            "a replica's data hashes like the replayed machine"
+        );
+    }
 
-        let mut meta = Machine::new(MachineKind::Meta, 0);
-        meta.apply(1, &MetaCommand::DeleteVolume { name: "x".into() }.encode())
-            .unwrap();
-        assert_eq!(Machine::decode(&meta.encode()).unwrap(), meta);
+    #[test]
+    fn a_power_loss_keeps_synced_pages_and_some_unsynced_ones() {
+        let mut d = VolumeData::default();
+        d.apply(
+            &VolumeCommand::Write {
+                offset: 0,
+                data: &[1; 4096],
+            }
+            .encode(),
+        )
+        .unwrap();
+        d.sync();
+        d.apply(
+            &VolumeCommand::Write {
+                offset: 0,
+                data: &[2; 4096],
+            }
+            .encode(),
+        )
+        .unwrap();
+        d.power_loss(|page| page % 2 == 0);
+        assert!(d.bytes[..PAGE_BYTES].iter().all(|b| *b == 2), "kept page");
+        assert!(
+            d.bytes[PAGE_BYTES..2 * PAGE_BYTES].iter().all(|b| *b == 1),
+            "lost page"
+        );
+    }
+
+    #[test]
+    fn registers_hold_one_stamp_or_are_torn() {
+        let b = register_bytes(77);
+        assert_eq!(register_stamp(&b), Some(77));
+        assert_eq!(register_stamp(&[0; REGISTER_BYTES]), Some(0));
+        let mut torn = b.clone();
+        torn[100] ^= 1;
+        assert_eq!(register_stamp(&torn), None);
     }
 }

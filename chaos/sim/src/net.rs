@@ -139,8 +139,25 @@ impl Network {
                 (vec![node], format!("node {node} {dir:?}"))
             }
         };
+        let id = self.start(&side, nodes, dir, description.clone());
+        (id, description)
+    }
+
+    /// Cuts `node` off from every other node of `nodes`, both ways; returns the
+    /// partition's id.
+    pub fn isolate(&mut self, node: NodeId, nodes: &[NodeId]) -> u64 {
+        self.start(&[node], nodes, Direction::Both, format!("node {node} Both"))
+    }
+
+    fn start(
+        &mut self,
+        side: &[NodeId],
+        nodes: &[NodeId],
+        dir: Direction,
+        description: String,
+    ) -> u64 {
         let mut cuts = Vec::new();
-        for a in &side {
+        for a in side {
             for b in nodes.iter().filter(|n| !side.contains(n)) {
                 if dir != Direction::Inbound {
                     cuts.push((*a, *b));
@@ -155,14 +172,8 @@ impl Network {
         }
         let id = self.next_partition;
         self.next_partition += 1;
-        self.partitions.insert(
-            id,
-            Partition {
-                description: description.clone(),
-                cuts,
-            },
-        );
-        (id, description)
+        self.partitions.insert(id, Partition { description, cuts });
+        id
     }
 
     pub fn heal(&mut self, id: u64) -> Option<Partition> {

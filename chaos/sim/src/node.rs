@@ -1,72 +1,54 @@
-//! One simulated storage node and its driver: what the storage node's store thread
-//! does, over the core's I/O-free `RaftGroup`s and a `MemLogStore`.
+//! One simulated storage node: the node core the storage node runs
+//! (`roamdisk_core::node::NodeCore`) over a simulated disk, and a driver that does what
+//! the storage node's store thread does with the core's effects — nothing more. Every
+//! decision (what to answer when, when to sync, what to apply, what a checkpoint
+//! records, whether a block copy is accepted) is the core's.
 //!
-//! The driver follows the Ready order documented in `roamdisk_core::group`:
+//! What the driver models:
+//! - the log store (`store::SimStore`: writes, and syncs that complete after a drawn
+//!   delay, each covering exactly what was written before it started — a power loss can
+//!   land in between);
+//! - each volume replica's data as an extent file (`VolumeData`: page cache and what an
+//!   fsync made durable; a power loss keeps each unsynced page or not, at random);
+//! - checkpoints: the core takes the applied indexes, the data is fsynced after a drawn
+//!   delay, then the core records them;
+//! - the block copy of a replica that must catch up (driven by the simulation, which
+//!   reads the source replica's data chunk by chunk over the network);
+//! - clients' requests and their answers.
 //!
-//! 1. send `messages`;
-//! 2. install a snapshot into the state machine (and write its image in the batch);
-//! 3. apply `committed` entries (`apply_committed`);
-//! 4. write one batch for all groups; if any Ready `must_sync`, sync it (group commit).
-//!    The sync takes simulated time: the node is busy and queues what arrives, and a
-//!    power loss can land between the write and the sync;
-//! 5. send `persisted_messages`;
-//! 6. `advance`: send, apply, and write (without sync) what it returns;
-//! 7. `advance_apply_to` the machine's applied index.
-//!
-//! Crash rule: the machine's image and its applied index are written in one batch by a
-//! periodic checkpoint (and by a snapshot install), never in between; the log is only
-//! compacted behind the recorded applied index. (Membership changes are recorded as
-//! they apply, ahead of that index; the core's `conf_index` keeps a restart from
-//! applying them twice and a snapshot from carrying a newer membership than its index.) After a crash the node syncs its store
-//! (what a process crash left was written, not synced), reopens every group from it,
-//! and the machine restarts from the recorded image.
-//!
-//! Election timeouts: raft-rs draws its randomized election timeout from `thread_rng`,
-//! which would make runs irreproducible, and the core's `GroupConfig` cannot pin it
-//! (it has no `min_election_tick`/`max_election_tick`). So the driver owns the election
-//! timer of followers and candidates: it does not tick them, it counts ticks since they
-//! last heard from their leader (or granted a vote, or changed role or term, which are
-//! the points where raft-rs resets its own timer) and calls `campaign` after a timeout
-//! drawn from the seed in `[election_tick, 2 * election_tick)`. Leaders are ticked
-//! normally (heartbeats, check-quorum). Because an unticked follower's raft-rs lease
-//! never expires, a follower only grants votes to others once it has campaigned itself
-//! (its leader is then cleared): the lease is the driver's timeout, not raft-rs's.
-//! Replicas that are not voters in their own view are ticked through raft-rs (it never
-//! makes them campaign, so its randomness plays no part), and their lease expires
-//! after `election_tick` ticks as raft-rs intends.
+//! A replica's data is compared with the record (`checker::observe_state`) only where
+//! it is exact: after a restart the extent file may hold writes from later entries than
+//! the index the core replays from (they were in the page cache, or written back before
+//! the crash), so it is exact again only once the replay passes the highest index the
+//! replica had applied; after a block copy, once it passes the index the copy's source
+//! had reached.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType, Snapshot};
+use raft::eraftpb::{ConfChangeV2, ConfState, Message, MessageType};
 use raft::StateRole;
-use roamdisk_core::group::{Applied, GroupConfig, ProposeError, RaftGroup};
-use roamdisk_core::ids::{GroupId, LogIndex, NodeId, SiteId};
-use roamdisk_core::logstore::{GroupState, LogBatch, LogOp, LogStore, MemLogStore};
+use roamdisk_core::group::GroupConfig;
+use roamdisk_core::ids::{GroupId, LogIndex, NodeId, SiteId, META_GROUP};
+use roamdisk_core::logstore::{GroupState, LogStore};
+use roamdisk_core::node::{
+    CheckpointPlan, Effect as CoreEffect, NodeConfig, NodeCore, Note, Outcome, QuarantineReport,
+    Refused, ReqId, SyncWanted, Written,
+};
+use roamdisk_core::time::Time;
 
 use crate::checker::{violation, Check, Checker, Invariant};
-use crate::config::{DriverBug, Micros, SimConfig};
-use crate::machine::{Machine, MachineKind, MetaMonotone};
+use crate::client::Op;
+use crate::config::{Micros, SimConfig};
+use crate::machine::{MachineKind, MetaMonotone, VolumeData, REGISTERS_AT, REGISTER_BYTES};
 use crate::rng::SimRng;
-use crate::shadow::ShadowDisk;
+use crate::store::SimStore;
 use crate::trace::Trace;
-
-/// Key prefix of the node-level record holding a group's machine image.
-pub const IMAGE_PREFIX: &[u8] = b"sim/image/";
 
 /// Committed log entries below a node's commit index compared with the committed record
 /// after every event, on every running node (a full comparison runs after restarts,
 /// periodically and at the end).
 pub const LOG_CHECK_WINDOW: u64 = 16;
-
-/// Inputs a busy (syncing) node queues; more are dropped like a full event queue.
-pub const INBOX_MAX: usize = 16_384;
-
-pub fn image_key(group: GroupId) -> Vec<u8> {
-    let mut k = IMAGE_PREFIX.to_vec();
-    k.extend_from_slice(&group.0.to_be_bytes());
-    k
-}
 
 /// A client's request as it reaches a node.
 #[derive(Clone, Debug)]
@@ -75,41 +57,64 @@ pub struct ClientRequest {
     pub request: u64,
     pub attempt: u32,
     pub group: GroupId,
-    pub payload: Vec<u8>,
+    pub op: Op,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reply {
-    /// Committed at `index` in `term` and applied on the node that answers.
-    Acked {
+    /// The write's entry is at `index` in `term`; `early`: answered once a quorum had
+    /// written it, before its commit.
+    Written {
         index: u64,
         term: u64,
+        early: bool,
+    },
+    Flushed,
+    /// A register's bytes as read.
+    Read {
+        bytes: Vec<u8>,
     },
     NotLeader {
         leader: Option<NodeId>,
     },
-    /// Dropped, superseded by another leader's entry, or covered by a snapshot.
+    /// Dropped, superseded by another leader's entry, or refused for now.
     Retry(&'static str),
 }
 
+/// What travels between nodes.
+#[derive(Clone, Debug)]
+pub enum Wire {
+    Raft(Message),
+    Written(Written),
+    SyncWanted(SyncWanted),
+    /// Whether the sender is quarantined in the group (rebooted without a clean
+    /// shutdown), and the membership it knows.
+    Quarantine(QuarantineReport),
+}
+
+impl Wire {
+    pub fn raft(&self) -> Option<&Message> {
+        match self {
+            Wire::Raft(m) => Some(m),
+            _ => None,
+        }
+    }
+}
+
 pub enum Input {
-    Raft {
+    Wire {
+        from: NodeId,
         group: GroupId,
-        msg: Message,
+        wire: Wire,
     },
-    Propose(ClientRequest),
+    Request(ClientRequest),
     Tick,
-    /// Record machine images and compact; `aggressive` keeps no entries behind.
-    Checkpoint {
-        aggressive: bool,
-    },
     SnapshotStatus {
         group: GroupId,
         to: NodeId,
         ok: bool,
     },
     Unreachable {
-        group: GroupId,
         to: NodeId,
     },
     TransferLeader {
@@ -128,7 +133,7 @@ pub enum Effect {
         from: NodeId,
         to: NodeId,
         group: GroupId,
-        msg: Message,
+        wire: Wire,
     },
     Reply {
         node: NodeId,
@@ -137,11 +142,30 @@ pub enum Effect {
         attempt: u32,
         reply: Reply,
     },
-    /// The node's sync completes after this long (unless it crashes first).
+    /// The node's log sync completes after this long (unless it crashes first).
     SyncAfter {
         node: NodeId,
         incarnation: u64,
         after: Micros,
+    },
+    /// The node's checkpoint's fsyncs complete after this long.
+    CheckpointAfter {
+        node: NodeId,
+        incarnation: u64,
+        after: Micros,
+    },
+    /// The node wants `process` called at this time (a put-off sync).
+    WakeAt {
+        node: NodeId,
+        incarnation: u64,
+        at: Micros,
+    },
+    /// The node's replica of `group` must copy its blocks for recovery point `point`.
+    CopyBlocks {
+        node: NodeId,
+        incarnation: u64,
+        group: GroupId,
+        point: u64,
     },
 }
 
@@ -155,78 +179,7 @@ pub struct Ctx<'a> {
     pub trace: &'a mut Trace,
 }
 
-struct Waiting {
-    term: u64,
-    client: usize,
-    request: u64,
-    attempt: u32,
-}
-
-/// The driver-owned election timer (see the module doc).
-struct ElectionTimer {
-    elapsed: u32,
-    timeout: u32,
-}
-
-impl ElectionTimer {
-    fn draw(rng: &mut SimRng, election_tick: u32) -> ElectionTimer {
-        ElectionTimer {
-            elapsed: 0,
-            timeout: election_tick + rng.below(u64::from(election_tick)) as u32,
-        }
-    }
-}
-
-/// What the driver last saw of a replica, to notice changes.
-#[derive(Clone, PartialEq)]
-struct Seen {
-    role: StateRole,
-    term: u64,
-    commit: u64,
-}
-
-pub struct Replica {
-    pub raft: RaftGroup<MemLogStore>,
-    pub machine: Machine,
-    timer: ElectionTimer,
-    waiting: BTreeMap<u64, Waiting>,
-    seen: Seen,
-    /// Last metadata monotone fields this replica had (this incarnation).
-    monotone: Option<MetaMonotone>,
-}
-
-impl Replica {
-    pub fn is_voter(&self, me: NodeId) -> bool {
-        let cs = self.raft.conf_state();
-        cs.voters.contains(&me.0) || cs.voters_outgoing.contains(&me.0)
-    }
-}
-
-/// A replica's state before a call into raft-rs.
-struct Before {
-    role: StateRole,
-    commit: u64,
-    conf: ConfState,
-}
-
-fn before(r: &Replica) -> Before {
-    Before {
-        role: r.raft.role(),
-        commit: r.raft.commit_index().0,
-        conf: r.raft.conf_state(),
-    }
-}
-
-/// Which configuration committed entries when a call advanced the commit index: the
-/// one before the call, except for `apply_committed`, whose membership changes take
-/// effect before raft-rs re-evaluates the commit index.
-#[derive(Clone, Copy, PartialEq)]
-enum CommitConf {
-    Before,
-    After,
-}
-
-/// How a replica is created.
+/// How each replica was created (to rebuild a disk that a broken driver wiped).
 #[derive(Clone, Debug)]
 pub struct ReplicaSeed {
     pub kind: MachineKind,
@@ -234,41 +187,79 @@ pub struct ReplicaSeed {
     pub conf: Option<ConfState>,
 }
 
-struct Cycle {
-    persisted: Vec<(GroupId, Vec<Message>)>,
+/// A request the core holds, and what is known of its entry.
+struct Pending {
+    req: ClientRequest,
+    /// (index, term, answered early) once the core said where its entry is.
+    placed: Option<(u64, u64, bool)>,
+}
+
+/// What the driver last saw of a replica, to notice changes.
+#[derive(Clone, Copy, PartialEq)]
+struct Seen {
+    role: StateRole,
+    term: u64,
+    commit: u64,
 }
 
 pub struct Node {
     pub id: NodeId,
     pub site: SiteId,
-    pub store: Arc<MemLogStore>,
-    /// Independent model of this node's disk (see `shadow`).
-    pub disk: ShadowDisk,
+    pub store: Arc<SimStore>,
+    pub core: Option<NodeCore<SimStore>>,
     pub up: bool,
-    /// Bumped by every crash, so that a sync scheduled before it is ignored.
+    /// Bumped by every crash, so that a sync or copy scheduled before it is ignored.
     pub incarnation: u64,
-    pub replicas: BTreeMap<GroupId, Replica>,
-    /// How each replica on this node was created (to rebuild a wiped disk).
+    /// Every volume replica's data (its extent file), which outlives the process.
+    pub volumes: BTreeMap<GroupId, VolumeData>,
+    /// The newest state each volume replica's data may hold writes of, in any
+    /// incarnation (the highest index it applied, or that a copy's source had applied),
+    /// and the index from which its data is exact again (see the module doc).
+    data_high: BTreeMap<GroupId, u64>,
+    exact_from: BTreeMap<GroupId, u64>,
     seeds: BTreeMap<GroupId, ReplicaSeed>,
-    inbox: VecDeque<Input>,
-    syncing: Option<Cycle>,
-    /// Metadata monotone fields of the images written / synced, per group.
-    monotone_written: BTreeMap<GroupId, MetaMonotone>,
-    monotone_synced: BTreeMap<GroupId, MetaMonotone>,
-    /// The disk was replaced by an empty one (a deliberately broken driver).
+    requests: BTreeMap<ReqId, Pending>,
+    next_req: u64,
+    /// Batches the log sync in flight covers.
+    syncing: Option<u64>,
+    checkpoint: Option<CheckpointPlan>,
+    /// Copies running, by group: their recovery point and the highest index of the
+    /// source data they copied.
+    pub copies: BTreeMap<GroupId, (u64, u64)>,
+    seen: BTreeMap<GroupId, Seen>,
+    monotone: Option<MetaMonotone>,
+    /// The wake-up asked for last (to ask once per time).
+    wake: Option<Micros>,
+    /// The disk was replaced by an empty one (a deliberately broken disk).
     wiped: bool,
-    retained_entries: u64,
+    /// Site-durable groups and their replicas outside the home site.
+    site_durable: BTreeMap<GroupId, Vec<NodeId>>,
+    /// The machine lost power since the core last opened: the next start is a reboot.
+    rebooted: bool,
+    /// The next log sync fails (an injected disk error).
+    pub fail_sync: bool,
     gcfg: GroupConfig,
-    logger: slog::Logger,
+    meta_voters: Vec<NodeId>,
     bootstrap_index: u64,
+    retained_entries: u64,
 }
 
 fn core_err(what: &str, e: impl std::fmt::Display) -> crate::checker::Violation {
     violation(Invariant::CoreError, format!("{what}: {e}"))
 }
 
+fn time(us: Micros) -> Time {
+    Time::from_micros(us)
+}
+
 impl Node {
-    pub fn new(id: NodeId, site: SiteId, cfg: &SimConfig, retained_entries: u64) -> Node {
+    pub fn new(
+        id: NodeId,
+        site: SiteId,
+        cfg: &SimConfig,
+        retained_entries: u64,
+        meta_voters: Vec<NodeId>,
+    ) -> Node {
         let gcfg = GroupConfig {
             election_tick: cfg.election_tick as usize,
             heartbeat_tick: cfg.heartbeat_tick,
@@ -280,22 +271,49 @@ impl Node {
         Node {
             id,
             site,
-            store: Arc::new(MemLogStore::new()),
-            disk: ShadowDisk::default(),
+            store: Arc::new(SimStore::default()),
+            core: None,
             up: true,
             incarnation: 0,
-            replicas: BTreeMap::new(),
+            volumes: BTreeMap::new(),
+            data_high: BTreeMap::new(),
+            exact_from: BTreeMap::new(),
             seeds: BTreeMap::new(),
-            inbox: VecDeque::new(),
+            requests: BTreeMap::new(),
+            next_req: 0,
             syncing: None,
-            monotone_written: BTreeMap::new(),
-            monotone_synced: BTreeMap::new(),
+            checkpoint: None,
+            copies: BTreeMap::new(),
+            seen: BTreeMap::new(),
+            monotone: None,
+            wake: None,
             wiped: false,
-            retained_entries,
+            site_durable: BTreeMap::new(),
+            rebooted: false,
+            fail_sync: false,
             gcfg,
-            logger: slog::Logger::root(slog::Discard, slog::o!()),
+            meta_voters,
             bootstrap_index: cfg.bootstrap_index,
+            retained_entries,
         }
+    }
+
+    fn node_config(&self, cfg: &SimConfig, seed: u64) -> NodeConfig {
+        let mut c = NodeConfig::new(
+            self.id,
+            self.gcfg.clone(),
+            slog::Logger::root(slog::Discard, slog::o!()),
+        );
+        c.initial_meta_voters.clone_from(&self.meta_voters);
+        // A node outside the metadata group's bootstrap membership opens it empty.
+        c.joining = !self.meta_voters.contains(&self.id);
+        c.election_seed = seed;
+        c.reconcile = false;
+        c.retained_log_entries = self.retained_entries;
+        c.observe = true;
+        c.bug = cfg.core_bug;
+        c.rebooted = self.rebooted;
+        c
     }
 
     pub fn is_busy(&self) -> bool {
@@ -306,31 +324,63 @@ impl Node {
         self.seeds.contains_key(&group)
     }
 
-    fn write(&mut self, batch: LogBatch) -> Check {
-        for op in &batch.ops {
-            if let LogOp::Put { key, value } = op {
-                if let Some(group) = key.strip_prefix(IMAGE_PREFIX) {
-                    let group = GroupId(u64::from_be_bytes(group.try_into().expect("8 bytes")));
-                    if let Some(m) = Machine::decode(value).ok().and_then(|m| m.monotone()) {
-                        self.monotone_written.insert(group, m);
-                    }
-                }
-            }
-        }
-        self.disk.write(&batch);
-        self.store
-            .write(batch)
-            .map_err(|e| core_err("store write", e))
+    pub fn core(&self) -> &NodeCore<SimStore> {
+        self.core.as_ref().expect("a running node has a core")
     }
 
-    fn sync(&mut self) -> Check {
-        self.store.sync().map_err(|e| core_err("store sync", e))?;
-        self.disk.sync();
-        self.monotone_synced.clone_from(&self.monotone_written);
-        Ok(())
+    fn core_mut(&mut self) -> &mut NodeCore<SimStore> {
+        self.core.as_mut().expect("a running node has a core")
     }
 
-    /// Creates a replica on this node's disk and opens it.
+    /// The raft state of `group` on this node, if it runs and has the group.
+    pub fn raft(&self, group: GroupId) -> Option<&roamdisk_core::group::RaftGroup<SimStore>> {
+        self.core.as_ref()?.raft(group)
+    }
+
+    /// Puts the metadata group on this node's disk before its core first opens it, with
+    /// the bootstrap membership `conf` (`None`: the node is not a member; the core opens
+    /// it empty).
+    pub fn seed_meta(&self, group: GroupId, conf: Option<ConfState>) -> Result<(), String> {
+        let Some(cs) = conf else {
+            return Ok(());
+        };
+        let base = self.bootstrap_index;
+        let mut state = GroupState::default();
+        state.conf_state = cs;
+        state.truncated_index = base;
+        state.truncated_term = base;
+        state.hard_state.term = base;
+        state.hard_state.commit = base;
+        state.applied_index = base;
+        let mut b = roamdisk_core::logstore::LogBatch::default();
+        b.push(roamdisk_core::logstore::LogOp::Create { group, state });
+        // The state at the base index, which a snapshot of it carries.
+        b.push(roamdisk_core::logstore::LogOp::Put {
+            key: roamdisk_core::node::META_SNAPSHOT_KEY.to_vec(),
+            value: roamdisk_core::meta::ClusterState::default().encode(),
+        });
+        self.store.write(b).map_err(|e| e.to_string())?;
+        self.store.sync().map_err(|e| e.to_string())
+    }
+
+    /// Starts the node for the first time (its metadata group is bootstrapped).
+    pub fn start(&mut self, ctx: &mut Ctx<'_>) -> Check {
+        let seed = ctx.rng.next_u64();
+        let cfg = self.node_config(ctx.cfg, seed);
+        let core = NodeCore::open(cfg, Arc::clone(&self.store), Arc::default(), time(ctx.now))
+            .map_err(|e| core_err("NodeCore::open", e))?;
+        self.core = Some(core);
+        self.seeds.insert(
+            META_GROUP,
+            ReplicaSeed {
+                kind: MachineKind::Meta,
+                conf: None,
+            },
+        );
+        self.after_input(ctx)
+    }
+
+    /// Creates a replica of a volume group on this node.
     pub fn create_replica(
         &mut self,
         group: GroupId,
@@ -338,7 +388,6 @@ impl Node {
         ctx: &mut Ctx<'_>,
     ) -> Check {
         let mut state = GroupState::default();
-        let mut applied = 0;
         if let Some(cs) = &seed.conf {
             let base = self.bootstrap_index;
             state.conf_state = cs.clone();
@@ -347,97 +396,101 @@ impl Node {
             state.hard_state.term = base;
             state.hard_state.commit = base;
             state.applied_index = base;
-            applied = base;
         }
-        let machine = Machine::new(seed.kind, applied);
-        let mut b = LogBatch::default();
-        b.push(LogOp::Create { group, state });
-        b.push(LogOp::Put {
-            key: image_key(group),
-            value: machine.encode(),
-        });
-        self.write(b)?;
-        self.sync()?;
+        let now = time(ctx.now);
+        self.core_mut()
+            .create_group(now, group, state)
+            .map_err(|e| core_err("create_group", e))?;
+        if seed.kind == MachineKind::Volume {
+            self.volumes.entry(group).or_default();
+        }
         self.seeds.insert(group, seed);
-        self.open_replica(group, ctx, "create")
+        self.after_input(ctx)
     }
 
-    fn open_replica(&mut self, group: GroupId, ctx: &mut Ctx<'_>, how: &str) -> Check {
-        let st = self
-            .store
-            .state(group)
-            .map_err(|e| core_err("store state", e))?
-            .ok_or_else(|| core_err("open", format!("group {group} missing")))?;
-        let image = self
-            .store
-            .get(&image_key(group))
-            .map_err(|e| core_err("store get", e))?
-            .ok_or_else(|| {
-                violation(
-                    Invariant::CrashRule,
-                    format!("node {}: group {group} has no machine image", self.id),
-                )
-            })?;
-        let machine = Machine::decode(&image).map_err(|e| violation(Invariant::CrashRule, e.0))?;
-        if machine.applied != st.applied_index {
-            return Err(violation(
-                Invariant::CrashRule,
-                format!(
-                    "node {}: group {group}: recorded applied index {} but the recorded image is \
-                     at {}",
-                    self.id, st.applied_index, machine.applied
-                ),
-            ));
+    /// Makes `group` site-durable with `remote` as the replicas outside the home site
+    /// (again after every restart: it is the metadata's on a storage node).
+    pub fn set_site_durable(&mut self, group: GroupId, remote: Vec<NodeId>) {
+        if let Some(core) = self.core.as_mut() {
+            core.set_site_durable(group, true, remote.clone());
         }
-        ctx.checker
-            .observe_state(group, self.id, machine.applied, machine.hash(), how)?;
-        let store = Arc::clone(&self.store);
-        let snapshot_data: roamdisk_core::group::SnapshotData =
-            Arc::new(move |g| Ok(store.get(&image_key(g))?.unwrap_or_default()));
-        let raft = RaftGroup::open(
-            group,
-            self.id,
-            Arc::clone(&self.store),
-            &self.gcfg,
-            snapshot_data,
-            &self.logger,
-        )
-        .map_err(|e| core_err("RaftGroup::open", e))?;
-        let seen = Seen {
-            role: raft.role(),
-            term: raft.term().0,
-            commit: raft.commit_index().0,
-        };
-        let monotone = machine.monotone();
-        if let (Some(now), Some(floor)) = (&monotone, self.monotone_synced.get(&group)) {
-            if let Some(why) = now.went_back_from(floor) {
-                return Err(violation(
-                    Invariant::GenerationMonotone,
-                    format!(
-                        "node {} reopened group {group} ({how}) with metadata behind what it had \
-                         synced: {why}",
-                        self.id
-                    ),
-                ));
+        self.site_durable.insert(group, remote);
+    }
+
+    /// Crash: the process dies; with `power_loss`, what was written but not synced is
+    /// gone too (the log's unsynced batches, and each unsynced page of volume data with
+    /// some probability).
+    pub fn crash(&mut self, power_loss: bool, wipe: bool, rng: &mut SimRng) {
+        self.up = false;
+        self.incarnation += 1;
+        self.core = None;
+        self.requests.clear();
+        self.syncing = None;
+        self.checkpoint = None;
+        self.copies.clear();
+        self.seen.clear();
+        self.monotone = None;
+        self.wake = None;
+        self.fail_sync = false;
+        if power_loss {
+            self.rebooted = true;
+            self.store.power_loss();
+            for v in self.volumes.values_mut() {
+                v.power_loss(|_| rng.below(2) == 0);
+            }
+            if wipe {
+                // The deliberately broken disk: synced data is lost too.
+                self.store = Arc::new(SimStore::default());
+                for v in self.volumes.values_mut() {
+                    *v = VolumeData::default();
+                }
+                self.wiped = true;
             }
         }
-        let replica = Replica {
-            raft,
-            machine,
-            timer: ElectionTimer::draw(ctx.rng, ctx.cfg.election_tick),
-            waiting: BTreeMap::new(),
-            seen,
-            monotone,
-        };
-        self.replicas.insert(group, replica);
-        self.check_reopened_against_model(group)?;
-        self.check_log_full(group, ctx.checker, how)
+        // After a restart the data is exact only once the replay passes the newest state
+        // it may hold.
+        for (g, high) in &self.data_high {
+            let e = self.exact_from.entry(*g).or_default();
+            *e = (*e).max(*high);
+        }
+    }
+
+    pub fn restart(&mut self, ctx: &mut Ctx<'_>) -> Check {
+        self.up = true;
+        let seed = ctx.rng.next_u64();
+        let cfg = self.node_config(ctx.cfg, seed);
+        let core = NodeCore::open(cfg, Arc::clone(&self.store), Arc::default(), time(ctx.now))
+            .map_err(|e| core_err("NodeCore::open", e))?;
+        self.core = Some(core);
+        self.rebooted = false;
+        for (group, remote) in &self.site_durable {
+            self.core
+                .as_mut()
+                .expect("opened")
+                .set_site_durable(*group, true, remote.clone());
+        }
+        if self.wiped {
+            self.wiped = false;
+            let seeds = std::mem::take(&mut self.seeds);
+            for (group, seed) in seeds {
+                if group == META_GROUP {
+                    self.seeds.insert(group, seed);
+                    continue;
+                }
+                self.create_replica(group, seed, ctx)?;
+            }
+        }
+        for group in self.core().group_ids() {
+            self.check_reopened_against_model(group)?;
+            self.check_log_full(group, ctx.checker, "restart")?;
+        }
+        self.after_input(ctx)
     }
 
     /// A reopened group must hold what the disk model says survived the crash: the same
     /// log span with the same last term, and at least the commit index it had.
     fn check_reopened_against_model(&self, group: GroupId) -> Check {
-        let Some(model) = self.disk.written(group) else {
+        let Some(model) = self.store.model_written(group) else {
             return Ok(());
         };
         let me = self.id;
@@ -454,7 +507,7 @@ impl Node {
             .store
             .term(group, last)
             .map_err(|e| core_err("store term", e))?;
-        let commit = self.replicas[&group].raft.commit_index().0;
+        let commit = self.raft(group).expect("opened").commit_index().0;
         if last != model.last_index
             || st.truncated_index != model.truncated_index
             || term != model.term(model.last_index)
@@ -477,611 +530,505 @@ impl Node {
         Ok(())
     }
 
-    /// Crash: the process dies; with `power_loss`, what was written but not synced is
-    /// gone too.
-    pub fn crash(&mut self, power_loss: bool, bug: Option<DriverBug>) {
-        self.up = false;
-        self.incarnation += 1;
-        self.replicas.clear();
-        self.inbox.clear();
-        self.syncing = None;
-        if power_loss {
-            self.store.crash();
-            self.disk.power_loss();
-            self.monotone_written.clone_from(&self.monotone_synced);
-            if bug == Some(DriverBug::LoseSyncedDataOnPowerLoss) {
-                // The disk model keeps what the contract promises survives.
-                self.store = Arc::new(MemLogStore::new());
-                self.wiped = true;
-            }
-        }
-    }
-
-    pub fn restart(&mut self, ctx: &mut Ctx<'_>) -> Check {
-        self.up = true;
-        if ctx.cfg.sync_on_restart {
-            // What survived a process crash was written, not synced: make it durable
-            // before raft-rs, which takes the store as persisted, acknowledges it.
-            self.sync()?;
-        }
-        if self.wiped {
-            self.wiped = false;
-            let seeds = std::mem::take(&mut self.seeds);
-            for (group, seed) in seeds {
-                self.create_replica(group, seed, ctx)?;
-            }
-        } else {
-            let groups = self
-                .store
-                .groups()
-                .map_err(|e| core_err("store groups", e))?;
-            for group in groups {
-                self.open_replica(group, ctx, "restart")?;
-            }
-        }
-        self.pump(ctx)
-    }
-
-    /// Hands an input to the node: processed now, or queued while it syncs.
+    /// Hands an input to the node's core, then runs a round and executes its effects.
     pub fn handle(&mut self, input: Input, ctx: &mut Ctx<'_>) -> Check {
         if !self.up {
             return Ok(());
         }
-        if self.syncing.is_some() {
-            if self.inbox.len() < INBOX_MAX {
-                self.inbox.push_back(input);
+        let me = self.id;
+        let now = time(ctx.now);
+        match input {
+            Input::Wire { from, group, wire } => {
+                if let Wire::Raft(msg) = &wire {
+                    if let Some(r) = self.raft(group) {
+                        if msg.get_msg_type() == MessageType::MsgHeartbeat
+                            && msg.commit > r.last_index().0
+                        {
+                            // A heartbeat commits no further than what this replica
+                            // acknowledged (raft-rs would panic here): it lost entries it
+                            // had acknowledged.
+                            return Err(violation(
+                                Invariant::CommittedEntryStable,
+                                format!(
+                                    "node {me} group {group}: leader {from} commits to {} on it, \
+                                     but its log ends at {}: it lost entries it acknowledged",
+                                    msg.commit,
+                                    r.last_index()
+                                ),
+                            ));
+                        }
+                    }
+                }
+                let core = self.core_mut();
+                match wire {
+                    Wire::Raft(msg) => core.step(group, msg),
+                    Wire::Written(w) => core.written(group, from, w),
+                    Wire::SyncWanted(want) => core.sync_wanted(group, want),
+                    Wire::Quarantine(report) => core.quarantine_report(now, group, from, report),
+                }
             }
-            return Ok(());
+            Input::Request(req) => {
+                self.next_req += 1;
+                let id = ReqId(self.next_req);
+                let group = req.group;
+                let op = req.op.clone();
+                self.requests.insert(id, Pending { req, placed: None });
+                let core = self.core_mut();
+                match op {
+                    Op::Write { payload, ack, .. } => core.propose(now, group, payload, ack, id),
+                    Op::Flush => core.flush(now, group, id),
+                    Op::Read { .. } => core.read(now, group, id),
+                }
+            }
+            Input::Tick => self.core_mut().tick(now),
+            Input::SnapshotStatus { group, to, ok } => {
+                self.core_mut().snapshot_status(group, to, ok)
+            }
+            Input::Unreachable { to } => self.core_mut().unreachable(to),
+            Input::TransferLeader { group, to } => self.core_mut().transfer_leader(group, to),
+            Input::ConfChange { group, cc } => {
+                let r = self.core_mut().conf_change(group, cc.clone());
+                ctx.trace.note(ctx.now, || {
+                    format!("n{me} g{group}: propose {cc:?} -> {r:?}")
+                });
+            }
         }
-        self.apply_input(input, ctx)?;
-        self.pump(ctx)
+        self.after_input(ctx)
     }
 
-    /// The sync started by the last cycle has completed.
-    pub fn sync_done(&mut self, incarnation: u64, ctx: &mut Ctx<'_>) -> Check {
+    /// A round after an input: the core's Ready work, its effects, and the checks.
+    fn after_input(&mut self, ctx: &mut Ctx<'_>) -> Check {
+        let now = time(ctx.now);
+        self.core_mut()
+            .process(now)
+            .map_err(|e| core_err("NodeCore::process", e))?;
+        self.run_effects(ctx)
+    }
+
+    /// The log sync started by the core has completed. Returns true if it failed (an
+    /// injected disk error): the node then stops, as the storage node does.
+    pub fn sync_done(
+        &mut self,
+        incarnation: u64,
+        ctx: &mut Ctx<'_>,
+    ) -> Result<bool, crate::checker::Violation> {
+        if !self.up || incarnation != self.incarnation {
+            return Ok(false);
+        }
+        let Some(through) = self.syncing.take() else {
+            return Ok(false);
+        };
+        if std::mem::take(&mut self.fail_sync) {
+            self.store.fail_next_sync();
+        }
+        let result = self.store.sync_through(through).map_err(|e| e.to_string());
+        let now = time(ctx.now);
+        let failed = result.is_err();
+        let r = self.core_mut().log_synced(now, result);
+        match (failed, r) {
+            (true, Err(_)) => return Ok(true),
+            (true, Ok(())) => {
+                return Err(core_err("log_synced", "a failed sync was taken as done"))
+            }
+            (false, Err(e)) => return Err(core_err("log_synced", e)),
+            (false, Ok(())) => {}
+        }
+        self.after_input(ctx)?;
+        Ok(false)
+    }
+
+    /// Time for a put-off sync, or another timed decision.
+    pub fn wake(&mut self, incarnation: u64, ctx: &mut Ctx<'_>) -> Check {
         if !self.up || incarnation != self.incarnation {
             return Ok(());
         }
-        let Some(cycle) = self.syncing.take() else {
+        self.wake = None;
+        self.after_input(ctx)
+    }
+
+    /// Starts a checkpoint (`aggressive`: at once, compacting everything applied);
+    /// returns whether one started.
+    pub fn checkpoint(
+        &mut self,
+        aggressive: bool,
+        ctx: &mut Ctx<'_>,
+    ) -> Result<bool, crate::checker::Violation> {
+        if !self.up || self.checkpoint.is_some() {
+            return Ok(false);
+        }
+        let plan = self
+            .core_mut()
+            .checkpoint_begin(|_| true)
+            .map_err(|e| core_err("checkpoint_begin", e))?;
+        let Some(plan) = plan else {
+            return Ok(false);
+        };
+        if aggressive {
+            let retained = self.core().retained_log_entries();
+            self.core_mut().set_retained_log_entries(0);
+            self.checkpoint = Some(plan);
+            let r = self.checkpoint_done(self.incarnation, ctx);
+            if let Some(core) = self.core.as_mut() {
+                core.set_retained_log_entries(retained);
+            }
+            return r.map(|()| true);
+        }
+        self.checkpoint = Some(plan);
+        let after = ctx.rng.range(ctx.cfg.sync_us.0, ctx.cfg.sync_us.1);
+        ctx.effects.push(Effect::CheckpointAfter {
+            node: self.id,
+            incarnation: self.incarnation,
+            after,
+        });
+        Ok(true)
+    }
+
+    /// The checkpoint's fsyncs are done: the volumes' data is durable at least up to
+    /// the indexes the core took, which it now records.
+    pub fn checkpoint_done(&mut self, incarnation: u64, ctx: &mut Ctx<'_>) -> Check {
+        if !self.up || incarnation != self.incarnation {
+            return Ok(());
+        }
+        let Some(plan) = self.checkpoint.take() else {
             return Ok(());
         };
-        self.sync()?;
-        self.finish_cycle(cycle, ctx)?;
-        while let Some(input) = self.inbox.pop_front() {
-            self.apply_input(input, ctx)?;
+        for (v, _) in &plan.volumes {
+            if let Some(data) = self.volumes.get_mut(&v.group()) {
+                data.sync();
+            }
         }
-        self.pump(ctx)
+        self.core_mut()
+            .checkpoint_end(plan, Vec::new())
+            .map_err(|e| core_err("checkpoint_end", e))?;
+        self.after_input(ctx)
     }
 
-    fn reply(&self, ctx: &mut Ctx<'_>, w: (usize, u64, u32), reply: Reply) {
-        ctx.effects.push(Effect::Reply {
-            node: self.id,
-            client: w.0,
-            request: w.1,
-            attempt: w.2,
-            reply,
-        });
+    /// One chunk of a block copy landed: bytes `range` of `source`'s data, which had
+    /// applied `source_applied`.
+    pub fn copy_chunk(
+        &mut self,
+        group: GroupId,
+        point: u64,
+        source: &VolumeData,
+        source_applied: u64,
+        range: std::ops::Range<usize>,
+    ) {
+        if let Some(data) = self.volumes.get_mut(&group) {
+            data.copy_from(source, range);
+        }
+        // Copied data outlives the copy: even if a crash loses the snapshot it was made
+        // for, the replica's data holds writes up to the source's index.
+        let high = self.data_high.entry(group).or_default();
+        *high = (*high).max(source_applied);
+        if let Some(c) = self.copies.get_mut(&group) {
+            if c.0 == point {
+                c.1 = c.1.max(source_applied);
+            }
+        }
     }
 
-    fn apply_input(&mut self, input: Input, ctx: &mut Ctx<'_>) -> Check {
+    /// The block copy for `point` ended; the core accepts it or not. Returns whether it
+    /// did.
+    pub fn copy_done(
+        &mut self,
+        group: GroupId,
+        point: u64,
+        ctx: &mut Ctx<'_>,
+    ) -> Result<bool, crate::checker::Violation> {
+        let Some((p, copy_end)) = self.copies.remove(&group) else {
+            return Ok(false);
+        };
+        debug_assert_eq!(p, point);
+        let accepted = self
+            .core_mut()
+            .catch_up_done(group, LogIndex(point), LogIndex(copy_end))
+            .map_err(|e| core_err("catch_up_done", e))?;
+        if accepted {
+            let e = self.exact_from.entry(group).or_default();
+            *e = (*e).max(copy_end);
+            ctx.trace.note(ctx.now, || {
+                format!(
+                    "n{} g{group}: block copy for {point} accepted (source at {copy_end})",
+                    self.id
+                )
+            });
+        }
+        self.after_input(ctx)?;
+        Ok(accepted)
+    }
+
+    /// Executes the core's effects in order.
+    fn run_effects(&mut self, ctx: &mut Ctx<'_>) -> Check {
         let me = self.id;
-        match input {
-            Input::Raft { group, msg } => {
-                let Some(r) = self.replicas.get_mut(&group) else {
-                    return Ok(());
-                };
-                let b = before(r);
-                let (from, term, ty) = (msg.from, msg.term, msg.get_msg_type());
-                if ty == MessageType::MsgHeartbeat && msg.commit > r.raft.last_index().0 {
-                    // A heartbeat commits no further than what this replica acknowledged
-                    // (raft-rs would panic here): it lost entries it had acknowledged.
-                    return Err(violation(
-                        Invariant::CommittedEntryStable,
-                        format!(
-                            "node {me} group {group}: leader {from} commits to {} on it, but its log \
-                             ends at {}: it lost entries it acknowledged",
-                            msg.commit,
-                            r.raft.last_index()
-                        ),
-                    ));
-                }
-                let _ = r.raft.step(msg);
-                if matches!(
-                    ty,
-                    MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
-                ) && r.raft.role() == StateRole::Follower
-                    && r.raft.leader() == Some(NodeId(from))
-                    && r.raft.term().0 == term
-                {
-                    r.timer.elapsed = 0;
-                }
-                self.observe(group, b, CommitConf::Before, ctx)?;
-            }
-            Input::Propose(req) => {
-                let w = (req.client, req.request, req.attempt);
-                let Some(r) = self.replicas.get_mut(&req.group) else {
-                    self.reply(ctx, w, Reply::NotLeader { leader: None });
-                    return Ok(());
-                };
-                let b = before(r);
-                let reply = match r.raft.propose(req.payload) {
-                    Ok((index, term)) => {
-                        let old = r.waiting.insert(
-                            index.0,
-                            Waiting {
-                                term: term.0,
-                                client: req.client,
-                                request: req.request,
-                                attempt: req.attempt,
-                            },
-                        );
-                        old.map(|o| ((o.client, o.request, o.attempt), Reply::Retry("replaced")))
+        let effects = self.core_mut().take_effects();
+        for e in effects {
+            match e {
+                CoreEffect::Send { to, group, msg } => ctx.effects.push(Effect::Send {
+                    from: me,
+                    to,
+                    group,
+                    wire: Wire::Raft(msg),
+                }),
+                CoreEffect::Written { to, group, w } => ctx.effects.push(Effect::Send {
+                    from: me,
+                    to,
+                    group,
+                    wire: Wire::Written(w),
+                }),
+                CoreEffect::SyncWanted { to, group, want } => ctx.effects.push(Effect::Send {
+                    from: me,
+                    to,
+                    group,
+                    wire: Wire::SyncWanted(want),
+                }),
+                CoreEffect::Quarantine { to, group, report } => ctx.effects.push(Effect::Send {
+                    from: me,
+                    to,
+                    group,
+                    wire: Wire::Quarantine(report),
+                }),
+                CoreEffect::StartSync => {
+                    if self.syncing.is_some() {
+                        return Err(core_err("StartSync", "a second sync while one runs"));
                     }
-                    Err(ProposeError::NotLeader { leader }) => {
-                        Some((w, Reply::NotLeader { leader }))
-                    }
-                    Err(ProposeError::Dropped) => Some((w, Reply::Retry("dropped"))),
-                    Err(ProposeError::Raft(_)) => Some((w, Reply::Retry("raft error"))),
-                };
-                if let Some((w, reply)) = reply {
-                    self.reply(ctx, w, reply);
+                    self.syncing = Some(self.store.written_batches());
+                    let after = ctx.rng.range(ctx.cfg.sync_us.0, ctx.cfg.sync_us.1);
+                    ctx.effects.push(Effect::SyncAfter {
+                        node: me,
+                        incarnation: self.incarnation,
+                        after,
+                    });
                 }
-                self.observe(req.group, b, CommitConf::Before, ctx)?;
-            }
-            Input::Tick => {
-                let groups: Vec<GroupId> = self.replicas.keys().copied().collect();
-                for group in groups {
-                    let r = self.replicas.get_mut(&group).expect("listed");
-                    let b = before(r);
-                    if r.raft.is_leader() || !r.is_voter(me) {
-                        // Leaders heartbeat and check their quorum; a replica that is not
-                        // a voter (in its own view) never campaigns, so raft-rs's random
-                        // timeout plays no part, and its lease must expire as usual or
-                        // it would ignore votes forever.
-                        r.raft.tick();
-                    } else {
-                        r.timer.elapsed += 1;
-                        if r.timer.elapsed >= r.timer.timeout && r.is_voter(me) {
-                            r.timer.elapsed = 0;
-                            let _ = r.raft.campaign();
-                            ctx.trace.note(ctx.now, || {
-                                format!("n{me} g{group}: election timeout, campaigns")
+                CoreEffect::Apply {
+                    volume,
+                    index,
+                    data,
+                } => {
+                    let group = volume.group();
+                    let v = self.volumes.entry(group).or_default();
+                    v.apply(&data)
+                        .map_err(|e| core_err(&format!("apply entry {index:?}"), e.0))?;
+                    let hash = v.hash();
+                    let high = self.data_high.entry(group).or_default();
+                    *high = (*high).max(index.0);
+                    if index.0 >= self.exact_from.get(&group).copied().unwrap_or(0) {
+                        ctx.checker
+                            .observe_state(group, me, index.0, hash, "apply")?;
+                    }
+                }
+                CoreEffect::Answer { id, answer } => self.answer(id, answer, ctx)?,
+                CoreEffect::ClusterChanged => self.check_monotone()?,
+                CoreEffect::Recovering(list) => {
+                    for (group, point) in list {
+                        if !self.copies.contains_key(&group) {
+                            self.copies.insert(group, (point.0, 0));
+                            ctx.effects.push(Effect::CopyBlocks {
+                                node: me,
+                                incarnation: self.incarnation,
+                                group,
+                                point: point.0,
                             });
                         }
                     }
-                    self.observe(group, b, CommitConf::Before, ctx)?;
                 }
-            }
-            Input::Checkpoint { aggressive } => self.checkpoint(aggressive)?,
-            Input::SnapshotStatus { group, to, ok } => {
-                if let Some(r) = self.replicas.get_mut(&group) {
-                    r.raft.report_snapshot(to, ok);
-                }
-            }
-            Input::Unreachable { group, to } => {
-                if let Some(r) = self.replicas.get_mut(&group) {
-                    r.raft.report_unreachable(to);
-                }
-            }
-            Input::TransferLeader { group, to } => {
-                if let Some(r) = self.replicas.get_mut(&group) {
-                    let b = before(r);
-                    r.raft.transfer_leader(to);
-                    self.observe(group, b, CommitConf::Before, ctx)?;
-                }
-            }
-            Input::ConfChange { group, cc } => {
-                if let Some(r) = self.replicas.get_mut(&group) {
-                    let b = before(r);
-                    let result = r.raft.propose_conf_change(cc.clone());
-                    ctx.trace.note(ctx.now, || {
-                        format!("n{me} g{group}: propose {cc:?} -> {result:?}")
-                    });
-                    self.observe(group, b, CommitConf::Before, ctx)?;
-                }
+                CoreEffect::Note(note) => self.note(note, ctx)?,
+                CoreEffect::Leader { .. }
+                | CoreEffect::VolumeCreated { .. }
+                | CoreEffect::VolumeGrown { .. }
+                | CoreEffect::VolumeRemoved { .. } => {}
             }
         }
-        Ok(())
-    }
-
-    /// Notices role, term and commit changes after a call into raft-rs.
-    fn observe(
-        &mut self,
-        group: GroupId,
-        b: Before,
-        which: CommitConf,
-        ctx: &mut Ctx<'_>,
-    ) -> Check {
-        let me = self.id;
-        let r = self.replicas.get_mut(&group).expect("replica");
-        let now = Seen {
-            role: r.raft.role(),
-            term: r.raft.term().0,
-            commit: r.raft.commit_index().0,
-        };
-        if now.role == StateRole::Leader {
-            ctx.checker.observe_leader(group, me, now.term)?;
-        }
-        if now.commit < r.seen.commit {
-            return Err(violation(
-                Invariant::CommittedEntryStable,
-                format!(
-                    "node {me} group {group}: commit index went back from {} to {}",
-                    r.seen.commit, now.commit
-                ),
-            ));
-        }
-        if now.commit > b.commit && (b.role == StateRole::Leader || now.role == StateRole::Leader) {
-            let conf = match which {
-                CommitConf::Before => b.conf,
-                CommitConf::After => r.raft.conf_state(),
-            };
-            ctx.checker
-                .observe_leader_commit(group, b.commit, now.commit, &conf);
-        }
-        if (now.role, now.term) != (r.seen.role, r.seen.term) {
-            // Where raft-rs resets its own election timer.
-            r.timer = ElectionTimer::draw(ctx.rng, ctx.cfg.election_tick);
-            let (role, term) = (now.role, now.term);
-            ctx.trace.mix(&[me.0, group.0, role as u64, term]);
-            ctx.trace.note(ctx.now, || {
-                format!("n{me} g{group}: {role:?} in term {term}")
-            });
-        }
-        r.seen = now;
-        Ok(())
-    }
-
-    fn send(r: &mut Replica, me: NodeId, group: GroupId, msgs: Vec<Message>, ctx: &mut Ctx<'_>) {
-        for msg in msgs {
-            if msg.get_msg_type() == MessageType::MsgRequestVoteResponse && !msg.reject {
-                // raft-rs resets its election timer when it grants a vote.
-                r.timer.elapsed = 0;
-            }
-            ctx.effects.push(Effect::Send {
-                from: me,
-                to: NodeId(msg.to),
-                group,
-                msg,
-            });
-        }
-    }
-
-    /// Runs Ready cycles until there is no more work or the node waits for a sync.
-    pub fn pump(&mut self, ctx: &mut Ctx<'_>) -> Check {
-        let me = self.id;
-        while self.up && self.syncing.is_none() {
-            let mut batch = LogBatch::default();
-            let mut must_sync = false;
-            let mut persisted = Vec::new();
-            let groups: Vec<GroupId> = self.replicas.keys().copied().collect();
-            for group in groups {
-                let r = self.replicas.get_mut(&group).expect("listed");
-                let b = before(r);
-                let Some(mut work) = r.raft.ready() else {
-                    continue;
-                };
-                // 1. Messages that need not wait for persistence.
-                Self::send(r, me, group, std::mem::take(&mut work.messages), ctx);
-                // 2. Snapshot.
-                if let Some(snap) = work.snapshot.take() {
-                    self.install_snapshot(group, &snap, &mut batch, ctx)?;
-                }
-                // 3. Committed entries.
-                self.apply_entries(group, std::mem::take(&mut work.committed), &mut batch, ctx)?;
-                if ctx.cfg.driver_bug == Some(DriverBug::ApplyBeforeCommit) {
-                    self.apply_unstable(group, &work.persist, ctx)?;
-                }
-                // 4. Persistence, collected for all groups.
-                batch.ops.append(&mut work.persist.ops);
-                must_sync |= work.must_sync;
-                persisted.push((group, std::mem::take(&mut work.persisted_messages)));
-                self.observe(group, b, CommitConf::Before, ctx)?;
-            }
-            if persisted.is_empty() {
-                return Ok(());
-            }
-            if !batch.is_empty() {
-                self.write(batch)?;
-            }
-            let mut cycle = Cycle { persisted };
-            if must_sync && ctx.cfg.driver_bug == Some(DriverBug::AckBeforeSync) {
-                for (group, msgs) in &mut cycle.persisted {
-                    let r = self.replicas.get_mut(group).expect("replica");
-                    Self::send(r, me, *group, std::mem::take(msgs), ctx);
-                }
-            }
-            if must_sync {
-                let after = ctx.rng.range(ctx.cfg.sync_us.0, ctx.cfg.sync_us.1);
-                self.syncing = Some(cycle);
-                ctx.effects.push(Effect::SyncAfter {
+        self.observe(ctx)?;
+        if let Some(at) = self.core().next_wakeup(time(ctx.now)) {
+            let at = at.as_micros().max(ctx.now);
+            if self.wake.is_none_or(|w| w > at) {
+                self.wake = Some(at);
+                ctx.effects.push(Effect::WakeAt {
                     node: me,
                     incarnation: self.incarnation,
-                    after,
+                    at,
                 });
-                return Ok(());
             }
-            self.finish_cycle(cycle, ctx)?;
         }
         Ok(())
     }
 
-    /// Steps 5 to 7 of the Ready order, once what the cycle wrote is synced.
-    fn finish_cycle(&mut self, cycle: Cycle, ctx: &mut Ctx<'_>) -> Check {
+    fn note(&mut self, note: Note, ctx: &mut Ctx<'_>) -> Check {
         let me = self.id;
-        let mut batch = LogBatch::default();
-        for (group, persisted) in cycle.persisted {
-            let r = self.replicas.get_mut(&group).expect("replica");
-            let b = before(r);
-            // 5. Messages promising persisted state.
-            Self::send(r, me, group, persisted, ctx);
-            // 6. Advance.
-            let mut adv = r.raft.advance();
-            Self::send(r, me, group, std::mem::take(&mut adv.messages), ctx);
-            self.observe(group, b, CommitConf::Before, ctx)?;
-            self.apply_entries(group, std::mem::take(&mut adv.committed), &mut batch, ctx)?;
-            batch.ops.append(&mut adv.persist.ops);
-            // 7. Applied index back to raft-rs.
-            let r = self.replicas.get_mut(&group).expect("replica");
-            // (Capped at the commit index: only the `ApplyBeforeCommit` bug applies
-            // beyond it, and raft-rs would reject that before the checker could.)
-            let applied = r.machine.applied.min(r.raft.commit_index().0);
-            if applied > r.raft.applied_index().0 {
-                let b = before(r);
-                r.raft.advance_apply_to(LogIndex(applied));
-                self.observe(group, b, CommitConf::Before, ctx)?;
+        match note {
+            Note::LeaderCommit {
+                group,
+                from,
+                to,
+                voters,
+                outgoing,
+            } => {
+                let mut conf = ConfState::default();
+                conf.voters = voters;
+                conf.voters_outgoing = outgoing;
+                ctx.checker.observe_leader_commit(group, from, to, &conf);
             }
-        }
-        if !batch.is_empty() {
-            self.write(batch)?;
+            Note::Committed { group, entry } => ctx.checker.observe_committed(group, me, &entry)?,
+            Note::MetaApplied { index, hash } => ctx
+                .checker
+                .observe_state(META_GROUP, me, index, hash, "apply")?,
+            Note::AnsweredEarly {
+                id, index, term, ..
+            } => {
+                if let Some(p) = self.requests.get_mut(&id) {
+                    p.placed = Some((index, term, true));
+                }
+            }
+            Note::CommittedAt {
+                id, index, term, ..
+            } => {
+                if let Some(p) = self.requests.get_mut(&id) {
+                    p.placed = Some((index, term, false));
+                }
+            }
+            Note::Flushed { .. } => {}
+            Note::QuarantineEnded { group, majority } => {
+                if majority {
+                    ctx.checker.observe_quarantine_majority(group, ctx.now);
+                }
+            }
         }
         Ok(())
     }
 
-    fn install_snapshot(
+    /// Turns the core's answer into the client's reply.
+    fn answer(
         &mut self,
-        group: GroupId,
-        snap: &Snapshot,
-        batch: &mut LogBatch,
+        id: ReqId,
+        answer: roamdisk_core::node::Answer,
         ctx: &mut Ctx<'_>,
     ) -> Check {
-        let me = self.id;
-        let index = snap.get_metadata().index;
-        let machine = Machine::decode(&snap.data).map_err(|e| {
-            violation(
-                Invariant::CrashRule,
-                format!("node {me} group {group}: snapshot at {index}: {}", e.0),
-            )
-        })?;
-        if machine.applied != index {
+        let Some(p) = self.requests.remove(&id) else {
             return Err(violation(
-                Invariant::CrashRule,
+                Invariant::CoreError,
                 format!(
-                    "node {me} group {group}: snapshot at index {index} carries a state image at \
-                     index {}",
-                    machine.applied
+                    "node {}: request {id:?} answered twice or never asked",
+                    self.id
                 ),
             ));
-        }
-        ctx.checker
-            .observe_state(group, me, index, machine.hash(), "snapshot")?;
-        let r = self.replicas.get_mut(&group).expect("replica");
-        let monotone = machine.monotone();
-        if let (Some(now), Some(prev)) = (&monotone, &r.monotone) {
+        };
+        let reply = match (answer, &p.req.op) {
+            (Ok(Outcome::Volume | Outcome::Meta(_)), Op::Write { .. }) => match p.placed {
+                Some((index, term, early)) => Reply::Written { index, term, early },
+                None => {
+                    return Err(violation(
+                        Invariant::CoreError,
+                        format!(
+                            "node {}: write {id:?} answered with no entry named",
+                            self.id
+                        ),
+                    ))
+                }
+            },
+            (Ok(_), Op::Flush) => Reply::Flushed,
+            (Ok(_), Op::Read { slot }) => {
+                let data = self.volumes.get(&p.req.group).cloned().unwrap_or_default();
+                let at = REGISTERS_AT + slot * REGISTER_BYTES;
+                Reply::Read {
+                    bytes: data.bytes[at..at + REGISTER_BYTES].to_vec(),
+                }
+            }
+            (Err(Refused::NotLeader { leader, .. }), _) => Reply::NotLeader { leader },
+            (Err(Refused::NoGroup(_)), _) => Reply::NotLeader { leader: None },
+            (Err(Refused::Recovering(_)), _) => Reply::Retry("recovering"),
+            (Err(Refused::Busy), _) => Reply::Retry("busy"),
+            (Err(Refused::Superseded), _) => Reply::Retry("superseded"),
+            (Err(Refused::Shutdown | Refused::Failed(_)), _) => Reply::Retry("failed"),
+        };
+        ctx.effects.push(Effect::Reply {
+            node: self.id,
+            client: p.req.client,
+            request: p.req.request,
+            attempt: p.req.attempt,
+            reply,
+        });
+        Ok(())
+    }
+
+    /// The metadata state never goes back within an incarnation.
+    fn check_monotone(&mut self) -> Check {
+        let now = MetaMonotone::of(self.core().cluster());
+        if let Some(prev) = &self.monotone {
             if let Some(why) = now.went_back_from(prev) {
                 return Err(violation(
                     Invariant::GenerationMonotone,
-                    format!("node {me} group {group}: snapshot at {index}: {why}"),
+                    format!("node {}: metadata went back: {why}", self.id),
                 ));
             }
         }
-        r.monotone = monotone;
-        r.machine = machine;
-        let covered: Vec<u64> = r.waiting.range(..=index).map(|(i, _)| *i).collect();
-        let mut replies = Vec::new();
-        for i in covered {
-            let w = r.waiting.remove(&i).expect("listed");
-            replies.push((w.client, w.request, w.attempt));
-        }
-        batch.push(LogOp::Put {
-            key: image_key(group),
-            value: snap.data.to_vec(),
-        });
-        ctx.trace.note(ctx.now, || {
-            format!("n{me} g{group}: installs snapshot at {index}")
-        });
-        for w in replies {
-            self.reply(ctx, w, Reply::Retry("snapshot"));
-        }
+        self.monotone = Some(now);
         Ok(())
     }
 
-    /// Step 3: hands committed entries to `apply_committed`, then to the machine.
-    fn apply_entries(
-        &mut self,
-        group: GroupId,
-        entries: Vec<Entry>,
-        batch: &mut LogBatch,
-        ctx: &mut Ctx<'_>,
-    ) -> Check {
-        if entries.is_empty() {
-            return Ok(());
-        }
+    /// Notices role, term and commit changes: one leader per term, commit never back.
+    fn observe(&mut self, ctx: &mut Ctx<'_>) -> Check {
         let me = self.id;
-        let mut terms = BTreeMap::new();
-        for e in &entries {
-            ctx.checker.observe_committed(group, me, e)?;
-            terms.insert(e.index, e.term);
-        }
-        let r = self.replicas.get_mut(&group).expect("replica");
-        let b = before(r);
-        let applied = r
-            .raft
-            .apply_committed(entries, batch)
-            .map_err(|e| core_err("apply_committed", e))?;
-        self.observe(group, b, CommitConf::After, ctx)?;
-        let r = self.replicas.get_mut(&group).expect("replica");
-        let mut replies = Vec::new();
-        for a in applied {
-            let index = match a {
-                Applied::Command { index, data, .. } => {
-                    if index.0 > r.machine.applied {
-                        r.machine
-                            .apply(index.0, &data)
-                            .map_err(|e| core_err("apply", e.0))?;
-                    }
-                    index.0
-                }
-                Applied::Internal { index } => {
-                    r.machine.skip(index.0);
-                    index.0
-                }
+        for group in self.core().group_ids() {
+            let r = self.core().raft(group).expect("listed");
+            let now = Seen {
+                role: r.role(),
+                term: r.term().0,
+                commit: r.commit_index().0,
             };
-            ctx.checker
-                .observe_state(group, me, index, r.machine.hash(), "apply")?;
-            if let Some(now) = r.machine.monotone() {
-                if let Some(why) = r
-                    .monotone
-                    .as_ref()
-                    .and_then(|prev| now.went_back_from(prev))
-                {
+            if now.role == StateRole::Leader {
+                ctx.checker.observe_leader(group, me, now.term)?;
+            }
+            if let Some(before) = self.seen.get(&group) {
+                if now.commit < before.commit {
                     return Err(violation(
-                        Invariant::GenerationMonotone,
-                        format!("node {me} group {group} at applied index {index}: {why}"),
+                        Invariant::CommittedEntryStable,
+                        format!(
+                            "node {me} group {group}: commit index went back from {} to {}",
+                            before.commit, now.commit
+                        ),
                     ));
                 }
-                r.monotone = Some(now);
-            }
-            if let Some(w) = r.waiting.remove(&index) {
-                let term = terms.get(&index).copied().unwrap_or(0);
-                let reply = if term == w.term {
-                    Reply::Acked { index, term }
-                } else {
-                    Reply::Retry("superseded")
-                };
-                replies.push(((w.client, w.request, w.attempt), reply));
-            }
-        }
-        for (w, reply) in replies {
-            self.reply(ctx, w, reply);
-        }
-        Ok(())
-    }
-
-    /// The `ApplyBeforeCommit` bug: applies appended entries right away.
-    fn apply_unstable(&mut self, group: GroupId, persist: &LogBatch, ctx: &mut Ctx<'_>) -> Check {
-        let me = self.id;
-        for op in &persist.ops {
-            let LogOp::Append { entries, .. } = op else {
-                continue;
-            };
-            for e in entries {
-                let r = self.replicas.get_mut(&group).expect("replica");
-                if e.index != r.machine.applied + 1 {
-                    continue;
-                }
-                ctx.checker.observe_committed(group, me, e)?;
-                if e.get_entry_type() == EntryType::EntryNormal && !e.data.is_empty() {
-                    r.machine
-                        .apply(e.index, &e.data)
-                        .map_err(|err| core_err("apply", err.0))?;
-                } else {
-                    r.machine.skip(e.index);
-                }
-                ctx.checker
-                    .observe_state(group, me, e.index, r.machine.hash(), "early apply")?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Records machine images with their applied index (the crash rule) and compacts
-    /// logs behind them, like the storage node's checkpoint.
-    fn checkpoint(&mut self, aggressive: bool) -> Check {
-        let mut batch = LogBatch::default();
-        let mut written = Vec::new();
-        for (group, r) in &self.replicas {
-            let st = self
-                .store
-                .state(*group)
-                .map_err(|e| core_err("store state", e))?
-                .expect("replica has a group");
-            if r.machine.applied > st.applied_index {
-                batch.push(LogOp::Put {
-                    key: image_key(*group),
-                    value: r.machine.encode(),
-                });
-                batch.push(LogOp::Applied {
-                    group: *group,
-                    index: r.machine.applied,
-                });
-            }
-            written.push(*group);
-        }
-        if !batch.is_empty() {
-            self.write(batch)?;
-        }
-        let mut compact = LogBatch::default();
-        for group in written {
-            let r = &self.replicas[&group];
-            let st = self
-                .store
-                .state(group)
-                .map_err(|e| core_err("store state", e))?
-                .expect("replica has a group");
-            let recorded = st.applied_index;
-            let retained = if aggressive { 0 } else { self.retained_entries };
-            let mut floor = recorded.saturating_sub(retained);
-            if r.raft.is_leader() && !aggressive {
-                // As the storage node does: followers within reach of the log keep it.
-                if let Some(min_match) = r
-                    .raft
-                    .progress()
-                    .iter()
-                    .filter(|p| p.node != self.id)
-                    .map(|p| p.matched)
-                    .min()
-                {
-                    floor = floor.max(min_match.min(recorded));
+                if (now.role, now.term) != (before.role, before.term) {
+                    let (role, term) = (now.role, now.term);
+                    ctx.trace.mix(&[me.0, group.0, role as u64, term]);
+                    ctx.trace.note(ctx.now, || {
+                        format!("n{me} g{group}: {role:?} in term {term}")
+                    });
                 }
             }
-            if floor > st.truncated_index {
-                compact.push(LogOp::Compact {
-                    group,
-                    index: floor,
-                });
-            }
-        }
-        if !compact.is_empty() {
-            self.write(compact)?;
+            self.seen.insert(group, now);
         }
         Ok(())
     }
 
     /// Invariant 2 on the node's log near its commit index.
     pub fn check_log_window(&self, checker: &Checker) -> Check {
-        for (group, r) in &self.replicas {
-            let st = self
-                .store
-                .state(*group)
-                .map_err(|e| core_err("store state", e))?
-                .expect("replica has a group");
-            let last = self
-                .store
-                .last_index(*group)
-                .map_err(|e| core_err("store last index", e))?;
-            let hi = r.raft.commit_index().0.min(last);
-            let lo = st.truncated_index.max(hi.saturating_sub(LOG_CHECK_WINDOW));
-            checker.check_log(*group, self.id, &self.store, lo, hi, "after an event")?;
+        for group in self.core().group_ids() {
+            let (lo, hi) = self.log_span(group)?;
+            let lo = lo.max(hi.saturating_sub(LOG_CHECK_WINDOW));
+            checker.check_log(
+                group,
+                self.id,
+                self.store.as_ref(),
+                lo,
+                hi,
+                "after an event",
+            )?;
         }
         Ok(())
     }
 
     /// Invariant 2 on the node's whole log below its commit index.
     pub fn check_log_full(&self, group: GroupId, checker: &Checker, when: &str) -> Check {
-        let Some(r) = self.replicas.get(&group) else {
+        if self.raft(group).is_none() {
             return Ok(());
-        };
+        }
+        let (lo, hi) = self.log_span(group)?;
+        checker.check_log(group, self.id, self.store.as_ref(), lo, hi, when)
+    }
+
+    /// The truncation point and the committed end of `group`'s log here.
+    fn log_span(&self, group: GroupId) -> Result<(u64, u64), crate::checker::Violation> {
         let st = self
             .store
             .state(group)
@@ -1091,7 +1038,42 @@ impl Node {
             .store
             .last_index(group)
             .map_err(|e| core_err("store last index", e))?;
-        let hi = r.raft.commit_index().0.min(last);
-        checker.check_log(group, self.id, &self.store, st.truncated_index, hi, when)
+        let hi = self.raft(group).expect("open").commit_index().0.min(last);
+        Ok((st.truncated_index, hi))
+    }
+
+    /// The volume data of `group` and the index it has applied, to copy from, if this
+    /// replica may serve as a copy's source (it serves reads: applied all it committed,
+    /// and it is not copying itself).
+    pub fn copy_source(&self, group: GroupId) -> Option<(&VolumeData, u64)> {
+        let core = self.core.as_ref()?;
+        let r = core.raft(group)?;
+        let applied = core.applied(group)?.0;
+        if core.recovering(group).is_some() || applied < r.commit_index().0 {
+            return None;
+        }
+        Some((self.volumes.get(&group)?, applied))
+    }
+
+    /// The recovery point of `group` on this node, if its replica must copy blocks.
+    pub fn recovery_point(&self, group: GroupId) -> Option<u64> {
+        self.core.as_ref()?.recovering(group).map(|p| p.0)
+    }
+
+    /// The replicas outside the home site of a site-durable group (empty otherwise).
+    pub fn site_durable_remote(&self, group: GroupId) -> Vec<NodeId> {
+        self.site_durable.get(&group).cloned().unwrap_or_default()
+    }
+
+    pub fn volume(&self, group: GroupId) -> Option<&VolumeData> {
+        self.volumes.get(&group)
+    }
+
+    pub fn volume_kind(&self, group: GroupId) -> Option<MachineKind> {
+        self.seeds.get(&group).map(|s| s.kind)
+    }
+
+    pub fn applied(&self, group: GroupId) -> Option<u64> {
+        self.core.as_ref()?.applied(group).map(|i| i.0)
     }
 }

@@ -13,7 +13,7 @@ use crate::config::SimConfig;
 use crate::sim::{Outcome, SimFailure, Simulation};
 
 /// Seeds a sweep runs when `ROAMDISK_SIM_SEEDS` is not set (what CI runs).
-pub const DEFAULT_SEEDS: u64 = 200;
+pub const DEFAULT_SEEDS: u64 = 500;
 
 /// Runs one seed. Panics (an assertion in the core, a raft-rs `fatal!`) are caught and
 /// reported as a failure of that seed.

@@ -85,15 +85,69 @@ impl ShadowLog {
 pub struct ShadowDisk {
     written: BTreeMap<GroupId, ShadowLog>,
     synced: BTreeMap<GroupId, ShadowLog>,
+    /// Batches written and not yet synced, oldest first, and how many were synced.
+    unsynced: std::collections::VecDeque<LogBatch>,
+    synced_batches: u64,
+    /// The next sync fails: the batches it covers never reach the synced image.
+    fail_next: bool,
 }
 
 impl ShadowDisk {
     /// Mirrors `LogStore::write`.
     pub fn write(&mut self, batch: &LogBatch) {
+        apply(&mut self.written, batch, false);
+        self.unsynced.push_back(batch.clone());
+    }
+
+    /// Mirrors `LogStore::sync`.
+    pub fn sync(&mut self) {
+        let n = self.synced_batches + self.unsynced.len() as u64;
+        self.sync_through(n);
+    }
+
+    /// Mirrors `MemLogStore::sync_through`: the first `n` batches ever written are
+    /// synced, not the ones after them.
+    pub fn sync_through(&mut self, n: u64) {
+        let failed = std::mem::take(&mut self.fail_next);
+        while self.synced_batches < n {
+            let Some(batch) = self.unsynced.pop_front() else {
+                return;
+            };
+            if !failed {
+                apply(&mut self.synced, &batch, true);
+            }
+            self.synced_batches += 1;
+        }
+    }
+
+    /// Mirrors `MemLogStore::fail_next_sync`.
+    pub fn fail_next_sync(&mut self) {
+        self.fail_next = true;
+    }
+
+    /// Mirrors `MemLogStore::crash`: what was not synced is gone.
+    pub fn power_loss(&mut self) {
+        self.written.clone_from(&self.synced);
+        self.unsynced.clear();
+    }
+
+    pub fn written(&self, group: GroupId) -> Option<&ShadowLog> {
+        self.written.get(&group)
+    }
+
+    pub fn synced(&self, group: GroupId) -> Option<&ShadowLog> {
+        self.synced.get(&group)
+    }
+}
+
+/// Applies a batch's log operations to one image of the disk; on the synced image
+/// (`synced`), an append past a hole that a failed sync left is lost.
+fn apply(image: &mut BTreeMap<GroupId, ShadowLog>, batch: &LogBatch, synced: bool) {
+    {
         for op in &batch.ops {
             match op {
                 LogOp::Create { group, state } => {
-                    self.written.entry(*group).or_insert_with(|| ShadowLog {
+                    image.entry(*group).or_insert_with(|| ShadowLog {
                         truncated_index: state.truncated_index,
                         truncated_term: state.truncated_term,
                         last_index: state.truncated_index,
@@ -102,28 +156,30 @@ impl ShadowDisk {
                     });
                 }
                 LogOp::Append { group, entries } => {
-                    if let (Some(log), Some(first)) = (self.written.get_mut(group), entries.first())
-                    {
+                    if let (Some(log), Some(first)) = (image.get_mut(group), entries.first()) {
+                        if synced && first.index > log.last_index + 1 {
+                            continue;
+                        }
                         log.append(first.index, entries.iter().map(|e| e.term));
                     }
                 }
                 LogOp::Snapshot {
                     group, index, term, ..
                 } => {
-                    if let Some(log) = self.written.get_mut(group) {
+                    if let Some(log) = image.get_mut(group) {
                         log.snapshot(*index, *term);
                     }
                 }
                 LogOp::Compact { group, index } => {
-                    if let Some(log) = self.written.get_mut(group) {
+                    if let Some(log) = image.get_mut(group) {
                         log.compact(*index);
                     }
                 }
                 LogOp::Remove { group } => {
-                    self.written.remove(group);
+                    image.remove(group);
                 }
                 LogOp::HardState { group, hard_state } => {
-                    if let Some(log) = self.written.get_mut(group) {
+                    if let Some(log) = image.get_mut(group) {
                         log.commit = hard_state.commit;
                     }
                 }
@@ -133,24 +189,6 @@ impl ShadowDisk {
                 | LogOp::Delete { .. } => {}
             }
         }
-    }
-
-    /// Mirrors `LogStore::sync`.
-    pub fn sync(&mut self) {
-        self.synced.clone_from(&self.written);
-    }
-
-    /// Mirrors `MemLogStore::crash`: what was not synced is gone.
-    pub fn power_loss(&mut self) {
-        self.written.clone_from(&self.synced);
-    }
-
-    pub fn written(&self, group: GroupId) -> Option<&ShadowLog> {
-        self.written.get(&group)
-    }
-
-    pub fn synced(&self, group: GroupId) -> Option<&ShadowLog> {
-        self.synced.get(&group)
     }
 }
 

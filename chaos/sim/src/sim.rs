@@ -6,36 +6,37 @@
 //! the first violation stops the run with the seed and the step that found it.
 //!
 //! A run has three phases:
-//! 1. *faults* (`fault_phase_ms`): clients write; a fault is drawn every few hundred
-//!    ms: crash (power loss or process kill) and later restart, partition and later
-//!    heal, leader transfer, membership change (joint consensus when two voters
-//!    change), or an aggressive compaction that forces snapshots;
+//! 1. *faults* (`fault_phase_ms`): clients write (answered early or at commit), flush
+//!    and read registers; a fault is drawn every few hundred ms: crash (power loss or
+//!    process kill) and later restart, partition and later heal, leader transfer,
+//!    membership change (joint consensus when two voters change), an aggressive
+//!    compaction that forces snapshots (and block copies), or a replica cut off twice so
+//!    that a second snapshot lands while it copies its blocks (`faults`);
 //! 2. *quiet* (`quiet_phase_ms`): partitions heal, crashed nodes restart, drops stop,
 //!    joint configurations are left; one liveness write per group is issued;
 //! 3. *end*: a leader must exist for each group, every member must have applied the
-//!    same index with the same state, the liveness writes must be acknowledged, and a
-//!    replay of the committed log must reproduce every state hash seen.
+//!    same index with the same state, the liveness writes must be acknowledged, a
+//!    replay of the committed log must reproduce every state hash seen, every
+//!    acknowledged write that must survive is committed, and every read saw what it
+//!    must have seen.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::fmt;
 
-use raft::eraftpb::{
-    ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Message,
-    MessageType,
-};
+use raft::eraftpb::{ConfState, MessageType};
 use raft::StateRole;
-use roamdisk_core::ids::{GroupId, NodeId};
+use roamdisk_core::ids::{GroupId, NodeId, META_GROUP};
 
 use crate::checker::{violation, Check, Checker, Invariant, Violation};
-use crate::client::Client;
+use crate::client::{Client, Op};
 use crate::config::{Micros, SimConfig, MS};
 use crate::corelog::CoreErrors;
 use crate::machine::MachineKind;
 use crate::net::Network;
-use crate::node::{ClientRequest, Ctx, Effect, Input, Node, ReplicaSeed, Reply};
+use crate::node::{ClientRequest, Ctx, Effect, Input, Node, ReplicaSeed, Reply, Wire};
 use crate::rng::SimRng;
-use crate::topology::{Topology, HOME_SITE, VOTERS_MAX, VOTERS_MIN};
+use crate::topology::{Topology, HOME_SITE, VOLUME_GROUP};
 use crate::trace::Trace;
 
 /// Steps between two comparisons of every node's whole log with the committed record.
@@ -46,23 +47,39 @@ pub const QUORUM_CHECK_EVERY: u64 = 16;
 /// A sender's transport notices a lost snapshot stream after this long.
 pub const SNAPSHOT_FAILURE_NOTICE: Micros = 50 * MS;
 /// Partitions active at once, at most.
-pub const PARTITIONS_MAX: usize = 2;
+pub(crate) const PARTITIONS_MAX: usize = 2;
 /// Events in one run, at most: a run that exceeds it is reported (a livelock in the
 /// simulator itself, or a configuration that asks too much).
 pub const STEPS_MAX: u64 = 2_000_000;
 
-enum Event {
+pub(crate) enum Event {
     Tick(NodeId),
     Checkpoint(NodeId),
     Deliver {
         from: NodeId,
         to: NodeId,
         group: GroupId,
-        msg: Box<Message>,
+        wire: Box<Wire>,
     },
     SyncDone {
         node: NodeId,
         incarnation: u64,
+    },
+    CheckpointDone {
+        node: NodeId,
+        incarnation: u64,
+    },
+    Wake {
+        node: NodeId,
+        incarnation: u64,
+    },
+    /// The next chunk of a block copy.
+    CopyChunk {
+        node: NodeId,
+        incarnation: u64,
+        group: GroupId,
+        point: u64,
+        chunk: usize,
     },
     SnapshotStatus {
         node: NodeId,
@@ -72,7 +89,6 @@ enum Event {
     },
     Unreachable {
         node: NodeId,
-        group: GroupId,
         to: NodeId,
     },
     /// Send the client's request (a new one if none is in flight), unless the attempt
@@ -100,6 +116,11 @@ enum Event {
     Fault,
     Restart(NodeId),
     Heal(u64),
+    /// The next step of a catch-up race (see `faults`).
+    Race {
+        node: NodeId,
+        step: u8,
+    },
     Quiet,
     Settle,
     FinalWrites,
@@ -127,6 +148,10 @@ impl Event {
             Event::Settle => 15,
             Event::FinalWrites => 16,
             Event::End => 17,
+            Event::CheckpointDone { .. } => 18,
+            Event::Wake { .. } => 19,
+            Event::CopyChunk { .. } => 20,
+            Event::Race { .. } => 21,
         }
     }
 }
@@ -156,7 +181,7 @@ impl Ord for Scheduled {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
+pub(crate) enum Phase {
     Faults,
     Quiet,
     Done,
@@ -174,7 +199,18 @@ pub struct Stats {
     pub leader_transfers: u64,
     pub conf_changes: u64,
     pub compactions: u64,
+    /// Log syncs that failed (the node stopped and restarted on the same boot).
+    pub sync_failures: u64,
+    /// Catch-up races that landed a second snapshot during a block copy.
+    pub catch_up_races: u64,
+    /// Block copies accepted by the core, and refused (made for an older point).
+    pub copies_accepted: u64,
+    pub copies_refused: u64,
     pub acknowledged: u64,
+    /// Writes answered early (before their commit), flushes and reads answered.
+    pub acknowledged_early: u64,
+    pub flushes: u64,
+    pub reads: u64,
     pub terms: u64,
     pub committed_entries: u64,
     pub nodes: u64,
@@ -220,46 +256,34 @@ impl fmt::Display for SimFailure {
 }
 
 pub struct Simulation {
-    seed: u64,
-    cfg: SimConfig,
-    rng: SimRng,
-    now: Micros,
+    pub(crate) seed: u64,
+    pub(crate) cfg: SimConfig,
+    pub(crate) rng: SimRng,
+    pub(crate) now: Micros,
     step: u64,
     queue: BinaryHeap<Scheduled>,
     next_seq: u64,
-    topology: Topology,
-    nodes: BTreeMap<NodeId, Node>,
-    net: Network,
+    pub(crate) topology: Topology,
+    pub(crate) nodes: BTreeMap<NodeId, Node>,
+    pub(crate) net: Network,
     clients: Vec<Client>,
-    checker: Checker,
-    trace: Trace,
-    phase: Phase,
-    stats: Stats,
+    pub(crate) checker: Checker,
+    pub(crate) trace: Trace,
+    pub(crate) phase: Phase,
+    pub(crate) stats: Stats,
     effects: Vec<Effect>,
     /// Whether the durable-quorum check must run after this step.
-    durability_changed: bool,
+    pub(crate) durability_changed: bool,
     /// Nodes that crash when their next sync would complete (power loss or not).
-    crash_at_sync: BTreeMap<NodeId, bool>,
+    pub(crate) crash_at_sync: BTreeMap<NodeId, bool>,
+    /// When nodes lost power, and which (an early-answered, unflushed write may be lost
+    /// once a majority of the voters that could have it did).
+    pub(crate) power_losses: Vec<(Micros, NodeId)>,
+    /// Register stamps handed out so far.
+    stamps: u64,
+    /// The catch-up race in progress.
+    pub(crate) race: Option<crate::faults::Race>,
     core_errors: CoreErrors,
-}
-
-fn conf_change(
-    changes: &[(ConfChangeType, NodeId)],
-    transition: ConfChangeTransition,
-) -> ConfChangeV2 {
-    let mut cc = ConfChangeV2::default();
-    cc.set_transition(transition);
-    for (ty, node) in changes {
-        let mut c = ConfChangeSingle::default();
-        c.set_change_type(*ty);
-        c.node_id = node.0;
-        cc.mut_changes().push(c);
-    }
-    cc
-}
-
-fn ids(v: &[u64]) -> Vec<NodeId> {
-    v.iter().map(|n| NodeId(*n)).collect()
 }
 
 impl Simulation {
@@ -268,9 +292,13 @@ impl Simulation {
         let topology = Topology::draw(&mut rng, &cfg);
         let net = Network::new(&mut rng, &cfg, topology.nodes.clone());
         let mut nodes = BTreeMap::new();
+        let meta_voters = topology.groups[&META_GROUP].voters.clone();
         for (id, site) in &topology.nodes {
             let retained = rng.range(cfg.retained_entries.0, cfg.retained_entries.1);
-            nodes.insert(*id, Node::new(*id, *site, &cfg, retained));
+            nodes.insert(
+                *id,
+                Node::new(*id, *site, &cfg, retained, meta_voters.clone()),
+            );
         }
         let mut checker = Checker::default();
         for (group, spec) in &topology.groups {
@@ -295,6 +323,9 @@ impl Simulation {
             effects: Vec::new(),
             durability_changed: false,
             crash_at_sync: BTreeMap::new(),
+            power_losses: Vec::new(),
+            stamps: 0,
+            race: None,
             core_errors: CoreErrors::default(),
             cfg,
         }
@@ -347,7 +378,7 @@ impl Simulation {
         )
     }
 
-    fn schedule(&mut self, after: Micros, event: Event) {
+    pub(crate) fn schedule(&mut self, after: Micros, event: Event) {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.queue.push(Scheduled {
@@ -409,11 +440,13 @@ impl Simulation {
         self.stats.max_generation = self
             .nodes
             .values()
-            .filter_map(|n| n.replicas.get(&roamdisk_core::ids::META_GROUP))
-            .filter_map(|r| r.machine.monotone())
-            .flat_map(|m| m.generations.into_values().map(|(g, _)| g.0))
+            .filter_map(|n| n.core.as_ref())
+            .flat_map(|c| c.cluster().volumes.values().map(|v| v.generation.0))
             .max()
             .unwrap_or(0);
+        let (_, reads, flushes) = self.checker.counts(VOLUME_GROUP);
+        self.stats.reads = reads as u64;
+        self.stats.flushes = flushes as u64;
         Ok(Outcome {
             seed: self.seed,
             steps: self.step,
@@ -430,18 +463,45 @@ impl Simulation {
             .iter()
             .map(|(g, s)| (*g, s.kind, s.voters.clone(), s.learners.clone()))
             .collect();
-        for (group, kind, voters, learners) in groups {
+        // The metadata group is created on every node's disk before the core opens it
+        // (with the bootstrap membership where the node is a member, empty elsewhere).
+        for (group, kind, voters, learners) in &groups {
+            if *kind != MachineKind::Meta {
+                continue;
+            }
             let mut cs = ConfState::default();
             cs.voters = voters.iter().map(|n| n.0).collect();
             cs.learners = learners.iter().map(|n| n.0).collect();
-            for node in voters.iter().chain(&learners) {
-                let seed = ReplicaSeed {
-                    kind,
-                    conf: Some(cs.clone()),
-                };
-                self.with_node(*node, |n, ctx| n.create_replica(group, seed, ctx))?;
+            for node in self.nodes.values() {
+                let member = voters.contains(&node.id) || learners.contains(&node.id);
+                node.seed_meta(*group, member.then(|| cs.clone()))
+                    .map_err(|e| violation(Invariant::CoreError, e))?;
             }
+        }
+        let nodes: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for node in &nodes {
+            self.with_node(*node, |n, ctx| n.start(ctx))?;
+        }
+        let site_durable =
+            self.topology.sites.len() > 1 && self.rng.chance(self.cfg.site_durable_per_million);
+        for (group, kind, voters, learners) in groups {
             let clients = if kind == MachineKind::Volume {
+                let mut cs = ConfState::default();
+                cs.voters = voters.iter().map(|n| n.0).collect();
+                cs.learners = learners.iter().map(|n| n.0).collect();
+                for node in voters.iter().chain(&learners) {
+                    let seed = ReplicaSeed {
+                        kind,
+                        conf: Some(cs.clone()),
+                    };
+                    self.with_node(*node, |n, ctx| n.create_replica(group, seed, ctx))?;
+                }
+                if site_durable {
+                    self.trace.note(0, || format!("g{group}: durability=site"));
+                    for n in self.nodes.values_mut() {
+                        n.set_site_durable(group, learners.clone());
+                    }
+                }
                 self.cfg.volume_clients
             } else {
                 1
@@ -485,7 +545,12 @@ impl Simulation {
     }
 
     /// Runs `f` on a node with a context, then routes the effects it produced.
-    fn with_node(&mut self, id: NodeId, f: impl FnOnce(&mut Node, &mut Ctx<'_>) -> Check) -> Check {
+    /// Runs `f` on a node with a context, then routes the effects it produced.
+    pub(crate) fn with_node<T>(
+        &mut self,
+        id: NodeId,
+        f: impl FnOnce(&mut Node, &mut Ctx<'_>) -> Result<T, Violation>,
+    ) -> Result<T, Violation> {
         let node = self.nodes.get_mut(&id).expect("known node");
         let mut ctx = Ctx {
             now: self.now,
@@ -500,7 +565,7 @@ impl Simulation {
         result
     }
 
-    fn input(&mut self, node: NodeId, input: Input) -> Check {
+    pub(crate) fn input(&mut self, node: NodeId, input: Input) -> Check {
         if !self.nodes[&node].up {
             return Ok(());
         }
@@ -515,16 +580,19 @@ impl Simulation {
                     from,
                     to,
                     group,
-                    msg,
+                    wire,
                 } => {
                     self.stats.messages_sent += 1;
                     if !self.nodes.contains_key(&to) {
                         continue;
                     }
                     let delays = self.net.plan(&mut self.rng, from, to);
+                    let snapshot = wire
+                        .raft()
+                        .is_some_and(|m| m.get_msg_type() == MessageType::MsgSnapshot);
                     if delays.is_empty() {
                         self.stats.messages_lost += 1;
-                        if msg.get_msg_type() == MessageType::MsgSnapshot {
+                        if snapshot {
                             self.schedule(
                                 SNAPSHOT_FAILURE_NOTICE,
                                 Event::SnapshotStatus {
@@ -537,14 +605,13 @@ impl Simulation {
                         }
                     }
                     for delay in delays {
-                        let msg = msg.clone();
                         self.schedule(
                             delay,
                             Event::Deliver {
                                 from,
                                 to,
                                 group,
-                                msg: Box::new(msg),
+                                wire: Box::new(wire.clone()),
                             },
                         );
                     }
@@ -577,6 +644,34 @@ impl Simulation {
                     incarnation,
                     after,
                 } => self.schedule(after, Event::SyncDone { node, incarnation }),
+                Effect::CheckpointAfter {
+                    node,
+                    incarnation,
+                    after,
+                } => self.schedule(after, Event::CheckpointDone { node, incarnation }),
+                Effect::WakeAt {
+                    node,
+                    incarnation,
+                    at,
+                } => self.schedule(
+                    at.saturating_sub(self.now),
+                    Event::Wake { node, incarnation },
+                ),
+                Effect::CopyBlocks {
+                    node,
+                    incarnation,
+                    group,
+                    point,
+                } => self.schedule(
+                    MS,
+                    Event::CopyChunk {
+                        node,
+                        incarnation,
+                        group,
+                        point,
+                        chunk: 0,
+                    },
+                ),
             }
         }
     }
@@ -584,38 +679,78 @@ impl Simulation {
     fn trace_event(&mut self, event: &Event) {
         let (values, line): (Vec<u64>, Option<String>) = match event {
             Event::Deliver {
-                from, to, group, msg, ..
-            } => (
-                vec![
-                    from.0,
-                    to.0,
-                    group.0,
-                    msg.get_msg_type() as u64,
-                    msg.term,
-                    msg.index,
-                    msg.log_term,
-                    msg.commit,
-                    msg.entries.len() as u64,
-                    msg.reject as u64,
-                ],
-                self.trace.verbose().then(|| {
-                    format!(
-                        "n{from} -> n{to} g{group} {:?} term={} index={} log_term={} commit={} entries={}{}",
-                        msg.get_msg_type(),
+                from,
+                to,
+                group,
+                wire,
+            } => match wire.as_ref() {
+                Wire::Raft(msg) => (
+                    vec![
+                        from.0,
+                        to.0,
+                        group.0,
+                        msg.get_msg_type() as u64,
                         msg.term,
                         msg.index,
                         msg.log_term,
                         msg.commit,
-                        msg.entries.len(),
-                        if msg.reject { " reject" } else { "" }
-                    )
-                }),
-            ),
-            Event::Tick(n) => (vec![n.0], None),
-            Event::Checkpoint(n) => (vec![n.0], None),
+                        msg.entries.len() as u64,
+                        msg.reject as u64,
+                    ],
+                    self.trace.verbose().then(|| {
+                        format!(
+                            "n{from} -> n{to} g{group} {:?} term={} index={} log_term={} commit={} entries={}{}",
+                            msg.get_msg_type(),
+                            msg.term,
+                            msg.index,
+                            msg.log_term,
+                            msg.commit,
+                            msg.entries.len(),
+                            if msg.reject { " reject" } else { "" }
+                        )
+                    }),
+                ),
+                Wire::Written(w) => (
+                    vec![from.0, to.0, group.0, 100, w.term, w.index, w.log_term],
+                    self.trace.verbose().then(|| {
+                        format!("n{from} -> n{to} g{group} Written term={} index={}", w.term, w.index)
+                    }),
+                ),
+                Wire::SyncWanted(w) => (
+                    vec![from.0, to.0, group.0, 101, w.term, w.index],
+                    self.trace.verbose().then(|| {
+                        format!("n{from} -> n{to} g{group} SyncWanted term={} index={}", w.term, w.index)
+                    }),
+                ),
+                Wire::Quarantine(r) => (
+                    vec![from.0, to.0, group.0, 102, u64::from(r.quarantined), r.conf_index],
+                    self.trace.verbose().then(|| {
+                        format!(
+                            "n{from} -> n{to} g{group} Quarantine quarantined={} conf {} {:?}/{:?}",
+                            r.quarantined, r.conf_index, r.voters, r.outgoing
+                        )
+                    }),
+                ),
+            },
+            Event::Tick(n) | Event::Checkpoint(n) => (vec![n.0], None),
             Event::SyncDone { node, incarnation } => (
                 vec![node.0, *incarnation],
                 self.trace.verbose().then(|| format!("n{node} sync done")),
+            ),
+            Event::CheckpointDone { node, incarnation } | Event::Wake { node, incarnation } => {
+                (vec![node.0, *incarnation], None)
+            }
+            Event::CopyChunk {
+                node,
+                group,
+                point,
+                chunk,
+                ..
+            } => (
+                vec![node.0, group.0, *point, *chunk as u64],
+                self.trace
+                    .verbose()
+                    .then(|| format!("n{node} g{group}: copy chunk {chunk} for {point}")),
             ),
             Event::SnapshotStatus {
                 node,
@@ -628,7 +763,7 @@ impl Simulation {
                     .verbose()
                     .then(|| format!("n{node} g{group}: snapshot to n{to} ok={ok}")),
             ),
-            Event::Unreachable { node, group, to } => (vec![node.0, group.0, to.0], None),
+            Event::Unreachable { node, to } => (vec![node.0, to.0], None),
             Event::ClientSend {
                 client,
                 after_attempt,
@@ -637,8 +772,16 @@ impl Simulation {
                 vec![node.0, request.client as u64, request.request, u64::from(request.attempt)],
                 self.trace.verbose().then(|| {
                     format!(
-                        "client {} request {} attempt {} -> n{node} g{}",
-                        request.client, request.request, request.attempt, request.group
+                        "client {} request {} attempt {} -> n{node} g{}: {:?}",
+                        request.client,
+                        request.request,
+                        request.attempt,
+                        request.group,
+                        match &request.op {
+                            Op::Write { ack, register, .. } => format!("write {ack:?} {register:?}"),
+                            Op::Flush => "flush".into(),
+                            Op::Read { slot } => format!("read {slot}"),
+                        }
                     )
                 }),
             ),
@@ -662,6 +805,10 @@ impl Simulation {
             Event::Fault => (vec![], None),
             Event::Restart(n) => (vec![n.0], self.trace.verbose().then(|| format!("n{n} restarts"))),
             Event::Heal(p) => (vec![*p], self.trace.verbose().then(|| format!("partition {p} heals"))),
+            Event::Race { node, step } => (
+                vec![node.0, u64::from(*step)],
+                Some(format!("catch-up race on n{node}, step {step}")),
+            ),
             Event::Quiet => (vec![], Some("quiet phase: heal everything".into())),
             Event::Settle => (vec![], None),
             Event::FinalWrites => (vec![], Some("liveness writes".into())),
@@ -685,14 +832,18 @@ impl Simulation {
                     .range(self.cfg.checkpoint_ms.0, self.cfg.checkpoint_ms.1)
                     * MS;
                 self.schedule(next, Event::Checkpoint(node));
-                self.input(node, Input::Checkpoint { aggressive: false })
+                if !self.nodes[&node].up {
+                    return Ok(());
+                }
+                self.with_node(node, |n, ctx| n.checkpoint(false, ctx))
+                    .map(|_| ())
             }
             Event::Deliver {
                 from,
                 to,
                 group,
-                msg,
-            } => self.deliver(from, to, group, *msg),
+                wire,
+            } => self.deliver(from, to, group, *wire),
             Event::SyncDone { node, incarnation } => {
                 self.durability_changed = true;
                 let current = self.nodes[&node].up && self.nodes[&node].incarnation == incarnation;
@@ -702,17 +853,35 @@ impl Simulation {
                         return Ok(());
                     }
                 }
-                self.with_node(node, |n, ctx| n.sync_done(incarnation, ctx))
+                if self.with_node(node, |n, ctx| n.sync_done(incarnation, ctx))? {
+                    self.stats.sync_failures += 1;
+                    self.trace.note(self.now, || {
+                        format!("n{node}: log sync failed; the node stops")
+                    });
+                    self.crash(node, false);
+                }
+                Ok(())
             }
+            Event::CheckpointDone { node, incarnation } => {
+                self.with_node(node, |n, ctx| n.checkpoint_done(incarnation, ctx))
+            }
+            Event::Wake { node, incarnation } => {
+                self.with_node(node, |n, ctx| n.wake(incarnation, ctx))
+            }
+            Event::CopyChunk {
+                node,
+                incarnation,
+                group,
+                point,
+                chunk,
+            } => self.copy_chunk(node, incarnation, group, point, chunk),
             Event::SnapshotStatus {
                 node,
                 group,
                 to,
                 ok,
             } => self.input(node, Input::SnapshotStatus { group, to, ok }),
-            Event::Unreachable { node, group, to } => {
-                self.input(node, Input::Unreachable { group, to })
-            }
+            Event::Unreachable { node, to } => self.input(node, Input::Unreachable { to }),
             Event::ClientSend {
                 client,
                 after_attempt,
@@ -720,7 +889,7 @@ impl Simulation {
                 self.client_send(client, after_attempt);
                 Ok(())
             }
-            Event::RequestArrives { node, request } => self.input(node, Input::Propose(request)),
+            Event::RequestArrives { node, request } => self.input(node, Input::Request(request)),
             Event::ReplyArrives {
                 from,
                 client,
@@ -758,6 +927,7 @@ impl Simulation {
                 }
                 Ok(())
             }
+            Event::Race { node, step } => self.race_step(node, step),
             Event::Quiet => self.quiet(),
             Event::Settle => {
                 if self.phase == Phase::Quiet {
@@ -790,18 +960,18 @@ impl Simulation {
         }
     }
 
-    fn group_ids(&self) -> Vec<GroupId> {
+    pub(crate) fn group_ids(&self) -> Vec<GroupId> {
         self.topology.groups.keys().copied().collect()
     }
 
-    fn deliver(&mut self, from: NodeId, to: NodeId, group: GroupId, msg: Message) -> Check {
-        let ty = msg.get_msg_type();
+    fn deliver(&mut self, from: NodeId, to: NodeId, group: GroupId, wire: Wire) -> Check {
+        let ty = wire.raft().map(|m| m.get_msg_type());
         let reachable =
             !self.net.is_cut(from, to) && self.nodes[&to].up && self.nodes[&to].hosts(group);
         if !reachable {
             self.stats.messages_lost += 1;
             match ty {
-                MessageType::MsgSnapshot => self.schedule(
+                Some(MessageType::MsgSnapshot) => self.schedule(
                     SNAPSHOT_FAILURE_NOTICE,
                     Event::SnapshotStatus {
                         node: from,
@@ -810,21 +980,16 @@ impl Simulation {
                         ok: false,
                     },
                 ),
-                MessageType::MsgAppend => self.schedule(
-                    MS,
-                    Event::Unreachable {
-                        node: from,
-                        group,
-                        to,
-                    },
-                ),
+                Some(MessageType::MsgAppend) => {
+                    self.schedule(MS, Event::Unreachable { node: from, to })
+                }
                 _ => {}
             }
             return Ok(());
         }
         self.stats.messages_delivered += 1;
-        self.input(to, Input::Raft { group, msg })?;
-        if ty == MessageType::MsgSnapshot {
+        self.input(to, Input::Wire { from, group, wire })?;
+        if ty == Some(MessageType::MsgSnapshot) {
             let delay = self.net.delay_between_sites(
                 &mut self.rng,
                 self.net.site_of(to),
@@ -845,6 +1010,7 @@ impl Simulation {
 
     fn client_send(&mut self, client: usize, after_attempt: u32) {
         let faults = self.phase == Phase::Faults;
+        let now = self.now;
         let c = &mut self.clients[client];
         match &c.in_flight {
             Some(f) if f.attempt != after_attempt => return,
@@ -854,7 +1020,7 @@ impl Simulation {
                 if !(faults || c.liveness) || (c.liveness && c.acked > 0) {
                     return;
                 }
-                c.start(&mut self.rng);
+                c.start(&mut self.rng, now, &mut self.stamps);
             }
         }
         let nodes: Vec<NodeId> = self.nodes.keys().copied().collect();
@@ -869,7 +1035,7 @@ impl Simulation {
             request: f.request,
             attempt: f.attempt,
             group: c.group,
-            payload: f.payload.clone(),
+            op: f.op.clone(),
         };
         let (req_id, attempt) = (f.request, f.attempt);
         if !self.rng.chance(self.net.drop_per_million) {
@@ -910,28 +1076,77 @@ impl Simulation {
             return Ok(());
         }
         let current = f.attempt;
-        match reply {
-            Reply::Acked { index, term } => {
-                // Any attempt of this request may be the one that committed.
-                let digest = f.digest;
-                let group = c.group;
-                c.in_flight = None;
-                c.acked += 1;
-                c.hint = Some(from);
+        let group = c.group;
+        let done = match (&reply, &f.op) {
+            // Any attempt of this request may be the one that committed.
+            (
+                Reply::Written { index, term, early },
+                Op::Write {
+                    digest, register, ..
+                },
+            ) => {
                 self.stats.acknowledged += 1;
-                self.checker.observe_ack(group, index, term, digest)?;
-                let think = self.rng.range(self.cfg.think_ms.0, self.cfg.think_ms.1) * MS;
-                self.schedule(
-                    think,
-                    Event::ClientSend {
-                        client,
-                        after_attempt: 0,
-                    },
-                );
+                self.stats.acknowledged_early += u64::from(*early);
+                let voters = self.nodes[&from]
+                    .raft(group)
+                    .map(|r| r.voter_sets())
+                    .unwrap_or_default();
+                self.checker.observe_write_ack(
+                    group, *index, *term, *digest, *early, self.now, *register, voters,
+                )?;
+                true
             }
-            _ if attempt != current => {}
+            (Reply::Flushed, Op::Flush) => {
+                let nodes = &self.nodes;
+                self.checker.observe_flush(
+                    group,
+                    f.issued_at,
+                    self.now,
+                    &self.power_losses,
+                    |n| {
+                        nodes
+                            .get(&n)
+                            .and_then(|node| node.store.model_synced(group))
+                    },
+                )?;
+                true
+            }
+            (Reply::Read { bytes }, Op::Read { slot }) => {
+                self.checker
+                    .observe_read(group, *slot, bytes, f.issued_at, from)?;
+                true
+            }
+            (Reply::Written { .. } | Reply::Flushed | Reply::Read { .. }, _) => {
+                return Err(violation(
+                    Invariant::CoreError,
+                    format!(
+                        "client {client} request {request}: a reply of another kind: {reply:?}"
+                    ),
+                ))
+            }
+            _ => false,
+        };
+        if done {
+            let c = &mut self.clients[client];
+            c.in_flight = None;
+            c.acked += 1;
+            c.hint = Some(from);
+            let think = self.rng.range(self.cfg.think_ms.0, self.cfg.think_ms.1) * MS;
+            self.schedule(
+                think,
+                Event::ClientSend {
+                    client,
+                    after_attempt: 0,
+                },
+            );
+            return Ok(());
+        }
+        if attempt != current {
+            return Ok(());
+        }
+        match reply {
             Reply::NotLeader { leader } => {
-                c.hint = leader;
+                self.clients[client].hint = leader;
                 let backoff = if leader.is_some() { MS } else { 20 * MS };
                 self.schedule(
                     backoff,
@@ -941,7 +1156,10 @@ impl Simulation {
                     },
                 );
             }
-            Reply::Retry(_) => {
+            _ => {
+                // Refused for now (a leader change, a replica copying blocks): try
+                // another node.
+                self.clients[client].hint = None;
                 self.schedule(
                     10 * MS,
                     Event::ClientSend {
@@ -955,272 +1173,16 @@ impl Simulation {
     }
 
     /// The node that leads `group` in the highest term, among running nodes.
-    fn leader(&self, group: GroupId) -> Option<NodeId> {
+    pub(crate) fn leader(&self, group: GroupId) -> Option<NodeId> {
         self.nodes
             .values()
             .filter(|n| n.up)
             .filter_map(|n| {
-                let r = n.replicas.get(&group)?;
-                (r.raft.role() == StateRole::Leader).then(|| (r.raft.term().0, n.id))
+                let r = n.raft(group)?;
+                (r.role() == StateRole::Leader).then(|| (r.term().0, n.id))
             })
             .max()
             .map(|(_, id)| id)
-    }
-
-    fn fault(&mut self) -> Check {
-        if self.phase != Phase::Faults {
-            return Ok(());
-        }
-        let next = self
-            .rng
-            .range(self.cfg.fault_interval_ms.0, self.cfg.fault_interval_ms.1)
-            * MS;
-        self.schedule(next, Event::Fault);
-        let w = &self.cfg.fault_weights;
-        let weights = [
-            w.crash,
-            w.partition,
-            w.transfer_leader,
-            w.membership,
-            w.compact,
-        ];
-        match self.rng.weighted(&weights) {
-            0 => self.crash_random(),
-            1 => {
-                if self.net.partitions() < PARTITIONS_MAX {
-                    let nodes: Vec<NodeId> = self.nodes.keys().copied().collect();
-                    let (id, description) = self.net.start_random_partition(&mut self.rng, &nodes);
-                    self.stats.partitions += 1;
-                    self.trace
-                        .note(self.now, || format!("partition {id}: {description}"));
-                    let d = self
-                        .rng
-                        .range(self.cfg.partition_ms.0, self.cfg.partition_ms.1)
-                        * MS;
-                    self.schedule(d, Event::Heal(id));
-                }
-                Ok(())
-            }
-            2 => {
-                let groups = self.group_ids();
-                let group = *self.rng.pick(&groups).expect("groups");
-                let Some(leader) = self.leader(group) else {
-                    return Ok(());
-                };
-                let cs = self.nodes[&leader].replicas[&group].raft.conf_state();
-                let targets: Vec<NodeId> = ids(&cs.voters)
-                    .into_iter()
-                    .filter(|n| *n != leader)
-                    .collect();
-                let Some(to) = self.rng.pick(&targets).copied() else {
-                    return Ok(());
-                };
-                self.stats.leader_transfers += 1;
-                self.trace.note(self.now, || {
-                    format!("g{group}: transfer leadership n{leader} -> n{to}")
-                });
-                self.input(leader, Input::TransferLeader { group, to })
-            }
-            3 => {
-                let groups = self.group_ids();
-                let group = *self.rng.pick(&groups).expect("groups");
-                self.membership_change(group)
-            }
-            _ => {
-                let up: Vec<NodeId> = self.nodes.values().filter(|n| n.up).map(|n| n.id).collect();
-                let Some(node) = self.rng.pick(&up).copied() else {
-                    return Ok(());
-                };
-                self.stats.compactions += 1;
-                self.trace.note(self.now, || {
-                    format!("n{node}: compacts its logs to the applied index")
-                });
-                self.input(node, Input::Checkpoint { aggressive: true })
-            }
-        }
-    }
-
-    fn crash_random(&mut self) -> Check {
-        let down = self.nodes.values().filter(|n| !n.up).count() + self.crash_at_sync.len();
-        // Up to half of the nodes may be down at once: enough to lose a group's quorum.
-        if down >= self.nodes.len() / 2 {
-            return Ok(());
-        }
-        let up: Vec<NodeId> = self
-            .nodes
-            .values()
-            .filter(|n| n.up && !self.crash_at_sync.contains_key(&n.id))
-            .map(|n| n.id)
-            .collect();
-        let Some(node) = self.rng.pick(&up).copied() else {
-            return Ok(());
-        };
-        let power_loss = self.rng.chance(self.cfg.power_loss_per_million);
-        if self.rng.chance(self.cfg.crash_in_sync_per_million) {
-            self.trace.note(self.now, || {
-                format!("n{node} will crash at its next sync (power loss: {power_loss})")
-            });
-            self.trace.mix(&[node.0, power_loss as u64, 1]);
-            self.crash_at_sync.insert(node, power_loss);
-        } else {
-            self.crash(node, power_loss);
-        }
-        Ok(())
-    }
-
-    fn crash(&mut self, node: NodeId, power_loss: bool) {
-        let busy = self.nodes[&node].is_busy();
-        self.stats.crashes += 1;
-        if power_loss {
-            self.stats.power_losses += 1;
-        }
-        self.trace.note(self.now, || {
-            format!(
-                "n{node} crashes ({}{})",
-                if power_loss {
-                    "power loss"
-                } else {
-                    "process kill"
-                },
-                if busy { ", between write and sync" } else { "" }
-            )
-        });
-        self.trace.mix(&[node.0, power_loss as u64]);
-        let bug = self.cfg.driver_bug;
-        self.nodes
-            .get_mut(&node)
-            .expect("node")
-            .crash(power_loss, bug);
-        self.durability_changed = true;
-        let down = self
-            .rng
-            .range(self.cfg.downtime_ms.0, self.cfg.downtime_ms.1)
-            * MS;
-        self.schedule(down, Event::Restart(node));
-    }
-
-    fn restart(&mut self, node: NodeId) -> Check {
-        if self.nodes[&node].up {
-            return Ok(());
-        }
-        self.durability_changed = true;
-        self.with_node(node, |n, ctx| n.restart(ctx))
-    }
-
-    /// Proposes one membership change of `group` through its leader.
-    fn membership_change(&mut self, group: GroupId) -> Check {
-        let Some(leader) = self.leader(group) else {
-            return Ok(());
-        };
-        let cs = self.nodes[&leader].replicas[&group].raft.conf_state();
-        if !cs.voters_outgoing.is_empty() {
-            return self.leave_joint(group);
-        }
-        let voters = ids(&cs.voters);
-        let learners = ids(&cs.learners);
-        let outsiders: Vec<NodeId> = self
-            .nodes
-            .values()
-            .filter(|n| n.up && !voters.contains(&n.id) && !learners.contains(&n.id))
-            .map(|n| n.id)
-            .collect();
-        use ConfChangeType::{AddLearnerNode, AddNode, RemoveNode};
-        let removals = self.cfg.allow_removing_leader;
-        let mut options: Vec<(String, Vec<(ConfChangeType, NodeId)>)> = Vec::new();
-        for n in &outsiders {
-            options.push((format!("add learner n{n}"), vec![(AddLearnerNode, *n)]));
-        }
-        for l in &learners {
-            if removals || *l != leader {
-                options.push((format!("remove learner n{l}"), vec![(RemoveNode, *l)]));
-            }
-            if voters.len() < VOTERS_MAX {
-                options.push((format!("promote learner n{l}"), vec![(AddNode, *l)]));
-            }
-            for v in &voters {
-                // Joint consensus: two voters change at once.
-                options.push((
-                    format!("replace voter n{v} by learner n{l} (n{v} becomes a learner)"),
-                    vec![(AddNode, *l), (AddLearnerNode, *v)],
-                ));
-                if removals {
-                    options.push((
-                        format!("replace voter n{v} by learner n{l} (n{v} leaves)"),
-                        vec![(AddNode, *l), (RemoveNode, *v)],
-                    ));
-                }
-            }
-        }
-        if voters.len() > VOTERS_MIN {
-            for v in &voters {
-                options.push((format!("demote voter n{v}"), vec![(AddLearnerNode, *v)]));
-                if removals {
-                    options.push((format!("remove voter n{v}"), vec![(RemoveNode, *v)]));
-                }
-            }
-        }
-        let Some((what, changes)) = self.rng.pick(&options).cloned() else {
-            return Ok(());
-        };
-        let transition = if changes.len() > 1 && self.rng.below(2) == 0 {
-            ConfChangeTransition::Explicit
-        } else {
-            ConfChangeTransition::Auto
-        };
-        // A node joining the group gets an empty replica that awaits a snapshot (as the
-        // storage node's reconcile would create it).
-        for (ty, n) in &changes {
-            if *ty == AddLearnerNode && !self.nodes[n].hosts(group) {
-                let kind = self.topology.groups[&group].kind;
-                let seed = ReplicaSeed { kind, conf: None };
-                self.with_node(*n, |node, ctx| node.create_replica(group, seed, ctx))?;
-            }
-        }
-        self.stats.conf_changes += 1;
-        self.trace.note(self.now, || {
-            format!("g{group}: membership change via n{leader}: {what} ({transition:?})")
-        });
-        let cc = conf_change(&changes, transition);
-        self.input(leader, Input::ConfChange { group, cc })
-    }
-
-    fn leave_joint(&mut self, group: GroupId) -> Check {
-        let Some(leader) = self.leader(group) else {
-            return Ok(());
-        };
-        let cs = self.nodes[&leader].replicas[&group].raft.conf_state();
-        if cs.voters_outgoing.is_empty() {
-            return Ok(());
-        }
-        self.trace.note(self.now, || {
-            format!("g{group}: leave the joint configuration via n{leader}")
-        });
-        self.input(
-            leader,
-            Input::ConfChange {
-                group,
-                cc: ConfChangeV2::default(),
-            },
-        )
-    }
-
-    fn quiet(&mut self) -> Check {
-        self.phase = Phase::Quiet;
-        self.crash_at_sync.clear();
-        self.net.heal_all();
-        self.net.drop_per_million = 0;
-        self.net.duplicate_per_million = 0;
-        let down: Vec<NodeId> = self
-            .nodes
-            .values()
-            .filter(|n| !n.up)
-            .map(|n| n.id)
-            .collect();
-        for node in down {
-            self.restart(node)?;
-        }
-        self.schedule(0, Event::Settle);
-        Ok(())
     }
 
     fn check_after_event(&mut self) -> Check {
@@ -1235,8 +1197,8 @@ impl Simulation {
         }
         if self.step % FULL_LOG_CHECK_EVERY == 0 {
             for node in self.nodes.values().filter(|n| n.up) {
-                for group in node.replicas.keys() {
-                    node.check_log_full(*group, &self.checker, "periodic full check")?;
+                for group in node.core().group_ids() {
+                    node.check_log_full(group, &self.checker, "periodic full check")?;
                 }
             }
         }
@@ -1253,13 +1215,23 @@ impl Simulation {
         for group in self.topology.groups.keys() {
             let mut watermarks = BTreeMap::new();
             for node in self.nodes.values() {
-                if let Some(log) = node.disk.synced(*group) {
-                    watermarks.insert(node.id, self.checker.durable_watermark(*group, log));
+                if let Some(log) = node.store.model_synced(*group) {
+                    watermarks.insert(node.id, self.checker.durable_watermark(*group, &log));
                 }
             }
             self.checker.check_quorums(*group, &watermarks)?;
         }
         Ok(())
+    }
+
+    /// The state hash of `group` on `node`, as the checker records it.
+    fn state_hash(&self, node: &Node, group: GroupId) -> Option<[u8; 32]> {
+        if group == META_GROUP {
+            let cluster = node.core.as_ref()?.cluster();
+            Some(*blake3::hash(&cluster.encode()).as_bytes())
+        } else {
+            node.volume(group).map(|v| v.hash())
+        }
     }
 
     fn final_checks(&mut self) -> Check {
@@ -1270,25 +1242,33 @@ impl Simulation {
                     format!("group {group} has no leader after the quiet phase"),
                 ));
             };
-            let lr = &self.nodes[&leader].replicas[&group];
-            let cs = lr.raft.conf_state();
+            let lr = self.nodes[&leader].raft(group).expect("leads");
+            let cs = lr.conf_state();
             if !cs.voters_outgoing.is_empty() {
                 return Err(violation(
                     Invariant::Liveness,
                     format!("group {group} is still in a joint configuration: {cs:?}"),
                 ));
             }
-            let commit = lr.raft.commit_index().0;
+            let commit = lr.commit_index().0;
             let mut states = Vec::new();
-            for m in ids(&cs.voters).into_iter().chain(ids(&cs.learners)) {
+            for m in cs.voters.iter().chain(&cs.learners).map(|n| NodeId(*n)) {
                 let node = &self.nodes[&m];
-                let Some(r) = node.replicas.get(&group) else {
+                let (Some(applied), Some(hash)) =
+                    (node.applied(group), self.state_hash(node, group))
+                else {
                     return Err(violation(
                         Invariant::Liveness,
                         format!("group {group}: member n{m} has no open replica"),
                     ));
                 };
-                states.push((m, r.machine.applied, r.machine.hash()));
+                if node.recovery_point(group).is_some() {
+                    return Err(violation(
+                        Invariant::Liveness,
+                        format!("group {group}: member n{m} is still copying blocks"),
+                    ));
+                }
+                states.push((m, applied, hash));
             }
             let (_, applied, hash) = states[0];
             if states.iter().any(|(_, a, h)| *a != applied || *h != hash) || applied != commit {
@@ -1313,6 +1293,8 @@ impl Simulation {
                     ),
                 ));
             }
+            self.checker
+                .check_acks_and_reads(group, &self.power_losses)?;
         }
         for c in self.clients.iter().filter(|c| c.liveness) {
             if c.acked == 0 {
@@ -1325,9 +1307,9 @@ impl Simulation {
                 ));
             }
         }
-        for node in self.nodes.values() {
-            for group in node.replicas.keys() {
-                node.check_log_full(*group, &self.checker, "end")?;
+        for node in self.nodes.values().filter(|n| n.up) {
+            for group in node.core().group_ids() {
+                node.check_log_full(group, &self.checker, "end")?;
             }
         }
         Ok(())

@@ -1,4 +1,4 @@
-//! The seed sweep CI runs: `ROAMDISK_SIM_SEEDS` seeds (default 200) from
+//! The seed sweep CI runs: `ROAMDISK_SIM_SEEDS` seeds (default 500) from
 //! `ROAMDISK_SIM_START` (default 0), split in two tests so they use two cores. A failing
 //! seed panics with its replay command. With `ROAMDISK_SIM_SEED=N`, exactly seed N runs
 //! with a verbose trace on stderr.
@@ -29,6 +29,11 @@ fn sweep(part: u64) {
         return;
     }
     let count = env_u64("ROAMDISK_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS);
+    assert!(
+        count >= PARTS,
+        "ROAMDISK_SIM_SEEDS={count}: a sweep runs at least {PARTS} seeds (a sweep of none \
+         would pass having checked nothing)"
+    );
     let start = env_u64("ROAMDISK_SIM_START").unwrap_or(0);
     let cfg = SimConfig::default();
     let started = Instant::now();
@@ -44,6 +49,7 @@ fn sweep(part: u64) {
             Err(f) => panic!("{f}"),
         }
     }
+    assert!(seeds > 0, "part {part} ran no seed");
     eprintln!(
         "part {part}/{PARTS}: {seeds} seeds passed, {steps} events (max {steps_max} per seed), \
          {acked} writes acknowledged, in {:.1?}",

@@ -347,6 +347,11 @@ impl<S: LogStore> RaftGroup<S> {
         self.log_term(self.commit_index()) == Some(self.term())
     }
 
+    /// Index of the last membership change this replica applied (or of its snapshot).
+    pub fn conf_index(&self) -> LogIndex {
+        LogIndex(self.conf_index)
+    }
+
     /// Voters of the configuration in force, and of the outgoing one while joint.
     pub fn voter_sets(&self) -> (Vec<NodeId>, Vec<NodeId>) {
         let cs = self.conf_state();

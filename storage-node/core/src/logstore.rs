@@ -171,6 +171,10 @@ impl GroupLog {
 struct Image {
     groups: BTreeMap<GroupId, GroupLog>,
     records: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// The disk's image, which a failed sync can leave with holes: an append past a hole
+    /// or a compaction over one is dropped (recovery would stop at the hole), where on
+    /// the image reads see it is a caller's bug.
+    durable: bool,
 }
 
 impl Image {
@@ -192,7 +196,14 @@ impl Image {
                 let Some(first) = entries.first() else {
                     return Ok(());
                 };
+                let durable = self.durable;
                 let log = self.log_mut(*group)?;
+                if durable
+                    && (first.index > log.last_index() + 1
+                        || first.index <= log.state.truncated_index)
+                {
+                    return Ok(());
+                }
                 assert!(
                     first.index > log.state.truncated_index,
                     "append below the truncation point"
@@ -231,20 +242,28 @@ impl Image {
                 log.state.hard_state.commit = log.state.hard_state.commit.max(*index);
             }
             LogOp::Compact { group, index } => {
+                let durable = self.durable;
                 let log = self.log_mut(*group)?;
                 if *index <= log.state.truncated_index {
+                    return Ok(());
+                }
+                let term = log
+                    .entries
+                    .iter()
+                    .find(|e| e.index == *index)
+                    .map(|e| e.term);
+                if durable && term.is_none() {
+                    // Over a hole a failed sync left: nothing of it is recoverable.
+                    log.entries.clear();
+                    log.state.truncated_index = *index;
+                    log.state.truncated_term = 0;
                     return Ok(());
                 }
                 assert!(
                     *index <= log.state.applied_index,
                     "compaction beyond the applied index"
                 );
-                let term = log
-                    .entries
-                    .iter()
-                    .find(|e| e.index == *index)
-                    .map(|e| e.term)
-                    .expect("compact to a present entry");
+                let term = term.expect("compact to a present entry");
                 while log.entries.front().is_some_and(|e| e.index <= *index) {
                     log.entries.pop_front();
                 }
@@ -266,7 +285,6 @@ impl Image {
     }
 }
 
-#[derive(Default)]
 struct MemInner {
     /// What reads see: everything written.
     current: Image,
@@ -274,6 +292,25 @@ struct MemInner {
     durable: Image,
     /// Batches written since the last sync, in order.
     unsynced: Vec<LogBatch>,
+    /// Batches made durable since the store was created (or lost to a failed sync).
+    synced_batches: u64,
+    /// The next sync fails (see [`MemLogStore::fail_next_sync`]).
+    fail_next: bool,
+}
+
+impl Default for MemInner {
+    fn default() -> Self {
+        MemInner {
+            current: Image::default(),
+            durable: Image {
+                durable: true,
+                ..Image::default()
+            },
+            unsynced: Vec::new(),
+            synced_batches: 0,
+            fail_next: false,
+        }
+    }
 }
 
 /// In-memory [`LogStore`] with a power-loss model, for tests and simulation.
@@ -291,12 +328,47 @@ impl MemLogStore {
     pub fn crash(&self) {
         let mut inner = self.inner.lock().unwrap();
         inner.current = inner.durable.clone();
+        inner.current.durable = false;
         inner.unsynced.clear();
     }
 
     /// Number of batches written but not yet synced.
     pub fn unsynced_batches(&self) -> usize {
         self.inner.lock().unwrap().unsynced.len()
+    }
+
+    /// Batches written since the store was created: a sync started now covers this many.
+    pub fn written_batches(&self) -> u64 {
+        let inner = self.inner.lock().unwrap();
+        inner.synced_batches + inner.unsynced.len() as u64
+    }
+
+    /// Makes the next sync fail as Linux fails an `fsync` on a disk error: the batches it
+    /// covers stay readable (the page cache) but are never made durable, not by a later
+    /// sync either (their pages were marked clean); a power loss takes them.
+    pub fn fail_next_sync(&self) {
+        self.inner.lock().unwrap().fail_next = true;
+    }
+
+    /// Makes the first `n` batches ever written durable, not the ones written after
+    /// them: what a sync that started when `n` had been written covers.
+    pub fn sync_through(&self, n: u64) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock().unwrap();
+        let take = n.saturating_sub(inner.synced_batches) as usize;
+        let take = take.min(inner.unsynced.len());
+        let batches: Vec<LogBatch> = inner.unsynced.drain(..take).collect();
+        inner.synced_batches += take as u64;
+        if std::mem::take(&mut inner.fail_next) {
+            return Err(StoreError::Backend(
+                "fsync failed (injected; the batches it covered are not durable)".into(),
+            ));
+        }
+        for batch in &batches {
+            for op in &batch.ops {
+                inner.durable.apply(op)?;
+            }
+        }
+        Ok(())
     }
 
     fn with_group<T>(
@@ -438,14 +510,8 @@ impl LogStore for MemLogStore {
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        let mut inner = self.inner.lock().unwrap();
-        let batches = std::mem::take(&mut inner.unsynced);
-        for batch in &batches {
-            for op in &batch.ops {
-                inner.durable.apply(op)?;
-            }
-        }
-        Ok(())
+        let n = self.written_batches();
+        self.sync_through(n)
     }
 }
 

@@ -165,7 +165,15 @@ fn main() -> Result<()> {
         initial_meta_voters: members.iter().map(|m| m.id).collect(),
         content: transport.content_index(),
         joining: joining.is_some(),
+        rebooted: roamdisk_storage_node::store::restart_kind(&cfg.data_dir)
+            .context("read and record the boot id")?,
     };
+    if store_cfg.rebooted {
+        warn!(
+            "the machine rebooted since this node last ran, without a clean shutdown: \
+               its Raft groups start quarantined (no votes until a leader is heard)"
+        );
+    }
     let (store, cluster_view, leaders) =
         Store::open(store_cfg, log, Arc::new(ArcOutbox(Arc::clone(&transport))))?;
     let recovering = store.recovering_view();

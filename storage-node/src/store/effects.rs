@@ -22,6 +22,9 @@ impl<S: LogStore> Store<S> {
                 Effect::Send { to, group, msg } => self.outbox.send(to, group, msg),
                 Effect::Written { to, group, w } => self.outbox.written(to, group, w),
                 Effect::SyncWanted { to, group, want } => self.outbox.sync_wanted(to, group, want),
+                Effect::Quarantine { to, group, report } => {
+                    self.outbox.quarantine(to, group, report)
+                }
                 Effect::StartSync => {
                     self.log_syncer.start()?;
                     self.sync_started = Instant::now();

@@ -39,11 +39,11 @@ use roamdisk_core::node::{CheckpointPlan, NodeConfig, NodeCore};
 use roamdisk_core::stats::StoreStats;
 use roamdisk_core::time::Time;
 use tokio::sync::{oneshot, watch};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 pub use roamdisk_core::node::{
-    recovering_key, Ack, GroupStatus, Outcome, PeerStatus, Refused, Role, SyncWanted, Written,
-    META_SNAPSHOT_KEY,
+    recovering_key, Ack, GroupStatus, Outcome, PeerStatus, QuarantineReport, Refused, Role,
+    SyncWanted, Written, META_SNAPSHOT_KEY,
 };
 
 use crate::dedup::ContentIndex;
@@ -79,6 +79,8 @@ pub trait Outbox: Send + Sync + 'static {
     /// Asks replica `to` (voter or learner) to sync `group`'s log up to `want.index` now
     /// (best effort; see `roamdisk_core::node`'s sync rules).
     fn sync_wanted(&self, to: NodeId, group: GroupId, want: SyncWanted);
+    /// Tells `to` about this node's quarantine in `group` (best effort; repeated).
+    fn quarantine(&self, to: NodeId, group: GroupId, report: QuarantineReport);
 }
 
 pub type ProposeReply = oneshot::Sender<Result<Outcome, Refused>>;
@@ -121,6 +123,12 @@ pub enum Event {
     SyncWanted {
         group: GroupId,
         want: SyncWanted,
+    },
+    /// A peer's quarantine report (see `roamdisk_core::node`'s recovery).
+    Quarantine {
+        group: GroupId,
+        from: NodeId,
+        report: QuarantineReport,
     },
     /// Completes once this node may serve a linearizable read of `group`.
     Read {
@@ -174,6 +182,49 @@ pub struct StoreConfig {
     /// A new node joining a running cluster: its metadata group starts with no members
     /// and waits for the metadata leader to add it (as a learner) and send a snapshot.
     pub joining: bool,
+    /// The machine rebooted since the store last ran, without a clean shutdown (see
+    /// [`restart_kind`]).
+    pub rebooted: bool,
+}
+
+/// Marker of a clean shutdown: written and synced as the store stops, removed as it
+/// starts. Without it, a start follows a crash.
+const CLEAN_SHUTDOWN_FILE: &str = "clean-shutdown";
+/// The boot this store last ran in (Linux's `boot_id`).
+const BOOT_ID_FILE: &str = "boot-id";
+
+/// Whether this start follows a reboot without a clean shutdown (a power loss: entries
+/// written and not synced may be forgotten; see `roamdisk_core::node`'s recovery), and
+/// records this boot. A process crash on the same boot is not one: the page cache kept
+/// everything. `ROAMDISK_BOOT_ID` overrides the boot id (tests).
+pub fn restart_kind(data_dir: &std::path::Path) -> std::io::Result<bool> {
+    std::fs::create_dir_all(data_dir)?;
+    let boot = std::env::var("ROAMDISK_BOOT_ID").or_else(|_| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_owned())
+    })?;
+    let clean = data_dir.join(CLEAN_SHUTDOWN_FILE);
+    let was_clean = clean.exists();
+    let last_boot = std::fs::read_to_string(data_dir.join(BOOT_ID_FILE)).ok();
+    // A new store (no boot recorded) has nothing to forget.
+    let rebooted = !was_clean && last_boot.is_some_and(|b| b.trim() != boot);
+    write_synced(&data_dir.join(BOOT_ID_FILE), boot.as_bytes())?;
+    if was_clean {
+        std::fs::remove_file(&clean)?;
+        sync_dir(data_dir)?;
+    }
+    Ok(rebooted)
+}
+
+fn write_synced(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    sync_dir(path.parent().unwrap_or(std::path::Path::new(".")))
+}
+
+fn sync_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 pub struct Store<S: LogStore> {
@@ -380,8 +431,15 @@ impl<S: LogStore> Store<S> {
                 break;
             }
             if shutdown {
-                if let Err(e) = self.sync_log_now().and_then(|()| self.checkpoint()) {
-                    error!(error = %e, "final checkpoint failed");
+                match self.sync_log_now().and_then(|()| self.checkpoint()) {
+                    // Everything written is synced: the next start needs no quarantine.
+                    Ok(()) => {
+                        let marker = self.cfg.data_dir.join(CLEAN_SHUTDOWN_FILE);
+                        if let Err(e) = write_synced(&marker, b"") {
+                            warn!(error = %e, "record the clean shutdown");
+                        }
+                    }
+                    Err(e) => error!(error = %e, "final checkpoint failed"),
                 }
                 break;
             }
@@ -412,6 +470,11 @@ impl<S: LogStore> Store<S> {
             }
             Event::SyncWanted { group, want } => self.core.sync_wanted(group, want),
             Event::Written { group, from, w } => self.core.written(group, from, w),
+            Event::Quarantine {
+                group,
+                from,
+                report,
+            } => self.core.quarantine_report(now, group, from, report),
             Event::Read { group, reply } => {
                 let id = self.replies.register(Reply::Read(reply));
                 self.core.read(now, group, id);

@@ -6,8 +6,9 @@
 //! ```
 //!
 //! Knobs (for reproducing known issues and negative controls):
-//! `--bug ack-before-sync|apply-early|lose-synced`, `--no-quorum-check`,
-//! `--allow-removing-leader`, `--no-restart-sync`, and
+//! `--bug ack-before-sync|early-ack-alone|flush-early|stale-copy|trust-log|no-quarantine|lose-synced`
+//! (the core's negative controls, `roamdisk_core::node::CoreBug`, or a disk that loses
+//! synced data), `--no-quorum-check`, `--allow-removing-leader`, and
 //! `--stress` (the `membership_stress` preset; give it first).
 //! A sweep stops at the first failing seed unless `--keep-going` is given, in which
 //! case it lists every failing seed.
@@ -15,14 +16,14 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use roamdisk_sim::{run_seed, DriverBug, SimConfig};
+use roamdisk_sim::config::bug_named;
+use roamdisk_sim::{run_seed, SimConfig};
 
 fn usage(why: &str) -> ExitCode {
     eprintln!("{why}");
     eprintln!(
         "usage: roamdisk-sim (--seeds COUNT [--start FIRST] [--keep-going] | --seed N [--trace])\n\
-         \x20      [--bug ack-before-sync|apply-early|lose-synced] [--no-quorum-check]\n\
-         \x20      [--stress] [--allow-removing-leader] [--no-restart-sync]"
+         \x20      [--bug NAME] [--no-quorum-check] [--stress] [--allow-removing-leader]"
     );
     ExitCode::from(2)
 }
@@ -54,7 +55,12 @@ fn main() -> ExitCode {
             "--keep-going" => keep_going = true,
             "--no-quorum-check" => cfg.check_durable_quorum = false,
             "--allow-removing-leader" => cfg.allow_removing_leader = true,
-            "--no-restart-sync" => cfg.sync_on_restart = false,
+            "--power-stress" => {
+                cfg = SimConfig {
+                    trace: cfg.trace,
+                    ..SimConfig::power_loss_stress()
+                }
+            }
             "--stress" => {
                 cfg = SimConfig {
                     trace: cfg.trace,
@@ -62,11 +68,13 @@ fn main() -> ExitCode {
                 }
             }
             "--bug" => {
-                cfg.driver_bug = match args.next().as_deref() {
-                    Some("ack-before-sync") => Some(DriverBug::AckBeforeSync),
-                    Some("apply-early") => Some(DriverBug::ApplyBeforeCommit),
-                    Some("lose-synced") => Some(DriverBug::LoseSyncedDataOnPowerLoss),
-                    _ => return usage("--bug needs ack-before-sync, apply-early or lose-synced"),
+                match args.next().as_deref() {
+                    Some("lose-synced") => cfg.lose_synced_data = true,
+                    Some(name) if bug_named(name).is_some() => cfg.core_bug = bug_named(name),
+                    _ => return usage(
+                        "--bug needs ack-before-sync, early-ack-alone, flush-early, stale-copy, \
+                         trust-log, no-quarantine or lose-synced",
+                    ),
                 }
             }
             other => return usage(&format!("unknown argument {other:?}")),

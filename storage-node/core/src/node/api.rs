@@ -98,6 +98,13 @@ pub enum Effect {
         group: GroupId,
         want: SyncWanted,
     },
+    /// Tell `to` whether this node is quarantined in `group`, with the membership it
+    /// knows (see `recovery`).
+    Quarantine {
+        to: NodeId,
+        group: GroupId,
+        report: QuarantineReport,
+    },
     /// Start a sync of the log store covering everything written so far; report its end
     /// with [`super::NodeCore::log_synced`]. Never emitted while one is in flight.
     StartSync,
@@ -153,20 +160,39 @@ pub enum Note {
     },
     /// A metadata entry was applied; `hash` is the blake3 of the encoded state after it.
     MetaApplied { index: u64, hash: [u8; 32] },
-    /// A proposal was answered before its commit (`Ack::Written`).
+    /// Proposal `id` was answered before its commit (`Ack::Written`): its entry is at
+    /// `index` in `term`.
     AnsweredEarly {
+        id: ReqId,
         group: GroupId,
         index: u64,
         term: u64,
     },
-    /// A proposal was answered after its commit.
-    AnsweredCommitted {
+    /// Proposal `id`'s entry committed and applied at `index` in `term` (it is answered
+    /// now, or once another site has it for a site-durable volume).
+    CommittedAt {
+        id: ReqId,
         group: GroupId,
         index: u64,
         term: u64,
     },
     /// A flush was answered: everything answered before it was committed up to `commit`.
     Flushed { group: GroupId, commit: u64 },
+    /// The quarantine of `group` ended because at least half of its voters were
+    /// quarantined (`majority`), or because a leader was heard.
+    QuarantineEnded { group: GroupId, majority: bool },
+}
+
+/// What a node tells a voter of a group about its quarantine (see `recovery`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineReport {
+    /// The sender is quarantined; `false`: an answer from a node that is not, so that a
+    /// quarantined one learns a newer membership.
+    pub quarantined: bool,
+    /// The membership the sender applied last, at `conf_index`.
+    pub conf_index: u64,
+    pub voters: Vec<u64>,
+    pub outgoing: Vec<u64>,
 }
 
 /// A replica's role in its group.
@@ -204,6 +230,9 @@ pub struct GroupStatus {
     pub progress: Vec<PeerStatus>,
     /// This replica is copying blocks after a snapshot and serves no reads.
     pub recovering: bool,
+    /// This node rebooted without a clean shutdown and may not vote in the group yet.
+    #[serde(default)]
+    pub quarantined: bool,
     /// Raft membership as this replica has applied it.
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,

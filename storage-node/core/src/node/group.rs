@@ -133,8 +133,15 @@ pub(crate) struct GroupCore<S: LogStore> {
     /// (the caller goes straight there) or, if the transfer failed, proposed here.
     /// Bounded with `proposals` by `PENDING_PROPOSALS_MAX`.
     pub held: Vec<(Time, Vec<u8>, Ack, ReqId)>,
-    /// Highest entry index a finished sync covered.
+    /// Highest entry index a finished sync covered, and the value of its record in the
+    /// log store (`recovery`).
     pub synced_to: u64,
+    pub mark_written: u64,
+    /// Set after a reboot without a clean shutdown, while this node may not vote.
+    pub quarantine: Option<super::recovery::Quarantine>,
+    /// When this node last answered each peer's quarantine report (bounded by the
+    /// group's membership: only members report).
+    pub quarantine_answered: BTreeMap<NodeId, Time>,
     /// Follower: what the leader asked to be synced now. Leader: what it asked for.
     pub sync_wanted: SyncWanted,
     /// Leader: a follower asked for a read index since the last round (its read waits
@@ -326,6 +333,7 @@ impl<S: LogStore> GroupCore<S> {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let group = self.id();
             out.note(|| Note::AnsweredEarly {
+                id,
                 group,
                 index: i,
                 term: term.0,

@@ -95,6 +95,9 @@ impl<S: LogStore> NodeCore<S> {
             b.push(LogOp::Delete {
                 key: recovering_key(g),
             });
+            b.push(LogOp::Delete {
+                key: super::synced_key(g),
+            });
             self.log.write(b)?;
             self.effects.push(Effect::Leader {
                 group: g,

@@ -41,6 +41,7 @@ mod election;
 mod group;
 mod lifecycle;
 mod ready;
+mod recovery;
 mod sync;
 #[cfg(test)]
 mod tests;
@@ -62,10 +63,11 @@ use crate::time::Time;
 use crate::written::WrittenTracker;
 
 pub use api::{
-    Ack, Answer, CheckpointPlan, Effect, GroupStatus, Note, Outcome, PeerStatus, Refused, ReqId,
-    Role, SyncWanted, Written,
+    Ack, Answer, CheckpointPlan, Effect, GroupStatus, Note, Outcome, PeerStatus, QuarantineReport,
+    Refused, ReqId, Role, SyncWanted, Written,
 };
 use group::{GroupCore, Kind, Out, Policy};
+pub use recovery::{synced_key, QUARANTINE_REPORT_FRESH};
 
 /// Proposals waiting for their entry to apply, per group; more are refused (`Busy`).
 pub const PENDING_PROPOSALS_MAX: usize = 8192;
@@ -113,6 +115,13 @@ pub enum CoreBug {
     FlushBeforeCommit,
     /// Accept a finished block copy made for an earlier recovery point.
     AcceptStaleCatchUp,
+    /// Open a store trusting every log entry it reads (only syncing it), as if no sync
+    /// could have failed before: entries a failed fsync left in the page cache only are
+    /// then acknowledged as persisted.
+    TrustLogAfterFailedSync,
+    /// Vote at once after a reboot without a clean shutdown, having forgotten entries
+    /// reported as written to the leader.
+    NoQuarantine,
 }
 
 #[derive(Clone)]
@@ -134,6 +143,10 @@ pub struct NodeConfig {
     /// Entries kept behind the durable applied index when compacting.
     pub retained_log_entries: u64,
     pub retained_log_bytes: u64,
+    /// The machine rebooted since this store was last open, without a clean shutdown
+    /// (a power loss): entries written and not synced may be forgotten, so each group
+    /// this node votes in starts quarantined (see `recovery`).
+    pub rebooted: bool,
     /// Emit [`Effect::Note`]s for a checker.
     pub observe: bool,
     pub bug: Option<CoreBug>,
@@ -151,6 +164,7 @@ impl NodeConfig {
             reconcile: true,
             retained_log_entries: RETAINED_LOG_ENTRIES,
             retained_log_bytes: RETAINED_LOG_BYTES,
+            rebooted: false,
             observe: false,
             bug: None,
             logger,
@@ -226,6 +240,12 @@ impl<S: LogStore> NodeCore<S> {
         // acknowledged. (Found by the simulation: `roamdisk-sim --stress
         // --no-restart-sync --seed 288`.)
         log.sync()?;
+        // Entries past each group's synced mark may be in the page cache only (a failed
+        // fsync): write them again and sync, before anything is acknowledged.
+        let synced = recovery::rewrite_unproven(
+            log.as_ref(),
+            cfg.bug == Some(CoreBug::TrustLogAfterFailedSync),
+        )?;
         let mut cluster = ClusterState::default();
         if let Some(bytes) = log.get(META_SNAPSHOT_KEY)? {
             cluster = ClusterState::decode(&bytes)?;
@@ -248,6 +268,18 @@ impl<S: LogStore> NodeCore<S> {
         };
         for g in core.log.groups()? {
             core.open_group(g, now)?;
+            let group = core.groups.get_mut(&g).expect("opened");
+            group.synced_to = recovery::synced_at_open(&synced, g).0;
+            let me = core.cfg.me;
+            let (voters, outgoing) = group.raft.voter_sets();
+            if core.cfg.rebooted
+                && core.cfg.bug != Some(CoreBug::NoQuarantine)
+                && (voters.contains(&me) || outgoing.contains(&me))
+            {
+                tracing::warn!(group = %g, "rebooted without a clean shutdown: quarantined \
+                    (no votes) until a leader is heard or a majority of voters is quarantined");
+                group.quarantine = Some(recovery::Quarantine::default());
+            }
         }
         core.effects.push(Effect::ClusterChanged);
         core.publish_recovering();
@@ -281,8 +313,9 @@ impl<S: LogStore> NodeCore<S> {
             self.snapshot_fn(g),
             &self.cfg.logger,
         )?;
+        // Without reconcile the driver sets the policy (`set_site_durable`).
         let policy = match self.cluster.volume_by_id(VolumeId(g.0)) {
-            Some(v) if kind == Kind::Volume => Policy::of(&self.cluster, v),
+            Some(v) if kind == Kind::Volume && self.cfg.reconcile => Policy::of(&self.cluster, v),
             _ => Policy::default(),
         };
         if kind == Kind::Volume {
@@ -321,6 +354,10 @@ impl<S: LogStore> NodeCore<S> {
             meta_replies: Vec::new(),
             held: Vec::new(),
             synced_to: 0,
+            // Unknown: the next batch records the mark.
+            mark_written: u64::MAX,
+            quarantine: None,
+            quarantine_answered: BTreeMap::new(),
             sync_wanted: SyncWanted::default(),
             read_asked: false,
             // Never a real key: the first `fix` draws a timeout.
@@ -362,6 +399,16 @@ impl<S: LogStore> NodeCore<S> {
     /// The effects emitted since the last call, in order.
     pub fn take_effects(&mut self) -> Vec<Effect> {
         std::mem::take(&mut self.effects)
+    }
+
+    /// Entries kept behind the durable applied index by later checkpoints (the
+    /// simulation's "compact everything" fault sets 0 for one checkpoint).
+    pub fn set_retained_log_entries(&mut self, entries: u64) {
+        self.cfg.retained_log_entries = entries;
+    }
+
+    pub fn retained_log_entries(&self) -> u64 {
+        self.cfg.retained_log_entries
     }
 
     pub fn me(&self) -> NodeId {
@@ -513,6 +560,10 @@ impl<S: LogStore> NodeCore<S> {
         if msg.get_msg_type() == MessageType::MsgReadIndex {
             g.read_asked = true;
         }
+        if !Self::quarantine_filter(g, &msg) {
+            tracing::debug!(%group, from = msg.from, "quarantined: vote request dropped");
+            return;
+        }
         let before = observe.then(|| ready::commit_view(g));
         if let Err(e) = g.raft.step(msg) {
             tracing::debug!(%group, error = %e, "raft step refused a message");
@@ -579,7 +630,13 @@ impl<S: LogStore> NodeCore<S> {
             observe,
             bug: self.cfg.bug,
         };
+        let me = self.cfg.me;
         for g in self.groups.values_mut() {
+            if g.quarantine.is_some() {
+                // No campaign while quarantined (raft-rs would start one on its timeout).
+                Self::quarantine_tick(me, g, now, observe, out.effects);
+                continue;
+            }
             let before = observe.then(|| ready::commit_view(g));
             g.raft.tick();
             self.election.fix(g);
@@ -635,6 +692,7 @@ impl<S: LogStore> NodeCore<S> {
                         vec![]
                     },
                     recovering: g.recovering.is_some(),
+                    quarantined: g.quarantine.is_some(),
                     voters,
                     learners,
                     joint: !cs.voters_outgoing.is_empty(),

@@ -18,7 +18,7 @@ use crate::time::Time;
 use super::api::{Effect, Note, Outcome, Refused, Written};
 use super::group::{GroupCore, Kind, Out};
 use super::sync::Unsynced;
-use super::{recovering_key, CoreBug, CoreError, NodeCore, META_SNAPSHOT_KEY};
+use super::{recovering_key, recovery, CoreBug, CoreError, NodeCore, META_SNAPSHOT_KEY};
 
 /// A group's commit index and membership before a call into raft-rs, to notice (for a
 /// checker) entries its leader committed and under which membership.
@@ -202,6 +202,9 @@ impl<S: LogStore> NodeCore<S> {
         if readied.is_empty() {
             return Ok(());
         }
+        // Synced marks that moved ride this batch (a replaced suffix lowers its mark in
+        // the very write that replaces it).
+        recovery::write_marks(&mut self.groups, &mut batch);
         if !batch.is_empty() {
             self.log.write(batch)?;
         }
@@ -377,6 +380,10 @@ fn install_snapshot<S: LogStore>(
     match g.kind {
         Kind::Meta => {
             *cluster = ClusterState::decode(data)?;
+            out.note(|| Note::MetaApplied {
+                index: index.0,
+                hash: *blake3::hash(data).as_bytes(),
+            });
             // The state and its index become durable together with the snapshot point.
             batch.push(LogOp::Put {
                 key: META_SNAPSHOT_KEY.to_vec(),
@@ -508,21 +515,22 @@ pub(super) fn apply<S: LogStore>(
         g.early.remove(&index.0);
         if let Some((t, id)) = g.proposals.remove(&index.0) {
             match (term, outcome) {
-                (Some(term), Some(Outcome::Volume)) if term == t && g.policy.site_durable => {
-                    // Answered by `release_site_waiting` once another site has it.
-                    g.site_waiting.push_back((index.0, id));
-                }
-                (Some(term), Some(outcome @ Outcome::Meta(_))) if term == t => {
-                    // Answered after the new cluster state is published.
-                    g.meta_replies.push((id, outcome));
-                }
                 (Some(term), Some(outcome)) if term == t => {
-                    out.note(|| Note::AnsweredCommitted {
+                    out.note(|| Note::CommittedAt {
+                        id,
                         group,
                         index: index.0,
                         term: term.0,
                     });
-                    out.answer(id, Ok(outcome));
+                    match outcome {
+                        // Answered by `release_site_waiting` once another site has it.
+                        Outcome::Volume if g.policy.site_durable => {
+                            g.site_waiting.push_back((index.0, id))
+                        }
+                        // Answered after the new cluster state is published.
+                        outcome @ Outcome::Meta(_) => g.meta_replies.push((id, outcome)),
+                        outcome => out.answer(id, Ok(outcome)),
+                    }
                 }
                 _ => out.answer(id, Err(Refused::Superseded)),
             }
