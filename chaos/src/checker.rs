@@ -17,8 +17,10 @@
 //! - the content must be well formed (`torn_block`) and be this block's (`foreign_block`).
 //!
 //! Optionally ([`CheckOptions::acked_writes_durable`], on by default) the stricter promise of
-//! roamdisk itself: a write is acknowledged only once durable on a quorum and reads are
-//! linearizable, so a read that started after an ack must see that version or a later one.
+//! roamdisk itself: an acknowledged write survives any number of process crashes (it is
+//! written by a quorum of voters; synced on a quorum once flushed or written with FUA) and
+//! reads are linearizable, so a read that started after an ack must see that version or
+//! a later one.
 //!
 //! Cost: O(n log n) in the number of operations. Writes are indexed per block (sorted by
 //! start and by ack, with running maxima) and flushes per volume, so each read is a few
@@ -46,9 +48,10 @@ pub const MAX_VIOLATIONS: usize = 10_000;
 /// Which promises to hold the history to.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CheckOptions {
-    /// roamdisk acknowledges a write only once it is durable on a quorum, and reads are
-    /// linearizable: a read started after an ack must see that version or a later one,
-    /// flush or not. Plain NBD promises this only after a FLUSH.
+    /// roamdisk acknowledges a write only once a quorum of voters has written it (it
+    /// survives process crashes; FLUSH makes it durable against power loss), and reads
+    /// are linearizable: a read started after an ack must see that version or a later
+    /// one, flush or not. Plain NBD promises this only after a FLUSH.
     pub acked_writes_durable: bool,
 }
 
@@ -126,6 +129,21 @@ pub fn check_with(history: &History, opts: CheckOptions) -> CheckResult {
                 }
             }
         }
+    }
+    // A drill passes only on the faults it injected: one that was scheduled and could
+    // not be applied is a failed run, not a quiet one.
+    for f in history.faults.iter().filter(|f| f.scheduled && !f.applied) {
+        violations.push(Violation {
+            kind: "fault_not_applied".into(),
+            vol: 0,
+            block: None,
+            at_us: f.start_us,
+            detail: format!(
+                "scheduled fault {} was not applied: {}",
+                f.kind,
+                f.note.as_deref().unwrap_or("no reason recorded")
+            ),
+        });
     }
     violations.sort_by_key(|v| v.at_us);
     if violations.len() > MAX_VIOLATIONS {
@@ -551,6 +569,37 @@ impl MaxTree {
 }
 
 #[cfg(test)]
+mod fault_tests {
+    use super::*;
+    use crate::history::FaultRecord;
+
+    #[test]
+    fn a_scheduled_fault_that_was_not_applied_fails_the_run() {
+        let fault = |applied, scheduled| FaultRecord {
+            kind: "kill_leader".into(),
+            target: "-".into(),
+            start_us: 1,
+            end_us: Some(2),
+            note: Some("not applied: the volume has no leader to kill".into()),
+            applied,
+            scheduled,
+        };
+        let h = History {
+            faults: vec![fault(true, true), fault(true, false)],
+            ..History::default()
+        };
+        assert!(check(&h).violations.is_empty());
+        let h = History {
+            faults: vec![fault(true, true), fault(false, true)],
+            ..History::default()
+        };
+        let v = check(&h).violations;
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].kind, "fault_not_applied");
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -805,6 +854,8 @@ mod tests {
             start_us: start_ms * MS,
             end_us: end_ms.map(|e| e * MS),
             note: None,
+            applied: true,
+            scheduled: true,
         };
         let h = History {
             ops,

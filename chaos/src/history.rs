@@ -71,6 +71,19 @@ pub struct FaultRecord {
     pub end_us: Option<u64>,
     /// Error or remark, e.g. why an injection was refused by the cluster.
     pub note: Option<String>,
+    /// The fault took effect. A scheduled fault that could not be applied (after
+    /// retrying for `FAULT_APPLY_RETRY_MS`) is recorded with `false` and fails the run:
+    /// a drill must not pass on faults it never injected.
+    #[serde(default = "yes")]
+    pub applied: bool,
+    /// It was on the schedule (`false`: something the runner found, e.g. a node that had
+    /// exited on its own).
+    #[serde(default = "yes")]
+    pub scheduled: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Replication lag of one volume towards one remote site, sampled during the run.
@@ -129,7 +142,8 @@ impl History {
 pub struct Violation {
     /// `stale_read` (older than the last flushed version), `future_read` (a version never
     /// written), `torn_block`, `foreign_block`, `lost_write` (final verification),
-    /// `divergent_replicas`.
+    /// `divergent_replicas`, `differing_blocks` (the cross-replica verify after the run),
+    /// `fault_not_applied` (a scheduled fault that never took effect).
     pub kind: String,
     pub vol: u32,
     pub block: Option<u64>,

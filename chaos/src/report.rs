@@ -26,7 +26,11 @@ pub struct Report {
     /// The deliberate bug of a negative-control run (one that must fail, proving that the
     /// checker catches this kind of breakage), if any.
     pub negative_control: Option<String>,
+    /// Scheduled faults that took effect.
     pub faults_injected: u64,
+    /// Scheduled faults that could not be applied (each also a violation).
+    #[serde(default)]
+    pub faults_not_applied: u64,
     pub faults: Vec<FaultRecord>,
     pub writes_acked: u64,
     pub writes_failed: u64,
@@ -41,6 +45,10 @@ pub struct Report {
     pub p50_write_ms: f64,
     pub p99_write_ms: f64,
     pub max_lag_bytes: u64,
+    /// Blocks the verify after the run found differing between replicas (`None`: it could
+    /// not run).
+    #[serde(default)]
+    pub verify_differing_blocks: Option<u64>,
     /// The command line that replays this run.
     pub command: String,
     pub passed: bool,
@@ -170,6 +178,12 @@ fn counts_md(s: &mut String, r: &Report) {
     let rows = [
         ("duration", format!("{:.1} s", r.duration_s)),
         ("faults injected", r.faults_injected.to_string()),
+        ("faults not applied", r.faults_not_applied.to_string()),
+        (
+            "blocks differing (verify)",
+            r.verify_differing_blocks
+                .map_or("verify did not run".to_owned(), |n| n.to_string()),
+        ),
         ("writes acknowledged", r.writes_acked.to_string()),
         ("writes failed (in doubt)", r.writes_failed.to_string()),
         ("writes verified", r.writes_verified.to_string()),
@@ -738,6 +752,8 @@ mod tests {
             start_us: 25_000_000,
             end_us: Some(31_000_000),
             note: None,
+            applied: true,
+            scheduled: true,
         });
         h.faults.push(FaultRecord {
             kind: "kill_node".into(),
@@ -745,6 +761,8 @@ mod tests {
             start_us: 40_000_000,
             end_us: None,
             note: Some("restarted | by itself".into()),
+            applied: true,
+            scheduled: true,
         });
         for t in 0..60u64 {
             for (site, scale) in [("hokkaido", 3u64), ("fukuoka", 1)] {
@@ -781,6 +799,8 @@ mod tests {
             duration_s: 60.0,
             negative_control: None,
             faults_injected: h.faults.len() as u64,
+            faults_not_applied: 0,
+            verify_differing_blocks: Some(0),
             faults: h.faults.clone(),
             writes_acked: c.writes_acked,
             writes_failed: c.writes_failed,

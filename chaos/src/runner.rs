@@ -48,6 +48,10 @@ pub const COLD_CONN: u32 = u32::MAX - 2;
 /// Bound on history events waiting for the writer thread (the workload blocks when the
 /// writer falls this far behind).
 const HISTORY_QUEUE: usize = 1 << 16;
+/// How long a scheduled fault the cluster refuses is tried again before it is recorded as
+/// not applied (which fails the run), and how often.
+pub const FAULT_APPLY_RETRY_MS: u64 = 5_000;
+pub const FAULT_APPLY_RETRY_EVERY_MS: u64 = 250;
 /// Size of the tmpfs a `disk_full` target keeps its data on.
 const DISK_FULL_FS_BYTES: u64 = 256 << 20;
 /// How long the end of a run waits for the replicas to converge.
@@ -68,6 +72,8 @@ pub struct RunOptions {
     pub volume_size: u64,
     /// Blocks at the start of the volume the workload uses.
     pub blocks: u64,
+    /// Every link between two sites capped at this many bytes per second (each way).
+    pub link_bandwidth: Option<u64>,
     /// The command line that replays this run (printed in the report).
     pub command: String,
     /// Print progress lines to stderr.
@@ -120,7 +126,8 @@ pub fn run(opts: &RunOptions) -> Result<Report> {
         let dir = cluster_dir.join(format!("node-{id}"));
         if let Err(e) = mounts.tmpfs(&dir, DISK_FULL_FS_BYTES) {
             say(format!(
-                "no size-limited filesystem for node {id} ({e:#}); disk_full is skipped"
+                "no size-limited filesystem for node {id} ({e:#}); disk_full faults are \
+                 taken off the schedule"
             ));
         }
     }
@@ -142,17 +149,31 @@ pub fn run(opts: &RunOptions) -> Result<Report> {
         node_env,
     })
     .context("start the cluster")?;
-    let mut ctx = Ctx::new(
-        opts,
-        cluster,
-        disk_full_node.filter(|_| !mounts.0.is_empty()),
-    )?;
+    let disk_full_node = disk_full_node.filter(|_| !mounts.0.is_empty());
+    let plan: Vec<Planned> = if disk_full_node.is_none() {
+        let kept: Vec<Planned> = plan
+            .into_iter()
+            .filter(|p| p.kind != FaultKind::DiskFull)
+            .collect();
+        std::fs::write(out.join("schedule.json"), serde_json::to_vec_pretty(&kept)?)?;
+        kept
+    } else {
+        plan
+    };
+    let mut ctx = Ctx::new(opts, cluster, disk_full_node)?;
     say(format!(
         "cluster up: {} nodes; volume {VOLUME} id {} at {}",
         ctx.cluster.manifest().nodes().count(),
         ctx.volume_id,
         ctx.home
     ));
+    if let Some(rate) = opts.link_bandwidth {
+        ctx.restore_links().context("cap the links between sites")?;
+        say(format!(
+            "links between sites capped at {} MiB/s",
+            rate >> 20
+        ));
+    }
 
     // History writer.
     let (sink, events) = sync_channel::<Event>(HISTORY_QUEUE);
@@ -230,6 +251,12 @@ pub fn run(opts: &RunOptions) -> Result<Report> {
 
     say("waiting for the replicas to converge".into());
     let (converged, convergence) = ctx.converge(CONVERGE_TIMEOUT);
+    // Every drill ends with a verify: every replica compared block by block at one log
+    // index, digests only (it finds a replica whose data agrees with its own hash
+    // records and not with the others, which the convergence check above, comparing
+    // whole files at different moments, may miss once writes resume).
+    say("verifying every replica by digest at one index".into());
+    let verify = ctx.verify_replicas();
     drop(sink);
     let history = writer.join().expect("history writer panicked")?;
     let mut result = crate::checker::check(&history);
@@ -250,13 +277,39 @@ pub fn run(opts: &RunOptions) -> Result<Report> {
             ),
         });
     }
+    match &verify {
+        Ok((0, _)) => {}
+        Ok((n, r)) => result.violations.push(Violation {
+            kind: "differing_blocks".into(),
+            vol: 0,
+            block: None,
+            at_us: t0.elapsed().as_micros() as u64,
+            detail: format!("volume verify found {n} blocks differing between replicas: {r}"),
+        }),
+        Err(e) => result.violations.push(Violation {
+            kind: "differing_blocks".into(),
+            vol: 0,
+            block: None,
+            at_us: t0.elapsed().as_micros() as u64,
+            detail: format!("volume verify could not run: {e:#}"),
+        }),
+    }
     let (p50, p99) = report::write_latency_ms(&history);
     let report = Report {
         scenario: opts.scenario.name.to_owned(),
         seed: opts.seed,
         duration_s: opts.duration.as_secs_f64(),
         negative_control: opts.negative_control.then(|| NEGATIVE_CONTROL.to_owned()),
-        faults_injected: history.faults.len() as u64,
+        faults_injected: history
+            .faults
+            .iter()
+            .filter(|f| f.scheduled && f.applied)
+            .count() as u64,
+        faults_not_applied: history
+            .faults
+            .iter()
+            .filter(|f| f.scheduled && !f.applied)
+            .count() as u64,
         faults: history.faults.clone(),
         writes_acked: result.writes_acked,
         writes_failed: result.writes_failed,
@@ -271,6 +324,7 @@ pub fn run(opts: &RunOptions) -> Result<Report> {
         p50_write_ms: p50,
         p99_write_ms: p99,
         max_lag_bytes: report::max_lag_bytes(&history),
+        verify_differing_blocks: verify.as_ref().ok().map(|(n, _)| *n),
         command: opts.command.clone(),
     };
     report::write(&out, &report, &history)?;
@@ -339,6 +393,7 @@ struct Ctx {
     cluster: Cluster,
     wan: Option<ControlClient>,
     wan_profile: String,
+    link_bandwidth: Option<u64>,
     sites: Vec<String>,
     /// node id -> site
     site_of: BTreeMap<u64, String>,
@@ -377,6 +432,7 @@ impl Ctx {
             cluster,
             wan,
             wan_profile: opts.scenario.wan.to_owned(),
+            link_bandwidth: opts.link_bandwidth,
             sites: m.sites.iter().map(|s| s.name.clone()).collect(),
             site_of,
             volume_id,
@@ -430,7 +486,10 @@ impl Ctx {
             .collect()
     }
 
-    /// Injects `p`, holds it, undoes it, and records it.
+    /// Injects `p`, holds it, undoes it, and records it. A fault the cluster refuses
+    /// (no leader to kill yet, a move while another runs) is tried again for up to
+    /// `FAULT_APPLY_RETRY_MS`; one that still cannot be applied is recorded as not
+    /// applied, which fails the run.
     fn inject(
         &mut self,
         p: &Planned,
@@ -442,10 +501,22 @@ impl Ctx {
         let mut rng = fastrand::Rng::with_seed(p.target_seed);
         let start_us = us(t0);
         let hold = Duration::from_millis(p.hold_ms);
-        let outcome = self.apply(p.kind, &mut rng, hold, nodes, say);
-        let (target, note) = match outcome {
-            Ok(t) => (t, None),
-            Err(e) => ("-".to_owned(), Some(format!("{e:#}"))),
+        let give_up = Instant::now() + Duration::from_millis(FAULT_APPLY_RETRY_MS);
+        let outcome = loop {
+            match self.apply(p.kind, &mut rng, hold, nodes, say) {
+                Err(e) if Instant::now() < give_up => {
+                    say(format!(
+                        "{} not applied yet ({e:#}); trying again",
+                        p.kind.name()
+                    ));
+                    std::thread::sleep(Duration::from_millis(FAULT_APPLY_RETRY_EVERY_MS));
+                }
+                r => break r,
+            }
+        };
+        let (target, note, applied) = match outcome {
+            Ok(t) => (t, None, true),
+            Err(e) => ("-".to_owned(), Some(format!("not applied: {e:#}")), false),
         };
         say(format!(
             "{} {target}{}",
@@ -460,6 +531,8 @@ impl Ctx {
             start_us,
             end_us: Some(us(t0)),
             note,
+            applied,
+            scheduled: true,
         }));
     }
 
@@ -562,7 +635,7 @@ impl Ctx {
                     )?;
                 }
                 sleep_until(until);
-                wan.apply_profile(&self.wan_profile)?;
+                self.restore_links()?;
                 Ok(format!(
                     "{}<->{site} +{delay} ms, {} MiB/s",
                     self.home,
@@ -690,7 +763,9 @@ impl Ctx {
     fn heal_all(&mut self, sink: &SyncSender<Event>, t0: Instant, say: &dyn Fn(String)) {
         if let Some(wan) = &self.wan {
             let _ = wan.heal();
-            let _ = wan.apply_profile(&self.wan_profile);
+        }
+        if let Err(e) = self.restore_links() {
+            say(format!("restore the links: {e:#}"));
         }
         if let Some(id) = self.disk_full_node {
             let _ = std::fs::remove_file(self.cluster_dir.join(format!("node-{id}/chaos-filler")));
@@ -707,6 +782,8 @@ impl Ctx {
                         "found stopped at the end of the run; see {}/node-{id}/node.log",
                         self.cluster_dir.display()
                     )),
+                    applied: true,
+                    scheduled: false,
                 }));
                 self.down.push(id);
             }
@@ -714,6 +791,29 @@ impl Ctx {
         if let Err(e) = self.restart_down() {
             say(format!("{e:#}"));
         }
+    }
+
+    /// Puts every link back to the scenario's profile, capped at `--link-mib-per-sec`.
+    fn restore_links(&self) -> Result<()> {
+        let Some(wan) = &self.wan else {
+            return Ok(());
+        };
+        wan.apply_profile(&self.wan_profile)?;
+        if let Some(rate) = self.link_bandwidth {
+            for a in &self.sites {
+                for b in self.sites.iter().filter(|b| *b != a) {
+                    wan.update(
+                        a,
+                        b,
+                        &LinkUpdate {
+                            bandwidth_bytes_per_sec: Some(Some(rate)),
+                            ..LinkUpdate::default()
+                        },
+                    )?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn wait_for_leader(&mut self, timeout: Duration) {
@@ -743,6 +843,15 @@ impl Ctx {
             }
             std::thread::sleep(Duration::from_millis(500));
         }
+    }
+
+    /// Compares every replica of the volume by digest at one index (`volume verify`);
+    /// returns the differing blocks, or why the verify could not run.
+    fn verify_replicas(&mut self) -> Result<(u64, Value)> {
+        let addr = self.admin().context("no node answers")?.addr().to_owned();
+        let long = AdminClient::with_timeout(&addr, Duration::from_secs(600));
+        let r = long.verify_volume(VOLUME, false)?;
+        Ok((r["differing_blocks"].as_u64().unwrap_or(0), r))
     }
 
     fn digests(&mut self) -> Vec<ReplicaDigest> {

@@ -31,6 +31,11 @@ impl AdminClient {
         AdminClient::with_timeout(addr, Duration::from_secs(60))
     }
 
+    /// The admin address this client talks to.
+    pub fn addr(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
     /// A client whose every call gives up after `timeout` (the chaos runner uses short
     /// ones: a partitioned node must not stall it).
     pub fn with_timeout(addr: &str, timeout: Duration) -> AdminClient {
@@ -122,6 +127,26 @@ impl AdminClient {
             self.agent
                 .post(&format!("{}/v1/volumes/{name}/move", self.base)),
             Some(serde_json::json!({ "to": site })),
+        )
+    }
+
+    /// Compares every replica of the volume by digest at one index (long: the call waits
+    /// for the whole run; `verify_progress` from another client shows how far it is);
+    /// with `repair`, the replicas that differ copy the differing blocks from the leader.
+    pub fn verify_volume(&self, name: &str, repair: bool) -> Result<Value> {
+        self.call(
+            self.agent
+                .post(&format!("{}/v1/volumes/{name}/verify", self.base)),
+            Some(serde_json::json!({ "repair": repair })),
+        )
+    }
+
+    /// The progress of the verify running on this node.
+    pub fn verify_progress(&self, name: &str) -> Result<Value> {
+        self.call(
+            self.agent
+                .get(&format!("{}/v1/volumes/{name}/verify", self.base)),
+            None,
         )
     }
 

@@ -142,6 +142,58 @@ enum VolumeCmd {
         #[arg(long)]
         to: u64,
     },
+    /// Compare every replica of a volume, at every site, block by block at one log index
+    /// (digests only cross the network), and list the blocks that differ. Exit status 1
+    /// if any does.
+    Verify {
+        name: String,
+        /// Make the replicas that differ copy the differing blocks from the leader.
+        #[arg(long)]
+        repair: bool,
+    },
+}
+
+/// Runs a verify on the node `client` talks to, with a progress bar on a terminal.
+fn verify_with_progress(
+    client: &AdminClient,
+    name: &str,
+    repair: bool,
+    json: bool,
+) -> Result<Value> {
+    let addr = client.addr().to_owned();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = (!json).then(|| {
+        let done = std::sync::Arc::clone(&done);
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            let poll = AdminClient::with_timeout(&addr, Duration::from_secs(5));
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} verifying {prefix}: [{bar:30}] {pos}/{len} MiB, ETA {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(name.clone());
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(p) = poll.verify_progress(&name) {
+                    if p["volume"] == name.as_str() {
+                        bar.set_length(p["chunks"].as_u64().unwrap_or(0));
+                        bar.set_position(p["chunks_done"].as_u64().unwrap_or(0));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            bar.finish_and_clear();
+        })
+    });
+    let r = client.verify_volume(name, repair);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(w) = watcher {
+        let _ = w.join();
+    }
+    r
 }
 
 /// Polls the volume until its home is `to` and no move is in flight, with a progress
@@ -396,6 +448,52 @@ fn run(cli: Cli) -> Result<()> {
                         "moving {} to {to} (see `roamdisk volume show {name}`)",
                         volume_line(&v)
                     );
+                }
+            }
+            VolumeCmd::Verify { name, repair } => {
+                let long = AdminClient::with_timeout(client.addr(), Duration::from_secs(3600));
+                let r = verify_with_progress(&long, &name, repair, cli.json)?;
+                let differing = r["differing_blocks"].as_u64().unwrap_or(0);
+                if cli.json {
+                    print_json(&r)?;
+                } else {
+                    println!(
+                        "volume {name}: {} blocks compared on {} replicas in {:.1} s; {differing} differ",
+                        r["blocks"],
+                        r["replicas"].as_array().map_or(0, |a| a.len()),
+                        r["seconds"].as_f64().unwrap_or(0.0)
+                    );
+                    for rep in r["replicas"].as_array().into_iter().flatten() {
+                        println!(
+                            "  node {:<3} {:<10} {:<7} {} blocks checked, {} differ{}{}{}",
+                            rep["node"],
+                            rep["site"].as_str().unwrap_or("?"),
+                            if rep["voter"] == true {
+                                "voter"
+                            } else {
+                                "learner"
+                            },
+                            rep["checked_blocks"],
+                            rep["differing_blocks"],
+                            match rep["unavailable_chunks"].as_u64() {
+                                Some(0) | None => String::new(),
+                                Some(n) => format!(", {n} MiB unavailable"),
+                            },
+                            if rep["differing_blocks"].as_u64().unwrap_or(0) > 0 {
+                                format!(" (first: {})", rep["blocks"])
+                            } else {
+                                String::new()
+                            },
+                            if rep["repaired"] == true {
+                                "; repairing"
+                            } else {
+                                ""
+                            },
+                        );
+                    }
+                }
+                if differing > 0 {
+                    std::process::exit(1);
                 }
             }
             VolumeCmd::TransferLeader { name, to } => {

@@ -281,6 +281,8 @@ fn fio_nbd_engine_with_verify() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            // No `local-verify-*.state` file in the working directory (one was committed).
+            "--verify_state_save=0",
             "--output-format=json",
         ]));
         let json_start = out.find('{').expect("fio json");

@@ -12,6 +12,8 @@
 //! | DELETE | /v1/volumes/{name} | | the deleted volume |
 //! | POST | /v1/volumes/{name}/move | `{to}` | the volume, with its move target (the group's leader drives it) |
 //! | POST | /v1/volumes/{name}/transfer-leader | `{to}` | the volume; asked of the group's leader (409 names it otherwise) |
+//! | POST | /v1/volumes/{name}/verify | `{repair?}` | the verify report: every replica's blocks compared by digest at one index (409 while another verify runs on this node) |
+//! | GET | /v1/volumes/{name}/verify | | the progress of the verify running on this node |
 //! | GET | /metrics | | Prometheus text |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad input), 404, 409 (exists) or 503
@@ -41,6 +43,10 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/volumes/{name}/resize", post(resize_volume))
         .route("/v1/volumes/{name}/move", post(move_volume))
         .route("/v1/volumes/{name}/transfer-leader", post(transfer_leader))
+        .route(
+            "/v1/volumes/{name}/verify",
+            post(verify_volume).get(verify_progress),
+        )
         .route("/metrics", get(metrics))
         .with_state(node)
 }
@@ -461,11 +467,75 @@ async fn delete_volume(
     Ok(Json(view(&node, &v, None)))
 }
 
+#[derive(Deserialize, Default)]
+struct VerifyBody {
+    #[serde(default)]
+    repair: bool,
+}
+
+/// Compares every replica of the volume by digest at one index (`crate::verify`);
+/// with `repair`, the replicas that differ copy the differing blocks from the leader.
+async fn verify_volume(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    body: Option<Json<VerifyBody>>,
+) -> Result<Json<crate::verify::VerifyReport>, ApiError> {
+    let repair = body.is_some_and(|Json(b)| b.repair);
+    let v = node
+        .cluster()
+        .volumes
+        .get(&name)
+        .cloned()
+        .ok_or_else(|| ApiError::from(MetaError::VolumeNotFound(name.clone())))?;
+    let Ok(_running) = node.verify_running.try_lock() else {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "a verify is already running on this node".into(),
+        ));
+    };
+    let report = crate::verify::run(&node, &v, repair, &node.verify_progress).await?;
+    if report.differing_blocks > 0 {
+        tracing::error!(volume = %name, blocks = report.differing_blocks,
+            "verify: replicas of the volume differ");
+    }
+    Ok(Json(report))
+}
+
+async fn verify_progress(State(node): State<Arc<Node>>) -> Json<crate::verify::VerifyProgress> {
+    Json(
+        node.verify_progress
+            .lock()
+            .expect("verify progress")
+            .clone(),
+    )
+}
+
 async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
     use std::fmt::Write;
     let groups = node.status().await;
     let cluster = node.cluster();
     let mut out = String::new();
+    for (name, help, v) in [
+        (
+            "roamdisk_verify_runs_total",
+            "Verify runs (replicas compared by digest) started on this node.",
+            &node.verify_counts.runs,
+        ),
+        (
+            "roamdisk_verify_differing_blocks_total",
+            "Blocks a verify found differing between replicas (alert on any increase).",
+            &node.verify_counts.differing_blocks,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(
+            out,
+            "{name}{{node=\"{}\"}} {}",
+            node.me,
+            v.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP roamdisk_raft_commit_index Commit index of each Raft group on this node."

@@ -21,6 +21,10 @@
 //! [link_caps]
 //! hokkaido = "45MiB"
 //! ```
+//!
+//! Optional: `verify_interval_secs = 86400` (the default): how often the node verifies
+//! the volumes whose group it leads (`volume verify` without repair; 0 turns it off).
+//! An unknown key is an error that names it.
 
 use std::path::PathBuf;
 
@@ -29,6 +33,7 @@ use roamdisk_core::ids::NodeId;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     pub id: u64,
     pub site: String,
@@ -47,6 +52,13 @@ pub struct NodeConfig {
     /// Remote site → rate (`45MiB`, `400Mbit`) allowed on the log and bulk lanes to it.
     #[serde(default)]
     pub link_caps: std::collections::BTreeMap<String, String>,
+    /// Seconds between verifies of the volumes this node leads (0: never).
+    #[serde(default = "default_verify_interval_secs")]
+    pub verify_interval_secs: u64,
+}
+
+fn default_verify_interval_secs() -> u64 {
+    86_400
 }
 
 impl NodeConfig {
@@ -193,6 +205,11 @@ mod tests {
         "#;
         let cfg: NodeConfig = toml::from_str(text).unwrap();
         cfg.validate().unwrap();
+        assert_eq!(cfg.verify_interval_secs, 86_400);
+        // An unknown key is an error that names it.
+        let typo = format!("{text}\nverify_intervall_secs = 5\n");
+        let e = toml::from_str::<NodeConfig>(&typo).unwrap_err().to_string();
+        assert!(e.contains("verify_intervall_secs"), "{e}");
         let mut bad = cfg.clone();
         bad.peer_addr = "127.0.0.1:9999".into();
         assert!(bad

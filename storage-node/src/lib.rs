@@ -14,6 +14,7 @@
 //! - [`node`]: the API above the store: propose anywhere, linearizable reads, status.
 //! - [`mover`]: volume moves, stepped by the volume group's leader.
 //! - [`nbd`]: every volume as an NBD export (`roamdisk_nbd::Backend` over `node`).
+//! - [`verify`]: `volume verify`, replicas compared by digests at one index, and repaired.
 //! - [`admin`]: the HTTP/JSON admin API and Prometheus `/metrics`.
 //!
 //! API boundaries: `store::Event` (everything the store does is asked through it),
@@ -35,4 +36,5 @@ pub mod node;
 pub mod rocks;
 pub mod store;
 pub mod transport;
+pub mod verify;
 pub mod volume;

@@ -67,6 +67,13 @@ pub struct Node {
     /// Catch-up chunks being read and hashed on this node at once, for copies it serves
     /// and copies it makes ([`CATCH_UP_IO_MAX`]).
     catch_up_io: tokio::sync::Semaphore,
+    /// Digests of the verify markers this node's replicas applied (filled by the store).
+    digests: crate::verify::Digests,
+    /// Verify runs on this node and what they found, for `/metrics`.
+    pub verify_counts: crate::verify::VerifyCounts,
+    /// The verify running on this node (one at a time), and its progress.
+    pub verify_running: tokio::sync::Mutex<()>,
+    pub verify_progress: std::sync::Mutex<crate::verify::VerifyProgress>,
 }
 
 /// What [`Node::submit`] takes to a group's leader.
@@ -99,6 +106,7 @@ impl Node {
         leaders: LeaderMap,
         volumes_dir: PathBuf,
         stats: Arc<StoreStats>,
+        digests: crate::verify::Digests,
     ) -> Arc<Node> {
         Arc::new(Node {
             me,
@@ -112,7 +120,90 @@ impl Node {
             read_handles: Mutex::default(),
             stats,
             catch_up_io: tokio::sync::Semaphore::new(CATCH_UP_IO_MAX),
+            digests,
+            verify_counts: Default::default(),
+            verify_running: tokio::sync::Mutex::new(()),
+            verify_progress: Default::default(),
         })
+    }
+
+    /// The digests replica `on` took at verify marker (`id`, `first_block`) of
+    /// `volume`, waiting up to `VERIFY_REPLICA_WAIT` for it to apply the marker; `None`
+    /// if it does not answer with them in time.
+    pub async fn verify_digests(
+        &self,
+        on: NodeId,
+        volume: VolumeId,
+        id: u64,
+        first_block: u64,
+    ) -> Option<Vec<[u8; 32]>> {
+        let deadline = Instant::now() + crate::verify::VERIFY_REPLICA_WAIT;
+        loop {
+            let got = if on == self.me {
+                self.local_digests(volume, id, first_block, Duration::from_secs(1))
+                    .await
+            } else {
+                let req = PeerRequest::VerifyDigests {
+                    volume,
+                    id,
+                    first_block,
+                };
+                match self.transport.request(on, req).await {
+                    Ok(PeerResponse::VerifyDigests(Some(ByteBuf(b)))) if b.len() % 32 == 0 => Some(
+                        b.chunks_exact(32)
+                            .map(|c| c.try_into().expect("32 bytes"))
+                            .collect(),
+                    ),
+                    _ => None,
+                }
+            };
+            if got.is_some() || Instant::now() >= deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// This node's digests for a verify marker, waiting up to `wait` for them.
+    async fn local_digests(
+        &self,
+        volume: VolumeId,
+        id: u64,
+        first_block: u64,
+        wait: Duration,
+    ) -> Option<Vec<[u8; 32]>> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let got = self
+                .digests
+                .lock()
+                .expect("verify digests")
+                .get(volume, id, first_block);
+            if got.is_some() || Instant::now() >= deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Makes replica `on` of `volume` copy the blocks that differ from the leader's
+    /// (verify's repair; the scrub's path for a corrupted replica).
+    pub async fn repair_replica(&self, on: NodeId, volume: VolumeId) -> Result<(), Refused> {
+        if on == self.me {
+            return self
+                .to_store(|reply| Event::Repair { volume, reply })
+                .await
+                .unwrap_or(Err(Refused::Shutdown));
+        }
+        match self
+            .transport
+            .request(on, PeerRequest::Repair { volume })
+            .await
+        {
+            Ok(PeerResponse::Repaired(r)) => r.map_err(Refused::from),
+            Ok(_) => Err(Refused::Failed("mismatched response".into())),
+            Err(e) => Err(Refused::Failed(e.to_string())),
+        }
     }
 
     /// Counters and histograms of the store thread's work.
@@ -857,6 +948,22 @@ impl RequestHandler for PeerHandler {
                         .map(|b| b.map(ByteBuf))
                         .collect(),
                 ),
+                PeerRequest::VerifyDigests {
+                    volume,
+                    id,
+                    first_block,
+                } => PeerResponse::VerifyDigests(
+                    self.0
+                        .local_digests(volume, id, first_block, Duration::from_secs(5))
+                        .await
+                        .map(|d| ByteBuf(d.concat())),
+                ),
+                PeerRequest::Repair { volume } => PeerResponse::Repaired(
+                    self.0
+                        .repair_replica(self.0.me, volume)
+                        .await
+                        .map_err(WireRefused::from),
+                ),
                 PeerRequest::GroupStatus { group } => PeerResponse::GroupStatus(
                     self.0
                         .status()
@@ -871,7 +978,7 @@ impl RequestHandler for PeerHandler {
 
 /// A block's entry in a `FetchBlocks` request: its blake3, or all zeros for a block that
 /// reads as zeros (`None`: a hole).
-fn chunk_block_hash(data: Option<&[u8]>) -> [u8; 32] {
+pub(crate) fn chunk_block_hash(data: Option<&[u8]>) -> [u8; 32] {
     match data {
         Some(d) if !roamdisk_nbd::backend::is_zero(d) => *blake3::hash(d).as_bytes(),
         _ => [0u8; 32],

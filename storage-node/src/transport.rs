@@ -5,7 +5,8 @@
 //! frames, one connection per lane named in Hello; 3 — `RaftRefs` and `DedupMiss`, Raft
 //! appends with blocks sent by reference, see [`crate::dedup`]; 4 — `Written`, the
 //! acknowledgement mode of a forwarded `Propose`, and `Flush`; 5 — `SyncWanted`; 6 —
-//! `Quarantine`, a rebooted node's quarantine after an unclean shutdown): see
+//! `Quarantine`, a rebooted node's quarantine after an unclean shutdown, and the
+//! `VerifyDigests` and `Repair` requests of `volume verify`): see
 //! [`crate::link`] for records. A
 //! frame above [`FRAME_MAX_BYTES`] ends the connection. A connection starts with `Hello`
 //! from the dialer.
@@ -133,6 +134,7 @@ impl PeerFrame {
                     .iter()
                     .map(|b| 8 + b.as_ref().map_or(0, |b| b.0.len()))
                     .sum(),
+                PeerResponse::VerifyDigests(Some(b)) => b.0.len(),
                 _ => 64,
             },
         }
@@ -175,6 +177,16 @@ pub enum PeerRequest {
     /// Blocks the receiver stores with these blake3 hashes (another node of its site
     /// resolving references).
     BlocksByHash { hashes: Vec<Hash> },
+    /// The digests the receiver took at verify marker (`id`, `first_block`) of `volume`
+    /// (waits a little for the marker to apply).
+    VerifyDigests {
+        volume: VolumeId,
+        id: u64,
+        first_block: u64,
+    },
+    /// The receiver's replica of `volume` differs from the others: copy the differing
+    /// blocks from the leader (verify's repair).
+    Repair { volume: VolumeId },
 }
 
 impl PeerRequest {
@@ -226,6 +238,10 @@ pub enum PeerResponse {
     GroupStatus(Option<crate::store::GroupStatus>),
     /// One answer per hash asked, in order; `None` where the receiver has no such block.
     BlocksByHash(Vec<Option<ByteBuf>>),
+    /// 32 bytes per block; `None` if the receiver has no digests for that marker (not
+    /// applied yet, or applied while its replica was copying blocks).
+    VerifyDigests(Option<ByteBuf>),
+    Repaired(Result<(), WireRefused>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]

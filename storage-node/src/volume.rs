@@ -376,6 +376,8 @@ impl VolumeReplica {
                 self.touch(offset, len);
             }
             VolumeCommand::Resize { size } => self.grow(size)?,
+            // The core hands verify markers over as `Effect::Verify`, not to apply.
+            VolumeCommand::Verify { .. } => {}
         }
         Ok(())
     }

@@ -494,14 +494,16 @@ impl Checker {
         if !early {
             match rec.committed.get(&index) {
                 Some(c) if c.term == term && c.digest == digest => {}
-                other => return Err(violation(
-                    Invariant::AcknowledgedWriteKept,
-                    format!(
+                other => {
+                    return Err(violation(
+                        Invariant::AcknowledgedWriteKept,
+                        format!(
                         "group {group}: a client was acknowledged for entry {index} term {term} \
                              at its commit, but the committed record has {:?}",
                         other.map(|c| c.term)
                     ),
-                )),
+                    ))
+                }
             }
         }
         rec.acks.push(Ack {

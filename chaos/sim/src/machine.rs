@@ -122,6 +122,7 @@ fn apply_volume(size: &mut u64, bytes: &mut [u8], cmd: VolumeCommand<'_>) {
             bytes[start..end].fill(0);
         }
         VolumeCommand::Resize { size: s } => *size = (*size).max(s),
+        VolumeCommand::Verify { .. } => {}
     }
 }
 

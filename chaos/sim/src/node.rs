@@ -832,7 +832,9 @@ impl Node {
                     }
                 }
                 CoreEffect::Note(note) => self.note(note, ctx)?,
-                CoreEffect::Leader { .. }
+                // Verify markers change no data (the simulation runs no verify).
+                CoreEffect::Verify { .. }
+                | CoreEffect::Leader { .. }
                 | CoreEffect::VolumeCreated { .. }
                 | CoreEffect::VolumeGrown { .. }
                 | CoreEffect::VolumeRemoved { .. } => {}

@@ -41,6 +41,12 @@ struct Common {
     /// 4 KiB blocks the workload writes and reads (the first ones of the volume).
     #[arg(long, default_value_t = 2048)]
     blocks: u64,
+    /// Caps every link between two sites at this many MiB/s (each direction), as soon as
+    /// the cluster is up and again after every fault that changes links: with slow links
+    /// the workload writes faster than the WAN ships, and learners lag far behind (what a
+    /// fast machine shows with the default profile).
+    #[arg(long)]
+    link_mib_per_sec: Option<u64>,
     /// Less output.
     #[arg(long, short)]
     quiet: bool,
@@ -159,15 +165,22 @@ fn options(
         bail!("--connections must be in 1..=64");
     }
     let duration = duration.unwrap_or(Duration::from_secs(scenario.default_duration_s));
+    if common.link_mib_per_sec == Some(0) {
+        bail!("--link-mib-per-sec must be at least 1");
+    }
     let command = format!(
-        "roamdisk chaos run --scenario {name} --seed {seed} --duration {}s --out {}{}",
+        "roamdisk chaos run --scenario {name} --seed {seed} --duration {}s --out {}{}{}",
         duration.as_secs(),
         out.display(),
         if negative_control {
             " --negative-control"
         } else {
             ""
-        }
+        },
+        common
+            .link_mib_per_sec
+            .map(|m| format!(" --link-mib-per-sec {m}"))
+            .unwrap_or_default()
     );
     Ok(RunOptions {
         scenario,
@@ -180,6 +193,7 @@ fn options(
         connections: common.connections,
         volume_size: common.volume_mib << 20,
         blocks: common.blocks,
+        link_bandwidth: common.link_mib_per_sec.map(|m| m << 20),
         command,
         verbose: !common.quiet,
     })

@@ -20,6 +20,8 @@ pub enum CodecError {
     Decode(#[from] bincode::error::DecodeError),
     #[error("decode: {0} trailing bytes")]
     Trailing(usize),
+    #[error("format version {found} is newer than this node understands ({known})")]
+    Version { found: u16, known: u16 },
 }
 
 fn config() -> impl bincode::config::Config {

@@ -3,6 +3,8 @@
 //! Wire/disk format, versioned: an entry's data is `codec::encode(&Envelope)`.
 //! Changelog:
 //! - 1: Write, Zero, Resize.
+//! - 2: Verify (a marker at which every replica hashes a range of blocks, so that their
+//!   digests compare at one index: `roamdisk volume verify`).
 //!
 //! Every command is idempotent: applying it twice in a row leaves the same bytes as
 //! applying it once. Catch-up relies on this (a fuzzy block copy is followed by a replay
@@ -12,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, CodecError};
 
-pub const ENTRY_FORMAT_VERSION: u16 = 1;
+pub const ENTRY_FORMAT_VERSION: u16 = 2;
 
 /// One change to a volume's bytes or shape. Borrowed so that applying a 32 MiB write does
 /// not copy it out of the log entry.
@@ -32,6 +34,14 @@ pub enum VolumeCommand<'a> {
     Zero { offset: u64, len: u64, punch: bool },
     /// Grow the volume to `size` bytes.
     Resize { size: u64 },
+    /// Changes nothing: every replica that applies it hashes blocks
+    /// `first_block..first_block + count` as they are at this entry's index, so that
+    /// replicas compare at one index (verify run `id`).
+    Verify {
+        id: u64,
+        first_block: u64,
+        count: u32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,7 +83,7 @@ impl<'a> VolumeCommand<'a> {
         match self {
             VolumeCommand::Write { offset, data } => Some((*offset, data.len() as u64)),
             VolumeCommand::Zero { offset, len, .. } => Some((*offset, *len)),
-            VolumeCommand::Resize { .. } => None,
+            VolumeCommand::Resize { .. } | VolumeCommand::Verify { .. } => None,
         }
     }
 }
@@ -97,6 +107,11 @@ mod tests {
                 punch: true,
             },
             VolumeCommand::Resize { size: 1 << 40 },
+            VolumeCommand::Verify {
+                id: 7,
+                first_block: 256,
+                count: 256,
+            },
         ] {
             let bytes = cmd.encode();
             assert_eq!(VolumeCommand::decode(&bytes).unwrap(), cmd);

@@ -44,8 +44,9 @@ id!(
     Term
 );
 id!(
-    /// A volume's generation: bumped by every move and forced failover; a replica or
-    /// client holding an older generation is fenced.
+    /// A volume's generation: bumped by every move (and, with the site-loss issue, by a
+    /// forced failover). Nothing checks it on the data path yet: fencing by generation
+    /// is still to be built.
     Generation
 );
 

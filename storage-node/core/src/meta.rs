@@ -10,8 +10,12 @@
 //!   of other sites, and no node is both;
 //! - generations only grow.
 //!
-//! Commands are versioned like volume commands (`META_FORMAT_VERSION`); changelog:
+//! Commands are versioned like volume commands (`META_FORMAT_VERSION`); a command of a
+//! newer version than this node knows is refused at decode (every replica refuses it
+//! alike, so the node stops rather than diverge). Changelog:
 //! - 1: AddNode, CreateVolume, ResizeVolume, DeleteVolume.
+//! - 2: MoveVolume, FinishMove (they were added under version 1 at first; entries
+//!   written then still decode).
 //!
 //! A node's site never changes (`AddNode` with a known id and another site is refused):
 //! its replicas were placed by site.
@@ -23,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::codec::{self, CodecError};
 use crate::ids::{Generation, NodeId, VolumeId, BLOCK_BYTES};
 
-pub const META_FORMAT_VERSION: u16 = 1;
+pub const META_FORMAT_VERSION: u16 = 2;
 
 /// Largest volume: 64 TiB.
 pub const VOLUME_SIZE_MAX_BYTES: u64 = 64 << 40;
@@ -210,6 +214,12 @@ impl MetaCommand {
 
     pub fn decode(bytes: &[u8]) -> Result<MetaCommand, CodecError> {
         let env: MetaEnvelope = codec::decode(bytes)?;
+        if env.version > META_FORMAT_VERSION {
+            return Err(CodecError::Version {
+                found: env.version,
+                known: META_FORMAT_VERSION,
+            });
+        }
         Ok(env.command)
     }
 }

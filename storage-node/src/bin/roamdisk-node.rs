@@ -74,6 +74,7 @@ fn config(args: Args) -> Result<NodeConfig> {
             join: None,
             peer_routes: Default::default(),
             link_caps: Default::default(),
+            verify_interval_secs: 86_400,
         },
     };
     if let Some(v) = args.id {
@@ -158,6 +159,7 @@ fn main() -> Result<()> {
         }
         _ => None,
     };
+    let digests = roamdisk_storage_node::verify::Digests::default();
     let store_cfg = StoreConfig {
         me,
         data_dir: cfg.data_dir.clone(),
@@ -167,6 +169,7 @@ fn main() -> Result<()> {
         joining: joining.is_some(),
         rebooted: roamdisk_storage_node::store::restart_kind(&cfg.data_dir)
             .context("read and record the boot id")?,
+        digests: Arc::clone(&digests),
     };
     if store_cfg.rebooted {
         warn!(
@@ -203,6 +206,7 @@ fn main() -> Result<()> {
             leaders,
             cfg.data_dir.join("volumes"),
             store_stats,
+            digests,
         );
         transport.set_handler(Arc::new(PeerHandler(Arc::clone(&node))));
         let peer_listener = tokio::net::TcpListener::bind(&cfg.peer_addr)
@@ -273,6 +277,13 @@ fn main() -> Result<()> {
             Arc::clone(&node),
             shutdown.clone(),
         ));
+        if cfg.verify_interval_secs > 0 {
+            tokio::spawn(verify_loop(
+                Arc::clone(&node),
+                Duration::from_secs(cfg.verify_interval_secs),
+                shutdown.clone(),
+            ));
+        }
         {
             // Every change of the metadata: dial the nodes it lists (a registration that
             // is still retrying must not hold this up), and close deleted volumes' files.
@@ -420,6 +431,35 @@ async fn keep_registered(
         tokio::select! {
             r = view.changed() => if r.is_err() { return },
             _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Verifies the volumes whose group this node leads every `every` (without repair: a
+/// difference is an ERROR for a person to look at, and the `verify_differing_blocks`
+/// counter on `/metrics` is what to alert on).
+async fn verify_loop(node: Arc<Node>, every: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let cluster = node.cluster();
+        for v in cluster.volumes.values() {
+            if node.leader_of(v.id.group()) != Some(node.me) {
+                continue;
+            }
+            let Ok(_running) = node.verify_running.try_lock() else {
+                continue;
+            };
+            match roamdisk_storage_node::verify::run(&node, v, false, &node.verify_progress).await {
+                Ok(r) if r.differing_blocks > 0 => error!(volume = %v.name,
+                    blocks = r.differing_blocks, "scheduled verify: replicas of the volume differ"),
+                Ok(r) => {
+                    info!(volume = %v.name, blocks = r.blocks, "scheduled verify: replicas agree")
+                }
+                Err(e) => warn!(volume = %v.name, error = %e, "scheduled verify did not finish"),
+            }
         }
     }
 }

@@ -157,6 +157,12 @@ pub enum Event {
         group: GroupId,
         reply: oneshot::Sender<Option<u64>>,
     },
+    /// The replica of `volume` differs from the others (verify): copy the differing blocks
+    /// from the leader.
+    Repair {
+        volume: VolumeId,
+        reply: oneshot::Sender<Result<(), Refused>>,
+    },
     Shutdown,
 }
 
@@ -185,6 +191,8 @@ pub struct StoreConfig {
     /// The machine rebooted since the store last ran, without a clean shutdown (see
     /// [`restart_kind`]).
     pub rebooted: bool,
+    /// Where the digests of verify markers go (`crate::verify`).
+    pub digests: crate::verify::Digests,
 }
 
 /// Marker of a clean shutdown: written and synced as the store stops, removed as it
@@ -486,6 +494,19 @@ impl<S: LogStore> Store<S> {
             Event::Unreachable { node } => self.core.unreachable(node),
             Event::Applied { group, reply } => {
                 let _ = reply.send(self.core.applied(group).map(|i| i.0));
+            }
+            Event::Repair { volume, reply } => {
+                if self.core.applied(volume.group()).is_none() {
+                    let _ = reply.send(Err(Refused::NoGroup(volume.group())));
+                    return false;
+                }
+                if let Err(e) = self.core.corrupted(volume) {
+                    error!(%volume, error = %e, "start the repair; stopping the node");
+                    self.failed = Some(format!("repair volume {volume}: {e}"));
+                    return true;
+                }
+                tracing::warn!(%volume, "replica differs from the others (verify): copying the differing blocks");
+                let _ = reply.send(Ok(()));
             }
             Event::Status { reply } => {
                 let _ = reply.send(self.core.status(now));

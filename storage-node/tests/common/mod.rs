@@ -179,6 +179,23 @@ impl Cluster {
         child.wait().unwrap();
     }
 
+    /// Stops node `id` cleanly (SIGTERM: it syncs, checkpoints and exits 0).
+    pub fn stop(&mut self, id: u64) {
+        let mut child = self.nodes[id as usize - 1]
+            .child
+            .take()
+            .expect("node is running");
+        let pid = child.id().to_string();
+        let ok = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM {pid}");
+        let status = child.wait().unwrap();
+        assert!(status.success(), "node {id} stopped with {status}");
+    }
+
     pub fn restart(&mut self, id: u64) {
         assert!(self.nodes[id as usize - 1].child.is_none());
         self.spawn(id);

@@ -115,6 +115,16 @@ pub enum Effect {
         index: LogIndex,
         data: Vec<u8>,
     },
+    /// Hash blocks `first_block..first_block + count` of the volume's data as they are
+    /// now, at entry `index` (a `VolumeCommand::Verify` applied here, in log order: every
+    /// replica hashes the same state), and keep the digests for verify run `id`.
+    Verify {
+        volume: VolumeId,
+        index: LogIndex,
+        id: u64,
+        first_block: u64,
+        count: u32,
+    },
     /// The answer to a request.
     Answer { id: ReqId, answer: Answer },
     /// This node now sees `leader` as the leader of `group` (`None`: unknown).

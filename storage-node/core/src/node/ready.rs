@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use raft::eraftpb::{Entry, Message};
 
+use crate::command::VolumeCommand;
 use crate::group::Applied;
 use crate::ids::{GroupId, LogIndex, NodeId, VolumeId};
 use crate::logstore::{LogBatch, LogOp, LogStore, StoreError};
@@ -483,11 +484,8 @@ pub(super) fn apply<S: LogStore>(
                         // Entries at or below the applied index were applied before a
                         // restart (the data is whole up to it).
                         if index > g.applied {
-                            out.effects.push(Effect::Apply {
-                                volume: VolumeId(group.0),
-                                index,
-                                data,
-                            });
+                            out.effects
+                                .push(volume_effect(VolumeId(group.0), index, data));
                             g.applied = index;
                         }
                         Outcome::Volume
@@ -569,15 +567,46 @@ pub(super) fn apply_replayed<S: LogStore>(
         match a {
             Applied::Command { index, data, .. } => {
                 if index > g.applied {
-                    effects.push(Effect::Apply {
-                        volume,
-                        index,
-                        data,
-                    });
+                    // A verify marker replayed over copied blocks would hash a state that
+                    // is not this index's: this replica has no digests for that run.
+                    if !matches!(
+                        VolumeCommand::decode(&data),
+                        Ok(VolumeCommand::Verify { .. })
+                    ) {
+                        effects.push(Effect::Apply {
+                            volume,
+                            index,
+                            data,
+                        });
+                    }
                     g.applied = index;
                 }
             }
             Applied::Internal { index } => g.applied = g.applied.max(index),
         }
+    }
+}
+
+/// What applying a volume command asks of the driver: write it, or (a verify marker) hash
+/// blocks as they are at this index.
+fn volume_effect(volume: VolumeId, index: LogIndex, data: Vec<u8>) -> Effect {
+    match VolumeCommand::decode(&data) {
+        Ok(VolumeCommand::Verify {
+            id,
+            first_block,
+            count,
+        }) => Effect::Verify {
+            volume,
+            index,
+            id,
+            first_block,
+            count,
+        },
+        // Anything else, malformed or not, is the driver's to apply (and to fail on).
+        _ => Effect::Apply {
+            volume,
+            index,
+            data,
+        },
     }
 }
