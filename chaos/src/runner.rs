@@ -21,8 +21,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use roamdisk_client::playground::{self, Cluster};
-use roamdisk_client::AdminClient;
+use roamdisk_admin_client::AdminClient;
+use roamdisk_playground::{self as playground, Cluster};
 use roamdisk_wan::{ControlClient, LinkUpdate, Partition};
 use serde_json::Value;
 

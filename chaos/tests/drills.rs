@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use roamdisk_client::playground::free_base_port;
+use roamdisk_playground::free_base_port;
 use serde_json::Value;
 
 fn drill(args: &[&str], out: &Path) -> (i32, Value) {

@@ -283,7 +283,7 @@ pub fn validate(req: Request, s: &Session) -> Result<Op, Refusal> {
             let data = req
                 .payload
                 .expect("decoder attaches a payload to every WRITE");
-            debug_assert_eq!(data.len(), req.len as usize);
+            assert_eq!(data.len(), req.len as usize);
             Ok(Op::Write {
                 offset: req.offset,
                 data,
@@ -398,7 +398,7 @@ impl OutQueue {
 
     /// Drops `n` written bytes from the front.
     pub fn consume(&mut self, mut n: usize) {
-        debug_assert!(n <= self.bytes);
+        assert!(n <= self.bytes);
         self.bytes -= n;
         while n > 0 {
             let front = self
@@ -439,7 +439,7 @@ impl OutQueue {
     /// An error reply. With structured replies it carries `message` (required for
     /// READ, preferred otherwise); without, it is a simple reply.
     pub fn error(&mut self, structured: bool, cookie: u64, errno: u32, message: &str) {
-        debug_assert_ne!(errno, 0);
+        assert_ne!(errno, 0);
         if !structured {
             self.simple(cookie, errno);
             return;
@@ -468,7 +468,7 @@ impl OutQueue {
         len: u32,
         chunks: Vec<ReadChunk>,
     ) {
-        debug_assert_eq!(
+        assert_eq!(
             chunks.iter().map(|c| u64::from(c.len())).sum::<u64>(),
             u64::from(len)
         );
@@ -510,7 +510,7 @@ impl OutQueue {
         for (i, c) in chunks.into_iter().enumerate() {
             let flags = if i == last { wire::REPLY_FLAG_DONE } else { 0 };
             let n = c.len();
-            debug_assert!(n > 0, "empty read chunk");
+            assert!(n > 0, "empty read chunk");
             match c {
                 ReadChunk::Data(b) => {
                     self.chunk_header(flags, wire::REPLY_TYPE_OFFSET_DATA, cookie, 8 + n);
@@ -531,7 +531,7 @@ impl OutQueue {
 
     /// A successful BLOCK_STATUS reply for the one context we serve.
     pub fn block_status(&mut self, cookie: u64, extents: &[Extent]) {
-        debug_assert!(!extents.is_empty());
+        assert!(!extents.is_empty());
         let len = 4 + 8 * extents.len();
         self.chunk_header(
             wire::REPLY_FLAG_DONE,
@@ -541,7 +541,7 @@ impl OutQueue {
         );
         self.scratch.put_u32(wire::META_BASE_ALLOCATION_ID);
         for e in extents {
-            debug_assert!(e.length > 0);
+            assert!(e.length > 0);
             self.scratch.put_u32(e.length);
             self.scratch.put_u32(e.flags);
         }

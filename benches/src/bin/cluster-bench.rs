@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use roamdisk_benches::{fill_image, measure, row, start_qemu_nbd, table, Client};
-use roamdisk_client::playground::Manifest;
+use roamdisk_playground::Manifest;
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmark a replicated roamdisk volume against qemu-nbd")]
@@ -76,7 +76,7 @@ fn main() -> Result<()> {
     }
     let manifest = Manifest::load(&dir.path().join("pg"))?;
     // Run against the volume leader's node (where a hypervisor at home would attach).
-    let admin = roamdisk_client::AdminClient::new(&manifest.sites[0].nodes[0].admin);
+    let admin = roamdisk_admin_client::AdminClient::new(&manifest.sites[0].nodes[0].admin);
     let leader = admin.volume("vm1")?["leader"]
         .as_u64()
         .context("volume leader")?;

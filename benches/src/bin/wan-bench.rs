@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use plotters::style::RGBColor;
+use roamdisk_admin_client::AdminClient;
 use roamdisk_benches::plot::{Chart, HLine, Series, VLine};
-use roamdisk_client::playground::Manifest;
-use roamdisk_client::AdminClient;
+use roamdisk_playground::Manifest;
 use roamdisk_wan::{ControlClient, Partition, WanProfile};
 use serde_json::{json, Value};
 

@@ -738,7 +738,7 @@ impl Node {
         let Some((p, copy_end)) = self.copies.remove(&group) else {
             return Ok(false);
         };
-        debug_assert_eq!(p, point);
+        assert_eq!(p, point);
         let accepted = self
             .core_mut()
             .catch_up_done(group, LogIndex(point), LogIndex(copy_end))

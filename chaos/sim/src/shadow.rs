@@ -36,7 +36,7 @@ impl ShadowLog {
             return None;
         }
         let pos = self.runs.partition_point(|(first, _)| *first <= index);
-        debug_assert!(pos > 0, "index inside the log has a run");
+        assert!(pos > 0, "index inside the log has a run");
         self.runs.get(pos.wrapping_sub(1)).map(|(_, term)| *term)
     }
 

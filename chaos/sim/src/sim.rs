@@ -408,7 +408,7 @@ impl Simulation {
         self.trace.note(0, || self.describe());
         self.setup().map_err(|v| self.fail(v))?;
         while let Some(s) = self.queue.pop() {
-            debug_assert!(s.at >= self.now, "time goes forward");
+            assert!(s.at >= self.now, "time goes forward");
             self.now = s.at;
             self.step += 1;
             if self.step > STEPS_MAX {

@@ -101,8 +101,8 @@ impl Budget {
     fn release(&self, bytes: u64) {
         {
             let mut s = self.lock();
-            debug_assert!(s.bytes >= bytes, "budget released more than it held");
-            debug_assert!(s.chunks >= 1, "budget released a chunk it did not hold");
+            assert!(s.bytes >= bytes, "budget released more than it held");
+            assert!(s.chunks >= 1, "budget released a chunk it did not hold");
             s.bytes = s.bytes.saturating_sub(bytes);
             s.chunks = s.chunks.saturating_sub(1);
         }

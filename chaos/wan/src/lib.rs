@@ -62,13 +62,15 @@ mod profile;
 mod proxy;
 mod shaper;
 mod timer;
+mod update;
 mod wan;
 
 pub use client::{ClientError, ControlClient};
-pub use control::{router as control_router, LinkJson, LinkParamsJson, LinkUpdate, UpdateError};
+pub use control::{router as control_router, LinkJson, LinkParamsJson};
 pub use link::LinkStats;
 pub use params::{LinkParams, ParamsError, Partition, Site, SiteError};
 pub use profile::{UnknownProfile, WanProfile};
+pub use update::{LinkUpdate, UpdateError};
 pub use wan::{LinkStatus, RouteInfo, Wan, WanConfig, WanError};
 
 /// A duration of `ms` milliseconds (for concise parameter changes in tests and drills).

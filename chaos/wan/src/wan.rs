@@ -54,7 +54,7 @@ pub enum WanError {
     #[error("invalid link parameters: {0}")]
     Params(#[from] ParamsError),
     #[error("{0}")]
-    InvalidUpdate(#[from] crate::control::UpdateError),
+    InvalidUpdate(#[from] crate::update::UpdateError),
     #[error(transparent)]
     Profile(#[from] UnknownProfile),
     #[error("a link needs two different sites, got {site:?} twice")]

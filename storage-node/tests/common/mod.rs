@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use roamdisk_client::AdminClient;
+use roamdisk_admin_client::AdminClient;
 use serde_json::Value;
 
 pub struct NodeProc {

@@ -1,4 +1,5 @@
 //! `roamdisk playground`: a local cluster of real `roamdisk-node` processes on loopback.
+//! One crate that the CLI, the chaos runner and the benchmarks all start clusters with.
 //!
 //! Layout: node ids 1..=N, site by site; node `i` listens for NBD on `base + i - 1`, for
 //! admin on `base + 100 + i - 1` and for peers on `base + 200 + i - 1`. Each node keeps
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::AdminClient;
+use roamdisk_admin_client::{format_size, AdminClient};
 
 /// How long nodes may take to elect the metadata leader and register.
 pub const CLUSTER_READY_TIMEOUT_SECS: u64 = 60;
@@ -516,7 +517,7 @@ fn print_banner(m: &Manifest, dir: &Path) {
         }
     }
     for v in &m.volumes {
-        println!("volume {} ({}):", v.name, crate::format_size(v.size));
+        println!("volume {} ({}):", v.name, format_size(v.size));
         for u in &v.uris {
             println!("  {u}");
         }
