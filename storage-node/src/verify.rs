@@ -17,16 +17,18 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use roamdisk_core::command::VolumeCommand;
-use roamdisk_core::ids::{NodeId, VolumeId, BLOCK_BYTES};
+use roamdisk_core::ids::{NodeId, BLOCK_BYTES};
 use roamdisk_core::meta::VolumeInfo;
 use serde::{Deserialize, Serialize};
 
 use crate::node::{Node, NodeError};
+pub use crate::volume::verify::{
+    digest_blocks, DigestStore, Digests, VerifyCounts, VerifyProgress, VERIFY_DIGESTS_MAX,
+};
 
 /// Blocks per verify marker (1 MiB of data; 8 KiB of digests per replica).
 pub const VERIFY_CHUNK_BLOCKS: u32 = 256;
@@ -37,9 +39,6 @@ pub const VERIFY_WINDOW: usize = 8;
 pub const VERIFY_REPLICA_WAIT: Duration = Duration::from_secs(30);
 /// Differing blocks listed per replica in a report (all are counted).
 pub const VERIFY_LISTED_MAX: usize = 64;
-/// Chunks of digests a node keeps for collection, oldest forgotten first (2 MiB).
-pub const VERIFY_DIGESTS_MAX: usize = 256;
-
 /// One replica's part of a verify.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ReplicaVerify {
@@ -70,56 +69,6 @@ pub struct VerifyReport {
     pub disputed_blocks: u64,
     pub replicas: Vec<ReplicaVerify>,
     pub seconds: f64,
-}
-
-/// Digests of the verify markers this node applied, for the runner to collect: keyed by
-/// (volume, run, first block); bounded (`VERIFY_DIGESTS_MAX`).
-#[derive(Default)]
-pub struct DigestStore {
-    map: BTreeMap<(VolumeId, u64, u64), Vec<[u8; 32]>>,
-    order: std::collections::VecDeque<(VolumeId, u64, u64)>,
-}
-
-impl DigestStore {
-    pub fn insert(&mut self, volume: VolumeId, id: u64, first_block: u64, digests: Vec<[u8; 32]>) {
-        let key = (volume, id, first_block);
-        if self.map.insert(key, digests).is_none() {
-            self.order.push_back(key);
-        }
-        while self.order.len() > VERIFY_DIGESTS_MAX {
-            let old = self.order.pop_front().expect("non-empty");
-            self.map.remove(&old);
-        }
-    }
-
-    pub fn get(&self, volume: VolumeId, id: u64, first_block: u64) -> Option<Vec<[u8; 32]>> {
-        self.map.get(&(volume, id, first_block)).cloned()
-    }
-}
-
-pub type Digests = Arc<std::sync::Mutex<DigestStore>>;
-
-/// The digests of `count` blocks from `first_block` of an extent file: blake3 of each
-/// block, all zeros for a block that reads as zeros (holes are not read).
-pub fn digest_blocks(
-    file: &roamdisk_nbd::file::RawFile,
-    first_block: u64,
-    count: u32,
-) -> std::io::Result<Vec<[u8; 32]>> {
-    let mut out = Vec::with_capacity(count as usize);
-    crate::volume::for_each_block(file, first_block, u64::from(count), |_, data| {
-        out.push(crate::node::chunk_block_hash(data))
-    })?;
-    Ok(out)
-}
-
-/// The progress of the verify running on this node, for `GET .../verify`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct VerifyProgress {
-    pub volume: String,
-    pub chunks_done: u64,
-    pub chunks: u64,
-    pub running: bool,
 }
 
 /// Runs a verify of `v` (and a repair of the replicas that differ, with `repair`).
@@ -185,7 +134,13 @@ pub async fn run(
                 let mut got = Vec::with_capacity(replicas.len());
                 let mut asks = FuturesUnordered::new();
                 for (i, (n, _)) in replicas.iter().enumerate() {
-                    asks.push(async move { (i, node.verify_digests(*n, v.id, id, first).await) });
+                    asks.push(async move {
+                        (
+                            i,
+                            node.verify_digests(*n, v.id, id, first, VERIFY_REPLICA_WAIT)
+                                .await,
+                        )
+                    });
                 }
                 while let Some(r) = asks.next().await {
                     got.push(r);
@@ -280,16 +235,10 @@ fn rand_id() -> u64 {
     t ^ u64::from(std::process::id()).rotate_left(40)
 }
 
-/// Counters of verify runs on this node, for `/metrics`.
-#[derive(Default)]
-pub struct VerifyCounts {
-    pub runs: std::sync::atomic::AtomicU64,
-    /// Blocks found differing between replicas (alert on any increase).
-    pub differing_blocks: std::sync::atomic::AtomicU64,
-}
-
 #[cfg(test)]
 mod tests {
+    use roamdisk_core::ids::VolumeId;
+
     use super::*;
 
     #[test]

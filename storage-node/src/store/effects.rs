@@ -57,8 +57,9 @@ impl<S: LogStore> Store<S> {
                     // On the store thread, in log order: the digests are of the state at
                     // `index` on every replica (about a millisecond per MiB, from the page
                     // cache).
-                    let digests = crate::verify::digest_blocks(v.extent(), first_block, count)
-                        .map_err(|e| anyhow::anyhow!("hash volume {volume} to verify: {e}"))?;
+                    let digests =
+                        crate::volume::verify::digest_blocks(v.extent(), first_block, count)
+                            .map_err(|e| anyhow::anyhow!("hash volume {volume} to verify: {e}"))?;
                     self.cfg.digests.lock().expect("verify digests").insert(
                         volume,
                         id,

@@ -192,7 +192,7 @@ pub struct StoreConfig {
     /// [`restart_kind`]).
     pub rebooted: bool,
     /// Where the digests of verify markers go (`crate::verify`).
-    pub digests: crate::verify::Digests,
+    pub digests: crate::volume::verify::Digests,
 }
 
 /// Marker of a clean shutdown: written and synced as the store stops, removed as it

@@ -13,8 +13,10 @@
 //! to a follower that was not sent it from memory), and that read through a RocksDB
 //! iterator was 29 % of the store thread under 4 KiB writes (`perf`: an uncached SST
 //! block read and its checksum per seek).
+//!
+//! Here: keys, group states and the [`RocksLogStore`]; in `cache`, the [`EntryCache`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Mutex, RwLock};
 
@@ -25,6 +27,13 @@ use roamdisk_core::ids::GroupId;
 use roamdisk_core::logstore::{GroupState, LogBatch, LogOp, LogStore, Record, StoreError};
 use rocksdb::{Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
+
+mod cache;
+#[cfg(test)]
+mod tests;
+
+use cache::EntryCache;
+pub use cache::ENTRY_CACHE_BYTES;
 
 /// On-disk form of a [`GroupState`], versioned by field order (append only).
 #[derive(Serialize, Deserialize)]
@@ -140,138 +149,6 @@ impl Cached {
         self.terms
             .get((index - self.state.truncated_index - 1) as usize)
             .copied()
-    }
-}
-
-/// Bytes of log entries kept in memory for all groups of a node (the tails of their
-/// logs; older entries are read from RocksDB). Four times the retained log of one busy
-/// group, so a few writing volumes are served from memory.
-pub const ENTRY_CACHE_BYTES: u64 = 128 << 20;
-
-/// The last entries of every group's log, as written: a group's cached entries, when
-/// there are any, always end at its last index. Bounded by [`ENTRY_CACHE_BYTES`]; the
-/// oldest entries of the group with the most cached bytes go first.
-struct EntryCache {
-    groups: HashMap<GroupId, Tail>,
-    bytes: u64,
-    budget: u64,
-}
-
-/// One group's cached entries and their bytes (`entry_bytes`).
-#[derive(Default)]
-struct Tail {
-    entries: VecDeque<Entry>,
-    bytes: u64,
-}
-
-impl Tail {
-    fn push(&mut self, e: Entry) -> u64 {
-        let n = roamdisk_core::logstore::entry_bytes(&e);
-        self.entries.push_back(e);
-        self.bytes += n;
-        n
-    }
-
-    /// Drops entries from the back while `drop` says so; returns the bytes freed.
-    fn pop_back_while(&mut self, drop: impl Fn(&Entry) -> bool) -> u64 {
-        let mut freed = 0;
-        while self.entries.back().is_some_and(&drop) {
-            let e = self.entries.pop_back().expect("non-empty");
-            freed += roamdisk_core::logstore::entry_bytes(&e);
-        }
-        self.bytes -= freed;
-        freed
-    }
-
-    /// Drops entries from the front while `drop` says so; returns the bytes freed.
-    fn pop_front_while(&mut self, mut drop: impl FnMut(&Entry) -> bool) -> u64 {
-        let mut freed = 0;
-        while self.entries.front().is_some_and(&mut drop) {
-            let e = self.entries.pop_front().expect("non-empty");
-            freed += roamdisk_core::logstore::entry_bytes(&e);
-        }
-        self.bytes -= freed;
-        freed
-    }
-}
-
-impl EntryCache {
-    fn new(budget: u64) -> EntryCache {
-        EntryCache {
-            groups: HashMap::new(),
-            bytes: 0,
-            budget,
-        }
-    }
-
-    /// Entries `[low, high)` if all are cached, at most `max_bytes` of them (at least one).
-    fn get(&self, g: GroupId, low: u64, high: u64, max_bytes: u64) -> Option<Vec<Entry>> {
-        let q = &self.groups.get(&g)?.entries;
-        let first = q.front()?.index;
-        let last = q.back()?.index;
-        if low < first || high > last + 1 || low >= high {
-            return None;
-        }
-        let mut out = Vec::new();
-        let mut bytes = 0u64;
-        for e in q.range((low - first) as usize..(high - first) as usize) {
-            bytes += roamdisk_core::logstore::entry_bytes(e);
-            if !out.is_empty() && bytes > max_bytes {
-                break;
-            }
-            out.push(e.clone());
-        }
-        Some(out)
-    }
-
-    /// Applies a batch that was written, taking its appended entries.
-    fn apply(&mut self, batch: LogBatch) {
-        for op in batch.ops {
-            match op {
-                LogOp::Append { group, entries } => {
-                    let Some(first) = entries.first().map(|e| e.index) else {
-                        continue;
-                    };
-                    let t = self.groups.entry(group).or_default();
-                    // Replaced entries go; a cache that does not reach the new entries
-                    // (evicted down to nothing meanwhile) restarts with them.
-                    self.bytes -= t.pop_back_while(|e| e.index >= first);
-                    if t.entries.back().is_some_and(|e| e.index + 1 != first) {
-                        self.bytes -= t.pop_back_while(|_| true);
-                    }
-                    for e in entries {
-                        self.bytes += t.push(e);
-                    }
-                }
-                LogOp::Compact { group, index } => {
-                    if let Some(t) = self.groups.get_mut(&group) {
-                        self.bytes -= t.pop_front_while(|e| e.index <= index);
-                    }
-                }
-                LogOp::Snapshot { group, .. } | LogOp::Remove { group } => {
-                    if let Some(t) = self.groups.remove(&group) {
-                        self.bytes -= t.bytes;
-                    }
-                }
-                _ => {}
-            }
-        }
-        while self.bytes > self.budget {
-            let Some(t) = self.groups.values_mut().max_by_key(|t| t.bytes) else {
-                break;
-            };
-            if t.entries.is_empty() {
-                break;
-            }
-            // Evict in chunks so that one busy group does not cost a scan per entry.
-            let mut left = (t.entries.len() / 8).max(1);
-            self.bytes -= t.pop_front_while(|_| {
-                let more = left > 0;
-                left = left.saturating_sub(1);
-                more
-            });
-        }
-        self.groups.retain(|_, t| !t.entries.is_empty());
     }
 }
 
@@ -616,121 +493,5 @@ impl LogStore for RocksLogStore {
 
     fn sync(&self) -> Result<(), StoreError> {
         self.db.flush_wal(true).map_err(backend)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(index: u64, term: u64, len: usize) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = vec![index as u8; len].into();
-        e
-    }
-
-    fn append(g: u64, entries: Vec<Entry>) -> LogBatch {
-        LogBatch {
-            ops: vec![LogOp::Append {
-                group: GroupId(g),
-                entries,
-            }],
-        }
-    }
-
-    #[test]
-    fn entry_cache_follows_appends_truncation_and_compaction() {
-        let mut c = EntryCache::new(1 << 20);
-        let g = GroupId(1);
-        c.apply(append(1, (1..=10).map(|i| entry(i, 1, 100)).collect()));
-        assert_eq!(c.get(g, 3, 6, u64::MAX).unwrap().len(), 3);
-        // max_bytes stops early but returns at least one entry.
-        assert_eq!(c.get(g, 3, 6, 1).unwrap().len(), 1);
-        // A new leader's entries replace 8.. and the cache ends at the new last index.
-        c.apply(append(1, vec![entry(8, 2, 100)]));
-        assert!(c.get(g, 8, 10, u64::MAX).is_none(), "9 is gone");
-        let got = c.get(g, 7, 9, u64::MAX).unwrap();
-        assert_eq!((got[1].index, got[1].term), (8, 2));
-        c.apply(LogBatch {
-            ops: vec![LogOp::Compact { group: g, index: 5 }],
-        });
-        assert!(c.get(g, 5, 6, u64::MAX).is_none());
-        assert_eq!(c.get(g, 6, 9, u64::MAX).unwrap().len(), 3);
-        assert_eq!(
-            c.bytes,
-            3 * roamdisk_core::logstore::entry_bytes(&entry(1, 1, 100))
-        );
-        c.apply(LogBatch {
-            ops: vec![LogOp::Remove { group: g }],
-        });
-        assert_eq!(c.bytes, 0);
-        assert!(c.get(g, 6, 7, u64::MAX).is_none());
-    }
-
-    #[test]
-    fn entry_cache_stays_within_its_budget() {
-        let per = roamdisk_core::logstore::entry_bytes(&entry(1, 1, 1000));
-        let mut c = EntryCache::new(per * 50);
-        for i in 1..=200 {
-            c.apply(append(1 + i % 3, vec![entry(i / 3 + 1, 1, 1000)]));
-            assert!(c.bytes <= per * 50, "{} bytes after {i}", c.bytes);
-            assert_eq!(c.groups.values().map(|t| t.bytes).sum::<u64>(), c.bytes);
-        }
-        // The newest entries of every group are still there.
-        for g in 1..=3 {
-            let q = &c.groups[&GroupId(g)].entries;
-            assert!(q.len() >= 10, "group {g} kept {}", q.len());
-        }
-    }
-
-    #[test]
-    fn entry_cache_evicts_from_the_group_with_the_most_bytes() {
-        let small = roamdisk_core::logstore::entry_bytes(&entry(1, 1, 100));
-        let big = roamdisk_core::logstore::entry_bytes(&entry(1, 1, 10_000));
-        let mut c = EntryCache::new(40 * small + 4 * big);
-        c.apply(append(1, (1..=40).map(|i| entry(i, 1, 100)).collect()));
-        c.apply(append(2, (1..=5).map(|i| entry(i, 1, 10_000)).collect()));
-        // Over budget by one big entry: the group of big entries pays, not the one with
-        // more (but smaller) entries.
-        assert_eq!(c.groups[&GroupId(1)].entries.len(), 40);
-        assert_eq!(c.groups[&GroupId(2)].entries.front().unwrap().index, 2);
-        assert_eq!(c.bytes, 40 * small + 4 * big);
-    }
-
-    #[test]
-    fn entries_read_from_the_cache_equal_entries_read_from_rocksdb() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
-        let g = GroupId(3);
-        let written: Vec<Entry> = (1..=20).map(|i| entry(i, 1, 3000)).collect();
-        let from_cache = {
-            let s = RocksLogStore::open(&path).unwrap();
-            let mut b = LogBatch::default();
-            b.push(LogOp::Create {
-                group: g,
-                state: GroupState::default(),
-            });
-            s.write(b).unwrap();
-            s.write(append(3, written.clone())).unwrap();
-            s.sync().unwrap();
-            assert!(s.entries.lock().unwrap().get(g, 1, 21, u64::MAX).is_some());
-            s.entries(g, 2, 21, 10_000).unwrap()
-        };
-        // Reopened: the cache is empty, so the same call reads RocksDB.
-        let s = RocksLogStore::open(&path).unwrap();
-        assert!(s.entries.lock().unwrap().get(g, 2, 21, u64::MAX).is_none());
-        let from_db = s.entries(g, 2, 21, 10_000).unwrap();
-        assert_eq!(from_cache, from_db);
-        assert_eq!(from_cache.len(), 3, "max_bytes applies the same way");
-        assert_eq!(s.entries(g, 1, 21, u64::MAX).unwrap(), written);
-    }
-
-    #[test]
-    fn rocks_store_passes_conformance() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
-        roamdisk_core::logstore::conformance(|| RocksLogStore::open(&path).unwrap());
     }
 }
