@@ -157,9 +157,9 @@ pub struct GroupRecord {
     flushes: Vec<(Micros, Micros)>,
     /// Acks before this one were checked durable by a flush.
     flushed_upto: usize,
-    /// When a node ended its quarantine because at least half of the voters were
-    /// quarantined (rebooted) at once.
-    quarantine_majority: Vec<Micros>,
+    /// When a node ended its quarantine without hearing a leader (half of the voters
+    /// quarantined, or it timed out).
+    quarantine_ended_early: Vec<Micros>,
     reads: Vec<Read>,
 }
 
@@ -183,10 +183,10 @@ impl GroupRecord {
 }
 
 /// When a write answered early became losable: a voter lost power after its answer (it
-/// may have forgotten the write), and at least half of the voters were rebooted at once
-/// (a quarantine ended by that rule after the answer: the others could not elect a leader
-/// without their votes), or lost power after the answer. Never for a write answered at
-/// commit.
+/// may have forgotten the write), and either at least half of the voters lost power
+/// after the answer, or a quarantine ended without a leader heard after it (half of the
+/// voters were quarantined, or it timed out: the contract for writes no flush covered).
+/// Never for a write answered at commit.
 fn losable_at(rec: &GroupRecord, a: &Ack, power_losses: &[(Micros, NodeId)]) -> Option<Micros> {
     if !a.early {
         return None;
@@ -209,7 +209,7 @@ fn losable_at(rec: &GroupRecord, a: &Ack, power_losses: &[(Micros, NodeId)]) -> 
         }
     }
     let quarantine = rec
-        .quarantine_majority
+        .quarantine_ended_early
         .iter()
         .copied()
         .find(|at| *at >= a.acked_at);
@@ -244,7 +244,7 @@ impl Checker {
                 acks: Vec::new(),
                 flushes: Vec::new(),
                 flushed_upto: 0,
-                quarantine_majority: Vec::new(),
+                quarantine_ended_early: Vec::new(),
                 reads: Vec::new(),
             },
         );
@@ -518,10 +518,9 @@ impl Checker {
         Ok(())
     }
 
-    /// A node of `group` ended its quarantine because at least half of the voters were
-    /// quarantined.
-    pub fn observe_quarantine_majority(&mut self, group: GroupId, at: Micros) {
-        self.rec(group).quarantine_majority.push(at);
+    /// A node of `group` ended its quarantine without hearing a leader.
+    pub fn observe_quarantine_end(&mut self, group: GroupId, at: Micros) {
+        self.rec(group).quarantine_ended_early.push(at);
     }
 
     /// A flush issued at `issued_at` succeeded: every write acknowledged before then must

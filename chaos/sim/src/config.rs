@@ -120,22 +120,22 @@ impl SimConfig {
             (SimConfig::power_loss_stress(), Some("--power-stress")),
         ];
         for (mut cfg, preset) in presets {
-            let mut flags: Vec<&str> = preset.into_iter().collect();
+            let mut flags: Vec<String> = preset.into_iter().map(String::from).collect();
             if let Some(bug) = want.core_bug {
                 cfg.core_bug = Some(bug);
                 flags.push(bug_flag(bug));
             }
             if want.lose_synced_data {
                 cfg.lose_synced_data = true;
-                flags.push("--bug lose-synced");
+                flags.push("--bug lose-synced".into());
             }
             if !want.check_durable_quorum {
                 cfg.check_durable_quorum = false;
-                flags.push("--no-quorum-check");
+                flags.push("--no-quorum-check".into());
             }
             if want.allow_removing_leader {
                 cfg.allow_removing_leader = true;
-                flags.push("--allow-removing-leader");
+                flags.push("--allow-removing-leader".into());
             }
             if cfg == want {
                 return if flags.is_empty() {
@@ -199,30 +199,14 @@ impl SimConfig {
 }
 
 /// The `roamdisk-sim` flag that turns `bug` on.
-pub fn bug_flag(bug: CoreBug) -> &'static str {
-    match bug {
-        CoreBug::AckBeforeSync => "--bug ack-before-sync",
-        CoreBug::EarlyAckOnLeaderWrite => "--bug early-ack-alone",
-        CoreBug::FlushBeforeCommit => "--bug flush-early",
-        CoreBug::AcceptStaleCatchUp => "--bug stale-copy",
-        CoreBug::TrustLogAfterFailedSync => "--bug trust-log",
-        CoreBug::NoQuarantine => "--bug no-quarantine",
-    }
+pub fn bug_flag(bug: CoreBug) -> String {
+    format!("--bug {}", bug.name())
 }
 
 /// The bug a `--bug NAME` flag names (`lose-synced` is not the core's: see
 /// `SimConfig::lose_synced_data`).
 pub fn bug_named(name: &str) -> Option<CoreBug> {
-    [
-        CoreBug::AckBeforeSync,
-        CoreBug::EarlyAckOnLeaderWrite,
-        CoreBug::FlushBeforeCommit,
-        CoreBug::AcceptStaleCatchUp,
-        CoreBug::TrustLogAfterFailedSync,
-        CoreBug::NoQuarantine,
-    ]
-    .into_iter()
-    .find(|b| bug_flag(*b).strip_prefix("--bug ") == Some(name))
+    CoreBug::named(name)
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -889,10 +889,8 @@ impl Node {
                 }
             }
             Note::Flushed { .. } => {}
-            Note::QuarantineEnded { group, majority } => {
-                if majority {
-                    ctx.checker.observe_quarantine_majority(group, ctx.now);
-                }
+            Note::QuarantineEnded { group, .. } => {
+                ctx.checker.observe_quarantine_end(group, ctx.now);
             }
         }
         Ok(())

@@ -25,7 +25,8 @@ use roamdisk_core::meta::{MetaCommand, NodeInfo};
 use roamdisk_storage_node::config::NodeConfig;
 use roamdisk_storage_node::nbd::NodeCatalog;
 use roamdisk_storage_node::node::{Node, PeerHandler};
-use roamdisk_storage_node::rocks::RocksLogStore;
+use roamdisk_storage_node::rocks::faults::{TEST_FAULTS_ENV, TEST_POWER_LOSS_ENV};
+use roamdisk_storage_node::rocks::{RocksLogStore, TestFaults};
 use roamdisk_storage_node::store::{Event, Store, StoreConfig, EVENT_QUEUE_MAX};
 use roamdisk_storage_node::transport::{ArcOutbox, Transport};
 use tokio_util::sync::CancellationToken;
@@ -132,7 +133,11 @@ fn main() -> Result<()> {
         .build()
         .context("start tokio runtime")?;
 
-    let log = Arc::new(RocksLogStore::open(&cfg.data_dir.join("raft")).context("open raft store")?);
+    let (test_faults, core_bug) = test_faults(&cfg.data_dir)?;
+    let log = Arc::new(
+        RocksLogStore::open_with(&cfg.data_dir.join("raft"), test_faults)
+            .context("open raft store")?,
+    );
     let (events_tx, events_rx) = flume::bounded(EVENT_QUEUE_MAX);
     let shutdown = CancellationToken::new();
     let transport = Transport::new(
@@ -170,6 +175,7 @@ fn main() -> Result<()> {
         rebooted: roamdisk_storage_node::store::restart_kind(&cfg.data_dir)
             .context("read and record the boot id")?,
         digests: Arc::clone(&digests),
+        core_bug,
     };
     if store_cfg.rebooted {
         warn!(
@@ -519,4 +525,38 @@ async fn catch_up_loop(
             _ = shutdown.cancelled() => return,
         }
     }
+}
+
+/// Test faults from the environment: the emulated page cache of the log store
+/// (`ROAMDISK_TEST_FAULTS=1`, `ROAMDISK_TEST_POWER_LOSS=1`; see `rocks::faults`) and a
+/// deliberately broken core rule for a negative control (`ROAMDISK_CORE_BUG=NAME`),
+/// which is refused unless test faults are on.
+fn test_faults(
+    data_dir: &std::path::Path,
+) -> anyhow::Result<(Option<TestFaults>, Option<roamdisk_core::node::CoreBug>)> {
+    let on = |name: &str| std::env::var(name).is_ok_and(|v| v == "1");
+    let faults = on(TEST_FAULTS_ENV).then(|| TestFaults {
+        dir: data_dir.to_owned(),
+        power_loss: on(TEST_POWER_LOSS_ENV),
+    });
+    let bug = match std::env::var("ROAMDISK_CORE_BUG") {
+        Ok(name) => {
+            anyhow::ensure!(
+                faults.is_some(),
+                "ROAMDISK_CORE_BUG is a test's negative control: it needs {TEST_FAULTS_ENV}=1"
+            );
+            let bug = roamdisk_core::node::CoreBug::named(&name)
+                .with_context(|| format!("ROAMDISK_CORE_BUG: no core bug named {name:?}"))?;
+            warn!(
+                bug = name,
+                "running with a deliberately broken core rule (negative control)"
+            );
+            Some(bug)
+        }
+        Err(_) => None,
+    };
+    if faults.is_some() {
+        warn!("test faults on: the log store emulates failed fsyncs and power losses");
+    }
+    Ok((faults, bug))
 }

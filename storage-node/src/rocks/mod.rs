@@ -29,6 +29,7 @@ use rocksdb::{Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 
 mod cache;
+pub mod faults;
 #[cfg(test)]
 mod tests;
 
@@ -157,11 +158,26 @@ pub struct RocksLogStore {
     cache: RwLock<HashMap<GroupId, Cached>>,
     /// Locked after `cache` (in `write`, and in `entries`), never before it.
     entries: Mutex<EntryCache>,
+    /// The emulated page-cache faults of a test node (`faults`); locked last.
+    faults: Option<Mutex<faults::Faults>>,
+}
+
+/// Page-cache faults to emulate (tests only; see [`faults`]).
+pub struct TestFaults {
+    /// Where the fault files live (the node's data directory).
+    pub dir: std::path::PathBuf,
+    /// Drop, before opening, what the previous run had not made durable.
+    pub power_loss: bool,
 }
 
 impl RocksLogStore {
     /// Opens (creating if needed) the store in `dir`.
     pub fn open(dir: &Path) -> Result<RocksLogStore, StoreError> {
+        Self::open_with(dir, None)
+    }
+
+    /// Opens the store, emulating page-cache faults with `test` (see [`faults`]).
+    pub fn open_with(dir: &Path, test: Option<TestFaults>) -> Result<RocksLogStore, StoreError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         // Raft logs are written once and deleted soon: keep compaction cheap.
@@ -172,13 +188,54 @@ impl RocksLogStore {
         opts.set_max_write_buffer_number(4);
         opts.set_recycle_log_file_num(4);
         let db = DB::open(&opts, dir).map_err(backend)?;
+        let faults = match test {
+            Some(t) => {
+                let mut f = faults::Faults::load(&t.dir)?;
+                if t.power_loss {
+                    Self::lose_power(&db, &mut f)?;
+                }
+                Some(Mutex::new(f))
+            }
+            None => None,
+        };
         let store = RocksLogStore {
             db,
             cache: RwLock::new(HashMap::new()),
             entries: Mutex::new(EntryCache::new(ENTRY_CACHE_BYTES)),
+            faults,
         };
         store.load_cache()?;
         Ok(store)
+    }
+
+    /// The emulated power loss: every group's log is cut at its first entry that was not
+    /// on disk (the rest of the store, synced, stays as it was).
+    fn lose_power(db: &DB, f: &mut faults::Faults) -> Result<(), StoreError> {
+        let cut = f.state().cut_points();
+        let mut last = std::collections::BTreeMap::new();
+        let mut wb = WriteBatch::default();
+        for (g, from) in faults::cut_groups(&cut) {
+            for item in db.iterator(IteratorMode::From(&entry_key(g, from), Direction::Forward)) {
+                let (k, _) = item.map_err(backend)?;
+                if !k.starts_with(&entry_prefix(g)) {
+                    break;
+                }
+                let index = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
+                last.insert(g.0, index);
+            }
+            wb.delete_range(entry_key(g, from), entry_key(g, u64::MAX));
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        db.write_opt(wb, &wo).map_err(backend)?;
+        f.power_lost(&cut, &last)
+    }
+
+    /// The emulated page cache's state (a test node only).
+    pub fn fault_state(&self) -> Option<faults::FaultState> {
+        self.faults
+            .as_ref()
+            .map(|f| f.lock().unwrap().state().clone())
     }
 
     fn load_cache(&self) -> Result<(), StoreError> {
@@ -477,6 +534,9 @@ impl LogStore for RocksLogStore {
         let mut wo = WriteOptions::default();
         wo.set_sync(false);
         self.db.write_opt(wb, &wo).map_err(backend)?;
+        if let Some(f) = &self.faults {
+            f.lock().unwrap().written(&batch);
+        }
         self.entries.lock().unwrap().apply(batch);
         for (g, c) in touched {
             match c {
@@ -492,6 +552,15 @@ impl LogStore for RocksLogStore {
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        self.db.flush_wal(true).map_err(backend)
+        let Some(faults) = &self.faults else {
+            return self.db.flush_wal(true).map_err(backend);
+        };
+        let covered = {
+            let mut f = faults.lock().unwrap();
+            f.before_sync()?;
+            f.state().unsynced.clone()
+        };
+        self.db.flush_wal(true).map_err(backend)?;
+        faults.lock().unwrap().synced(&covered)
     }
 }

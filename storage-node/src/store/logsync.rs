@@ -55,3 +55,6 @@ impl<S: LogStore> Drop for LogSyncer<S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -24,6 +24,8 @@ mod logsync;
 mod replies;
 pub mod scrub;
 pub mod syncer;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -193,6 +195,8 @@ pub struct StoreConfig {
     pub rebooted: bool,
     /// Where the digests of verify markers go (`crate::verify`).
     pub digests: crate::volume::verify::Digests,
+    /// A deliberately broken core rule: a test's negative control only.
+    pub core_bug: Option<roamdisk_core::node::CoreBug>,
 }
 
 /// Marker of a clean shutdown: written and synced as the store stops, removed as it
@@ -210,6 +214,11 @@ pub fn restart_kind(data_dir: &std::path::Path) -> std::io::Result<bool> {
     let boot = std::env::var("ROAMDISK_BOOT_ID").or_else(|_| {
         std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_owned())
     })?;
+    restart_kind_in_boot(data_dir, &boot)
+}
+
+/// [`restart_kind`] in boot `boot`, with `data_dir` created.
+fn restart_kind_in_boot(data_dir: &std::path::Path, boot: &str) -> std::io::Result<bool> {
     let clean = data_dir.join(CLEAN_SHUTDOWN_FILE);
     let was_clean = clean.exists();
     let last_boot = std::fs::read_to_string(data_dir.join(BOOT_ID_FILE)).ok();
@@ -289,6 +298,8 @@ impl<S: LogStore> Store<S> {
         ncfg.initial_meta_voters
             .clone_from(&cfg.initial_meta_voters);
         ncfg.joining = cfg.joining;
+        ncfg.rebooted = cfg.rebooted;
+        ncfg.bug = cfg.core_bug;
         // Elections stay randomized across nodes and restarts.
         ncfg.election_seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

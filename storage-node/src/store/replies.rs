@@ -51,3 +51,6 @@ impl Replies {
         self.waiting.len()
     }
 }
+
+#[cfg(test)]
+mod tests;

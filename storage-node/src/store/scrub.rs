@@ -142,3 +142,6 @@ impl Drop for Scrubber {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -93,3 +93,6 @@ impl Syncer {
         Some(r)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -50,6 +50,8 @@ impl NodeProc {
 
 pub struct Cluster {
     pub nodes: Vec<NodeProc>,
+    /// Environment of every node process (test faults, a negative control).
+    pub env: Vec<(String, String)>,
     _dir: tempfile::TempDir,
 }
 
@@ -82,6 +84,11 @@ impl Cluster {
     /// Starts nodes in several sites (`(site, nodes)`, ids numbered in order) and waits
     /// until they serve.
     pub fn start_sites(sites: &[(&str, usize)]) -> Cluster {
+        Cluster::start_with_env(sites, &[])
+    }
+
+    /// As [`Cluster::start_sites`], every node with `env` added to its environment.
+    pub fn start_with_env(sites: &[(&str, usize)], env: &[(&str, &str)]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let site_of: Vec<&str> = sites
             .iter()
@@ -104,7 +111,15 @@ impl Cluster {
                 &format!("initial_cluster = {initial:?}"),
             ));
         }
-        let mut c = Cluster { nodes, _dir: dir };
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut c = Cluster {
+            nodes,
+            env,
+            _dir: dir,
+        };
         for id in 1..=n as u64 {
             c.spawn(id);
         }
@@ -116,6 +131,14 @@ impl Cluster {
     }
 
     fn spawn(&mut self, id: u64) {
+        if let Err(e) = self.try_spawn(id, &[]) {
+            panic!("{e}");
+        }
+    }
+
+    /// Starts node `id` with `extra` in its environment; the error names what it said if
+    /// it did not start.
+    pub fn try_spawn(&mut self, id: u64, extra: &[(&str, &str)]) -> Result<(), String> {
         let node = &mut self.nodes[id as usize - 1];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -126,6 +149,8 @@ impl Cluster {
             .arg("--config")
             .arg(&node.config)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(extra.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -134,12 +159,22 @@ impl Cluster {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        assert!(
-            line.contains("ready"),
-            "node {id} did not start: {line:?} (see {}/node.log)",
-            node.data_dir.display()
-        );
+        if !line.contains("ready") {
+            let status = child.wait().unwrap();
+            let log = std::fs::read_to_string(node.data_dir.join("node.log")).unwrap_or_default();
+            let said: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    l.starts_with("Error:") || l.contains("panicked at") || l.contains("ERROR")
+                })
+                .collect();
+            return Err(format!(
+                "node {id} did not start ({status}): {said:?} (see {}/node.log)",
+                node.data_dir.display()
+            ));
+        }
         node.child = Some(child);
+        Ok(())
     }
 
     /// Starts one more node, at `site`, that joins the running cluster through node 1's

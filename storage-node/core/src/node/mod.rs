@@ -63,8 +63,8 @@ use crate::time::Time;
 use crate::written::WrittenTracker;
 
 pub use api::{
-    Ack, Answer, CheckpointPlan, Effect, GroupStatus, Note, Outcome, PeerStatus, QuarantineReport,
-    Refused, ReqId, Role, SyncWanted, Written,
+    Ack, Answer, CheckpointPlan, Effect, GroupStatus, Note, Outcome, PeerStatus, QuarantineEnd,
+    QuarantineReport, Refused, ReqId, Role, SyncWanted, Written,
 };
 use group::{GroupCore, Kind, Out, Policy};
 pub use recovery::{synced_key, QUARANTINE_REPORT_FRESH};
@@ -80,6 +80,11 @@ pub const READ_INDEX_TIMEOUT: Duration = Duration::from_millis(2000);
 /// beyond it, writes are answered at commit. Bounds what a power loss of a quorum could
 /// take of acknowledged, unflushed writes, and the entries held for it.
 pub const EARLY_ACK_BYTES_MAX: u64 = 16 << 20;
+/// Longest a rebooted voter stays quarantined without hearing a leader (see `recovery`).
+/// Long enough for a voter that merely restarts, or a short partition, to come back;
+/// short enough that a voter gone for good (a lost disk) stops the group for seconds,
+/// not until an operator steps in.
+pub const QUARANTINE_MAX: Duration = Duration::from_secs(15);
 /// Longest a proposal is held while its leader transfers leadership.
 pub const HELD_PROPOSAL_MAX: Duration = Duration::from_millis(1000);
 /// Entries kept in a group's log behind the durable applied index, so that a briefly
@@ -104,7 +109,8 @@ pub fn recovering_key(group: GroupId) -> Vec<u8> {
 }
 
 /// A deliberately broken rule, for the simulation's negative controls: each must be
-/// caught by an invariant. Never set on a storage node.
+/// caught by an invariant. Set on a storage node only by a test's negative control
+/// (`ROAMDISK_CORE_BUG`, which the node refuses unless test faults are on).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CoreBug {
     /// Send votes and append responses when their batch is written, before its sync.
@@ -122,6 +128,34 @@ pub enum CoreBug {
     /// Vote at once after a reboot without a clean shutdown, having forgotten entries
     /// reported as written to the leader.
     NoQuarantine,
+}
+
+impl CoreBug {
+    pub const ALL: [CoreBug; 6] = [
+        CoreBug::AckBeforeSync,
+        CoreBug::EarlyAckOnLeaderWrite,
+        CoreBug::FlushBeforeCommit,
+        CoreBug::AcceptStaleCatchUp,
+        CoreBug::TrustLogAfterFailedSync,
+        CoreBug::NoQuarantine,
+    ];
+
+    /// The bug's name, as `roamdisk-sim --bug NAME` and a test node's
+    /// `ROAMDISK_CORE_BUG` take it.
+    pub fn name(self) -> &'static str {
+        match self {
+            CoreBug::AckBeforeSync => "ack-before-sync",
+            CoreBug::EarlyAckOnLeaderWrite => "early-ack-alone",
+            CoreBug::FlushBeforeCommit => "flush-early",
+            CoreBug::AcceptStaleCatchUp => "stale-copy",
+            CoreBug::TrustLogAfterFailedSync => "trust-log",
+            CoreBug::NoQuarantine => "no-quarantine",
+        }
+    }
+
+    pub fn named(name: &str) -> Option<CoreBug> {
+        CoreBug::ALL.into_iter().find(|b| b.name() == name)
+    }
 }
 
 #[derive(Clone)]
@@ -147,6 +181,8 @@ pub struct NodeConfig {
     /// (a power loss): entries written and not synced may be forgotten, so each group
     /// this node votes in starts quarantined (see `recovery`).
     pub rebooted: bool,
+    /// Longest a quarantine lasts without a leader heard.
+    pub quarantine_max: Duration,
     /// Emit [`Effect::Note`]s for a checker.
     pub observe: bool,
     pub bug: Option<CoreBug>,
@@ -165,6 +201,7 @@ impl NodeConfig {
             retained_log_entries: RETAINED_LOG_ENTRIES,
             retained_log_bytes: RETAINED_LOG_BYTES,
             rebooted: false,
+            quarantine_max: QUARANTINE_MAX,
             observe: false,
             bug: None,
             logger,
@@ -277,8 +314,12 @@ impl<S: LogStore> NodeCore<S> {
                 && (voters.contains(&me) || outgoing.contains(&me))
             {
                 tracing::warn!(group = %g, "rebooted without a clean shutdown: quarantined \
-                    (no votes) until a leader is heard or a majority of voters is quarantined");
-                group.quarantine = Some(recovery::Quarantine::default());
+                    (no votes) until a leader is heard, half of the voters are quarantined, \
+                    or {:?} pass", core.cfg.quarantine_max);
+                group.quarantine = Some(recovery::Quarantine {
+                    since: now,
+                    ..Default::default()
+                });
             }
         }
         core.effects.push(Effect::ClusterChanged);
@@ -631,10 +672,11 @@ impl<S: LogStore> NodeCore<S> {
             bug: self.cfg.bug,
         };
         let me = self.cfg.me;
+        let quarantine_max = self.cfg.quarantine_max;
         for g in self.groups.values_mut() {
             if g.quarantine.is_some() {
                 // No campaign while quarantined (raft-rs would start one on its timeout).
-                Self::quarantine_tick(me, g, now, observe, out.effects);
+                Self::quarantine_tick(me, g, now, quarantine_max, observe, out.effects);
                 continue;
             }
             let before = observe.then(|| ready::commit_view(g));

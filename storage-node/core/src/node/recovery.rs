@@ -50,7 +50,7 @@ use crate::ids::{GroupId, LogIndex, NodeId};
 use crate::logstore::{LogBatch, LogOp, LogStore};
 use crate::time::Time;
 
-use super::api::{Effect, Note, QuarantineReport};
+use super::api::{Effect, Note, QuarantineEnd, QuarantineReport};
 use super::group::GroupCore;
 use super::{CoreError, NodeCore};
 
@@ -71,6 +71,8 @@ pub fn synced_key(group: GroupId) -> Vec<u8> {
 /// applied, and count against a stale one).
 #[derive(Debug, Default)]
 pub(crate) struct Quarantine {
+    /// When it began (the store's open).
+    pub since: Time,
     pub peers: BTreeMap<NodeId, Time>,
     pub conf: Option<(u64, Vec<NodeId>, Vec<NodeId>)>,
 }
@@ -203,12 +205,14 @@ impl<S: LogStore> NodeCore<S> {
     }
 
     /// Each tick of a quarantined group: tell the other voters, and end the quarantine
-    /// once the voters that are not quarantined cannot elect a leader by themselves: at
-    /// least half of the voters (of either configuration while joint) are quarantined.
+    /// once the voters that are not quarantined cannot elect a leader by themselves (at
+    /// least half of the voters, of either configuration while joint, are quarantined),
+    /// or once it has lasted `max` without a leader heard.
     pub(super) fn quarantine_tick(
         me: NodeId,
         g: &mut GroupCore<S>,
         now: Time,
+        max: Duration,
         observe: bool,
         effects: &mut Vec<Effect>,
     ) {
@@ -228,15 +232,26 @@ impl<S: LogStore> NodeCore<S> {
                     * 2
                     >= set.len()
         };
-        if majority(&voters) || majority(&outgoing) {
+        let why = if majority(&voters) || majority(&outgoing) {
             tracing::warn!(group = %g.raft.id,
                 "quarantine ends: at least half of the voters rebooted without a clean \
                  shutdown (writes only they had written and not synced may be lost)");
+            Some(QuarantineEnd::HalfQuarantined)
+        } else if now.saturating_duration_since(q.since) >= max {
+            tracing::warn!(group = %g.raft.id, after = ?max,
+                "quarantine ends: no leader heard (writes answered before the reboot and \
+                 not flushed, that only this node and unreachable voters had written, may \
+                 be lost)");
+            Some(QuarantineEnd::TimedOut)
+        } else {
+            None
+        };
+        if let Some(why) = why {
             g.quarantine = None;
             if observe {
                 effects.push(Effect::Note(Note::QuarantineEnded {
                     group: g.raft.id,
-                    majority: true,
+                    why,
                 }));
             }
             return;

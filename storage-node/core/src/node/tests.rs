@@ -710,6 +710,26 @@ fn a_rebooted_voter_does_not_help_elect_a_leader_without_writes_it_forgot() {
     }
 }
 
+/// A voter gone for good (its disk lost) must not stop the group forever: without a
+/// leader heard for `QUARANTINE_MAX`, the rebooted voter ends its quarantine and the two
+/// that remain elect a leader.
+#[test]
+fn a_quarantine_ends_after_quarantine_max_without_a_leader() {
+    let mut h = Harness::new(3, None);
+    let l = h.elect();
+    let b = (1..=3).find(|n| *n != l).unwrap();
+    h.crash_restart(b, true);
+    assert!(h.node(b).core.quarantined(G));
+    h.cut.insert(NodeId(l));
+    h.advance(QUARANTINE_MAX / 2);
+    assert_eq!(h.leader(), None, "no leader while b is quarantined");
+    assert!(h.node(b).core.quarantined(G));
+    h.advance(QUARANTINE_MAX);
+    assert!(!h.node(b).core.quarantined(G), "the quarantine timed out");
+    let leader = h.leader().expect("b and the third voter elect a leader");
+    assert_ne!(leader, l);
+}
+
 /// Quarantine ends by itself when at least half of the voters rebooted: the others could
 /// never elect a leader without them (a whole site's power loss).
 #[test]
