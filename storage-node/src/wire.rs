@@ -21,10 +21,11 @@ use roamdisk_core::node::{
 /// `RaftRefs` and `DedupMiss`, Raft appends with blocks sent by reference, see
 /// [`crate::dedup`]; 4 — `Written`, the acknowledgement mode of a forwarded `Propose`, and
 /// `Flush`; 5 — `SyncWanted`; 6 — `Quarantine`, a rebooted node's quarantine after an
-/// unclean shutdown, and the `VerifyDigests` and `Repair` requests of `volume verify`.
+/// unclean shutdown, and the `VerifyDigests` and `Repair` requests of `volume verify`;
+/// 7 — a leader's `Quarantine` answer carries its log's end (`LeaderLog`).
 /// See [`crate::link`] for records. A frame above [`FRAME_MAX_BYTES`] ends the
 /// connection. A connection starts with `Hello` from the dialer.
-pub const PEER_PROTOCOL_VERSION: u16 = 6;
+pub const PEER_PROTOCOL_VERSION: u16 = 7;
 /// Largest frame: a 32 MiB write plus headers.
 pub const FRAME_MAX_BYTES: usize = codec::DECODE_LIMIT_BYTES;
 /// Requests and reads carrying more than this many bytes go on the bulk lane.

@@ -6,7 +6,9 @@
 //! The quarantine after a reboot has its negative control in the core's own
 //! deterministic test (`a_rebooted_voter_does_not_help_elect_a_leader_without_writes_it_forgot`):
 //! the schedule it needs (a power loss of the one follower that wrote an answered write,
-//! while the leader is cut off) is too rare for random seeds to meet in a test's time.
+//! while the leader is cut off) is too rare for random seeds to meet in a test's time;
+//! so has the rule that a follower reports writes only in a synced term
+//! (`a_follower_reports_writes_only_in_a_term_it_has_synced`).
 
 use roamdisk_sim::{run_seed, CoreBug, Invariant, SimConfig};
 
@@ -157,4 +159,19 @@ fn losing_synced_data_on_power_loss_is_caught() {
             Invariant::GenerationMonotone,
         ],
     );
+}
+
+/// A quarantine that ended on the leader's first heartbeat, before the rebooted voter's
+/// log held the write it had forgotten: the leader died, and the rebooted voter helped
+/// elect one without the write. The seed sweep found it (seed 1624, 1 of 2,000); the
+/// shipped rule waits until the voter's synced log holds the leader's log end.
+#[test]
+fn ending_a_quarantine_on_the_leaders_first_message_is_caught_by_seed_1624() {
+    let broken = SimConfig {
+        core_bug: Some(CoreBug::QuarantineEndsOnLeaderHeard),
+        ..SimConfig::default()
+    };
+    let f = run_seed(1624, &broken).expect_err("the old rule loses a write at seed 1624");
+    assert_caught_by(&f, &[Invariant::AcknowledgedWriteKept]);
+    run_seed(1624, &SimConfig::default()).expect("the shipped rule keeps it");
 }

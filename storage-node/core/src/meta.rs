@@ -198,6 +198,10 @@ pub enum MetaError {
     NotMoving { name: String, to: String },
     #[error("volume {name:?} already lives in site {site:?}")]
     AlreadyHome { name: String, site: String },
+    /// Applied, the command would break an invariant of the metadata (a bug in `apply`):
+    /// every replica refuses it alike and keeps the state it had.
+    #[error("refused: the command would leave the cluster metadata invalid ({0})")]
+    WouldBreakInvariant(String),
 }
 
 /// Result of applying one command.

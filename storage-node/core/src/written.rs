@@ -49,6 +49,12 @@ impl WrittenTracker {
         *w = (*w).max(index.0);
     }
 
+    /// Forgets what `from` reported: it lost its log since (it rejected an append of
+    /// this term, or rebooted and is quarantined). Its next reports count again.
+    pub fn forget(&mut self, from: NodeId) {
+        self.peers.remove(&from);
+    }
+
     /// The highest index written on a majority of `voters` and, while a membership change
     /// is joint, of `outgoing` too. `matched` is Raft's match index (synced, so written).
     pub fn quorum(
@@ -117,6 +123,28 @@ mod tests {
         assert_eq!(
             t.quorum(term, NodeId(1), &ids(&[1, 2, 3]), &[], |_| 0),
             LogIndex(7)
+        );
+    }
+
+    #[test]
+    fn a_forgotten_report_no_longer_counts() {
+        let mut t = WrittenTracker::default();
+        let term = Term(4);
+        t.own_written(term, LogIndex(30));
+        t.peer_written(term, NodeId(2), LogIndex(30));
+        assert_eq!(
+            t.quorum(term, NodeId(1), &ids(&[1, 2, 3]), &[], |_| 10),
+            LogIndex(30)
+        );
+        t.forget(NodeId(2));
+        assert_eq!(
+            t.quorum(term, NodeId(1), &ids(&[1, 2, 3]), &[], |_| 10),
+            LogIndex(10)
+        );
+        t.peer_written(term, NodeId(2), LogIndex(12));
+        assert_eq!(
+            t.quorum(term, NodeId(1), &ids(&[1, 2, 3]), &[], |_| 10),
+            LogIndex(12)
         );
     }
 

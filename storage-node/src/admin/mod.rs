@@ -71,6 +71,7 @@ impl From<MetaError> for ApiError {
             MetaError::MoveInProgress { .. } | MetaError::AlreadyHome { .. } => {
                 StatusCode::CONFLICT
             }
+            MetaError::WouldBreakInvariant(_) => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
         };
         ApiError(code, e.to_string())

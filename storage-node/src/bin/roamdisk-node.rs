@@ -496,17 +496,21 @@ async fn catch_up_loop(
                 match node.catch_up(volume, from, current).await {
                     Ok(()) => {
                         // Stay listed as running until the store took the copy (its point
-                        // leaves the view): a second copy for the same point could write
-                        // a block after the replay had applied a newer entry to it.
+                        // leaves the view, or changes: the core refuses a copy made for
+                        // another point): a second copy for the same point could write a
+                        // block after the replay had applied a newer entry to it. So no
+                        // timeout here; the store drops the view when it stops.
                         let mut view = view.clone();
-                        let taken = async {
-                            while current() {
-                                if view.changed().await.is_err() {
-                                    return;
+                        while current() {
+                            tokio::select! {
+                                r = view.changed() => if r.is_err() { break },
+                                _ = tokio::time::sleep(Duration::from_secs(30)) => {
+                                    warn!(%volume, from = from.0,
+                                        "block copy done 30 s ago; still waiting for the \
+                                         store to take it")
                                 }
                             }
-                        };
-                        let _ = tokio::time::timeout(Duration::from_secs(30), taken).await;
+                        }
                     }
                     Err(e @ roamdisk_storage_node::node::NodeError::Superseded { .. }) => {
                         info!(%volume, "{e}; copying again")

@@ -7,8 +7,10 @@
 //!   sync that succeeded stay readable, are never written by a later sync, and a power
 //!   loss drops them, unless they are written again (new dirty pages) and synced;
 //! - a **power loss** drops them: at the next open, each group's log is cut at its first
-//!   such entry (later entries behind a hole would be unreadable anyway). Whatever else
-//!   was synced stays, the group's hard state included, as on a real disk.
+//!   such entry (later entries behind a hole would be unreadable anyway). Only entries
+//!   are modelled: every other record (hard state, synced marks, quarantine records)
+//!   survives as written, which a real disk need not do; the core's tests over
+//!   `MemLogStore` and the simulation cover those.
 //!
 //! Off unless the node runs with `ROAMDISK_TEST_FAULTS=1`. Then the data directory
 //! holds `fail-next-log-sync` (written by a test: the next sync that covers an unsynced

@@ -215,6 +215,19 @@ pub struct QuarantineReport {
     pub conf_index: u64,
     pub voters: Vec<u64>,
     pub outgoing: Vec<u64>,
+    /// Sent by the group's leader: its log's end (see [`LeaderLog`]).
+    pub leader_log: Option<LeaderLog>,
+}
+
+/// A leader's log end, as it tells a quarantined voter: that voter ends its quarantine
+/// once its own synced log holds this entry (see `recovery`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderLog {
+    /// The leader's term.
+    pub term: u64,
+    /// Its last entry's index and term.
+    pub last: u64,
+    pub last_term: u64,
 }
 
 /// A replica's role in its group.

@@ -100,8 +100,8 @@ pub(crate) struct GroupCore<S: LogStore> {
     pub flushes: Vec<(u64, Time, ReqId)>,
     /// Reads waiting for their ReadState, by request context, with when they started.
     pub reads_waiting_index: BTreeMap<u64, (Time, ReqId)>,
-    /// Reads waiting for apply to reach an index.
-    pub reads_waiting_apply: Vec<(u64, ReqId)>,
+    /// Reads waiting for apply to reach an index, with when they started.
+    pub reads_waiting_apply: Vec<(u64, Time, ReqId)>,
     /// Applied command entries still in the log: (index, bytes), oldest first.
     pub retained: VecDeque<(u64, u64)>,
     pub retained_bytes: u64,
@@ -121,8 +121,9 @@ pub(crate) struct GroupCore<S: LogStore> {
     /// Replication policy of the volume, refreshed from the cluster metadata.
     pub policy: Policy,
     /// durability=site: applied writes whose acknowledgement waits until a replica at
-    /// another site has their entry, oldest first. Bounded by `PENDING_PROPOSALS_MAX`
-    /// (they come from `proposals`).
+    /// another site has their entry, oldest first. Bounded with `proposals` and `held`
+    /// by `PENDING_PROPOSALS_MAX` (a new proposal is refused `Busy` past it): while no
+    /// other site is reachable they wait, as the durability the volume asked for says.
     pub site_waiting: VecDeque<(u64, ReqId)>,
     /// Answers to metadata proposals, sent once the new cluster state is published, so
     /// that a caller reading this node's view right after sees its own change.
@@ -137,8 +138,17 @@ pub(crate) struct GroupCore<S: LogStore> {
     /// log store (`recovery`).
     pub synced_to: u64,
     pub mark_written: u64,
+    /// Highest term of a hard state a finished sync covered. A follower reports entries
+    /// written (`Written`) only in a term it has synced: a power loss cannot then take
+    /// the term of a report it sent, so the term its store opens with is at least that of
+    /// every report it sent, and a leader of that term (or later) ends its quarantine
+    /// safely (`recovery`).
+    pub term_synced: u64,
     /// Set after a reboot without a clean shutdown, while this node may not vote.
     pub quarantine: Option<super::recovery::Quarantine>,
+    /// The quarantine's record is in the log store (deleted with the next batch once the
+    /// quarantine ended).
+    pub quarantine_recorded: bool,
     /// When this node last answered each peer's quarantine report (bounded by the
     /// group's membership: only members report).
     pub quarantine_answered: BTreeMap<NodeId, Time>,
@@ -445,25 +455,34 @@ impl<S: LogStore> GroupCore<S> {
             // elsewhere. (Answering them when applied passed their index served zeros
             // that a flushed write had replaced: the chaos smoke drill found it.)
             let group = self.id();
-            for (_, id) in std::mem::take(&mut self.reads_waiting_apply) {
+            for (_, _, id) in std::mem::take(&mut self.reads_waiting_apply) {
                 out.answer(id, Err(Refused::Recovering(group)));
             }
             return;
         }
         let applied = self.raft.applied_index().0;
         let waiting = std::mem::take(&mut self.reads_waiting_apply);
-        for (index, id) in waiting {
+        for (index, started, id) in waiting {
             if index <= applied {
                 out.answer(id, Ok(Outcome::Volume));
             } else {
-                self.reads_waiting_apply.push((index, id));
+                self.reads_waiting_apply.push((index, started, id));
             }
         }
     }
 
-    /// Refuses reads whose read index did not arrive within `expiry` (no leader, a
-    /// partition), so that their callers retry or read elsewhere.
+    /// Refuses reads whose read index did not arrive, or was not applied, within
+    /// `expiry` of their start (no leader, a partition, a replica cut off after its read
+    /// index came), so that their callers retry or read elsewhere.
     pub fn expire_reads(&mut self, now: Time, expiry: Duration, out: &mut Out<'_>) {
+        let expired = |started: &Time| now.saturating_duration_since(*started) >= expiry;
+        let (late, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reads_waiting_apply)
+            .into_iter()
+            .partition(|(_, started, _)| expired(started));
+        self.reads_waiting_apply = waiting;
+        for (_, _, id) in late {
+            out.answer(id, Err(Refused::Superseded));
+        }
         let expired: Vec<u64> = self
             .reads_waiting_index
             .iter()
@@ -496,7 +515,7 @@ impl<S: LogStore> GroupCore<S> {
         for (_, (_, id)) in std::mem::take(&mut self.reads_waiting_index) {
             out.answer(id, Err(why.clone()));
         }
-        for (_, id) in std::mem::take(&mut self.reads_waiting_apply) {
+        for (_, _, id) in std::mem::take(&mut self.reads_waiting_apply) {
             out.answer(id, Err(why.clone()));
         }
         for (id, outcome) in std::mem::take(&mut self.meta_replies) {

@@ -63,8 +63,8 @@ use crate::time::Time;
 use crate::written::WrittenTracker;
 
 pub use api::{
-    Ack, Answer, CheckpointPlan, Effect, GroupStatus, Note, Outcome, PeerStatus, QuarantineEnd,
-    QuarantineReport, Refused, ReqId, Role, SyncWanted, Written,
+    Ack, Answer, CheckpointPlan, Effect, GroupStatus, LeaderLog, Note, Outcome, PeerStatus,
+    QuarantineEnd, QuarantineReport, Refused, ReqId, Role, SyncWanted, Written,
 };
 use group::{GroupCore, Kind, Out, Policy};
 pub use recovery::{synced_key, QUARANTINE_REPORT_FRESH};
@@ -128,16 +128,26 @@ pub enum CoreBug {
     /// Vote at once after a reboot without a clean shutdown, having forgotten entries
     /// reported as written to the leader.
     NoQuarantine,
+    /// Report entries written (`Written`) in a term this follower has not synced yet: a
+    /// power loss would take the term and the entries, and a leader of the older term
+    /// would end its quarantine.
+    WrittenBeforeTermSynced,
+    /// End a quarantine on the first message of a leader of the quarantine's term or
+    /// later, before this node's log holds what it forgot (the rule before the seed
+    /// sweep found `roamdisk-sim --seed 1624`).
+    QuarantineEndsOnLeaderHeard,
 }
 
 impl CoreBug {
-    pub const ALL: [CoreBug; 6] = [
+    pub const ALL: [CoreBug; 8] = [
         CoreBug::AckBeforeSync,
         CoreBug::EarlyAckOnLeaderWrite,
         CoreBug::FlushBeforeCommit,
         CoreBug::AcceptStaleCatchUp,
         CoreBug::TrustLogAfterFailedSync,
         CoreBug::NoQuarantine,
+        CoreBug::WrittenBeforeTermSynced,
+        CoreBug::QuarantineEndsOnLeaderHeard,
     ];
 
     /// The bug's name, as `roamdisk-sim --bug NAME` and a test node's
@@ -150,6 +160,8 @@ impl CoreBug {
             CoreBug::AcceptStaleCatchUp => "stale-copy",
             CoreBug::TrustLogAfterFailedSync => "trust-log",
             CoreBug::NoQuarantine => "no-quarantine",
+            CoreBug::WrittenBeforeTermSynced => "written-before-term-synced",
+            CoreBug::QuarantineEndsOnLeaderHeard => "quarantine-ends-on-leader-heard",
         }
     }
 
@@ -303,24 +315,47 @@ impl<S: LogStore> NodeCore<S> {
             recovering_published: Vec::new(),
             snapshot_error: Arc::default(),
         };
+        let mut records = LogBatch::default();
         for g in core.log.groups()? {
             core.open_group(g, now)?;
+            let recorded = match core.log.get(&recovery::quarantine_key(g))? {
+                Some(v) => Some(u64::from_be_bytes(v.as_slice().try_into().map_err(
+                    |_| CoreError::Invalid(format!("corrupt quarantine record of group {g}")),
+                )?)),
+                None => None,
+            };
             let group = core.groups.get_mut(&g).expect("opened");
             group.synced_to = recovery::synced_at_open(&synced, g).0;
+            group.term_synced = group.raft.term().0;
+            group.quarantine_recorded = recorded.is_some();
             let me = core.cfg.me;
             let (voters, outgoing) = group.raft.voter_sets();
-            if core.cfg.rebooted
+            if (core.cfg.rebooted || recorded.is_some())
                 && core.cfg.bug != Some(CoreBug::NoQuarantine)
                 && (voters.contains(&me) || outgoing.contains(&me))
             {
-                tracing::warn!(group = %g, "rebooted without a clean shutdown: quarantined \
-                    (no votes) until a leader is heard, half of the voters are quarantined, \
-                    or {:?} pass", core.cfg.quarantine_max);
+                let term = recorded.unwrap_or(group.raft.term().0);
+                tracing::warn!(group = %g, term, "rebooted without a clean shutdown: \
+                    quarantined (no votes) until a leader of a later term is heard, half of \
+                    the voters are quarantined, or {:?} pass", core.cfg.quarantine_max);
                 group.quarantine = Some(recovery::Quarantine {
                     since: now,
+                    term,
                     ..Default::default()
                 });
+                if recorded.is_none() {
+                    records.push(LogOp::Put {
+                        key: recovery::quarantine_key(g),
+                        value: term.to_be_bytes().to_vec(),
+                    });
+                    group.quarantine_recorded = true;
+                }
             }
+        }
+        if !records.is_empty() {
+            // Durable before anything runs: a crash during the quarantine keeps it.
+            core.log.write(records)?;
+            core.log.sync()?;
         }
         core.effects.push(Effect::ClusterChanged);
         core.publish_recovering();
@@ -341,6 +376,20 @@ impl<S: LogStore> NodeCore<S> {
             ))),
             None => None,
         };
+        // A recovery point below the log's start cannot be replayed from (the entries
+        // after it are compacted): a power loss kept the record of a catch-up whose end
+        // the compaction had already followed (`roamdisk-sim --seed 1636`). Copying for
+        // the log's start instead is as good: the copy's source has applied at least the
+        // point, and the replay of what follows is idempotent.
+        let recovering = recovering.map(|p| {
+            if p.0 < st.truncated_index {
+                tracing::warn!(group = %g, recorded = p.0, log_start = st.truncated_index,
+                    "recovery point below the log's start: copying for the log's start");
+                LogIndex(st.truncated_index)
+            } else {
+                p
+            }
+        });
         let kind = if g == META_GROUP {
             Kind::Meta
         } else {
@@ -395,9 +444,11 @@ impl<S: LogStore> NodeCore<S> {
             meta_replies: Vec::new(),
             held: Vec::new(),
             synced_to: 0,
+            term_synced: 0,
             // Unknown: the next batch records the mark.
             mark_written: u64::MAX,
             quarantine: None,
+            quarantine_recorded: false,
             quarantine_answered: BTreeMap::new(),
             sync_wanted: SyncWanted::default(),
             read_asked: false,
@@ -493,17 +544,16 @@ impl<S: LogStore> NodeCore<S> {
             });
             return;
         };
-        if g.proposals.len() >= PENDING_PROPOSALS_MAX {
+        // Everything a proposal may wait in counts: `site_waiting` takes applied
+        // proposals while no other site has them.
+        if g.proposals.len() + g.held.len() + g.site_waiting.len() >= PENDING_PROPOSALS_MAX {
             self.effects.push(Effect::Answer {
                 id,
                 answer: Err(Refused::Busy),
             });
             return;
         }
-        if g.raft.is_leader()
-            && g.raft.transferring_to().is_some()
-            && g.proposals.len() + g.held.len() < PENDING_PROPOSALS_MAX
-        {
+        if g.raft.is_leader() && g.raft.transferring_to().is_some() {
             g.held.push((now, data, ack, id));
             return;
         }
@@ -601,7 +651,16 @@ impl<S: LogStore> NodeCore<S> {
         if msg.get_msg_type() == MessageType::MsgReadIndex {
             g.read_asked = true;
         }
-        if !Self::quarantine_filter(g, &msg) {
+        if msg.get_msg_type() == MessageType::MsgAppendResponse
+            && msg.reject
+            && msg.term == g.raft.term().0
+            && g.raft.is_leader()
+        {
+            // Within one term a follower whose log matched ours up to its report rejects
+            // only if it lost entries since (a power loss): its report no longer holds.
+            g.written.forget(NodeId(msg.from));
+        }
+        if !Self::quarantine_filter(g, &msg, self.cfg.bug) {
             tracing::debug!(%group, from = msg.from, "quarantined: vote request dropped");
             return;
         }
@@ -674,6 +733,8 @@ impl<S: LogStore> NodeCore<S> {
         let me = self.cfg.me;
         let quarantine_max = self.cfg.quarantine_max;
         for g in self.groups.values_mut() {
+            g.release_site_waiting(&mut out);
+            g.expire_reads(now, READ_INDEX_TIMEOUT, &mut out);
             if g.quarantine.is_some() {
                 // No campaign while quarantined (raft-rs would start one on its timeout).
                 Self::quarantine_tick(me, g, now, quarantine_max, observe, out.effects);
@@ -694,8 +755,6 @@ impl<S: LogStore> NodeCore<S> {
                     g.lag.shipped_to_all(min);
                 }
             }
-            g.release_site_waiting(&mut out);
-            g.expire_reads(now, READ_INDEX_TIMEOUT, &mut out);
         }
     }
 

@@ -25,13 +25,36 @@
 //!    ([`crate::written`]). Raft lets it vote at once, and with one other failure a
 //!    leader without those entries can be elected: an answered write is lost. So after
 //!    such a start each group is *quarantined* while this node is one of its voters: it
-//!    grants no vote (and pre-vote) and does not campaign, until it hears from a leader of
-//!    its term or later (whose election did not need its vote, so its log holds what a
-//!    majority wrote), or until at least half of the voters (of either configuration,
-//!    while one is joint) report that they are quarantined too: the others can then
-//!    never elect a leader by themselves, and waiting would stop the group for good (a
-//!    whole site's power loss). What only the rebooted voters had written, and not
-//!    synced, may be lost then: the documented limit for writes no flush covered.
+//!    grants no vote (and pre-vote) and does not campaign, until its own synced log holds
+//!    the last entry of a leader of the term its synced hard state held at that start,
+//!    or later (the leader tells it in its answer to the quarantine report), or until at
+//!    least half of the voters (of either configuration, while one is joint) report
+//!    that they are quarantined too: the others can then never elect a leader by
+//!    themselves, and waiting would stop the group for good (a whole site's power loss),
+//!    or after `quarantine_max` (a voter gone for good must not stop the group forever).
+//!    What only the rebooted voters had written, and not synced, may be lost then: the
+//!    documented limit for writes no flush covered. The quarantine is recorded
+//!    (`quarantine/<group>`, with that term) and synced before anything runs, and the
+//!    record is deleted only once it ends: a process crash during it (the same boot, so
+//!    no reboot is seen) does not end it.
+//!
+//!    Why that leader's log is proof: this node reports entries written only in a term
+//!    it has synced (`GroupCore::term_synced`), so every report it sent was of that term
+//!    or earlier. A leader of that very term is the one that counted the reports of that
+//!    term (one leader a term) and holds those entries; reports of earlier terms were
+//!    counted by leaders whose entries, on a quorum of their term, are in every later
+//!    leader's log (Raft's leader completeness; this node's own vote, if any, was given
+//!    before it forgot them); a leader of a later term was elected without this node's
+//!    vote (a vote goes out only once synced). Everything answered on this node's
+//!    forgotten reports was answered before the leader's answer, so it lies at or below
+//!    that leader's last entry; once this node's synced log holds that entry, it holds
+//!    all of them again. Hearing the leader is not enough: the simulation found a voter
+//!    that ended its quarantine on the leader's first heartbeat, before it had the
+//!    forgotten write back, and elected a leader without it once that leader died
+//!    (`roamdisk-sim --seed 1624`). Without the term rule, a follower could report
+//!    entries of a term it had not synced, lose both to a power loss, and take a
+//!    deposed leader of its older term for proof (the negative control
+//!    `written-before-term-synced`).
 //!
 //!    Why this is safe otherwise: a write answered early was written by a quorum Q; if
 //!    `r` of those forgot it, `|Q| - r` still hold it, and every election quorum drawn
@@ -50,9 +73,9 @@ use crate::ids::{GroupId, LogIndex, NodeId};
 use crate::logstore::{LogBatch, LogOp, LogStore};
 use crate::time::Time;
 
-use super::api::{Effect, Note, QuarantineEnd, QuarantineReport};
+use super::api::{Effect, LeaderLog, Note, QuarantineEnd, QuarantineReport};
 use super::group::GroupCore;
-use super::{CoreError, NodeCore};
+use super::{CoreBug, CoreError, NodeCore};
 
 /// A peer's report that it is quarantined counts this long (peers repeat it every tick).
 pub const QUARANTINE_REPORT_FRESH: Duration = Duration::from_millis(1000);
@@ -66,6 +89,13 @@ pub fn synced_key(group: GroupId) -> Vec<u8> {
     k
 }
 
+/// Record of a group's quarantine (value: the term it ends above), kept until it ends.
+pub fn quarantine_key(group: GroupId) -> Vec<u8> {
+    let mut k = b"quarantine/".to_vec();
+    k.extend_from_slice(&group.0.to_be_bytes());
+    k
+}
+
 /// A group's quarantine: the voters that reported theirs, and when; and the newest
 /// membership heard of (a rebooted node may have lost the record of a change it had
 /// applied, and count against a stale one).
@@ -73,6 +103,12 @@ pub fn synced_key(group: GroupId) -> Vec<u8> {
 pub(crate) struct Quarantine {
     /// When it began (the store's open).
     pub since: Time,
+    /// The term of the synced hard state when it began: a leader of it or later may end it.
+    pub term: u64,
+    /// The log end of such a leader, heard in its answer: the quarantine ends once this
+    /// node's synced log holds it. A leader of a later term replaces it (the entry may
+    /// have been replaced since).
+    pub need: Option<LeaderLog>,
     pub peers: BTreeMap<NodeId, Time>,
     pub conf: Option<(u64, Vec<NodeId>, Vec<NodeId>)>,
 }
@@ -160,37 +196,57 @@ pub(super) fn rewrite_unproven<S: LogStore>(
 }
 
 impl<S: LogStore> NodeCore<S> {
-    /// Drops a vote request to a quarantined group, and ends the quarantine on a message
-    /// from a leader of this term or later. Returns false if `msg` must not be stepped.
-    pub(super) fn quarantine_filter(g: &mut GroupCore<S>, msg: &Message) -> bool {
-        if g.quarantine.is_none() {
-            return true;
+    /// Drops a vote request (and a leader's `TimeoutNow`) to a quarantined group.
+    /// Returns false if `msg` must not be stepped.
+    pub(super) fn quarantine_filter(
+        g: &mut GroupCore<S>,
+        msg: &Message,
+        bug: Option<CoreBug>,
+    ) -> bool {
+        if bug == Some(CoreBug::QuarantineEndsOnLeaderHeard)
+            && g.quarantine.as_ref().is_some_and(|q| msg.term >= q.term)
+            && matches!(
+                msg.get_msg_type(),
+                MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
+            )
+        {
+            // Negative control: the old rule.
+            g.quarantine = None;
         }
-        match msg.get_msg_type() {
-            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote => false,
-            MessageType::MsgAppend
-            | MessageType::MsgHeartbeat
-            | MessageType::MsgSnapshot
-            | MessageType::MsgTimeoutNow
-                if msg.term >= g.raft.term().0 =>
-            {
-                tracing::info!(group = %g.id(), leader = msg.from, term = msg.term,
-                    "quarantine ends: a leader was heard");
-                g.quarantine = None;
-                true
-            }
-            _ => true,
-        }
+        g.quarantine.is_none()
+            || !matches!(
+                msg.get_msg_type(),
+                MessageType::MsgRequestVote
+                    | MessageType::MsgRequestPreVote
+                    | MessageType::MsgTimeoutNow
+            )
+    }
+
+    /// Whether a quarantined group's synced log now holds the leader's log end it heard.
+    fn caught_up(g: &GroupCore<S>) -> bool {
+        g.quarantine.as_ref().and_then(|q| q.need).is_some_and(|n| {
+            g.synced_to >= n.last
+                && g.raft.log_term(LogIndex(n.last)) == Some(crate::ids::Term(n.last_term))
+        })
     }
 
     /// The report this node sends about `g`.
     fn report(g: &GroupCore<S>) -> QuarantineReport {
         let (voters, outgoing) = g.raft.voter_sets();
+        let leader_log = g.raft.is_leader().then(|| {
+            let last = g.raft.last_index();
+            LeaderLog {
+                term: g.raft.term().0,
+                last: last.0,
+                last_term: g.raft.log_term(last).map_or(0, |t| t.0),
+            }
+        });
         QuarantineReport {
             quarantined: g.quarantine.is_some(),
             conf_index: g.raft.conf_index().0,
             voters: voters.iter().map(|n| n.0).collect(),
             outgoing: outgoing.iter().map(|n| n.0).collect(),
+            leader_log,
         }
     }
 
@@ -216,6 +272,12 @@ impl<S: LogStore> NodeCore<S> {
         observe: bool,
         effects: &mut Vec<Effect>,
     ) {
+        if Self::caught_up(g) {
+            tracing::info!(group = %g.raft.id, "quarantine ends: this replica's synced log \
+                holds the leader's log end");
+            g.quarantine = None;
+            return;
+        }
         let (voters, outgoing) = Self::counted_conf(g);
         let report = Self::report(g);
         let Some(q) = &mut g.quarantine else {
@@ -290,6 +352,13 @@ impl<S: LogStore> NodeCore<S> {
                 if report.quarantined {
                     q.peers.insert(from, now);
                 }
+                if let Some(l) = report.leader_log {
+                    // A leader of the quarantine's term or later; a later term's
+                    // replaces what an earlier one said.
+                    if l.term >= q.term && q.need.is_none_or(|n| l.term > n.term) {
+                        q.need = Some(l);
+                    }
+                }
                 let newer = q.conf.as_ref().map_or(g.raft.conf_index().0, |c| c.0);
                 if report.conf_index > newer {
                     let ids = |v: &[u64]| v.iter().copied().map(NodeId).collect();
@@ -302,7 +371,13 @@ impl<S: LogStore> NodeCore<S> {
                 let (voters, outgoing) = g.raft.voter_sets();
                 report.quarantined && !voters.contains(&from) && !outgoing.contains(&from)
             }
-            None => report.quarantined,
+            None => {
+                if report.quarantined {
+                    // It rebooted: what it reported as written may be gone.
+                    g.written.forget(from);
+                }
+                report.quarantined
+            }
         };
         if !answer {
             return;
@@ -334,12 +409,19 @@ impl<S: LogStore> NodeCore<S> {
     }
 }
 
-/// Adds the synced marks that changed to `batch` (written with it).
+/// Adds the synced marks that changed to `batch` (written with it), and the deletion of
+/// the records of quarantines that ended.
 pub(super) fn write_marks<S: LogStore>(
     groups: &mut BTreeMap<GroupId, GroupCore<S>>,
     batch: &mut LogBatch,
 ) {
     for (&id, g) in groups.iter_mut() {
+        if g.quarantine_recorded && g.quarantine.is_none() {
+            batch.push(LogOp::Delete {
+                key: quarantine_key(id),
+            });
+            g.quarantine_recorded = false;
+        }
         if g.synced_to != g.mark_written {
             batch.push(LogOp::Put {
                 key: synced_key(id),

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use raft::eraftpb::Message;
 
-use crate::ids::GroupId;
+use crate::ids::{GroupId, LogIndex, Term};
 use crate::logstore::LogStore;
 use crate::time::Time;
 
@@ -55,8 +55,13 @@ pub(super) struct Unsynced {
     pub number: u64,
     /// Messages that promise its state durable (votes, append responses).
     pub persisted: Vec<Message>,
-    /// Its last entry's index (0: it wrote no entries).
+    /// Its last entry's index (0: it wrote no entries), and that entry's term: the synced mark rises to `last`
+    /// only if the log still holds that entry when the sync ends (a Ready written while
+    /// the sync ran may have replaced it, and the sync need not cover the replacement).
     pub last: u64,
+    pub last_term: u64,
+    /// The group's term when it was written (its hard state's, if it wrote one).
+    pub term: u64,
     /// Bytes of entries it wrote.
     pub bytes: u64,
     /// It changed the term or the vote, or installed a snapshot: an election or a
@@ -227,7 +232,12 @@ impl<S: LogStore> NodeCore<S> {
                 continue;
             };
             let before = observe.then(|| commit_view(g));
-            g.synced_to = g.synced_to.max(u.last);
+            if u.last > g.synced_to && g.raft.log_term(LogIndex(u.last)) == Some(Term(u.last_term))
+            {
+                // Log matching: the entry still there means every entry before it is too.
+                g.synced_to = u.last;
+            }
+            g.term_synced = g.term_synced.max(u.term);
             g.raft.on_persisted(u.number);
             if g.applied > g.raft.applied_index() {
                 g.raft.advance_apply_to(g.applied);
