@@ -188,19 +188,19 @@ pub enum Note {
     },
     /// A flush was answered: everything answered before it was committed up to `commit`.
     Flushed { group: GroupId, commit: u64 },
-    /// The quarantine of `group` ended without a leader heard: at least half of its
+    /// The quarantine of `group` ended before catching up with a leader: at least half of its
     /// voters were quarantined, or it lasted `NodeConfig::quarantine_max`. Writes
     /// answered early that only quarantined voters had written may be lost from then on.
     QuarantineEnded { group: GroupId, why: QuarantineEnd },
 }
 
-/// Why a quarantine ended without a leader heard.
+/// Why a quarantine ended before catching up with a leader.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QuarantineEnd {
     /// At least half of the voters were quarantined: the others could never elect a
     /// leader without them.
     HalfQuarantined,
-    /// No leader was heard for `NodeConfig::quarantine_max`: a voter that holds what
+    /// It lasted `NodeConfig::quarantine_max` without catching up with a leader: a voter that holds what
     /// this one forgot may be gone for good, and waiting longer would stop the group.
     TimedOut,
 }
