@@ -336,7 +336,7 @@ impl<S: LogStore> NodeCore<S> {
             {
                 let term = recorded.unwrap_or(group.raft.term().0);
                 tracing::warn!(group = %g, term, "rebooted without a clean shutdown: \
-                    quarantined (no votes) until a leader of a later term is heard, half of \
+                    quarantined (no votes) until this log holds a current leader's log end, half of \
                     the voters are quarantined, or {:?} pass", core.cfg.quarantine_max);
                 group.quarantine = Some(recovery::Quarantine {
                     since: now,

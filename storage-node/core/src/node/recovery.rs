@@ -89,7 +89,8 @@ pub fn synced_key(group: GroupId) -> Vec<u8> {
     k
 }
 
-/// Record of a group's quarantine (value: the term it ends above), kept until it ends.
+/// Record of a group's quarantine (value: the synced term at its start; a leader of that
+/// term or later may end it), kept until it ends.
 pub fn quarantine_key(group: GroupId) -> Vec<u8> {
     let mut k = b"quarantine/".to_vec();
     k.extend_from_slice(&group.0.to_be_bytes());
