@@ -52,8 +52,13 @@ const HISTORY_QUEUE: usize = 1 << 16;
 /// not applied (which fails the run), and how often.
 pub const FAULT_APPLY_RETRY_MS: u64 = 5_000;
 pub const FAULT_APPLY_RETRY_EVERY_MS: u64 = 250;
-/// Size of the tmpfs a `disk_full` target keeps its data on.
-const DISK_FULL_FS_BYTES: u64 = 256 << 20;
+/// Size of the tmpfs a `disk_full` target keeps its data on. Its own footprint must fit
+/// with room to spare when no fault is on: RocksDB keeps up to four 128 MiB memtables,
+/// each with its WAL file (`rocks`), besides the volume. At 256 MiB a faster machine
+/// (the workload writing ~1,400 acknowledged writes a second) filled it with no fault
+/// active: the node stopped on ENOSPC as it should, could not restart, and the 2026-12-07
+/// soak failed `mixed` seeds 7 and 14 on replicas that never converged.
+const DISK_FULL_FS_BYTES: u64 = 1 << 30;
 /// How long the end of a run waits for the replicas to converge.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a move may take before the runner stops waiting for it.

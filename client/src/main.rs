@@ -14,6 +14,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+mod failover;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use roamdisk_client::{format_size, parse_size, playground, AdminClient};
 use roamdisk_core::meta::Durability;
@@ -51,6 +53,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: VolumeCmd,
     },
+    /// Forced failover of volumes whose home site is lost: a read-only plan that states
+    /// the loss, then its execution.
+    Failover {
+        #[command(subcommand)]
+        cmd: FailoverCmd,
+    },
     /// Run a local cluster of real node processes until Ctrl-C.
     Playground {
         /// Where nodes keep their data; rerunning on the same DIR restarts that cluster.
@@ -81,6 +89,29 @@ enum Cmd {
     Chaos {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum FailoverCmd {
+    /// What a failover to SITE would do and lose (changes nothing). Default: every
+    /// volume whose home site does not answer.
+    Plan {
+        #[arg(long)]
+        to: String,
+        /// A volume to fail over (repeatable).
+        #[arg(long = "volume")]
+        volumes: Vec<String>,
+    },
+    /// Execute a plan made on the same node (`--cluster`): refused if anything moved
+    /// since, or if it may lose acknowledged writes without --accept-data-loss.
+    Execute {
+        plan: String,
+        #[arg(long)]
+        accept_data_loss: bool,
+        /// Give up waiting for the volumes to answer at their new home after this long.
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u64,
     },
 }
 
@@ -141,6 +172,23 @@ enum VolumeCmd {
         /// Node id of the new leader.
         #[arg(long)]
         to: u64,
+    },
+    /// What the replicas a failover fenced hold beyond the divergence point (kept until
+    /// discard-divergent); `--out FILE` saves one's content as a raw image.
+    Divergent {
+        name: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Which fenced replica (default: the first).
+        #[arg(long)]
+        node: Option<u64>,
+    },
+    /// Give up the divergent writes of the fenced replicas (all, or one `--node`): they
+    /// resync the blocks that differ from the volume's home and become learners.
+    DiscardDivergent {
+        name: String,
+        #[arg(long)]
+        node: Option<u64>,
     },
     /// Compare every replica of a volume, at every site, block by block at one log index
     /// (digests only cross the network), and list the blocks that differ. Exit status 1
@@ -508,6 +556,12 @@ fn run(cli: Cli) -> Result<()> {
                         .map_or("?".to_owned(), |l| l.to_string())
                 );
             }
+            VolumeCmd::Divergent { name, out, node } => {
+                failover::divergent(&client, &name, out.as_deref(), node, cli.json)?
+            }
+            VolumeCmd::DiscardDivergent { name, node } => {
+                failover::discard(&client, &name, node, cli.json)?
+            }
             VolumeCmd::Delete { name } => {
                 let v = client.delete_volume(&name)?;
                 if cli.json {
@@ -515,6 +569,20 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 println!("deleted {}", v["name"].as_str().unwrap_or(&name));
             }
+        },
+        Cmd::Failover { cmd } => match cmd {
+            FailoverCmd::Plan { to, volumes } => failover::plan(&client, &to, &volumes, cli.json)?,
+            FailoverCmd::Execute {
+                plan,
+                accept_data_loss,
+                timeout_secs,
+            } => failover::execute(
+                &client,
+                &plan,
+                accept_data_loss,
+                Duration::from_secs(timeout_secs),
+                cli.json,
+            )?,
         },
         Cmd::Chaos { args } => {
             let bin = std::env::current_exe()?.with_file_name("roamdisk-chaos");

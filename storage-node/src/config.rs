@@ -24,6 +24,13 @@
 //!
 //! Optional: `verify_interval_secs = 86400` (the default): how often the node verifies
 //! the volumes whose group it leads (`volume verify` without repair; 0 turns it off).
+//!
+//! Optional: `lease_ms = 4000` (the default): the node's lease from the metadata quorum.
+//! A node answers volume requests only while it holds it, so a site cut off from the
+//! metadata majority suspends its writes this long after it lost touch, and a forced
+//! failover waits this long (plus 500 ms for clock drift) before the new home answers.
+//! It must be the same on every node. 0 turns fencing off (writes never wait for the
+//! metadata quorum; a failover is then only safe once the old home is known dead).
 //! An unknown key is an error that names it.
 
 use std::path::PathBuf;
@@ -55,11 +62,22 @@ pub struct NodeConfig {
     /// Seconds between verifies of the volumes this node leads (0: never).
     #[serde(default = "default_verify_interval_secs")]
     pub verify_interval_secs: u64,
+    /// The node's lease from the metadata quorum, in ms (0: off).
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
 }
 
 fn default_verify_interval_secs() -> u64 {
     86_400
 }
+
+fn default_lease_ms() -> u64 {
+    roamdisk_core::node::LEASE.as_millis() as u64
+}
+
+/// Shortest lease: renewals go every quarter of it, and a metadata election takes about
+/// a second.
+pub const LEASE_MS_MIN: u64 = 2_000;
 
 impl NodeConfig {
     /// The address to dial for node `id` whose registered peer address is `registered`.
@@ -145,6 +163,9 @@ impl NodeConfig {
             }
         }
         self.link_caps()?;
+        if self.lease_ms != 0 && self.lease_ms < LEASE_MS_MIN {
+            bail!("lease_ms = {}: must be 0 (off) or at least {LEASE_MS_MIN}", self.lease_ms);
+        }
         if let Some(j) = &self.join {
             if !j.contains(':') {
                 bail!("join {j:?} must be the host:port of a member's admin API");

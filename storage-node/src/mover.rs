@@ -107,13 +107,19 @@ pub fn next_step(
         };
     }
     if !target_voters.contains(&NodeId(me)) {
+        // Only to a voter whose data is whole: a replica copying blocks hands leadership
+        // on at once (and serves nothing), and a move that made every new voter copy
+        // left the volume without a whole leader (the soak's `mixed` seed 14).
         let best = g
             .progress
             .iter()
-            .filter(|p| target_voters.contains(&NodeId(p.node)))
+            .filter(|p| target_voters.contains(&NodeId(p.node)) && ready(p.node))
             .max_by_key(|p| (p.matched, std::cmp::Reverse(p.node)))
-            .map_or(target_voters[0].0, |p| p.node);
-        return Step::TransferTo(best);
+            .map(|p| p.node);
+        return match best {
+            Some(to) => Step::TransferTo(to),
+            None => Step::CatchUp(target_voters.iter().map(|n| n.0).collect()),
+        };
     }
     Step::Finish
 }
@@ -131,23 +137,49 @@ fn conf_change(changes: &[(u64, ConfChangeType)]) -> ConfChangeV2 {
 }
 
 /// Takes one step for `v` if this node leads its group.
-async fn step(node: &Arc<Node>, v: &VolumeInfo) -> anyhow::Result<()> {
+async fn step(node: &Arc<Node>, v: &VolumeInfo, status: &[GroupStatus]) -> anyhow::Result<()> {
+    let group = v.id.group();
+    let leading = || async {
+        status
+            .iter()
+            .find(|g| g.group == group.0 && g.is_leader())
+            .cloned()
+    };
     let Some(target) = &v.moving else {
+        // Not moving: learners the placement names and the group lacks (the replicas a
+        // failover fenced, back after `discard-divergent`) are added, one change at a
+        // time.
+        let Some(g) = leading().await else {
+            return Ok(());
+        };
+        if g.joint {
+            return Ok(());
+        }
+        let missing: Vec<u64> = v
+            .learners
+            .iter()
+            .map(|n| n.0)
+            .filter(|n| !g.voters.contains(n) && !g.learners.contains(n))
+            .collect();
+        if !missing.is_empty() {
+            info!(volume = %v.name, nodes = ?missing, "adding the placement's learners");
+            let changes: Vec<_> = missing
+                .iter()
+                .map(|n| (*n, ConfChangeType::AddLearnerNode))
+                .collect();
+            if let Err(e) = node.conf_change(group, conf_change(&changes)).await {
+                debug!(volume = %v.name, error = %e, "membership change not taken");
+            }
+        }
         return Ok(());
     };
-    let group = v.id.group();
-    let Some(g) = node
-        .status()
-        .await
-        .into_iter()
-        .find(|g| g.group == group.0 && g.is_leader())
-    else {
+    let Some(g) = leading().await else {
         return Ok(());
     };
     // Readiness of future voters: ask each (its status says whether it copies blocks).
     let mut not_ready = Vec::new();
     for n in &target.voters {
-        if g.voters.contains(&n.0) || n.0 == node.me.0 {
+        if n.0 == node.me.0 {
             continue;
         }
         match node.peer_group_status(*n, group).await {
@@ -213,8 +245,15 @@ async fn step(node: &Arc<Node>, v: &VolumeInfo) -> anyhow::Result<()> {
 pub async fn run(node: Arc<Node>, shutdown: CancellationToken) {
     loop {
         let cluster = node.cluster();
-        for v in cluster.volumes.values().filter(|v| v.moving.is_some()) {
-            if let Err(e) = step(&node, v).await {
+        let status = node.status().await;
+        // Moving volumes, and failed-over ones (whose fenced replicas come back as
+        // learners once their divergent writes are discarded).
+        for v in cluster
+            .volumes
+            .values()
+            .filter(|v| v.moving.is_some() || v.failover.is_some())
+        {
+            if let Err(e) = step(&node, v, &status).await {
                 warn!(volume = %v.name, error = %e, "move step failed; retrying");
             }
         }
@@ -257,6 +296,9 @@ mod tests {
                 .collect(),
             recovering: false,
             quarantined: false,
+            epoch: 0,
+            fenced: false,
+            suspended: false,
             voters: voters.to_vec(),
             learners: learners.to_vec(),
             joint: false,

@@ -21,9 +21,15 @@ use tracing::warn;
 use crate::node::{Node, NodeError};
 use crate::store::Ack;
 
+/// One NBD connection's view of a volume. It belongs to the epoch of the volume's group
+/// it was opened in: after a forced failover its requests are refused (the client must
+/// reconnect, and then reaches the new epoch wherever its leader is), so a client at a
+/// fenced home can never write into the re-formed group (see
+/// `roamdisk_core::node::failover`).
 pub struct VolumeBackend {
     node: Arc<Node>,
     volume: VolumeId,
+    epoch: u64,
 }
 
 fn unavailable(e: NodeError) -> BackendError {
@@ -38,7 +44,7 @@ impl VolumeBackend {
     async fn propose(&self, cmd: VolumeCommand<'_>, fua: bool) -> BackendResult<()> {
         let ack = if fua { Ack::Committed } else { Ack::Written };
         self.node
-            .propose_acked(self.volume.group(), cmd.encode(), ack)
+            .propose_acked(self.volume.group(), Some(self.epoch), cmd.encode(), ack)
             .await
             .map(|_| ())
             .map_err(unavailable)
@@ -69,7 +75,7 @@ fn drops_this_write() -> bool {
 impl Backend for VolumeBackend {
     async fn read(&self, offset: u64, len: u32) -> BackendResult<Vec<ReadChunk>> {
         self.node
-            .read(self.volume, offset, len)
+            .read(self.volume, Some(self.epoch), offset, len)
             .await
             .map_err(unavailable)
     }
@@ -90,7 +96,7 @@ impl Backend for VolumeBackend {
 
     async fn flush(&self) -> BackendResult<()> {
         self.node
-            .flush(self.volume.group())
+            .flush(self.volume.group(), Some(self.epoch))
             .await
             .map_err(unavailable)
     }
@@ -142,7 +148,7 @@ impl Backend for VolumeBackend {
         }
         // Status as of a linearizable point, from the local replica's holes.
         self.node
-            .read_barrier(self.volume)
+            .read_barrier(self.volume, Some(self.epoch))
             .await
             .map_err(|e| unavailable(e.into()))?;
         let raw = self
@@ -199,6 +205,7 @@ impl Catalog for NodeCatalog {
             backend: Arc::new(VolumeBackend {
                 node: Arc::clone(&self.node),
                 volume: v.id,
+                epoch: v.epoch,
             }),
         })
     }

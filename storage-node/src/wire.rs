@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::dedup::{EntryRefs, Hash};
 use roamdisk_core::node::{
-    Ack, GroupStatus, Outcome, QuarantineReport, Refused, SyncWanted, Written,
+    Ack, Divergence, GroupStatus, Outcome, QuarantineReport, Refused, ReplicaReport, SyncWanted, TailReport,
+    Written,
 };
 
 /// The peer protocol's version, sent in `Hello`.
@@ -22,10 +23,14 @@ use roamdisk_core::node::{
 /// [`crate::dedup`]; 4 — `Written`, the acknowledgement mode of a forwarded `Propose`, and
 /// `Flush`; 5 — `SyncWanted`; 6 — `Quarantine`, a rebooted node's quarantine after an
 /// unclean shutdown, and the `VerifyDigests` and `Repair` requests of `volume verify`;
-/// 7 — a leader's `Quarantine` answer carries its log's end (`LeaderLog`).
+/// 7 — a leader's `Quarantine` answer carries its log's end (`LeaderLog`); 8 — every
+/// frame about a group carries the sender's epoch of it (a receiver drops another
+/// epoch's: fencing after a failover), requests carry the epoch they belong to, `Tail`
+/// (a leader's log end and lag, for failover plans), `ReplicaReport`, the `Fenced`
+/// refusal, and `DivergentBlocks` (what a fenced replica holds).
 /// See [`crate::link`] for records. A frame above [`FRAME_MAX_BYTES`] ends the
 /// connection. A connection starts with `Hello` from the dialer.
-pub const PEER_PROTOCOL_VERSION: u16 = 7;
+pub const PEER_PROTOCOL_VERSION: u16 = 8;
 /// Largest frame: a 32 MiB write plus headers.
 pub const FRAME_MAX_BYTES: usize = codec::DECODE_LIMIT_BYTES;
 /// Requests and reads carrying more than this many bytes go on the bulk lane.
@@ -69,6 +74,7 @@ pub enum PeerFrame {
     },
     Raft {
         group: GroupId,
+        epoch: u64,
         #[serde(with = "serde_bytes")]
         msg: Vec<u8>,
     },
@@ -76,6 +82,7 @@ pub enum PeerFrame {
     /// receiver restores the exact entries before Raft sees them.
     RaftRefs {
         group: GroupId,
+        epoch: u64,
         #[serde(with = "serde_bytes")]
         msg: Vec<u8>,
         refs: Vec<EntryRefs>,
@@ -87,18 +94,27 @@ pub enum PeerFrame {
     /// The sender wrote (not yet synced) its log of `group` this far: to its leader.
     Written {
         group: GroupId,
+        epoch: u64,
         w: Written,
     },
     /// Something waits on `group`'s commit: sync the log this far now (leader to replica).
     SyncWanted {
         group: GroupId,
+        epoch: u64,
         want: SyncWanted,
     },
     /// Whether the sender is quarantined in `group` (it rebooted without a clean
     /// shutdown and may not vote yet), with the membership it knows.
     Quarantine {
         group: GroupId,
+        epoch: u64,
         report: QuarantineReport,
+    },
+    /// A leader's log end and the receiver's lag (leader to a replica at another site).
+    Tail {
+        group: GroupId,
+        epoch: u64,
+        tail: TailReport,
     },
     Request {
         id: u64,
@@ -114,7 +130,10 @@ impl PeerFrame {
     /// Roughly the encoded size, to bound batches before encoding them.
     pub fn approx_len(&self) -> usize {
         16 + match self {
-            PeerFrame::Hello { .. } | PeerFrame::Written { .. } | PeerFrame::SyncWanted { .. } => 0,
+            PeerFrame::Hello { .. }
+            | PeerFrame::Written { .. }
+            | PeerFrame::SyncWanted { .. }
+            | PeerFrame::Tail { .. } => 0,
             PeerFrame::Quarantine { report, .. } => {
                 8 * (report.voters.len() + report.outgoing.len())
             }
@@ -155,15 +174,18 @@ pub enum PeerRequest {
         /// When the receiver answers (see [`Ack`]).
         ack: Ack,
         expires_unix_ms: u64,
+        /// The epoch of the group the request belongs to (`None`: the receiver's).
+        epoch: Option<u64>,
     },
     /// Answered once every write of `group` the receiver (its leader) acknowledged
     /// before is committed.
-    Flush { group: GroupId },
+    Flush { group: GroupId, epoch: Option<u64> },
     /// A linearizable read served by the receiver from its replica.
     Read {
         volume: VolumeId,
         offset: u64,
         len: u32,
+        epoch: Option<u64>,
     },
     /// Catch-up copy: the blocks from `start_block` whose blake3 differs from `hashes`
     /// (32 bytes per block, all zero for a block that reads as zeros).
@@ -188,6 +210,11 @@ pub enum PeerRequest {
     /// The receiver's replica of `volume` differs from the others: copy the differing
     /// blocks from the leader (verify's repair).
     Repair { volume: VolumeId },
+    /// What the receiver's replica of `group` knows that a failover plan needs.
+    ReplicaReport { group: GroupId },
+    /// What the receiver's fenced replica of `volume` holds beyond the failover's
+    /// divergence point (its log's divergent tail, summarized).
+    Divergent { volume: VolumeId },
 }
 
 impl PeerRequest {
@@ -233,6 +260,8 @@ pub enum PeerResponse {
     /// applied yet, or applied while its replica was copying blocks).
     VerifyDigests(Option<ByteBuf>),
     Repaired(Result<(), WireRefused>),
+    ReplicaReport(Option<ReplicaReport>),
+    Divergent(Result<Divergence, WireRefused>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -258,6 +287,11 @@ pub enum WireRefused {
     Shutdown,
     Failed(String),
     Recovering(GroupId),
+    Fenced {
+        group: GroupId,
+        epoch: u64,
+        asked: u64,
+    },
 }
 
 impl From<Refused> for WireRefused {
@@ -270,6 +304,15 @@ impl From<Refused> for WireRefused {
             Refused::Shutdown => WireRefused::Shutdown,
             Refused::Failed(s) => WireRefused::Failed(s),
             Refused::Recovering(g) => WireRefused::Recovering(g),
+            Refused::Fenced {
+                group,
+                epoch,
+                asked,
+            } => WireRefused::Fenced {
+                group,
+                epoch,
+                asked,
+            },
         }
     }
 }
@@ -284,6 +327,15 @@ impl From<WireRefused> for Refused {
             WireRefused::Shutdown => Refused::Shutdown,
             WireRefused::Failed(s) => Refused::Failed(s),
             WireRefused::Recovering(g) => Refused::Recovering(g),
+            WireRefused::Fenced {
+                group,
+                epoch,
+                asked,
+            } => Refused::Fenced {
+                group,
+                epoch,
+                asked,
+            },
         }
     }
 }
@@ -319,6 +371,7 @@ mod tests {
                 data: vec![1, 2, 3],
                 ack: Ack::Written,
                 expires_unix_ms: 5,
+                epoch: Some(2),
             },
         };
         let bytes = codec::encode(&f).unwrap();

@@ -7,7 +7,7 @@
 //! copy for the second).
 
 use raft::eraftpb::{ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2};
-use roamdisk_core::ids::{GroupId, NodeId};
+use roamdisk_core::ids::{GroupId, NodeId, META_GROUP};
 
 use crate::checker::Check;
 use crate::config::MS;
@@ -256,6 +256,10 @@ impl Simulation {
                     options.push((format!("remove voter n{v}"), vec![(RemoveNode, *v)]));
                 }
             }
+        }
+        if group == META_GROUP {
+            // Every node stays a metadata member (it needs its lease from the group).
+            options.retain(|(_, changes)| changes.iter().all(|(ty, _)| *ty != RemoveNode));
         }
         let Some((what, changes)) = self.rng.pick(&options).cloned() else {
             return Ok(());

@@ -90,6 +90,8 @@ pub enum Wire {
     /// Whether the sender is quarantined in the group (rebooted without a clean
     /// shutdown), and the membership it knows.
     Quarantine(QuarantineReport),
+    /// The leader's log end and the receiver's lag (to replicas at other sites).
+    Tail(roamdisk_core::node::TailReport),
 }
 
 impl Wire {
@@ -105,6 +107,7 @@ pub enum Input {
     Wire {
         from: NodeId,
         group: GroupId,
+        epoch: u64,
         wire: Wire,
     },
     Request(ClientRequest),
@@ -133,6 +136,8 @@ pub enum Effect {
         from: NodeId,
         to: NodeId,
         group: GroupId,
+        /// The sender's epoch of the group (the receiver drops another epoch's).
+        epoch: u64,
         wire: Wire,
     },
     Reply {
@@ -538,7 +543,12 @@ impl Node {
         let me = self.id;
         let now = time(ctx.now);
         match input {
-            Input::Wire { from, group, wire } => {
+            Input::Wire {
+                from,
+                group,
+                epoch,
+                wire,
+            } => {
                 if let Wire::Raft(msg) = &wire {
                     if let Some(r) = self.raft(group) {
                         if msg.get_msg_type() == MessageType::MsgHeartbeat
@@ -561,10 +571,13 @@ impl Node {
                 }
                 let core = self.core_mut();
                 match wire {
-                    Wire::Raft(msg) => core.step(group, msg),
-                    Wire::Written(w) => core.written(group, from, w),
-                    Wire::SyncWanted(want) => core.sync_wanted(group, want),
-                    Wire::Quarantine(report) => core.quarantine_report(now, group, from, report),
+                    Wire::Raft(msg) => core.step(now, group, epoch, msg),
+                    Wire::Written(w) => core.written(group, epoch, from, w),
+                    Wire::SyncWanted(want) => core.sync_wanted(group, epoch, want),
+                    Wire::Quarantine(report) => {
+                        core.quarantine_report(now, group, epoch, from, report)
+                    }
+                    Wire::Tail(t) => core.tail(now, group, epoch, from, t),
                 }
             }
             Input::Request(req) => {
@@ -575,9 +588,11 @@ impl Node {
                 self.requests.insert(id, Pending { req, placed: None });
                 let core = self.core_mut();
                 match op {
-                    Op::Write { payload, ack, .. } => core.propose(now, group, payload, ack, id),
-                    Op::Flush => core.flush(now, group, id),
-                    Op::Read { .. } => core.read(now, group, id),
+                    Op::Write { payload, ack, .. } => {
+                        core.propose(now, group, None, payload, ack, id)
+                    }
+                    Op::Flush => core.flush(now, group, None, id),
+                    Op::Read { .. } => core.read(now, group, None, id),
                 }
             }
             Input::Tick => self.core_mut().tick(now),
@@ -763,29 +778,65 @@ impl Node {
         let effects = self.core_mut().take_effects();
         for e in effects {
             match e {
-                CoreEffect::Send { to, group, msg } => ctx.effects.push(Effect::Send {
+                CoreEffect::Send {
+                    to,
+                    group,
+                    epoch,
+                    msg,
+                } => ctx.effects.push(Effect::Send {
                     from: me,
                     to,
                     group,
+                    epoch,
                     wire: Wire::Raft(msg),
                 }),
-                CoreEffect::Written { to, group, w } => ctx.effects.push(Effect::Send {
+                CoreEffect::Written {
+                    to,
+                    group,
+                    epoch,
+                    w,
+                } => ctx.effects.push(Effect::Send {
                     from: me,
                     to,
                     group,
+                    epoch,
                     wire: Wire::Written(w),
                 }),
-                CoreEffect::SyncWanted { to, group, want } => ctx.effects.push(Effect::Send {
+                CoreEffect::SyncWanted {
+                    to,
+                    group,
+                    epoch,
+                    want,
+                } => ctx.effects.push(Effect::Send {
                     from: me,
                     to,
                     group,
+                    epoch,
                     wire: Wire::SyncWanted(want),
                 }),
-                CoreEffect::Quarantine { to, group, report } => ctx.effects.push(Effect::Send {
+                CoreEffect::Quarantine {
+                    to,
+                    group,
+                    epoch,
+                    report,
+                } => ctx.effects.push(Effect::Send {
                     from: me,
                     to,
                     group,
+                    epoch,
                     wire: Wire::Quarantine(report),
+                }),
+                CoreEffect::Tail {
+                    to,
+                    group,
+                    epoch,
+                    tail,
+                } => ctx.effects.push(Effect::Send {
+                    from: me,
+                    to,
+                    group,
+                    epoch,
+                    wire: Wire::Tail(tail),
                 }),
                 CoreEffect::StartSync => {
                     if self.syncing.is_some() {
@@ -938,6 +989,7 @@ impl Node {
             (Err(Refused::Recovering(_)), _) => Reply::Retry("recovering"),
             (Err(Refused::Busy), _) => Reply::Retry("busy"),
             (Err(Refused::Superseded), _) => Reply::Retry("superseded"),
+            (Err(Refused::Fenced { .. }), _) => Reply::Retry("fenced"),
             (Err(Refused::Shutdown | Refused::Failed(_)), _) => Reply::Retry("failed"),
         };
         ctx.effects.push(Effect::Reply {

@@ -59,6 +59,7 @@ pub(crate) enum Event {
         from: NodeId,
         to: NodeId,
         group: GroupId,
+        epoch: u64,
         wire: Box<Wire>,
     },
     SyncDone {
@@ -580,6 +581,7 @@ impl Simulation {
                     from,
                     to,
                     group,
+                    epoch,
                     wire,
                 } => {
                     self.stats.messages_sent += 1;
@@ -611,6 +613,7 @@ impl Simulation {
                                 from,
                                 to,
                                 group,
+                                epoch,
                                 wire: Box::new(wire.clone()),
                             },
                         );
@@ -683,6 +686,7 @@ impl Simulation {
                 to,
                 group,
                 wire,
+                ..
             } => match wire.as_ref() {
                 Wire::Raft(msg) => (
                     vec![
@@ -714,6 +718,12 @@ impl Simulation {
                     vec![from.0, to.0, group.0, 100, w.term, w.index, w.log_term],
                     self.trace.verbose().then(|| {
                         format!("n{from} -> n{to} g{group} Written term={} index={}", w.term, w.index)
+                    }),
+                ),
+                Wire::Tail(t) => (
+                    vec![from.0, to.0, group.0, 103, t.term, t.last],
+                    self.trace.verbose().then(|| {
+                        format!("n{from} -> n{to} g{group} Tail term={} last={}", t.term, t.last)
                     }),
                 ),
                 Wire::SyncWanted(w) => (
@@ -842,8 +852,9 @@ impl Simulation {
                 from,
                 to,
                 group,
+                epoch,
                 wire,
-            } => self.deliver(from, to, group, *wire),
+            } => self.deliver(from, to, group, epoch, *wire),
             Event::SyncDone { node, incarnation } => {
                 self.durability_changed = true;
                 let current = self.nodes[&node].up && self.nodes[&node].incarnation == incarnation;
@@ -964,7 +975,14 @@ impl Simulation {
         self.topology.groups.keys().copied().collect()
     }
 
-    fn deliver(&mut self, from: NodeId, to: NodeId, group: GroupId, wire: Wire) -> Check {
+    fn deliver(
+        &mut self,
+        from: NodeId,
+        to: NodeId,
+        group: GroupId,
+        epoch: u64,
+        wire: Wire,
+    ) -> Check {
         let ty = wire.raft().map(|m| m.get_msg_type());
         let reachable =
             !self.net.is_cut(from, to) && self.nodes[&to].up && self.nodes[&to].hosts(group);
@@ -988,7 +1006,15 @@ impl Simulation {
             return Ok(());
         }
         self.stats.messages_delivered += 1;
-        self.input(to, Input::Wire { from, group, wire })?;
+        self.input(
+            to,
+            Input::Wire {
+                from,
+                group,
+                epoch,
+                wire,
+            },
+        )?;
         if ty == Some(MessageType::MsgSnapshot) {
             let delay = self.net.delay_between_sites(
                 &mut self.rng,

@@ -4,9 +4,11 @@
 //! - Site 0 is the volume's home site; its nodes are the volume group's voters.
 //! - Every other site holds one learner of the volume group: that is how roamdisk ships
 //!   a volume to other sites (slower links, no say in commits).
-//! - The metadata group's voters span sites (as DESIGN.md asks); every other node that
-//!   starts with a replica holds a metadata learner.
-//! - Spare nodes start empty and join through membership changes.
+//! - The metadata group's voters span sites (as DESIGN.md asks); every other node holds a
+//!   metadata learner, as every node of a cluster does: a node answers volume requests
+//!   only under its lease, which the metadata group grants (`roamdisk_core::node`'s
+//!   `lease`), so no node ever leaves it.
+//! - Spare nodes start without a volume replica and join through membership changes.
 
 use std::collections::BTreeMap;
 
@@ -93,9 +95,8 @@ impl Topology {
             meta_voters.push(*n);
         }
         meta_voters.sort();
-        let meta_learners: Vec<NodeId> = home
-            .iter()
-            .chain(&remote)
+        let meta_learners: Vec<NodeId> = nodes
+            .keys()
             .copied()
             .filter(|n| !meta_voters.contains(n))
             .collect();

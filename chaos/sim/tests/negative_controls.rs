@@ -163,15 +163,17 @@ fn losing_synced_data_on_power_loss_is_caught() {
 
 /// A quarantine that ended on the leader's first heartbeat, before the rebooted voter's
 /// log held the write it had forgotten: the leader died, and the rebooted voter helped
-/// elect one without the write. The seed sweep found it (seed 1624, 1 of 2,000); the
-/// shipped rule waits until the voter's synced log holds the leader's log end.
+/// elect one without the write. The seed sweep found it (seed 1624, 1 of 2,000, before
+/// the lease changed every seed's schedule; the same search over 0..1,200 on the code
+/// with leases found seed 1185); the shipped rule waits until the voter's synced log
+/// holds the leader's log end.
 #[test]
-fn ending_a_quarantine_on_the_leaders_first_message_is_caught_by_seed_1624() {
+fn ending_a_quarantine_on_the_leaders_first_message_is_caught_by_seed_1185() {
     let broken = SimConfig {
         core_bug: Some(CoreBug::QuarantineEndsOnLeaderHeard),
         ..SimConfig::default()
     };
-    let f = run_seed(1624, &broken).expect_err("the old rule loses a write at seed 1624");
+    let f = run_seed(1185, &broken).expect_err("the old rule loses a write at seed 1185");
     assert_caught_by(&f, &[Invariant::AcknowledgedWriteKept]);
-    run_seed(1624, &SimConfig::default()).expect("the shipped rule keeps it");
+    run_seed(1185, &SimConfig::default()).expect("the shipped rule keeps it");
 }

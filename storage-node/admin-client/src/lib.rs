@@ -166,6 +166,91 @@ impl AdminClient {
         )
     }
 
+    /// A read-only failover plan to `to` for `volumes` (none: every volume whose home
+    /// site does not answer).
+    pub fn failover_plan(&self, to: &str, volumes: &[String]) -> Result<Value> {
+        self.call(
+            self.agent.post(&format!("{}/v1/failover/plan", self.base)),
+            Some(serde_json::json!({ "to": to, "volumes": volumes })),
+        )
+    }
+
+    /// Executes a plan made on this same node.
+    pub fn failover_execute(&self, plan: &str, accept_data_loss: bool) -> Result<Value> {
+        self.call(
+            self.agent.post(&format!("{}/v1/failover/execute", self.base)),
+            Some(serde_json::json!({ "plan": plan, "accept_data_loss": accept_data_loss })),
+        )
+    }
+
+    /// What the replicas a failover fenced hold beyond the divergence point.
+    pub fn divergent(&self, name: &str) -> Result<Value> {
+        self.call(
+            self.agent
+                .get(&format!("{}/v1/volumes/{name}/divergent", self.base)),
+            None,
+        )
+    }
+
+    /// Writes the fenced replica of `name` held by the node at this address (as a raw
+    /// image, holes kept sparse) to `out`; returns the bytes of data written.
+    pub fn divergent_image(&self, name: &str, out: &std::path::Path) -> Result<u64> {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let r = self
+            .agent
+            .get(&format!("{}/v1/volumes/{name}/divergent/image", self.base))
+            .timeout(Duration::from_secs(3600))
+            .call();
+        let r = match r {
+            Ok(r) => r,
+            Err(ureq::Error::Status(code, r)) => {
+                let v: Value = r.into_json().unwrap_or(Value::Null);
+                bail!(
+                    "{code}: {}",
+                    v.get("error").and_then(Value::as_str).unwrap_or("no details")
+                );
+            }
+            Err(e) => return Err(e).context("fetch the divergent image"),
+        };
+        let size: u64 = r
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .context("the image's length")?;
+        let mut f = std::fs::File::create(out)
+            .with_context(|| format!("create {}", out.display()))?;
+        let mut rd = r.into_reader();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut data = 0u64;
+        loop {
+            let n = rd.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            // 4 KiB blocks of zeros become holes.
+            for chunk in buf[..n].chunks(4096) {
+                if chunk.iter().all(|b| *b == 0) {
+                    f.seek(SeekFrom::Current(chunk.len() as i64))?;
+                } else {
+                    f.write_all(chunk)?;
+                    data += chunk.len() as u64;
+                }
+            }
+        }
+        f.set_len(size)?;
+        f.sync_all()?;
+        Ok(data)
+    }
+
+    /// Gives up the writes the fenced replicas of `name` (the one on `node` only, if
+    /// given) hold: they resync from the volume's current home and become learners.
+    pub fn discard_divergent(&self, name: &str, node: Option<u64>) -> Result<Value> {
+        self.call(
+            self.agent
+                .post(&format!("{}/v1/volumes/{name}/discard-divergent", self.base)),
+            Some(serde_json::json!({ "node": node })),
+        )
+    }
+
     pub fn delete_volume(&self, name: &str) -> Result<Value> {
         self.call(
             self.agent

@@ -67,6 +67,15 @@ impl Default for GroupConfig {
     }
 }
 
+/// The home-site time an entry was proposed at (the leader's wall clock, Unix ms), from
+/// its context; `None` for entries without one (raft-rs's own, older ones). A failover
+/// plan states its loss in it.
+pub fn entry_stamp(e: &Entry) -> Option<u64> {
+    <[u8; 8]>::try_from(e.context.as_ref())
+        .ok()
+        .map(u64::from_be_bytes)
+}
+
 /// Produces the state-machine part of a group's snapshot at its recorded applied index.
 /// An error is reported to raft-rs as "temporarily unavailable" (raft-rs would panic on
 /// any other); the driver learns of it on its own channel and stops.
@@ -78,6 +87,10 @@ pub struct GroupStorage<S: LogStore> {
     store: Arc<S>,
     /// Produces the state-machine part of a snapshot at the applied index.
     snapshot_data: SnapshotData,
+    /// The first index of the group's epoch (0: the first epoch). Entries before it are
+    /// never sent to a follower: one that lacks them takes a snapshot, which carries the
+    /// membership the failover re-formed the group with (`node::failover`).
+    epoch_start: u64,
 }
 
 fn store_err(e: StoreError) -> raft::Error {
@@ -104,10 +117,14 @@ impl<S: LogStore> Storage for GroupStorage<S> {
         low: u64,
         high: u64,
         max_size: impl Into<Option<u64>>,
-        _context: GetEntriesContext,
+        context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
         let st = self.state()?;
         if low <= st.truncated_index {
+            return Err(raft::Error::Store(raft::StorageError::Compacted));
+        }
+        // `can_async` is true exactly for entries to send to a follower.
+        if context.can_async() && low < self.epoch_start {
             return Err(raft::Error::Store(raft::StorageError::Compacted));
         }
         // The budget is applied while reading: raft-rs asks for everything up to the end
@@ -144,8 +161,9 @@ impl<S: LogStore> Storage for GroupStorage<S> {
         let st = self.state()?;
         let index = st.applied_index;
         // The stored membership must be the one at the snapshot's index: if a change
-        // was applied after the durable applied index, wait for the next checkpoint.
-        if index < request_index || st.conf_index > index {
+        // was applied after the durable applied index, wait for the next checkpoint. A
+        // new epoch's snapshot covers the old epoch's entries (it replaces them).
+        if index < request_index || st.conf_index > index || index + 1 < self.epoch_start {
             return Err(raft::Error::Store(
                 raft::StorageError::SnapshotTemporarilyUnavailable,
             ));
@@ -234,6 +252,9 @@ pub struct RaftGroup<S: LogStore> {
     conf_index: u64,
     /// Term and vote of the last hard state handed out, to tell a vote from a commit.
     term_vote: (u64, u64),
+    /// The group's epoch: membership changes carry it, and one of another epoch is
+    /// skipped at apply (the old home's changes never act on a re-formed group).
+    epoch: u64,
 }
 
 impl<S: LogStore> RaftGroup<S> {
@@ -245,6 +266,8 @@ impl<S: LogStore> RaftGroup<S> {
         store: Arc<S>,
         config: &GroupConfig,
         snapshot_data: SnapshotData,
+        epoch: u64,
+        epoch_start: u64,
         logger: &slog::Logger,
     ) -> Result<RaftGroup<S>, raft::Error> {
         let st = store
@@ -273,6 +296,7 @@ impl<S: LogStore> RaftGroup<S> {
             group: id,
             store,
             snapshot_data,
+            epoch_start,
         };
         let logger = logger.new(slog::o!("group" => id.0));
         let node = RawNode::new(&cfg, storage, &logger)?;
@@ -283,6 +307,7 @@ impl<S: LogStore> RaftGroup<S> {
             last_role: (StateRole::Follower, 0),
             conf_index: st.conf_index,
             term_vote: (st.hard_state.term, st.hard_state.vote),
+            epoch,
         })
     }
 
@@ -379,16 +404,26 @@ impl<S: LogStore> RaftGroup<S> {
         v
     }
 
-    /// Appends `data` as a new entry. Only on the leader: followers return `NotLeader`
-    /// so that the caller forwards to the leader and tracks the result there.
-    pub fn propose(&mut self, data: Vec<u8>) -> Result<(LogIndex, Term), ProposeError> {
+    /// Appends `data` as a new entry stamped with the leader's wall clock (`unix_ms`,
+    /// see [`entry_stamp`]; 0 leaves it unstamped). Only on the leader: followers return
+    /// `NotLeader` so that the caller forwards to the leader and tracks the result there.
+    pub fn propose(
+        &mut self,
+        data: Vec<u8>,
+        unix_ms: u64,
+    ) -> Result<(LogIndex, Term), ProposeError> {
         if !self.is_leader() {
             return Err(ProposeError::NotLeader {
                 leader: self.leader(),
             });
         }
         let before = self.node.raft.raft_log.last_index();
-        match self.node.propose(vec![], data) {
+        let context = if unix_ms == 0 {
+            Vec::new()
+        } else {
+            unix_ms.to_be_bytes().to_vec()
+        };
+        match self.node.propose(context, data) {
             Ok(()) => {}
             Err(raft::Error::ProposalDropped) => return Err(ProposeError::Dropped),
             Err(e) => return Err(ProposeError::Raft(e.to_string())),
@@ -422,7 +457,7 @@ impl<S: LogStore> RaftGroup<S> {
         }
         let before = self.node.raft.raft_log.last_index();
         self.node
-            .propose_conf_change(vec![], cc)
+            .propose_conf_change(self.epoch.to_be_bytes().to_vec(), cc)
             .map_err(|e| match e {
                 raft::Error::ProposalDropped => ProposeError::Dropped,
                 e => ProposeError::Raft(e.to_string()),
@@ -641,6 +676,20 @@ impl<S: LogStore> RaftGroup<S> {
                         // Already reflected in the membership this replica restarted
                         // with (changes are recorded as they apply, ahead of the
                         // durable applied index).
+                        out.push(Applied::Internal { index });
+                        continue;
+                    }
+                    // A change of another epoch (the old home's, in a re-formed group's
+                    // log) never acts here. raft-rs's own leave of a joint configuration
+                    // carries no epoch: it belongs to whichever epoch proposed the
+                    // joint change before it, and an old one is refused below (the
+                    // re-formed membership is not joint).
+                    let auto_leave = entry.context.is_empty() && cc.changes.is_empty();
+                    let epoch = <[u8; 8]>::try_from(entry.context.as_ref())
+                        .map_or(0, u64::from_be_bytes);
+                    if !auto_leave && epoch != self.epoch {
+                        tracing::info!(group = %self.id, index = index.0, epoch,
+                            ours = self.epoch, "membership change of another epoch skipped");
                         out.push(Applied::Internal { index });
                         continue;
                     }

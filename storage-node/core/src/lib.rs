@@ -19,6 +19,9 @@
 //! - [`node`]: the node core — every group of a node and every decision about them
 //!   (answers, flushes, reads, syncs, checkpoints, catch-up), driven by the storage
 //!   node's store thread and by the simulation alike.
+//! - [`failover`]: failover plans (the replica a group re-forms from when its home site
+//!   is lost, and the loss stated before anything changes); what each node does is in
+//!   `node::failover`.
 //! - [`lag`]: replication lag per replica (entries, bytes, seconds, drain rate).
 //! - [`stats`]: counters and histograms of the node's work, for `/metrics`.
 //! - [`time`]: time as an input.
@@ -31,6 +34,7 @@
 
 pub mod codec;
 pub mod command;
+pub mod failover;
 pub mod group;
 pub mod ids;
 pub mod lag;

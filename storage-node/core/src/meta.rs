@@ -16,6 +16,13 @@
 //! - 1: AddNode, CreateVolume, ResizeVolume, DeleteVolume.
 //! - 2: MoveVolume, FinishMove (they were added under version 1 at first; entries
 //!   written then still decode).
+//! - 3: Failover (a forced failover of a volume whose home site is lost: the group
+//!   re-forms from one surviving replica in a new epoch) and DiscardDivergent (the
+//!   fenced replicas of the old home give up their divergent writes and come back as
+//!   learners).
+//!
+//! The encoded [`ClusterState`] (the metadata snapshot) carries its own format version,
+//! [`CLUSTER_STATE_VERSION`]; a state of another version is refused at decode.
 //!
 //! A node's site never changes (`AddNode` with a known id and another site is refused):
 //! its replicas were placed by site.
@@ -27,7 +34,10 @@ use serde::{Deserialize, Serialize};
 use crate::codec::{self, CodecError};
 use crate::ids::{Generation, NodeId, VolumeId, BLOCK_BYTES};
 
-pub const META_FORMAT_VERSION: u16 = 2;
+pub const META_FORMAT_VERSION: u16 = 3;
+/// Format of the encoded [`ClusterState`]. 1 had no version (before failovers); 2 adds
+/// each volume's epoch, divergent replicas and last failover.
+pub const CLUSTER_STATE_VERSION: u16 = 2;
 
 /// Largest volume: 64 TiB.
 pub const VOLUME_SIZE_MAX_BYTES: u64 = 64 << 40;
@@ -76,6 +86,60 @@ pub struct VolumeInfo {
     pub initial_learners: Vec<NodeId>,
     /// A move in progress: the placement the group's leader is driving towards.
     pub moving: Option<MoveTarget>,
+    /// The incarnation of the volume's Raft group: 0 until a forced failover, then the
+    /// generation that failover made. Raft messages and requests of any other epoch are
+    /// refused, so that a cut-off old home can never reach the re-formed group.
+    pub epoch: u64,
+    /// Replicas fenced by a failover (the old home's): they may hold writes the
+    /// re-formed group never saw, kept untouched until `DiscardDivergent`.
+    pub divergent: Vec<Divergent>,
+    /// The last forced failover.
+    pub failover: Option<FailoverRecord>,
+}
+
+/// A replica fenced by a failover, with what it may hold that the others do not.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Divergent {
+    pub node: NodeId,
+    /// The epoch it was fenced in (its writes after the divergence point are of it).
+    pub epoch: u64,
+}
+
+/// The loss a failover states before it acts (see `roamdisk_core::failover`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rpo {
+    /// Every write acknowledged at the old home is in the replica the group re-forms from.
+    pub lossless: bool,
+    /// Entries and bytes the old home's leader had and the chosen replica lacks, as last
+    /// reported to the surviving sites (writes acknowledged after that report add to it).
+    pub entries: u64,
+    pub bytes: u64,
+    /// Writes acknowledged after this home-site time may be lost (Unix ms); `None` when
+    /// lossless (or no stamped entry survives).
+    pub after_unix_ms: Option<u64>,
+    /// When the home's leader made the report `entries` and `bytes` come from.
+    pub as_of_unix_ms: Option<u64>,
+}
+
+/// What a forced failover did, for `volume show`, the failback and the checker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverRecord {
+    pub plan: String,
+    /// The site the volume failed over to, and the site it lost.
+    pub to: String,
+    pub from_site: String,
+    /// The replica the group re-formed from, and its log's end then: the divergence
+    /// point is (`generation`, `index`).
+    pub node: NodeId,
+    pub index: u64,
+    pub term: u64,
+    /// Highest index that replica knew committed when the plan was made: every replica's
+    /// log agrees up to it.
+    pub committed: u64,
+    pub term_floor: u64,
+    pub generation: Generation,
+    pub at_unix_ms: u64,
+    pub rpo: Rpo,
 }
 
 /// Where a moving volume is going.
@@ -146,6 +210,32 @@ pub enum MetaCommand {
         to: String,
         generation: Generation,
     },
+    /// The volume's home site is lost: re-form its group from replica `node` (outside the
+    /// home) in a new epoch, with voters placed at `to` by the mover; the old home's
+    /// replicas are fenced and keep their divergent writes. Refused unless the volume is
+    /// still at `generation` (the plan's).
+    Failover {
+        name: String,
+        to: String,
+        node: NodeId,
+        /// The chosen replica's log end and known commit when the plan was made.
+        index: u64,
+        term: u64,
+        committed: u64,
+        /// The highest term any surviving replica had: the re-formed group's terms start
+        /// above it.
+        term_floor: u64,
+        generation: Generation,
+        plan: String,
+        at_unix_ms: u64,
+        rpo: Rpo,
+    },
+    /// The fenced replica on `node` (every one with `None`) gives up its divergent writes
+    /// and becomes a learner again: it resyncs the blocks that differ.
+    DiscardDivergent {
+        name: String,
+        node: Option<NodeId>,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -198,6 +288,22 @@ pub enum MetaError {
     NotMoving { name: String, to: String },
     #[error("volume {name:?} already lives in site {site:?}")]
     AlreadyHome { name: String, site: String },
+    #[error("volume {name:?} is at generation {current}, the failover plan was made at {planned}: make a new plan")]
+    StaleFailover {
+        name: String,
+        planned: Generation,
+        current: Generation,
+    },
+    #[error("node {node} holds no replica of volume {name:?} outside its home site {home:?}")]
+    NotASurvivor {
+        name: String,
+        node: NodeId,
+        home: String,
+    },
+    #[error("volume {name:?} cannot fail over to {site:?}: that is the home site it is losing")]
+    FailoverToLostHome { name: String, site: String },
+    #[error("volume {name:?} has no divergent replica{}", node.map(|n| format!(" on node {n}")).unwrap_or_default())]
+    NotDivergent { name: String, node: Option<NodeId> },
     /// Applied, the command would break an invariant of the metadata (a bug in `apply`):
     /// every replica refuses it alike and keeps the state it had.
     #[error("refused: the command would leave the cluster metadata invalid ({0})")]
@@ -360,6 +466,9 @@ impl ClusterState {
                     learners,
                     generation: Generation(1),
                     moving: None,
+                    epoch: 0,
+                    divergent: Vec::new(),
+                    failover: None,
                 };
                 self.volumes.insert(name, info.clone());
                 Ok(Some(info))
@@ -390,6 +499,35 @@ impl ClusterState {
                 Ok(Some(v))
             }
             MetaCommand::MoveVolume { name, to } => self.start_move(name, to),
+            MetaCommand::Failover {
+                name,
+                to,
+                node,
+                index,
+                term,
+                committed,
+                term_floor,
+                generation,
+                plan,
+                at_unix_ms,
+                rpo,
+            } => {
+                let record = FailoverRecord {
+                    plan,
+                    to: to.clone(),
+                    from_site: String::new(),
+                    node,
+                    index,
+                    term,
+                    committed,
+                    term_floor,
+                    generation,
+                    at_unix_ms,
+                    rpo,
+                };
+                self.failover(name, to, record)
+            }
+            MetaCommand::DiscardDivergent { name, node } => self.discard_divergent(name, node),
             MetaCommand::FinishMove {
                 name,
                 to,
@@ -412,6 +550,153 @@ impl ClusterState {
                 }
             }
         }
+    }
+
+    /// See [`MetaCommand::Failover`].
+    fn failover(&mut self, name: String, to: String, mut record: FailoverRecord) -> MetaResult {
+        let v = self
+            .volumes
+            .get(&name)
+            .ok_or_else(|| MetaError::VolumeNotFound(name.clone()))?;
+        if v.generation != record.generation {
+            return Err(MetaError::StaleFailover {
+                name,
+                planned: record.generation,
+                current: v.generation,
+            });
+        }
+        if !self.sites().contains(&to) {
+            return Err(MetaError::UnknownSite(to));
+        }
+        let lost = v.home_site.clone();
+        if to == lost {
+            return Err(MetaError::FailoverToLostHome { name, site: to });
+        }
+        let from = record.node;
+        let from_site = match self.nodes.get(&from) {
+            Some(n) if n.site != lost && v.replicas_on(from) => n.site.clone(),
+            _ => {
+                return Err(MetaError::NotASurvivor {
+                    name,
+                    node: from,
+                    home: lost,
+                })
+            }
+        };
+        let site_of = |n: &NodeId| self.nodes.get(n).map(|i| i.site.clone());
+        let mut placed: Vec<NodeId> = v.voters.iter().chain(&v.learners).copied().collect();
+        if let Some(m) = &v.moving {
+            placed.extend(m.voters.iter().chain(&m.learners));
+        }
+        placed.sort();
+        placed.dedup();
+        let (fenced, survivors): (Vec<NodeId>, Vec<NodeId>) = placed
+            .into_iter()
+            .partition(|n| site_of(n).as_deref() == Some(lost.as_str()));
+        let generation = Generation(v.generation.0 + 1);
+        let old_epoch = v.epoch;
+        // The voters at `to`: the chosen replica if it is there, warm replicas there,
+        // then the least loaded nodes of the site.
+        let wanted = v.replicas as usize;
+        let in_to = |n: &NodeId| site_of(n).as_deref() == Some(to.as_str());
+        let mut voters: Vec<NodeId> = Vec::new();
+        if in_to(&from) {
+            voters.push(from);
+        }
+        for n in survivors.iter().filter(|n| in_to(n)) {
+            if voters.len() < wanted && !voters.contains(n) {
+                voters.push(*n);
+            }
+        }
+        // Never a replica a failover fenced (it holds writes the group never saw).
+        let divergent: Vec<NodeId> = v.divergent.iter().map(|d| d.node).collect();
+        let load = self.load();
+        for n in self.pick(&to, wanted + voters.len() + divergent.len(), &load) {
+            if voters.len() < wanted && !voters.contains(&n) && !divergent.contains(&n) {
+                voters.push(n);
+            }
+        }
+        if voters.len() < wanted {
+            return Err(MetaError::NotEnoughNodes {
+                site: to,
+                available: voters.len(),
+                wanted: v.replicas,
+            });
+        }
+        // Every other survivor stays a learner; a surviving site with no replica gets
+        // one. The lost site gets none: its replicas come back with DiscardDivergent.
+        let mut learners: Vec<NodeId> = survivors
+            .iter()
+            .copied()
+            .filter(|n| !voters.contains(n))
+            .collect();
+        for site in self.sites().iter().filter(|s| **s != to && **s != lost) {
+            if !learners.iter().any(|n| site_of(n).as_deref() == Some(site)) {
+                learners.extend(
+                    self.pick(site, 1 + divergent.len(), &load)
+                        .into_iter()
+                        .filter(|n| !divergent.contains(n))
+                        .take(1),
+                );
+            }
+        }
+        learners.sort();
+        record.from_site = lost;
+        let v = self.volumes.get_mut(&name).expect("looked up");
+        v.generation = generation;
+        v.epoch = generation.0;
+        // Re-formed: the chosen replica alone votes; the mover places the voters.
+        v.home_site = from_site;
+        v.voters = vec![from];
+        v.learners = survivors.iter().copied().filter(|n| *n != from).collect();
+        for n in fenced {
+            v.divergent.retain(|d| d.node != n);
+            v.divergent.push(Divergent {
+                node: n,
+                epoch: old_epoch,
+            });
+        }
+        v.divergent.sort_by_key(|d| d.node);
+        v.failover = Some(record);
+        v.moving = if v.voters == voters && v.home_site == to {
+            None
+        } else {
+            Some(MoveTarget {
+                to,
+                voters,
+                learners,
+            })
+        };
+        Ok(Some(v.clone()))
+    }
+
+    /// See [`MetaCommand::DiscardDivergent`].
+    fn discard_divergent(&mut self, name: String, node: Option<NodeId>) -> MetaResult {
+        let v = self
+            .volumes
+            .get_mut(&name)
+            .ok_or_else(|| MetaError::VolumeNotFound(name.clone()))?;
+        let gone: Vec<NodeId> = v
+            .divergent
+            .iter()
+            .map(|d| d.node)
+            .filter(|n| node.is_none_or(|x| x == *n))
+            .collect();
+        if gone.is_empty() {
+            return Err(MetaError::NotDivergent { name, node });
+        }
+        v.divergent.retain(|d| !gone.contains(&d.node));
+        for n in gone {
+            if !v.replicas_on(n) {
+                v.learners.push(n);
+                if let Some(m) = &mut v.moving {
+                    m.learners.push(n);
+                    m.learners.sort();
+                }
+            }
+        }
+        v.learners.sort();
+        Ok(Some(v.clone()))
     }
 
     fn start_move(&mut self, name: String, to: String) -> MetaResult {
@@ -511,16 +796,30 @@ impl ClusterState {
                     ));
                 }
             }
+            // Learners may share the home site only after a failover, which re-forms a
+            // group at a site that can hold several of them.
             for learner in &v.learners {
-                if self
-                    .nodes
-                    .get(learner)
-                    .is_some_and(|node| node.site == v.home_site)
+                if v.failover.is_none()
+                    && self
+                        .nodes
+                        .get(learner)
+                        .is_some_and(|node| node.site == v.home_site)
                 {
                     return Err(format!(
                         "volume {name:?} has learner {learner} in its home site"
                     ));
                 }
+            }
+            for d in &v.divergent {
+                if v.replicas_on(d.node) {
+                    return Err(format!(
+                        "volume {name:?} places its divergent replica {}",
+                        d.node
+                    ));
+                }
+            }
+            if v.epoch > v.generation.0 {
+                return Err(format!("volume {name:?} has an epoch past its generation"));
             }
             if let Some(m) = &v.moving {
                 let in_to = |n: &NodeId| self.nodes.get(n).is_none_or(|i| i.site == m.to);
@@ -547,11 +846,18 @@ impl ClusterState {
 
     /// The whole state, for a metadata snapshot.
     pub fn encode(&self) -> Vec<u8> {
-        codec::encode(self).expect("cluster state always encodes")
+        codec::encode(&(CLUSTER_STATE_VERSION, self)).expect("cluster state always encodes")
     }
 
     pub fn decode(bytes: &[u8]) -> Result<ClusterState, CodecError> {
-        codec::decode(bytes)
+        let (version, state): (u16, ClusterState) = codec::decode(bytes)?;
+        if version != CLUSTER_STATE_VERSION {
+            return Err(CodecError::Version {
+                found: version,
+                known: CLUSTER_STATE_VERSION,
+            });
+        }
+        Ok(state)
     }
 }
 
@@ -782,6 +1088,87 @@ mod tests {
         s.check().unwrap();
     }
 
+    fn failover_to(s: &ClusterState, name: &str, to: &str, node: u64) -> MetaCommand {
+        MetaCommand::Failover {
+            name: name.into(),
+            to: to.into(),
+            node: NodeId(node),
+            index: 10,
+            term: 2,
+            committed: 9,
+            term_floor: 3,
+            generation: s.volumes.get(name).map_or(Generation(1), |v| v.generation),
+            plan: "p".into(),
+            at_unix_ms: 1,
+            rpo: Rpo::default(),
+        }
+    }
+
+    #[test]
+    fn a_failover_reforms_from_one_survivor_fences_the_home_and_places_voters_at_the_site() {
+        let mut s = ClusterState::default();
+        for (id, site) in [(1, "a"), (2, "a"), (3, "a"), (4, "b"), (5, "b"), (6, "b"), (7, "c")] {
+            s.apply(node(id, site)).unwrap();
+        }
+        let v = s.apply(create("vm", 4096, 3, Some("a"))).unwrap().unwrap();
+        let warm_b = *v.learners.iter().find(|n| s.nodes[n].site == "b").unwrap();
+        let before = s.clone();
+        // The replica must be a survivor: not at the lost home, and placed.
+        assert!(matches!(
+            s.apply(failover_to(&before, "vm", "b", 1)),
+            Err(MetaError::NotASurvivor { .. })
+        ));
+        assert!(matches!(
+            s.apply(failover_to(&before, "vm", "b", 6)),
+            Err(MetaError::NotASurvivor { .. })
+        ));
+        let mut stale = failover_to(&before, "vm", "b", warm_b.0);
+        if let MetaCommand::Failover { generation, .. } = &mut stale {
+            *generation = Generation(7);
+        }
+        assert!(matches!(s.apply(stale), Err(MetaError::StaleFailover { .. })));
+        assert_eq!(s, before);
+        let f = s
+            .apply(failover_to(&before, "vm", "b", warm_b.0))
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.generation, Generation(2));
+        assert_eq!(f.epoch, 2);
+        assert_eq!(f.voters, vec![warm_b], "the survivor alone votes");
+        assert_eq!(f.home_site, "b");
+        let fenced: Vec<NodeId> = f.divergent.iter().map(|d| d.node).collect();
+        assert_eq!(fenced, vec![NodeId(1), NodeId(2), NodeId(3)]);
+        let m = f.moving.clone().expect("the mover places the voters");
+        assert_eq!(m.to, "b");
+        assert_eq!(m.voters.len(), 3);
+        assert!(m.voters.contains(&warm_b));
+        assert!(m.learners.iter().any(|n| s.nodes[n].site == "c"));
+        assert!(m.learners.iter().all(|n| s.nodes[n].site != "a"), "nothing at the lost site");
+        for n in [1, 2, 3] {
+            assert!(!f.replicas_on(NodeId(n)));
+        }
+        let rec = f.failover.clone().unwrap();
+        assert_eq!((rec.from_site.as_str(), rec.index, rec.committed), ("a", 10, 9));
+        s.check().unwrap();
+        // Discarding brings the fenced replicas back as learners.
+        assert!(matches!(
+            s.apply(MetaCommand::DiscardDivergent { name: "vm".into(), node: Some(NodeId(4)) }),
+            Err(MetaError::NotDivergent { .. })
+        ));
+        let d = s
+            .apply(MetaCommand::DiscardDivergent { name: "vm".into(), node: Some(NodeId(2)) })
+            .unwrap()
+            .unwrap();
+        assert!(d.learners.contains(&NodeId(2)));
+        assert_eq!(d.divergent.len(), 2);
+        assert!(d.moving.as_ref().unwrap().learners.contains(&NodeId(2)));
+        s.check().unwrap();
+        assert!(matches!(
+            s.apply(failover_to(&before, "vm", "c", 7)),
+            Err(MetaError::StaleFailover { .. })
+        ), "a plan made before the first failover is stale");
+    }
+
     #[test]
     fn state_and_commands_round_trip() {
         let mut s = ClusterState::default();
@@ -805,6 +1192,11 @@ mod tests {
                 (0usize..4).prop_map(|n| MetaCommand::DeleteVolume { name: ["v0", "v1", "v2", "v3"][n].into() }),
                 (0usize..4, 0usize..3).prop_map(|(n, s)| MetaCommand::MoveVolume { name: ["v0", "v1", "v2", "v3"][n].into(), to: ["a", "b", "c"][s].into() }),
                 (0usize..4, 0usize..3, 1u64..4).prop_map(|(n, s, g)| MetaCommand::FinishMove { name: ["v0", "v1", "v2", "v3"][n].into(), to: ["a", "b", "c"][s].into(), generation: Generation(g) }),
+                (0usize..4, 0usize..3, 1u64..8, 1u64..4).prop_map(|(n, s, node, g)| MetaCommand::Failover {
+                    name: ["v0", "v1", "v2", "v3"][n].into(), to: ["a", "b", "c"][s].into(), node: NodeId(node),
+                    index: 5, term: 1, committed: 4, term_floor: 1, generation: Generation(g), plan: String::new(),
+                    at_unix_ms: 0, rpo: Rpo::default() }),
+                (0usize..4, proptest::option::of(1u64..8)).prop_map(|(n, node)| MetaCommand::DiscardDivergent { name: ["v0", "v1", "v2", "v3"][n].into(), node: node.map(NodeId) }),
             ], 1..40)) {
             let mut a = ClusterState::default();
             let mut b = ClusterState::default();

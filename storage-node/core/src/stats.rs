@@ -78,6 +78,9 @@ pub struct StoreStats {
     /// that does not match the leader's there).
     pub written_reports: AtomicU64,
     pub written_reports_refused: AtomicU64,
+    /// Raft messages dropped because they were of another epoch of their group (a
+    /// failover fenced the sender or this node), or for a fenced replica.
+    pub fenced_messages: AtomicU64,
     /// Replicas the scrub found corrupted on disk (each then copies its blocks again).
     pub scrub_corrupted: AtomicU64,
     /// One RocksDB batch write (all groups of a round).
@@ -138,6 +141,11 @@ impl StoreStats {
                 "roamdisk_store_written_reports_refused_total",
                 "Followers' reports refused (another term, or a log not matching there).",
                 &self.written_reports_refused,
+            ),
+            (
+                "roamdisk_store_fenced_messages_total",
+                "Raft messages dropped as of another epoch of their group (fencing after a failover).",
+                &self.fenced_messages,
             ),
             (
                 "roamdisk_store_scrub_corrupted_total",

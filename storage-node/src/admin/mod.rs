@@ -14,6 +14,9 @@
 //! | POST | /v1/volumes/{name}/transfer-leader | `{to}` | the volume; asked of the group's leader (409 names it otherwise) |
 //! | POST | /v1/volumes/{name}/verify | `{repair?}` | the verify report: every replica's blocks compared by digest at one index (409 while another verify runs on this node) |
 //! | GET | /v1/volumes/{name}/verify | | the progress of the verify running on this node |
+//! | POST | /v1/failover/plan, /v1/failover/execute | | see `failover` |
+//! | GET | /v1/volumes/{name}/divergent[/image] | | see `failover` |
+//! | POST | /v1/volumes/{name}/discard-divergent | `{node?}` | see `failover` |
 //! | GET | /metrics | | Prometheus text |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad input), 404, 409 (exists) or 503
@@ -36,6 +39,7 @@ use serde_json::json;
 use crate::node::Node;
 use crate::store::GroupStatus;
 
+mod failover;
 mod metrics;
 
 pub fn router(node: Arc<Node>) -> Router {
@@ -50,6 +54,17 @@ pub fn router(node: Arc<Node>) -> Router {
         .route(
             "/v1/volumes/{name}/verify",
             post(verify_volume).get(verify_progress),
+        )
+        .route("/v1/failover/plan", post(failover::plan))
+        .route("/v1/failover/execute", post(failover::execute))
+        .route("/v1/volumes/{name}/divergent", get(failover::divergent))
+        .route(
+            "/v1/volumes/{name}/divergent/image",
+            get(failover::divergent_image),
+        )
+        .route(
+            "/v1/volumes/{name}/discard-divergent",
+            post(failover::discard_divergent),
         )
         .route("/metrics", get(metrics::metrics))
         .with_state(node)
@@ -68,9 +83,10 @@ impl From<MetaError> for ApiError {
         let code = match e {
             MetaError::VolumeExists(_) => StatusCode::CONFLICT,
             MetaError::VolumeNotFound(_) => StatusCode::NOT_FOUND,
-            MetaError::MoveInProgress { .. } | MetaError::AlreadyHome { .. } => {
-                StatusCode::CONFLICT
-            }
+            MetaError::MoveInProgress { .. }
+            | MetaError::AlreadyHome { .. }
+            | MetaError::StaleFailover { .. } => StatusCode::CONFLICT,
+            MetaError::NotDivergent { .. } => StatusCode::NOT_FOUND,
             MetaError::WouldBreakInvariant(_) => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
         };
@@ -102,6 +118,10 @@ pub struct VolumeView {
     /// Progress of a move in flight (absent when not moving or no leader answered).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub move_progress: Option<MoveProgress>,
+    /// The leader holds its answers (no lease from the metadata quorum, or a failover's
+    /// fencing wait): writes wait. Absent when no leader answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspended: Option<bool>,
     /// Exports of this volume on every node.
     pub exports: Vec<String>,
 }
@@ -251,6 +271,7 @@ fn view(node: &Node, v: &VolumeInfo, status: Option<&GroupStatus>) -> VolumeView
         progress,
         site_lag,
         move_progress,
+        suspended: status.map(|g| g.suspended),
         exports: cluster
             .nodes
             .values()
@@ -264,14 +285,18 @@ async fn status(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
     let groups = node.status().await;
     let mut volumes = Vec::new();
     for v in cluster.volumes.values() {
-        let site_lag = match node.leader_status(v.id.group()).await {
-            Some(g) => Some(with_copy_state(&node, v, replication(&cluster, v, &g).1).await),
+        let leader = node.leader_status(v.id.group()).await;
+        let site_lag = match &leader {
+            Some(g) => Some(with_copy_state(&node, v, replication(&cluster, v, g).1).await),
             None => None,
         };
         volumes.push(json!({
             "name": v.name, "size": v.size, "leader": node.leader_of(v.id.group()),
             "home_site": v.home_site, "replicas": v.replicas, "durability": v.durability,
-            "generation": v.generation, "site_lag": site_lag,
+            "generation": v.generation, "epoch": v.epoch, "site_lag": site_lag,
+            "suspended": leader.as_ref().map(|g| g.suspended),
+            "divergent": v.divergent.iter().map(|d| d.node).collect::<Vec<_>>(),
+            "moving": v.moving.as_ref().map(|m| m.to.clone()),
         }));
     }
     Json(json!({

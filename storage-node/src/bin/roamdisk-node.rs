@@ -76,6 +76,7 @@ fn config(args: Args) -> Result<NodeConfig> {
             peer_routes: Default::default(),
             link_caps: Default::default(),
             verify_interval_secs: 86_400,
+            lease_ms: roamdisk_core::node::LEASE.as_millis() as u64,
         },
     };
     if let Some(v) = args.id {
@@ -176,6 +177,7 @@ fn main() -> Result<()> {
             .context("read and record the boot id")?,
         digests: Arc::clone(&digests),
         core_bug,
+        lease: (cfg.lease_ms > 0).then(|| std::time::Duration::from_millis(cfg.lease_ms)),
     };
     if store_cfg.rebooted {
         warn!(

@@ -6,6 +6,7 @@ use roamdisk_core::ids::GroupId;
 fn raft_frame(n: usize, fill: u8) -> PeerFrame {
     PeerFrame::Raft {
         group: GroupId(7),
+        epoch: 0,
         msg: vec![fill; n],
     }
 }
@@ -80,6 +81,7 @@ async fn pipelined_writer_keeps_order_across_inline_and_pooled_batches_under_a_c
             msg[0] = i;
             vec![PeerFrame::Raft {
                 group: GroupId(7),
+                epoch: 0,
                 msg,
             }]
         })
@@ -140,6 +142,7 @@ async fn incompressible_batches_go_as_plain_frames() {
     };
     let f = PeerFrame::Raft {
         group: GroupId(1),
+        epoch: 0,
         msg: noise.clone(),
     };
     let (wire, got) = round_trip(&mode, &[f]).await;

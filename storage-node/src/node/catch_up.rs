@@ -37,6 +37,31 @@ pub const CATCH_UP_QUEUE_TARGET_MS: u64 = 25;
 pub const CATCH_UP_IO_MAX: usize = 2;
 
 impl Node {
+    /// Replicas a catch-up copy may read from, in the order to try them: the leader,
+    /// then this site's other replicas, then every other one. Any replica whose data is
+    /// whole serves (a copy source passes a linearizable read barrier first); trying the
+    /// next one after a refusal matters when the leader is itself copying: the soak found
+    /// all three voters of a moved volume recovering at once, each copying from the
+    /// leader, which refused them (it was copying too), for good.
+    fn copy_sources(&self, info: &roamdisk_core::meta::VolumeInfo) -> Vec<roamdisk_core::ids::NodeId> {
+        let cluster = self.cluster();
+        let site_of = |n: &roamdisk_core::ids::NodeId| cluster.nodes.get(n).map(|i| i.site.clone());
+        let mut placed: Vec<_> = info.voters.iter().chain(&info.learners).copied().collect();
+        if let Some(m) = &info.moving {
+            placed.extend(m.voters.iter().chain(&m.learners));
+        }
+        let mut out = Vec::new();
+        if let Some(l) = self.leader_of(info.id.group()).filter(|l| *l != self.me) {
+            out.push(l);
+        }
+        let here = Some(self.site.clone());
+        out.extend(placed.iter().filter(|n| site_of(n) == here));
+        out.extend(placed.iter());
+        let mut seen = std::collections::BTreeSet::new();
+        out.retain(|n| *n != self.me && seen.insert(*n));
+        out
+    }
+
     /// Copies the blocks of `volume` that differ from the leader's (by blake3) for
     /// recovery point `from`, then tells the store to replay its deferred log.
     /// Resumable: after a restart the same copy sends only the blocks that still differ.
@@ -62,7 +87,7 @@ impl Node {
         let mut copy_end = 0u64;
         let mut copied_blocks: Vec<u64> = Vec::new();
         let mut next_block = 0u64;
-        let mut attempt = 0u32;
+        let mut source = 0usize;
         // Chunks to (re)send, oldest first; up to `window` chunks in flight so that a WAN
         // link's bandwidth-delay product is covered: the window grows by one for every
         // reply whose round trip is within CATCH_UP_QUEUE_TARGET_MS of the fastest seen
@@ -91,14 +116,12 @@ impl Node {
                     None => break,
                 };
                 let count = CATCH_UP_CHUNK_BLOCKS.min(blocks - block);
-                // Copy from the leader, or from any voter (in turn) when it is unknown.
-                let Some(fallback) = self.other_voter(info, attempt) else {
+                let sources = self.copy_sources(info);
+                if sources.is_empty() {
                     return Err(Refused::Failed("no other replica to copy from".into()).into());
-                };
-                let target = self
-                    .leader_of(group)
-                    .filter(|l| *l != self.me)
-                    .unwrap_or(fallback);
+                }
+                // Sticky: a source that served goes on serving; one that refused is left.
+                let target = sources[source % sources.len()];
                 let reader = Arc::clone(&file);
                 let transport = Arc::clone(&self.transport);
                 let io = &self.catch_up_io;
@@ -183,7 +206,6 @@ impl Node {
                     .map_err(|e| std::io::Error::other(format!("catch-up write task: {e}")))??;
                     copied_blocks.extend(chunk_blocks);
                     copy_end = copy_end.max(applied);
-                    attempt = 0;
                     fastest = fastest.min(took);
                     window = if took <= fastest + Duration::from_millis(CATCH_UP_QUEUE_TARGET_MS) {
                         (window + 1).min(CATCH_UP_WINDOW_MAX)
@@ -193,7 +215,11 @@ impl Node {
                 }
                 other => {
                     debug!(%volume, peer = %target, "catch-up request failed: {other:?}");
-                    attempt += 1;
+                    // Several chunks in flight fail together: move on once per source.
+                    let sources = self.copy_sources(info);
+                    if sources.get(source % sources.len().max(1)) == Some(&target) {
+                        source += 1;
+                    }
                     if start.elapsed() > Duration::from_millis(10 * REQUEST_DEADLINE_MS) {
                         return Err(NodeError::Deadline {
                             ms: 10 * REQUEST_DEADLINE_MS,
@@ -233,7 +259,7 @@ impl Node {
             return Err(Refused::Failed("malformed block hashes".into()));
         }
         // Only a replica that may serve reads may be copied from.
-        self.read_barrier(volume).await?;
+        self.read_barrier(volume, None).await?;
         let file = self
             .read_handle(volume)
             .map_err(|e| Refused::Failed(e.to_string()))?;

@@ -25,12 +25,14 @@ use crate::wire::{ByteBuf, PeerRequest, PeerResponse};
 use roamdisk_core::stats::StoreStats;
 
 mod catch_up;
+mod failover;
 mod peer;
 
 pub use catch_up::{
     CATCH_UP_CHUNK_BLOCKS, CATCH_UP_IO_MAX, CATCH_UP_QUEUE_TARGET_MS, CATCH_UP_WINDOW_MAX,
     CATCH_UP_WINDOW_MIN,
 };
+pub use failover::{ExecuteError, Executed, FailoverPlan, PLANS_KEPT, PLAN_TTL};
 pub use peer::PeerHandler;
 
 /// How long a proposal or read keeps retrying (leader elections, forwarding) before it
@@ -63,12 +65,21 @@ pub struct Node {
     /// The verify running on this node (one at a time), and its progress.
     pub verify_running: tokio::sync::Mutex<()>,
     pub verify_progress: std::sync::Mutex<crate::volume::verify::VerifyProgress>,
+    /// Failover plans made on this node, newest last (at most `PLANS_KEPT`).
+    plans: Mutex<std::collections::VecDeque<(Instant, FailoverPlan)>>,
 }
 
 /// What [`Node::submit`] takes to a group's leader.
 enum Submission {
     Propose(Vec<u8>, Ack),
     Flush,
+}
+
+/// What a refusal means for a request of a known epoch: a request of an epoch a failover
+/// ended never succeeds (its connection belongs to the old group); one that met a node
+/// behind on the metadata is tried again.
+fn fenced_for_good(e: &Refused) -> bool {
+    matches!(e, Refused::Fenced { epoch, asked, .. } if asked < epoch)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +124,7 @@ impl Node {
             verify_counts: Default::default(),
             verify_running: tokio::sync::Mutex::new(()),
             verify_progress: Default::default(),
+            plans: Mutex::default(),
         })
     }
 
@@ -182,11 +194,13 @@ impl Node {
     async fn propose_local(
         &self,
         group: GroupId,
+        epoch: Option<u64>,
         data: Vec<u8>,
         ack: Ack,
     ) -> Result<Outcome, Refused> {
         self.to_store(|reply| Event::Propose {
             group,
+            epoch,
             data,
             ack,
             reply,
@@ -195,10 +209,14 @@ impl Node {
         .unwrap_or(Err(Refused::Superseded))
     }
 
-    async fn flush_local(&self, group: GroupId) -> Result<Outcome, Refused> {
-        self.to_store(|reply| Event::Flush { group, reply })
-            .await
-            .unwrap_or(Err(Refused::Superseded))
+    async fn flush_local(&self, group: GroupId, epoch: Option<u64>) -> Result<Outcome, Refused> {
+        self.to_store(|reply| Event::Flush {
+            group,
+            epoch,
+            reply,
+        })
+        .await
+        .unwrap_or(Err(Refused::Superseded))
     }
 
     /// A voter of the volume other than this node, a different one per `attempt`: who to
@@ -243,27 +261,38 @@ impl Node {
     /// retry's entry or never commits (log matching), so nothing lands after the caller
     /// is answered.
     pub async fn propose(&self, group: GroupId, data: Vec<u8>) -> Result<Outcome, NodeError> {
-        self.submit(group, Submission::Propose(data, Ack::Committed))
+        self.submit(group, None, Submission::Propose(data, Ack::Committed))
             .await
     }
 
-    /// [`Node::propose`] answered as `ack` says (see [`Ack`]).
+    /// [`Node::propose`] answered as `ack` says (see [`Ack`]), for a request of `epoch`
+    /// of the group (`None`: whichever is current; an NBD connection passes the one it
+    /// started in, so that a failover fences it).
     pub async fn propose_acked(
         &self,
         group: GroupId,
+        epoch: Option<u64>,
         data: Vec<u8>,
         ack: Ack,
     ) -> Result<Outcome, NodeError> {
-        self.submit(group, Submission::Propose(data, ack)).await
+        self.submit(group, epoch, Submission::Propose(data, ack))
+            .await
     }
 
     /// Returns once every write of `group` acknowledged before the call is committed
     /// (NBD FLUSH), asking the group's leader wherever it is.
-    pub async fn flush(&self, group: GroupId) -> Result<(), NodeError> {
-        self.submit(group, Submission::Flush).await.map(|_| ())
+    pub async fn flush(&self, group: GroupId, epoch: Option<u64>) -> Result<(), NodeError> {
+        self.submit(group, epoch, Submission::Flush)
+            .await
+            .map(|_| ())
     }
 
-    async fn submit(&self, group: GroupId, what: Submission) -> Result<Outcome, NodeError> {
+    async fn submit(
+        &self,
+        group: GroupId,
+        epoch: Option<u64>,
+        what: Submission,
+    ) -> Result<Outcome, NodeError> {
         let start = Instant::now();
         let candidates = self.candidates(group);
         let mut target = self
@@ -278,9 +307,9 @@ impl Node {
             let result = if target == self.me {
                 match &what {
                     Submission::Propose(data, ack) => {
-                        self.propose_local(group, data.clone(), *ack).await
+                        self.propose_local(group, epoch, data.clone(), *ack).await
                     }
-                    Submission::Flush => self.flush_local(group).await,
+                    Submission::Flush => self.flush_local(group, epoch).await,
                 }
             } else {
                 let req = match &what {
@@ -290,8 +319,9 @@ impl Node {
                         ack: *ack,
                         // The transport gives up on the request after its timeout.
                         expires_unix_ms: unix_ms() + REQUEST_TIMEOUT_MS,
+                        epoch,
                     },
-                    Submission::Flush => PeerRequest::Flush { group },
+                    Submission::Flush => PeerRequest::Flush { group, epoch },
                 };
                 match self.transport.request(target, req).await {
                     Ok(PeerResponse::Proposed(r)) => r.map(Outcome::from).map_err(Refused::from),
@@ -329,6 +359,7 @@ impl Node {
                     Refused::NoGroup(group)
                 }
                 Err(e @ (Refused::Failed(_) | Refused::Shutdown)) => return Err(e.into()),
+                Err(e) if fenced_for_good(&e) => return Err(e.into()),
                 Err(e) => {
                     if target != self.me {
                         self.hint_leader(group, None);
@@ -387,21 +418,25 @@ impl Node {
         Ok(h)
     }
 
-    /// Waits until this node's replica of `volume` may serve a linearizable read.
-    pub async fn read_barrier(&self, volume: VolumeId) -> Result<(), Refused> {
+    /// Waits until this node's replica of `volume` may serve a linearizable read (of
+    /// `epoch` of its group; `None`: the current one).
+    pub async fn read_barrier(&self, volume: VolumeId, epoch: Option<u64>) -> Result<(), Refused> {
         self.to_store(|reply| Event::Read {
             group: volume.group(),
+            epoch,
             reply,
         })
         .await
         .unwrap_or(Err(Refused::Superseded))
     }
 
-    /// A linearizable read of `volume`, served locally when this node has a replica and
+    /// A linearizable read of `volume` (for a request of `epoch`, see
+    /// [`Node::propose_acked`]), served locally when this node has a replica and
     /// forwarded otherwise.
     pub async fn read(
         &self,
         volume: VolumeId,
+        epoch: Option<u64>,
         offset: u64,
         len: u32,
     ) -> Result<Vec<ReadChunk>, NodeError> {
@@ -415,7 +450,7 @@ impl Node {
                 .volume_by_id(volume)
                 .ok_or_else(|| NodeError::NoVolume(volume.to_string()))?;
             let result = if info.replicas_on(self.me) && !local_recovering {
-                match self.read_barrier(volume).await {
+                match self.read_barrier(volume, epoch).await {
                     Ok(()) => return Ok(self.read_handle(volume)?.read_chunks(offset, len)?),
                     Err(e) => e,
                 }
@@ -434,6 +469,7 @@ impl Node {
                             volume,
                             offset,
                             len,
+                            epoch,
                         },
                     )
                     .await
@@ -446,7 +482,7 @@ impl Node {
                     Err(_) => Refused::Superseded,
                 }
             };
-            if matches!(result, Refused::Shutdown | Refused::Failed(_)) {
+            if matches!(result, Refused::Shutdown | Refused::Failed(_)) || fenced_for_good(&result) {
                 return Err(result.into());
             }
             if matches!(result, Refused::Recovering(_)) && !local_recovering {

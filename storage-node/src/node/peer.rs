@@ -130,8 +130,8 @@ impl RequestHandler for PeerHandler {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = PeerResponse> + Send + '_>> {
         Box::pin(async move {
             match req {
-                PeerRequest::Flush { group } => {
-                    let r = self.0.flush_local(group).await;
+                PeerRequest::Flush { group, epoch } => {
+                    let r = self.0.flush_local(group, epoch).await;
                     PeerResponse::Proposed(r.map(Into::into).map_err(WireRefused::from))
                 }
                 PeerRequest::Propose {
@@ -139,6 +139,7 @@ impl RequestHandler for PeerHandler {
                     data,
                     ack,
                     expires_unix_ms,
+                    epoch,
                 } => {
                     if unix_ms() > expires_unix_ms {
                         // The sender gave up on this copy: landing now could overwrite a
@@ -148,16 +149,17 @@ impl RequestHandler for PeerHandler {
                             "forwarded proposal arrived after its sender gave up".into(),
                         )));
                     }
-                    let r = self.0.propose_local(group, data, ack).await;
+                    let r = self.0.propose_local(group, epoch, data, ack).await;
                     PeerResponse::Proposed(r.map(Into::into).map_err(WireRefused::from))
                 }
                 PeerRequest::Read {
                     volume,
                     offset,
                     len,
+                    epoch,
                 } => {
                     let r = async {
-                        self.0.read_barrier(volume).await?;
+                        self.0.read_barrier(volume, epoch).await?;
                         let h = self
                             .0
                             .read_handle(volume)
@@ -200,6 +202,15 @@ impl RequestHandler for PeerHandler {
                 PeerRequest::Repair { volume } => PeerResponse::Repaired(
                     self.0
                         .repair_replica(self.0.me, volume)
+                        .await
+                        .map_err(WireRefused::from),
+                ),
+                PeerRequest::ReplicaReport { group } => {
+                    PeerResponse::ReplicaReport(self.0.local_replica_report(group).await)
+                }
+                PeerRequest::Divergent { volume } => PeerResponse::Divergent(
+                    self.0
+                        .local_divergent(volume)
                         .await
                         .map_err(WireRefused::from),
                 ),

@@ -19,12 +19,36 @@ impl<S: LogStore> Store<S> {
         let mut apply_took = Duration::ZERO;
         for effect in self.core.take_effects() {
             match effect {
-                Effect::Send { to, group, msg } => self.outbox.send(to, group, msg),
-                Effect::Written { to, group, w } => self.outbox.written(to, group, w),
-                Effect::SyncWanted { to, group, want } => self.outbox.sync_wanted(to, group, want),
-                Effect::Quarantine { to, group, report } => {
-                    self.outbox.quarantine(to, group, report)
-                }
+                Effect::Send {
+                    to,
+                    group,
+                    epoch,
+                    msg,
+                } => self.outbox.send(to, group, epoch, msg),
+                Effect::Written {
+                    to,
+                    group,
+                    epoch,
+                    w,
+                } => self.outbox.written(to, group, epoch, w),
+                Effect::SyncWanted {
+                    to,
+                    group,
+                    epoch,
+                    want,
+                } => self.outbox.sync_wanted(to, group, epoch, want),
+                Effect::Quarantine {
+                    to,
+                    group,
+                    epoch,
+                    report,
+                } => self.outbox.quarantine(to, group, epoch, report),
+                Effect::Tail {
+                    to,
+                    group,
+                    epoch,
+                    tail,
+                } => self.outbox.tail(to, group, epoch, tail),
                 Effect::StartSync => {
                     self.log_syncer.start()?;
                     self.sync_started = Instant::now();

@@ -44,8 +44,8 @@ use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
 pub use roamdisk_core::node::{
-    recovering_key, Ack, GroupStatus, Outcome, PeerStatus, QuarantineReport, Refused, Role,
-    SyncWanted, Written, META_SNAPSHOT_KEY,
+    recovering_key, Ack, GroupStatus, Outcome, PeerStatus, QuarantineReport, Refused,
+    ReplicaReport, Role, SyncWanted, TailReport, Written, META_SNAPSHOT_KEY,
 };
 
 use crate::dedup::ContentIndex;
@@ -74,15 +74,19 @@ pub const SCRUB_BLOCKS_PER_ROUND: u64 = 4096;
 pub const SCRUB_CONFIRM_PER_ROUND: usize = 256;
 
 /// Where outgoing Raft messages go. The transport implements it; it must not block.
+/// Every frame about a group carries the sender's `epoch` of it (see
+/// `roamdisk_core::node::failover`).
 pub trait Outbox: Send + Sync + 'static {
-    fn send(&self, to: NodeId, group: GroupId, msg: Message);
+    fn send(&self, to: NodeId, group: GroupId, epoch: u64, msg: Message);
     /// Tells the leader `to` how far this node wrote `group`'s log (best effort).
-    fn written(&self, to: NodeId, group: GroupId, w: Written);
+    fn written(&self, to: NodeId, group: GroupId, epoch: u64, w: Written);
     /// Asks replica `to` (voter or learner) to sync `group`'s log up to `want.index` now
     /// (best effort; see `roamdisk_core::node`'s sync rules).
-    fn sync_wanted(&self, to: NodeId, group: GroupId, want: SyncWanted);
+    fn sync_wanted(&self, to: NodeId, group: GroupId, epoch: u64, want: SyncWanted);
     /// Tells `to` about this node's quarantine in `group` (best effort; repeated).
-    fn quarantine(&self, to: NodeId, group: GroupId, report: QuarantineReport);
+    fn quarantine(&self, to: NodeId, group: GroupId, epoch: u64, report: QuarantineReport);
+    /// Tells replica `to` at another site how far the leader's log reaches (best effort).
+    fn tail(&self, to: NodeId, group: GroupId, epoch: u64, tail: TailReport);
 }
 
 pub type ProposeReply = oneshot::Sender<Result<Outcome, Refused>>;
@@ -99,12 +103,17 @@ pub enum Event {
         /// the volume's block count.
         blocks: Vec<u64>,
     },
+    /// A Raft message of the sender's `epoch` of `group`.
     Raft {
         group: GroupId,
+        epoch: u64,
         msg: Message,
     },
+    /// `epoch`: the epoch the request belongs to (`None`: the current one); a request of
+    /// another is refused (`Refused::Fenced`).
     Propose {
         group: GroupId,
+        epoch: Option<u64>,
         data: Vec<u8>,
         ack: Ack,
         reply: ProposeReply,
@@ -113,29 +122,53 @@ pub enum Event {
     /// must lead the group). Answers `Outcome::Volume`.
     Flush {
         group: GroupId,
+        epoch: Option<u64>,
         reply: ProposeReply,
     },
     /// A follower wrote its log (see [`Written`]).
     Written {
         group: GroupId,
+        epoch: u64,
         from: NodeId,
         w: Written,
     },
     /// The leader wants this replica's log synced (see [`SyncWanted`]).
     SyncWanted {
         group: GroupId,
+        epoch: u64,
         want: SyncWanted,
     },
     /// A peer's quarantine report (see `roamdisk_core::node`'s recovery).
     Quarantine {
         group: GroupId,
+        epoch: u64,
         from: NodeId,
         report: QuarantineReport,
+    },
+    /// The leader's tail report (see [`TailReport`]).
+    Tail {
+        group: GroupId,
+        epoch: u64,
+        from: NodeId,
+        tail: TailReport,
     },
     /// Completes once this node may serve a linearizable read of `group`.
     Read {
         group: GroupId,
+        epoch: Option<u64>,
         reply: ReadReply,
+    },
+    /// What this node's replica of `group` knows that a failover plan needs.
+    ReplicaReport {
+        group: GroupId,
+        reply: oneshot::Sender<Option<ReplicaReport>>,
+    },
+    /// What this node's fenced replica of `group` holds past failover `record`'s
+    /// divergence point.
+    Divergent {
+        group: GroupId,
+        record: roamdisk_core::meta::FailoverRecord,
+        reply: oneshot::Sender<Result<roamdisk_core::node::Divergence, Refused>>,
     },
     /// Propose a membership change in `group` (this node must lead it).
     ConfChange {
@@ -197,6 +230,8 @@ pub struct StoreConfig {
     pub digests: crate::volume::verify::Digests,
     /// A deliberately broken core rule: a test's negative control only.
     pub core_bug: Option<roamdisk_core::node::CoreBug>,
+    /// The node's lease (see `roamdisk_core::node`'s lease; `None`: off).
+    pub lease: Option<Duration>,
 }
 
 /// Marker of a clean shutdown: written and synced as the store stops, removed as it
@@ -299,6 +334,11 @@ impl<S: LogStore> Store<S> {
             .clone_from(&cfg.initial_meta_voters);
         ncfg.joining = cfg.joining;
         ncfg.rebooted = cfg.rebooted;
+        ncfg.lease = cfg.lease;
+        // Proposals carry the wall clock: the core's time plus when its zero was.
+        ncfg.wall_epoch_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         ncfg.bug = cfg.core_bug;
         // Elections stay randomized across nodes and restarts.
         ncfg.election_seed = std::time::SystemTime::now()
@@ -473,30 +513,70 @@ impl<S: LogStore> Store<S> {
     fn handle(&mut self, ev: Event) -> bool {
         let now = self.now();
         match ev {
-            Event::Raft { group, msg } => self.core.step(group, msg),
+            Event::Raft { group, epoch, msg } => self.core.step(now, group, epoch, msg),
             Event::Propose {
                 group,
+                epoch,
                 data,
                 ack,
                 reply,
             } => {
                 let id = self.replies.register(Reply::Propose(reply));
-                self.core.propose(now, group, data, ack, id);
+                self.core.propose(now, group, epoch, data, ack, id);
             }
-            Event::Flush { group, reply } => {
+            Event::Flush {
+                group,
+                epoch,
+                reply,
+            } => {
                 let id = self.replies.register(Reply::Propose(reply));
-                self.core.flush(now, group, id);
+                self.core.flush(now, group, epoch, id);
             }
-            Event::SyncWanted { group, want } => self.core.sync_wanted(group, want),
-            Event::Written { group, from, w } => self.core.written(group, from, w),
+            Event::SyncWanted { group, epoch, want } => {
+                self.core.sync_wanted(group, epoch, want)
+            }
+            Event::Written {
+                group,
+                epoch,
+                from,
+                w,
+            } => self.core.written(group, epoch, from, w),
             Event::Quarantine {
                 group,
+                epoch,
                 from,
                 report,
-            } => self.core.quarantine_report(now, group, from, report),
-            Event::Read { group, reply } => {
+            } => self.core.quarantine_report(now, group, epoch, from, report),
+            Event::Tail {
+                group,
+                epoch,
+                from,
+                tail,
+            } => self.core.tail(now, group, epoch, from, tail),
+            Event::Read {
+                group,
+                epoch,
+                reply,
+            } => {
                 let id = self.replies.register(Reply::Read(reply));
-                self.core.read(now, group, id);
+                self.core.read(now, group, epoch, id);
+            }
+            Event::ReplicaReport { group, reply } => {
+                let _ = reply.send(self.core.replica_report(now, group));
+            }
+            Event::Divergent {
+                group,
+                record,
+                reply,
+            } => {
+                let r = match self.core.divergence(group, &record) {
+                    Ok(Some(d)) => Ok(d),
+                    Ok(None) => Err(Refused::Failed(format!(
+                        "no fenced replica of group {group} on this node"
+                    ))),
+                    Err(e) => Err(Refused::Failed(format!("read the divergent log: {e}"))),
+                };
+                let _ = reply.send(r);
             }
             Event::ConfChange { group, cc, reply } => {
                 let _ = reply.send(self.core.conf_change(group, cc).map(|_| ()));

@@ -186,9 +186,12 @@ impl Transport {
         while let Some(frames) = read_record(&mut rd).await? {
             for frame in frames {
                 match frame {
-                    PeerFrame::RaftRefs { group, msg, refs } => {
-                        self.receive_refs(from, group, msg, refs).await?
-                    }
+                    PeerFrame::RaftRefs {
+                        group,
+                        epoch,
+                        msg,
+                        refs,
+                    } => self.receive_refs(from, group, epoch, msg, refs).await?,
                     frame => self.receive(from, frame, &reply)?,
                 }
             }

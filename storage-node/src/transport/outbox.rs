@@ -12,14 +12,14 @@ use tracing::warn;
 
 use super::{raft_lane, Transport};
 use crate::dedup;
-use crate::store::{Event, Outbox, QuarantineReport, SyncWanted, Written};
+use crate::store::{Event, Outbox, QuarantineReport, SyncWanted, TailReport, Written};
 use crate::wire::{Lane, PeerFrame};
 
 /// The store's view of the transport.
 pub struct ArcOutbox(pub Arc<Transport>);
 
 impl Outbox for ArcOutbox {
-    fn send(&self, to: NodeId, group: GroupId, mut msg: Message) {
+    fn send(&self, to: NodeId, group: GroupId, epoch: u64, mut msg: Message) {
         let t = &self.0;
         let Some(tx) = t.conn(to, raft_lane(&msg)) else {
             let _ = t.store.try_send(Event::Unreachable { node: to });
@@ -48,10 +48,15 @@ impl Outbox for ArcOutbox {
             }
         };
         let frame = if refs.is_empty() {
-            PeerFrame::Raft { group, msg: bytes }
+            PeerFrame::Raft {
+                group,
+                epoch,
+                msg: bytes,
+            }
         } else {
             PeerFrame::RaftRefs {
                 group,
+                epoch,
                 msg: bytes,
                 refs,
             }
@@ -61,24 +66,35 @@ impl Outbox for ArcOutbox {
         }
     }
 
-    fn written(&self, to: NodeId, group: GroupId, w: Written) {
+    fn written(&self, to: NodeId, group: GroupId, epoch: u64, w: Written) {
         // Best effort: a lost report only means the write waits for its commit.
         if let Some(tx) = self.0.conn(to, Lane::Control) {
-            let _ = tx.try_send(PeerFrame::Written { group, w });
+            let _ = tx.try_send(PeerFrame::Written { group, epoch, w });
         }
     }
 
-    fn sync_wanted(&self, to: NodeId, group: GroupId, want: SyncWanted) {
+    fn sync_wanted(&self, to: NodeId, group: GroupId, epoch: u64, want: SyncWanted) {
         // Best effort: without it the voter syncs within `SYNC_LAZY_MAX` anyway.
         if let Some(tx) = self.0.conn(to, Lane::Control) {
-            let _ = tx.try_send(PeerFrame::SyncWanted { group, want });
+            let _ = tx.try_send(PeerFrame::SyncWanted { group, epoch, want });
         }
     }
 
-    fn quarantine(&self, to: NodeId, group: GroupId, report: QuarantineReport) {
+    fn quarantine(&self, to: NodeId, group: GroupId, epoch: u64, report: QuarantineReport) {
         // Best effort: repeated every tick while the sender is quarantined.
         if let Some(tx) = self.0.conn(to, Lane::Control) {
-            let _ = tx.try_send(PeerFrame::Quarantine { group, report });
+            let _ = tx.try_send(PeerFrame::Quarantine {
+                group,
+                epoch,
+                report,
+            });
+        }
+    }
+
+    fn tail(&self, to: NodeId, group: GroupId, epoch: u64, tail: TailReport) {
+        // Best effort: repeated every `TAIL_REPORT_INTERVAL`.
+        if let Some(tx) = self.0.conn(to, Lane::Control) {
+            let _ = tx.try_send(PeerFrame::Tail { group, epoch, tail });
         }
     }
 }

@@ -29,6 +29,7 @@ impl Transport {
         self: &Arc<Self>,
         from: NodeId,
         group: GroupId,
+        epoch: u64,
         msg: Vec<u8>,
         refs: Vec<EntryRefs>,
     ) -> anyhow::Result<()> {
@@ -108,7 +109,11 @@ impl Transport {
             found.get(h).map(|b| b.as_slice())
         })?;
         self.index_remote_append(from, group, &m);
-        let _ = self.store.try_send(Event::Raft { group, msg: m });
+        let _ = self.store.try_send(Event::Raft {
+            group,
+            epoch,
+            msg: m,
+        });
         Ok(())
     }
 
@@ -141,29 +146,53 @@ impl Transport {
                     self.misses.insert(&site, &hashes);
                 }
             }
-            PeerFrame::Written { group, w } => {
-                let _ = self.store.try_send(Event::Written { group, from, w });
+            PeerFrame::Written { group, epoch, w } => {
+                let _ = self.store.try_send(Event::Written {
+                    group,
+                    epoch,
+                    from,
+                    w,
+                });
             }
-            PeerFrame::Quarantine { group, report } => {
+            PeerFrame::Tail { group, epoch, tail } => {
+                let _ = self.store.try_send(Event::Tail {
+                    group,
+                    epoch,
+                    from,
+                    tail,
+                });
+            }
+            PeerFrame::Quarantine {
+                group,
+                epoch,
+                report,
+            } => {
                 if report.voters.len() + report.outgoing.len() > QUARANTINE_VOTERS_MAX {
                     warn!(peer = %from, "quarantine report with too many voters; ignored");
                 } else {
                     let _ = self.store.try_send(Event::Quarantine {
                         group,
+                        epoch,
                         from,
                         report,
                     });
                 }
             }
-            PeerFrame::SyncWanted { group, want } => {
-                let _ = self.store.try_send(Event::SyncWanted { group, want });
+            PeerFrame::SyncWanted { group, epoch, want } => {
+                let _ = self
+                    .store
+                    .try_send(Event::SyncWanted { group, epoch, want });
             }
-            PeerFrame::Raft { group, msg } => {
+            PeerFrame::Raft { group, epoch, msg } => {
                 let mut m = Message::default();
                 m.merge_from_bytes(&msg)?;
                 self.index_remote_append(from, group, &m);
                 // Dropping under overload is safe: Raft retransmits.
-                let _ = self.store.try_send(Event::Raft { group, msg: m });
+                let _ = self.store.try_send(Event::Raft {
+                    group,
+                    epoch,
+                    msg: m,
+                });
             }
             PeerFrame::Request { id, req } => {
                 let handler = self.handler.read().expect("handler lock").clone();

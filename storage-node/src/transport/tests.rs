@@ -58,13 +58,13 @@ async fn control_overtakes_bulk_on_a_capped_link() {
             .collect::<Vec<u8>>()
             .into();
         m.entries = vec![e].into();
-        outbox.send(NodeId(2), GroupId(5), m);
+        outbox.send(NodeId(2), GroupId(5), 0, m);
     }
     let start = std::time::Instant::now();
     let mut hb = Message::default();
     hb.set_msg_type(MessageType::MsgHeartbeat);
     hb.to = 2;
-    outbox.send(NodeId(2), GroupId(5), hb);
+    outbox.send(NodeId(2), GroupId(5), 0, hb);
     let mut order = Vec::new();
     while order.len() < appends as usize + 1 {
         match b_rx.recv_async().await.unwrap() {

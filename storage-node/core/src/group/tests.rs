@@ -97,6 +97,8 @@ impl Cluster {
             Arc::clone(&p.store),
             &GroupConfig::default(),
             snapshot_fn(Arc::clone(&p.sm)),
+            0,
+            0,
             &self.logger,
         )
         .unwrap();
@@ -208,7 +210,7 @@ impl Cluster {
         let l = self.leader().expect("leader");
         let (index, _) = self
             .group(l)
-            .propose(VolumeCommand::Write { offset, data }.encode())
+            .propose(VolumeCommand::Write { offset, data }.encode(), 0)
             .unwrap();
         self.settle();
         index
@@ -416,7 +418,7 @@ fn proposals_on_a_follower_are_refused_with_a_leader_hint() {
     let mut c = Cluster::new(&[1, 2, 3]);
     let l = c.elect();
     let f = [1, 2, 3].into_iter().find(|&i| i != l).unwrap();
-    match c.group(f).propose(b"x".to_vec()) {
+    match c.group(f).propose(b"x".to_vec(), 0) {
         Err(ProposeError::NotLeader { leader }) => assert_eq!(leader, Some(NodeId(l))),
         other => panic!("expected NotLeader, got {other:?}"),
     }

@@ -34,6 +34,10 @@ pub enum Refused {
     Failed(String),
     #[error("replica of group {0} is catching up and cannot serve reads yet")]
     Recovering(GroupId),
+    /// The request belongs to an epoch of the group that a forced failover ended (or one
+    /// this node does not know yet): it must not be served here.
+    #[error("group {group} was failed over: epoch {epoch} is current, the request was of epoch {asked}")]
+    Fenced { group: GroupId, epoch: u64, asked: u64 },
 }
 
 /// What an answered request produced.
@@ -80,22 +84,26 @@ pub struct SyncWanted {
 /// answer that follows an [`Effect::Apply`] may rely on the data being applied.
 #[derive(Debug)]
 pub enum Effect {
-    /// Send a Raft message of `group` to `to`.
+    /// Send a Raft message of `group` (of its `epoch`) to `to`. Every frame about a
+    /// group carries the sender's epoch of it; the receiver drops any other epoch's.
     Send {
         to: NodeId,
         group: GroupId,
+        epoch: u64,
         msg: Message,
     },
     /// Tell the leader `to` how far this node wrote `group`'s log (best effort).
     Written {
         to: NodeId,
         group: GroupId,
+        epoch: u64,
         w: Written,
     },
     /// Ask replica `to` to sync `group`'s log now (best effort).
     SyncWanted {
         to: NodeId,
         group: GroupId,
+        epoch: u64,
         want: SyncWanted,
     },
     /// Tell `to` whether this node is quarantined in `group`, with the membership it
@@ -103,7 +111,17 @@ pub enum Effect {
     Quarantine {
         to: NodeId,
         group: GroupId,
+        epoch: u64,
         report: QuarantineReport,
+    },
+    /// Tell replica `to` at another site how far the leader's log reaches and how far
+    /// behind `to` is (best effort, every `TAIL_REPORT_INTERVAL`): what a failover to
+    /// that site states as its loss once the home is gone.
+    Tail {
+        to: NodeId,
+        group: GroupId,
+        epoch: u64,
+        tail: TailReport,
     },
     /// Start a sync of the log store covering everything written so far; report its end
     /// with [`super::NodeCore::log_synced`]. Never emitted while one is in flight.
@@ -230,6 +248,66 @@ pub struct LeaderLog {
     pub last_term: u64,
 }
 
+/// A leader's report to a replica at another site (see [`Effect::Tail`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TailReport {
+    /// The leader's term and last log index.
+    pub term: u64,
+    pub last: u64,
+    /// The leader's wall clock (Unix ms) when it sent the report.
+    pub unix_ms: u64,
+    /// How far behind the receiver is, as the leader sees it (what `status` reports).
+    pub lag: Lag,
+}
+
+/// What a replica knows that a failover plan needs (see `roamdisk_core::failover`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaReport {
+    pub node: u64,
+    pub epoch: u64,
+    pub term: u64,
+    pub last_index: u64,
+    pub last_term: u64,
+    /// Highest index it knows committed, and the entries' home-site times (Unix ms, from
+    /// the leader's stamp; `None` if the entry is compacted or unstamped).
+    pub commit: u64,
+    pub applied: u64,
+    pub last_unix_ms: Option<u64>,
+    pub commit_unix_ms: Option<u64>,
+    /// It copies blocks after a snapshot: its data is not whole.
+    pub recovering: bool,
+    /// A failover fenced it.
+    pub fenced: bool,
+    /// Milliseconds since it last heard from its group's leader, and that leader.
+    pub heard_leader_ms_ago: Option<u64>,
+    pub leader: Option<u64>,
+    /// The leader's last tail report to it, with its age here in ms.
+    pub tail: Option<TailReport>,
+    pub tail_ms_ago: Option<u64>,
+}
+
+/// A fenced replica's divergent writes: the entries of its log past the divergence
+/// point, summarized (see `failover`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Divergence {
+    pub node: u64,
+    /// Its log's last index, and the index from which it diverges.
+    pub last_index: u64,
+    pub from_index: u64,
+    /// Entries past the divergence point, the writes among them, the 4 KiB blocks they
+    /// touch and the bytes they carry.
+    pub entries: u64,
+    pub writes: u64,
+    pub blocks: u64,
+    pub bytes: u64,
+    /// Home-site times of the first and last of them (Unix ms).
+    pub first_unix_ms: Option<u64>,
+    pub last_unix_ms: Option<u64>,
+    /// The log still holds every divergent entry (compaction may have dropped the first
+    /// ones: the replica's data still holds their effect, unreported).
+    pub complete: bool,
+}
+
 /// A replica's role in its group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
@@ -268,6 +346,15 @@ pub struct GroupStatus {
     /// This node rebooted without a clean shutdown and may not vote in the group yet.
     #[serde(default)]
     pub quarantined: bool,
+    /// The group's epoch on this node; fenced by a failover (keeps its divergent writes).
+    #[serde(default)]
+    pub epoch: u64,
+    #[serde(default)]
+    pub fenced: bool,
+    /// Answers are held here: this node has no lease from the metadata quorum, or a
+    /// failover's fencing wait has not passed.
+    #[serde(default)]
+    pub suspended: bool,
     /// Raft membership as this replica has applied it.
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,

@@ -60,6 +60,27 @@ pub(crate) struct Out<'a> {
     pub stats: &'a StoreStats,
     pub observe: bool,
     pub bug: Option<CoreBug>,
+    /// The time of the input being handled, and the leader's wall clock then (Unix ms,
+    /// stamped on proposals).
+    pub now: Time,
+    pub unix_ms: u64,
+    /// This node holds its lease (see `lease`): volume answers may be given.
+    pub open: bool,
+}
+
+impl<'a> Out<'a> {
+    /// An `Out` for handling that only refuses (no time, no answers given).
+    pub fn refusing(effects: &'a mut Vec<Effect>, stats: &'a StoreStats, observe: bool) -> Out<'a> {
+        Out {
+            effects,
+            stats,
+            observe,
+            bug: None,
+            now: Time::ZERO,
+            unix_ms: 0,
+            open: false,
+        }
+    }
 }
 
 impl Out<'_> {
@@ -160,6 +181,24 @@ pub(crate) struct GroupCore<S: LogStore> {
     /// Role, term and leader when raft-rs last drew an election timeout (see
     /// `election`).
     pub election_seen: (raft::StateRole, u64, u64),
+    /// The group's epoch here and its first log index (see `failover`).
+    pub epoch: u64,
+    pub epoch_start: u64,
+    /// Answers wait until then: the fencing wait of a new epoch (see `failover`).
+    pub hold_until: Option<Time>,
+    /// A failover fenced this replica (the epoch that did): no Raft, no answers.
+    pub fenced: Option<u64>,
+    /// Requests done here whose answers wait for the lease or the fencing wait.
+    /// Bounded with `proposals` by `PENDING_PROPOSALS_MAX`.
+    pub suspended: Vec<ReqId>,
+    /// When this replica last heard from its leader (a follower), and the leader's last
+    /// tail report with when it came (see `Effect::Tail`).
+    pub heard_leader: Option<Time>,
+    pub tail: Option<(Time, super::api::TailReport)>,
+    /// Leader: when it last sent tail reports.
+    pub tail_sent: Time,
+    /// When this replica, leading while it copied blocks, last handed leadership on.
+    pub handed_over_at: Option<Time>,
 }
 
 impl<S: LogStore> GroupCore<S> {
@@ -208,7 +247,7 @@ impl<S: LogStore> GroupCore<S> {
     pub fn propose(&mut self, now: Time, data: Vec<u8>, ack: Ack, id: ReqId, out: &mut Out<'_>) {
         let group = self.id();
         let bytes = data.len() as u64;
-        match self.raft.propose(data) {
+        match self.raft.propose(data, out.unix_ms) {
             Ok((index, term)) => {
                 self.lag.proposed(index.0, bytes, now);
                 if let Some((_, old)) = self.proposals.insert(index.0, (term, id)) {
@@ -348,7 +387,7 @@ impl<S: LogStore> GroupCore<S> {
                 index: i,
                 term: term.0,
             });
-            out.answer(id, Ok(Outcome::Volume));
+            self.answer_ok(id, out);
         }
     }
 
@@ -394,7 +433,7 @@ impl<S: LogStore> GroupCore<S> {
                 .flush
                 .observe(now.saturating_duration_since(arrived));
             out.note(|| Note::Flushed { group, commit });
-            out.answer(id, Ok(Outcome::Volume));
+            self.answer_ok(id, out);
         }
     }
 
@@ -436,7 +475,7 @@ impl<S: LogStore> GroupCore<S> {
             .is_some_and(|(i, _)| *i <= shipped)
         {
             let (_, id) = self.site_waiting.pop_front().expect("present");
-            out.answer(id, Ok(Outcome::Volume));
+            self.answer_ok(id, out);
         }
     }
 
@@ -464,7 +503,7 @@ impl<S: LogStore> GroupCore<S> {
         let waiting = std::mem::take(&mut self.reads_waiting_apply);
         for (index, started, id) in waiting {
             if index <= applied {
-                out.answer(id, Ok(Outcome::Volume));
+                self.answer_ok(id, out);
             } else {
                 self.reads_waiting_apply.push((index, started, id));
             }
@@ -495,8 +534,75 @@ impl<S: LogStore> GroupCore<S> {
         }
     }
 
+    /// Answers a volume request done here: at once if this node holds its lease and the
+    /// group's fencing wait is over, else once they are (`suspended`; see `lease`).
+    pub fn answer_ok(&mut self, id: ReqId, out: &mut Out<'_>) {
+        if let Some(epoch) = self.fenced {
+            let group = self.id();
+            out.answer(
+                id,
+                Err(Refused::Fenced {
+                    group,
+                    epoch,
+                    asked: self.epoch,
+                }),
+            );
+        } else if self.answers_open(out) {
+            out.answer(id, Ok(Outcome::Volume));
+        } else {
+            self.suspended.push(id);
+        }
+    }
+
+    /// Whether answers may be given now.
+    pub fn answers_open(&self, out: &Out<'_>) -> bool {
+        out.open && self.fenced.is_none() && self.hold_until.is_none_or(|h| out.now >= h)
+    }
+
+    /// Gives the suspended answers once the lease and the fencing wait allow it.
+    pub fn release_suspended(&mut self, out: &mut Out<'_>) {
+        if !self.suspended.is_empty() && self.answers_open(out) {
+            for id in std::mem::take(&mut self.suspended) {
+                out.answer(id, Ok(Outcome::Volume));
+            }
+        }
+    }
+
+    /// Leader: tells each replica at another site how far the log reaches and how far
+    /// behind it is (see `Effect::Tail`).
+    pub fn report_tail(
+        &self,
+        now: Time,
+        progress: &[crate::group::PeerProgress],
+        out: &mut Out<'_>,
+    ) {
+        let last = self.raft.last_index().0;
+        let term = self.raft.term().0;
+        for p in progress.iter().filter(|p| self.policy.remote.contains(&p.node)) {
+            out.effects.push(Effect::Tail {
+                to: p.node,
+                group: self.id(),
+                epoch: self.epoch,
+                tail: super::api::TailReport {
+                    term,
+                    last,
+                    unix_ms: out.unix_ms,
+                    lag: self.lag.lag(p.node.0, p.matched, last, now),
+                },
+            });
+        }
+    }
+
+    /// Requests waiting in this group, counted against `PENDING_PROPOSALS_MAX`.
+    pub fn pending(&self) -> usize {
+        self.proposals.len() + self.held.len() + self.site_waiting.len() + self.suspended.len()
+    }
+
     /// Refuses everything waiting (the group leaves this node, or the node stops).
     pub fn fail_all(&mut self, why: Refused, out: &mut Out<'_>) {
+        for id in std::mem::take(&mut self.suspended) {
+            out.answer(id, Err(why.clone()));
+        }
         self.early.clear();
         self.early_uncommitted.clear();
         self.early_uncommitted_bytes = 0;

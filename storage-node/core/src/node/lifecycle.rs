@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering::Relaxed;
 
-use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState};
+use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 
 use crate::ids::{GroupId, LogIndex, VolumeId, META_GROUP};
 use crate::logstore::{GroupState, LogBatch, LogOp, LogStore};
@@ -28,6 +28,7 @@ impl<S: LogStore> NodeCore<S> {
     /// Creates groups for volumes placed on this node and removes groups of volumes
     /// that were deleted; refreshes the policies and sizes of the others.
     pub(super) fn reconcile(&mut self, now: Time) -> Result<(), CoreError> {
+        self.reconcile_epochs(now)?;
         let me = self.cfg.me;
         let wanted: Vec<VolumeInfo> = self
             .cluster
@@ -45,17 +46,10 @@ impl<S: LogStore> NodeCore<S> {
             }
             // Every replica starts from the bootstrap membership (the group's state at
             // index 0); a replica added by a move then replays or snapshots from there.
-            let mut cs = ConfState::default();
-            cs.voters = v.initial_voters.iter().map(|n| n.0).collect();
-            cs.learners = v.initial_learners.iter().map(|n| n.0).collect();
+            // In a later epoch (after a failover) it starts empty and takes a snapshot.
             let mut b = LogBatch::default();
-            b.push(LogOp::Create {
-                group: g,
-                state: GroupState {
-                    conf_state: cs,
-                    ..Default::default()
-                },
-            });
+            let state = self.new_replica_state(v, &mut b);
+            b.ops.insert(0, LogOp::Create { group: g, state });
             self.log.write(b)?;
             self.log.sync()?;
             self.open_group(g, now)?;
@@ -83,12 +77,7 @@ impl<S: LogStore> NodeCore<S> {
             .collect();
         for g in gone {
             let mut group = self.groups.remove(&g).expect("listed");
-            let mut out = Out {
-                effects: &mut self.effects,
-                stats: &self.stats,
-                observe: self.cfg.observe,
-                bug: self.cfg.bug,
-            };
+            let mut out = Out::refusing(&mut self.effects, &self.stats, self.cfg.observe);
             group.fail_all(Refused::NoGroup(g), &mut out);
             let mut b = LogBatch::default();
             b.push(LogOp::Remove { group: g });

@@ -38,7 +38,9 @@
 
 pub mod api;
 mod election;
+pub mod failover;
 mod group;
+mod lease;
 mod lifecycle;
 mod ready;
 mod recovery;
@@ -63,8 +65,9 @@ use crate::time::Time;
 use crate::written::WrittenTracker;
 
 pub use api::{
-    Ack, Answer, CheckpointPlan, Effect, GroupStatus, LeaderLog, Note, Outcome, PeerStatus,
-    QuarantineEnd, QuarantineReport, Refused, ReqId, Role, SyncWanted, Written,
+    Ack, Answer, CheckpointPlan, Divergence, Effect, GroupStatus, LeaderLog, Note, Outcome, PeerStatus,
+    QuarantineEnd, QuarantineReport, Refused, ReplicaReport, ReqId, Role, SyncWanted,
+    TailReport, Written,
 };
 use group::{GroupCore, Kind, Out, Policy};
 pub use recovery::{synced_key, QUARANTINE_REPORT_FRESH};
@@ -85,6 +88,9 @@ pub const EARLY_ACK_BYTES_MAX: u64 = 16 << 20;
 /// short enough that a voter gone for good (a lost disk) stops the group for seconds,
 /// not until an operator steps in.
 pub const QUARANTINE_MAX: Duration = Duration::from_secs(15);
+/// A recovering leader hands leadership on at most this often: when every voter is
+/// copying blocks, each hands it to the next, and the soak saw 655,000 terms in minutes.
+pub const RECOVERING_HANDOVER_MIN: Duration = Duration::from_secs(1);
 /// Longest a proposal is held while its leader transfers leadership.
 pub const HELD_PROPOSAL_MAX: Duration = Duration::from_millis(1000);
 /// Entries kept in a group's log behind the durable applied index, so that a briefly
@@ -94,6 +100,19 @@ pub const RETAINED_LOG_ENTRIES: u64 = 1024;
 /// small lets RocksDB drop compacted entries while they are still in its memtable,
 /// instead of writing them to SST files (measured: 1 MiB writes went from 50 MiB/s).
 pub const RETAINED_LOG_BYTES: u64 = 32 << 20;
+
+/// How long a node may answer volume requests after the metadata quorum last confirmed
+/// it is in touch (see `lease`): a site cut off from the metadata majority suspends its
+/// answers this long after its last renewal, and a forced failover waits this long (plus
+/// [`LEASE_DRIFT`]) before the new home answers. Renewed every quarter of it (one
+/// metadata read index a second per node).
+pub const LEASE: Duration = Duration::from_secs(4);
+/// How much longer than [`LEASE`] a new epoch holds its answers: covers clocks whose
+/// rates differ by up to 5.8 % (see `lease`).
+pub const LEASE_DRIFT: Duration = Duration::from_millis(500);
+/// How often a leader tells the replicas at other sites how far its log reaches and how
+/// far behind they are (`Effect::Tail`): what a failover plan states as the loss.
+pub const TAIL_REPORT_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Record holding the metadata state as of the metadata group's recorded applied index.
 pub const META_SNAPSHOT_KEY: &[u8] = b"meta/state";
@@ -195,6 +214,14 @@ pub struct NodeConfig {
     pub rebooted: bool,
     /// Longest a quarantine lasts without a leader heard.
     pub quarantine_max: Duration,
+    /// The lease (see `lease`): `None` turns it off (answers never wait for it), for
+    /// tests and clusters that never fail over.
+    pub lease: Option<Duration>,
+    /// The extra fencing wait of a new epoch (see `lease`).
+    pub lease_drift: Duration,
+    /// Wall-clock time (Unix ms) at `Time::ZERO`: proposals are stamped with it plus
+    /// the input's time (the home-site time a failover plan states its loss in).
+    pub wall_epoch_unix_ms: u64,
     /// Emit [`Effect::Note`]s for a checker.
     pub observe: bool,
     pub bug: Option<CoreBug>,
@@ -214,6 +241,9 @@ impl NodeConfig {
             retained_log_bytes: RETAINED_LOG_BYTES,
             rebooted: false,
             quarantine_max: QUARANTINE_MAX,
+            lease: Some(LEASE),
+            lease_drift: LEASE_DRIFT,
+            wall_epoch_unix_ms: 0,
             observe: false,
             bug: None,
             logger,
@@ -251,7 +281,31 @@ pub struct NodeCore<S: LogStore> {
     /// A snapshot could not be read from the log store (raft-rs asked for it from inside
     /// a call that cannot return the error): the next `process` fails.
     snapshot_error: Arc<Mutex<Option<String>>>,
+    /// This node's lease from the metadata quorum (see `lease`).
+    lease: lease::Lease,
+    /// The time of the latest `process` or `tick`.
+    last_now: Time,
 }
+
+/// An [`group::Out`] for an input at `$now` (answers gated by the lease).
+macro_rules! out {
+    ($core:ident, $now:expr) => {
+        Out {
+            effects: &mut $core.effects,
+            stats: &$core.stats,
+            observe: $core.cfg.observe,
+            bug: $core.cfg.bug,
+            now: $now,
+            unix_ms: if $core.cfg.wall_epoch_unix_ms == 0 {
+                0
+            } else {
+                $core.cfg.wall_epoch_unix_ms + $now.as_micros() / 1000
+            },
+            open: $core.lease.open(&$core.cfg, $now),
+        }
+    };
+}
+pub(crate) use out;
 
 impl<S: LogStore> NodeCore<S> {
     /// Opens every group found in `log`, bootstrapping the metadata group on a new
@@ -314,6 +368,8 @@ impl<S: LogStore> NodeCore<S> {
             checkpoint_seq: 0,
             recovering_published: Vec::new(),
             snapshot_error: Arc::default(),
+            lease: lease::Lease::default(),
+            last_now: now,
         };
         let mut records = LogBatch::default();
         for g in core.log.groups()? {
@@ -395,12 +451,37 @@ impl<S: LogStore> NodeCore<S> {
         } else {
             Kind::Volume
         };
+        let (epoch, epoch_start) = match self.log.get(&failover::epoch_key(g))? {
+            Some(v) => failover::decode_epoch(&v).ok_or_else(|| {
+                CoreError::Invalid(format!("corrupt epoch record of group {g}"))
+            })?,
+            None => (0, 0),
+        };
+        let fenced = match self.log.get(&failover::fenced_key(g))? {
+            Some(v) => Some(u64::from_be_bytes(v.as_slice().try_into().map_err(|_| {
+                CoreError::Invalid(format!("corrupt fence record of group {g}"))
+            })?)),
+            None => None,
+        };
+        // A fencing wait that had not ended: wait again, in full.
+        let hold_until = match (self.log.get(&failover::hold_key(g))?, self.cfg.lease) {
+            (Some(_), Some(lease)) => Some(now + lease + self.cfg.lease_drift),
+            _ => None,
+        };
+        let mut config = self.cfg.group.clone();
+        if kind == Kind::Meta {
+            // The lease is granted on the strength of a metadata read index: it must be
+            // confirmed by a quorum round, not by the metadata leader's own lease.
+            config.lease_reads = false;
+        }
         let raft = RaftGroup::open(
             g,
             self.cfg.me,
             Arc::clone(&self.log),
-            &self.cfg.group,
+            &config,
             self.snapshot_fn(g),
+            epoch,
+            epoch_start,
             &self.cfg.logger,
         )?;
         // Without reconcile the driver sets the policy (`set_site_durable`).
@@ -454,6 +535,15 @@ impl<S: LogStore> NodeCore<S> {
             read_asked: false,
             // Never a real key: the first `fix` draws a timeout.
             election_seen: (raft::StateRole::Leader, u64::MAX, u64::MAX),
+            epoch,
+            epoch_start,
+            hold_until,
+            fenced,
+            suspended: Vec::new(),
+            heard_leader: None,
+            tail: None,
+            tail_sent: Time::ZERO,
+            handed_over_at: None,
         };
         self.election.fix(&mut group);
         self.groups.insert(g, group);
@@ -535,8 +625,37 @@ impl<S: LogStore> NodeCore<S> {
         self.groups.get(&g).and_then(|g| g.recovering)
     }
 
-    /// Proposes `data` in `group`, answered as `ack` says (see [`Ack`]).
-    pub fn propose(&mut self, now: Time, group: GroupId, data: Vec<u8>, ack: Ack, id: ReqId) {
+    /// Why a request of `epoch` (`None`: whatever is current) cannot be served by this
+    /// node's replica of `group`: another epoch, or fenced.
+    fn epoch_refusal(g: &GroupCore<S>, group: GroupId, epoch: Option<u64>) -> Option<Refused> {
+        if let Some(fenced) = g.fenced {
+            return Some(Refused::Fenced {
+                group,
+                epoch: fenced,
+                asked: epoch.unwrap_or(g.epoch),
+            });
+        }
+        match epoch {
+            Some(e) if e != g.epoch => Some(Refused::Fenced {
+                group,
+                epoch: g.epoch,
+                asked: e,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Proposes `data` in `group`, answered as `ack` says (see [`Ack`]); `epoch` is the
+    /// epoch the request belongs to (`None`: the current one).
+    pub fn propose(
+        &mut self,
+        now: Time,
+        group: GroupId,
+        epoch: Option<u64>,
+        data: Vec<u8>,
+        ack: Ack,
+        id: ReqId,
+    ) {
         let Some(g) = self.groups.get_mut(&group) else {
             self.effects.push(Effect::Answer {
                 id,
@@ -544,9 +663,13 @@ impl<S: LogStore> NodeCore<S> {
             });
             return;
         };
+        if let Some(r) = Self::epoch_refusal(g, group, epoch) {
+            self.effects.push(Effect::Answer { id, answer: Err(r) });
+            return;
+        }
         // Everything a proposal may wait in counts: `site_waiting` takes applied
-        // proposals while no other site has them.
-        if g.proposals.len() + g.held.len() + g.site_waiting.len() >= PENDING_PROPOSALS_MAX {
+        // proposals while no other site has them, `suspended` answers the lease holds.
+        if g.pending() >= PENDING_PROPOSALS_MAX {
             self.effects.push(Effect::Answer {
                 id,
                 answer: Err(Refused::Busy),
@@ -557,28 +680,22 @@ impl<S: LogStore> NodeCore<S> {
             g.held.push((now, data, ack, id));
             return;
         }
-        let mut out = Out {
-            effects: &mut self.effects,
-            stats: &self.stats,
-            observe: self.cfg.observe,
-            bug: self.cfg.bug,
-        };
+        let mut out = out!(self, now);
         g.propose(now, data, ack, id, &mut out);
     }
 
     /// Completes once every write of `group` answered before it is committed (this node
     /// must lead the group). Answers `Outcome::Volume`.
-    pub fn flush(&mut self, now: Time, group: GroupId, id: ReqId) {
-        let mut out = Out {
-            effects: &mut self.effects,
-            stats: &self.stats,
-            observe: self.cfg.observe,
-            bug: self.cfg.bug,
-        };
+    pub fn flush(&mut self, now: Time, group: GroupId, epoch: Option<u64>, id: ReqId) {
+        let mut out = out!(self, now);
         let Some(g) = self.groups.get_mut(&group) else {
             out.answer(id, Err(Refused::NoGroup(group)));
             return;
         };
+        if let Some(r) = Self::epoch_refusal(g, group, epoch) {
+            out.answer(id, Err(r));
+            return;
+        }
         if !g.raft.is_leader() {
             let leader = g.raft.leader();
             out.answer(id, Err(Refused::NotLeader { group, leader }));
@@ -594,7 +711,7 @@ impl<S: LogStore> NodeCore<S> {
 
     /// Completes once this node may serve a linearizable read of `group`: its data
     /// holds every write committed or acknowledged before the call.
-    pub fn read(&mut self, now: Time, group: GroupId, id: ReqId) {
+    pub fn read(&mut self, now: Time, group: GroupId, epoch: Option<u64>, id: ReqId) {
         let Some(g) = self.groups.get_mut(&group) else {
             self.effects.push(Effect::Answer {
                 id,
@@ -602,7 +719,9 @@ impl<S: LogStore> NodeCore<S> {
             });
             return;
         };
-        let refused = if !g.serves_reads() {
+        let refused = if let Some(r) = Self::epoch_refusal(g, group, epoch) {
+            Some(r)
+        } else if !g.serves_reads() {
             Some(Refused::Recovering(group))
         } else if g.reads_waiting_index.len() + g.reads_waiting_apply.len() >= PENDING_READS_MAX {
             Some(Refused::Busy)
@@ -622,6 +741,9 @@ impl<S: LogStore> NodeCore<S> {
     /// Proposes a membership change in `group` (this node must lead it).
     pub fn conf_change(&mut self, group: GroupId, cc: ConfChangeV2) -> Result<LogIndex, Refused> {
         let g = self.groups.get_mut(&group).ok_or(Refused::NoGroup(group))?;
+        if let Some(r) = Self::epoch_refusal(g, group, None) {
+            return Err(r);
+        }
         match g.raft.propose_conf_change(cc) {
             Ok(index) => {
                 tracing::info!(%group, index = index.0, "membership change proposed");
@@ -641,13 +763,25 @@ impl<S: LogStore> NodeCore<S> {
         }
     }
 
-    /// A Raft message of `group` arrived.
-    pub fn step(&mut self, group: GroupId, msg: Message) {
+    /// A Raft message of `group`, sent in the sender's `epoch` of it, arrived. A message
+    /// of another epoch, or for a fenced replica, is dropped (see `failover`).
+    pub fn step(&mut self, now: Time, group: GroupId, epoch: u64, msg: Message) {
         let observe = self.cfg.observe;
         let Some(g) = self.groups.get_mut(&group) else {
             tracing::debug!(%group, from = msg.from, "message for a group not on this node");
             return;
         };
+        if g.fenced.is_some() || epoch != g.epoch {
+            self.stats
+                .fenced_messages
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(%group, from = msg.from, epoch, ours = g.epoch,
+                "message of another epoch dropped");
+            return;
+        }
+        if g.raft.leader() == Some(NodeId(msg.from)) || msg.term > g.raft.term().0 {
+            g.heard_leader = Some(now);
+        }
         if msg.get_msg_type() == MessageType::MsgReadIndex {
             g.read_asked = true;
         }
@@ -676,12 +810,14 @@ impl<S: LogStore> NodeCore<S> {
 
     /// A follower wrote its log (see [`Written`]): counted only in this leader's term
     /// and only where the follower's log matches ours (see [`crate::written`]).
-    pub fn written(&mut self, group: GroupId, from: NodeId, w: Written) {
+    pub fn written(&mut self, group: GroupId, epoch: u64, from: NodeId, w: Written) {
         use std::sync::atomic::Ordering::Relaxed;
         let Some(g) = self.groups.get_mut(&group) else {
             return;
         };
-        if g.raft.is_leader()
+        if g.epoch == epoch
+            && g.fenced.is_none()
+            && g.raft.is_leader()
             && g.raft.term() == Term(w.term)
             && g.raft.log_term(LogIndex(w.index)) == Some(Term(w.log_term))
         {
@@ -694,8 +830,8 @@ impl<S: LogStore> NodeCore<S> {
     }
 
     /// The leader wants this replica's log synced (see [`SyncWanted`]).
-    pub fn sync_wanted(&mut self, group: GroupId, want: SyncWanted) {
-        if let Some(g) = self.groups.get_mut(&group) {
+    pub fn sync_wanted(&mut self, group: GroupId, epoch: u64, want: SyncWanted) {
+        if let Some(g) = self.groups.get_mut(&group).filter(|g| g.epoch == epoch) {
             if (want.term, want.index) > (g.sync_wanted.term, g.sync_wanted.index) {
                 g.sync_wanted = want;
             }
@@ -723,16 +859,26 @@ impl<S: LogStore> NodeCore<S> {
         if self.cfg.reconcile {
             self.add_meta_learners();
         }
+        self.last_now = self.last_now.max(now);
+        self.lease_tick(now);
+        if let Err(e) = self.end_holds(now) {
+            // Only a record: the next tick tries again; a restart waits again.
+            tracing::warn!(error = %e, "drop a fencing-wait record");
+        }
         let observe = self.cfg.observe;
-        let mut out = Out {
-            effects: &mut self.effects,
-            stats: &self.stats,
-            observe,
-            bug: self.cfg.bug,
-        };
+        let lapsed = self.cfg.lease.is_some() && !self.lease_valid(now);
+        let mut out = out!(self, now);
         let me = self.cfg.me;
         let quarantine_max = self.cfg.quarantine_max;
         for g in self.groups.values_mut() {
+            if g.fenced.is_some() {
+                continue;
+            }
+            if lapsed && !g.suspended.is_empty() && g.raft.is_leader() {
+                tracing::debug!(group = %g.id(), waiting = g.suspended.len(),
+                    "no lease from the metadata quorum: answers suspended");
+            }
+            g.release_suspended(&mut out);
             g.release_site_waiting(&mut out);
             g.expire_reads(now, READ_INDEX_TIMEOUT, &mut out);
             if g.quarantine.is_some() {
@@ -754,8 +900,67 @@ impl<S: LogStore> NodeCore<S> {
                 if let Some(min) = progress.iter().map(|p| p.matched).min() {
                     g.lag.shipped_to_all(min);
                 }
+                if now.saturating_duration_since(g.tail_sent) >= TAIL_REPORT_INTERVAL {
+                    g.tail_sent = now;
+                    g.report_tail(now, &progress, &mut out);
+                }
             }
         }
+    }
+
+    /// The leader's tail report (see [`Effect::Tail`]) arrived from `from`.
+    pub fn tail(&mut self, now: Time, group: GroupId, epoch: u64, from: NodeId, t: TailReport) {
+        if let Some(g) = self.groups.get_mut(&group) {
+            if g.epoch == epoch
+                && g.fenced.is_none()
+                && t.term >= g.raft.term().0
+                && g.tail.is_none_or(|(_, old)| (old.term, old.last) <= (t.term, t.last))
+            {
+                let _ = from;
+                g.tail = Some((now, t));
+            }
+        }
+    }
+
+    /// What this replica of `group` knows that a failover plan needs.
+    pub fn replica_report(&self, now: Time, group: GroupId) -> Option<ReplicaReport> {
+        let g = self.groups.get(&group)?;
+        let stamp = |i: u64| -> Option<u64> {
+            if i == 0 || i < g.raft.first_index().0 {
+                return None;
+            }
+            let e = self.log.entries(group, i, i + 1, u64::MAX).ok()?;
+            e.first().and_then(crate::group::entry_stamp)
+        };
+        // The newest stamped entry at or below `i` (the leader's empty entries have none).
+        let stamp_at_or_below = |i: u64| -> Option<u64> {
+            let low = g.raft.first_index().0.max(1);
+            (low..=i).rev().take(64).find_map(stamp)
+        };
+        let last = g.raft.last_index().0;
+        let commit = g.raft.commit_index().0;
+        let ms_ago = |t: Time| now.saturating_duration_since(t).as_millis() as u64;
+        Some(ReplicaReport {
+            node: self.cfg.me.0,
+            epoch: g.epoch,
+            term: g.raft.term().0,
+            last_index: last,
+            last_term: g.raft.log_term(LogIndex(last)).map_or(0, |t| t.0),
+            commit,
+            applied: g.applied.0,
+            last_unix_ms: stamp_at_or_below(last),
+            commit_unix_ms: stamp_at_or_below(commit),
+            recovering: g.recovering.is_some(),
+            fenced: g.fenced.is_some(),
+            heard_leader_ms_ago: if g.raft.is_leader() {
+                Some(0)
+            } else {
+                g.heard_leader.map(ms_ago)
+            },
+            leader: g.raft.leader().map(|n| n.0),
+            tail: g.tail.map(|(_, t)| t),
+            tail_ms_ago: g.tail.map(|(at, _)| ms_ago(at)),
+        })
     }
 
     /// Status of every group on this node.
@@ -768,16 +973,22 @@ impl<S: LogStore> NodeCore<S> {
                 voters.sort_unstable();
                 let mut learners = cs.learners.clone();
                 learners.sort_unstable();
+                // A fenced replica's Raft state is frozen as it was: it leads nothing.
+                let fenced = g.fenced.is_some();
                 GroupStatus {
                     group: id.0,
-                    role: g.raft.role().into(),
-                    leader: g.raft.leader().map(|n| n.0),
+                    role: if fenced {
+                        Role::Follower
+                    } else {
+                        g.raft.role().into()
+                    },
+                    leader: g.raft.leader().map(|n| n.0).filter(|_| !fenced),
                     term: g.raft.term().0,
                     commit: g.raft.commit_index().0,
                     applied: g.raft.applied_index().0,
                     durable_applied: g.durable_applied.0,
                     last_index: g.raft.last_index().0,
-                    progress: if g.raft.is_leader() {
+                    progress: if g.raft.is_leader() && !fenced {
                         let last = g.raft.last_index().0;
                         g.raft
                             .progress()
@@ -794,6 +1005,10 @@ impl<S: LogStore> NodeCore<S> {
                     },
                     recovering: g.recovering.is_some(),
                     quarantined: g.quarantine.is_some(),
+                    epoch: g.epoch,
+                    fenced: g.fenced.is_some(),
+                    suspended: g.kind == Kind::Volume
+                        && (!self.lease_valid(now) || g.hold_until.is_some_and(|h| now < h)),
                     voters,
                     learners,
                     joint: !cs.voters_outgoing.is_empty(),
@@ -804,12 +1019,7 @@ impl<S: LogStore> NodeCore<S> {
 
     /// Refuses everything waiting on every group (the node stops).
     pub fn shutdown(&mut self) {
-        let mut out = Out {
-            effects: &mut self.effects,
-            stats: &self.stats,
-            observe: self.cfg.observe,
-            bug: self.cfg.bug,
-        };
+        let mut out = Out::refusing(&mut self.effects, &self.stats, self.cfg.observe);
         for g in self.groups.values_mut() {
             g.fail_all(Refused::Shutdown, &mut out);
         }

@@ -17,6 +17,7 @@ use crate::stats::StoreStats;
 use crate::time::Time;
 
 use super::api::{Effect, Note, Outcome, Refused, Written};
+use super::out;
 use super::group::{GroupCore, Kind, Out};
 use super::sync::Unsynced;
 use super::{recovering_key, recovery, CoreBug, CoreError, NodeCore, META_SNAPSHOT_KEY};
@@ -79,14 +80,10 @@ impl<S: LogStore> NodeCore<S> {
     /// committed entry could not be applied): the node must stop, since going on could
     /// acknowledge what is not durable.
     pub fn process(&mut self, now: Time) -> Result<(), CoreError> {
+        self.last_now = self.last_now.max(now);
         // Held proposals are proposed (or refused) between rounds: raft-rs must not take
         // proposals between a Ready and its advance.
-        let mut out = Out {
-            effects: &mut self.effects,
-            stats: &self.stats,
-            observe: self.cfg.observe,
-            bug: self.cfg.bug,
-        };
+        let mut out = out!(self, now);
         for g in self.groups.values_mut() {
             g.release_held(now, &mut out);
         }
@@ -114,13 +111,12 @@ impl<S: LogStore> NodeCore<S> {
         // Groups whose entries this round writes: (group, last index, its term).
         let mut wrote: Vec<(GroupId, u64, u64)> = Vec::new();
         let mut meta_changed = false;
-        let mut out = Out {
-            effects: &mut self.effects,
-            stats: &self.stats,
-            observe,
-            bug: self.cfg.bug,
-        };
+        let mut out = out!(self, now);
         for (&id, g) in self.groups.iter_mut() {
+            if g.fenced.is_some() {
+                // Stopped by a failover: its state stays as it was (see `failover`).
+                continue;
+            }
             let before = observe.then(|| commit_view(g));
             let Some(mut work) = g.raft.ready() else {
                 continue;
@@ -131,6 +127,7 @@ impl<S: LogStore> NodeCore<S> {
                 out.effects.push(Effect::Send {
                     to: NodeId(m.to),
                     group: id,
+                    epoch: g.epoch,
                     msg: m,
                 });
             }
@@ -250,16 +247,22 @@ impl<S: LogStore> NodeCore<S> {
                     out.effects.push(Effect::Written {
                         to: leader,
                         group: id,
+                        epoch: g.epoch,
                         w,
                     });
                 }
             }
         }
+        let mut lease_states = Vec::new();
         for r in readied {
             let id = r.group;
             let g = self.groups.get_mut(&id).expect("listed");
             let before = observe.then(|| commit_view(g));
             for rs in r.read_states {
+                if let Some(seq) = super::lease::lease_seq(&rs.request_ctx) {
+                    lease_states.push((seq, rs.index));
+                    continue;
+                }
                 let ctx =
                     u64::from_be_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
                 if let Some((started, req)) = g.reads_waiting_index.remove(&ctx) {
@@ -322,6 +325,14 @@ impl<S: LogStore> NodeCore<S> {
         if meta_changed && self.cfg.reconcile {
             self.reconcile(now)?;
         }
+        for (ctx, index) in lease_states {
+            self.lease_read_state(ctx, index, now);
+        }
+        self.lease_grant(now);
+        let mut out = out!(self, now);
+        for g in self.groups.values_mut() {
+            g.release_suspended(&mut out);
+        }
         self.publish_recovering();
         self.stats.rounds.fetch_add(1, Relaxed);
         Ok(())
@@ -332,13 +343,18 @@ impl<S: LogStore> NodeCore<S> {
     /// its blocks from the leader and serves no reads).
     pub(super) fn publish_recovering(&mut self) {
         let me = self.cfg.me;
+        let now = self.last_now;
         let mut list = Vec::new();
         for (&id, g) in self.groups.iter_mut() {
             let Some(point) = g.recovering else {
                 continue;
             };
             list.push((id, point));
-            if g.raft.is_leader() && g.raft.transferring_to().is_none() {
+            let recent = g.handed_over_at.is_some_and(|t| {
+                now.saturating_duration_since(t) < super::RECOVERING_HANDOVER_MIN
+            });
+            if g.raft.is_leader() && g.raft.transferring_to().is_none() && !recent {
+                g.handed_over_at = Some(now);
                 // To the next voter by id, wrapping: two recovering voters handing it to
                 // the first voter listed passed it back and forth for good (the seed sweep
                 // found a term a few milliseconds, `roamdisk-sim --seed 1916`); going
@@ -377,6 +393,7 @@ pub(super) fn send_persisted<S: LogStore>(
         effects.push(Effect::Send {
             to: NodeId(m.to),
             group: g.id(),
+            epoch: g.epoch,
             msg: m,
         });
     }
@@ -572,7 +589,7 @@ pub(super) fn apply<S: LogStore>(
                         }
                         // Answered after the new cluster state is published.
                         outcome @ Outcome::Meta(_) => g.meta_replies.push((id, outcome)),
-                        outcome => out.answer(id, Ok(outcome)),
+                        Outcome::Volume => g.answer_ok(id, out),
                     }
                 }
                 _ => out.answer(id, Err(Refused::Superseded)),

@@ -328,6 +328,7 @@ impl<S: LogStore> NodeCore<S> {
             effects.push(Effect::Quarantine {
                 to,
                 group: g.raft.id,
+                epoch: g.epoch,
                 report: report.clone(),
             });
         }
@@ -342,10 +343,11 @@ impl<S: LogStore> NodeCore<S> {
         &mut self,
         now: Time,
         group: GroupId,
+        epoch: u64,
         from: NodeId,
         report: QuarantineReport,
     ) {
-        let Some(g) = self.groups.get_mut(&group) else {
+        let Some(g) = self.groups.get_mut(&group).filter(|g| g.epoch == epoch) else {
             return;
         };
         let answer = match g.quarantine.as_mut() {
@@ -398,6 +400,7 @@ impl<S: LogStore> NodeCore<S> {
         self.effects.push(Effect::Quarantine {
             to: from,
             group,
+            epoch,
             report: Self::report(g),
         });
     }

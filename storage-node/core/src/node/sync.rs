@@ -27,6 +27,7 @@ use crate::logstore::LogStore;
 use crate::time::Time;
 
 use super::api::{Effect, SyncWanted};
+use super::out;
 use super::group::Out;
 use super::ready::{commit_view, note_commit, send_persisted};
 use super::{CoreError, NodeCore};
@@ -177,6 +178,7 @@ impl<S: LogStore> NodeCore<S> {
                     self.effects.push(Effect::SyncWanted {
                         to: p.node,
                         group: id,
+                        epoch: g.epoch,
                         want,
                     });
                 }
@@ -221,12 +223,7 @@ impl<S: LogStore> NodeCore<S> {
         self.sync.in_flight = false;
         self.sync.ended = now;
         let observe = self.cfg.observe;
-        let mut out = Out {
-            effects: &mut self.effects,
-            stats: &self.stats,
-            observe,
-            bug: self.cfg.bug,
-        };
+        let mut out = out!(self, now);
         for u in std::mem::take(&mut self.sync.syncing) {
             let Some(g) = self.groups.get_mut(&u.group) else {
                 continue;

@@ -21,6 +21,7 @@ enum Wire {
     Written(Written),
     SyncWanted(SyncWanted),
     Quarantine(QuarantineReport),
+    Tail(TailReport),
 }
 
 /// What a node's driver saw, in order.
@@ -42,13 +43,15 @@ struct TestNode {
 
 struct Harness {
     nodes: BTreeMap<NodeId, TestNode>,
-    net: VecDeque<(NodeId, NodeId, GroupId, Wire)>,
+    net: VecDeque<(NodeId, NodeId, GroupId, u64, Wire)>,
     now: Time,
     next_req: u64,
     /// Syncs complete as soon as they start (otherwise only in `finish_syncs`).
     auto_sync: bool,
     /// Nodes whose messages are dropped, both ways.
     cut: BTreeSet<NodeId>,
+    /// A partition: messages between these nodes and the others are dropped.
+    side: BTreeSet<NodeId>,
 }
 
 fn write_cmd(offset: u64, byte: u8) -> Vec<u8> {
@@ -70,6 +73,7 @@ impl Harness {
             next_req: 0,
             auto_sync: true,
             cut: BTreeSet::new(),
+            side: BTreeSet::new(),
         };
         for &id in &ids {
             let mut cfg = NodeConfig::new(
@@ -81,6 +85,8 @@ impl Harness {
             cfg.reconcile = false;
             cfg.bug = bug;
             cfg.retained_log_entries = 0;
+            // The lease has tests of its own (`lease.rs`).
+            cfg.lease = None;
             let log = Arc::new(MemLogStore::new());
             let mut core =
                 NodeCore::open(cfg.clone(), Arc::clone(&log), Arc::default(), Time::ZERO).unwrap();
@@ -128,19 +134,44 @@ impl Harness {
         let n = self.nodes.get_mut(&id).unwrap();
         for e in n.core.take_effects() {
             match e {
-                Effect::Send { to, group, msg } => {
-                    self.net.push_back((id, to, group, Wire::Raft(msg)))
-                }
-                Effect::Written { to, group, w } => {
-                    self.net.push_back((id, to, group, Wire::Written(w)))
-                }
-                Effect::SyncWanted { to, group, want } => {
-                    self.net.push_back((id, to, group, Wire::SyncWanted(want)))
-                }
-                Effect::Quarantine { to, group, report } => {
-                    self.net
-                        .push_back((id, to, group, Wire::Quarantine(report)))
-                }
+                Effect::Send {
+                    to,
+                    group,
+                    epoch,
+                    msg,
+                } => self.net.push_back((id, to, group, epoch, Wire::Raft(msg))),
+                Effect::Written {
+                    to,
+                    group,
+                    epoch,
+                    w,
+                } => self
+                    .net
+                    .push_back((id, to, group, epoch, Wire::Written(w))),
+                Effect::SyncWanted {
+                    to,
+                    group,
+                    epoch,
+                    want,
+                } => self
+                    .net
+                    .push_back((id, to, group, epoch, Wire::SyncWanted(want))),
+                Effect::Quarantine {
+                    to,
+                    group,
+                    epoch,
+                    report,
+                } => self
+                    .net
+                    .push_back((id, to, group, epoch, Wire::Quarantine(report))),
+                Effect::Tail {
+                    to,
+                    group,
+                    epoch,
+                    tail,
+                } => self
+                    .net
+                    .push_back((id, to, group, epoch, Wire::Tail(tail))),
                 Effect::StartSync => {
                     assert!(!n.sync_started, "a second sync started while one runs");
                     n.sync_started = true;
@@ -198,18 +229,23 @@ impl Harness {
     /// Delivers messages until none is left (each delivery followed by a round).
     fn deliver(&mut self) {
         let mut steps = 0;
-        while let Some((from, to, group, w)) = self.net.pop_front() {
+        while let Some((from, to, group, epoch, w)) = self.net.pop_front() {
             steps += 1;
             assert!(steps < 100_000, "messages never settle");
-            if self.cut.contains(&from) || self.cut.contains(&to) {
+            if self.cut.contains(&from)
+                || self.cut.contains(&to)
+                || (!self.side.is_empty() && self.side.contains(&from) != self.side.contains(&to))
+            {
                 continue;
             }
             let n = self.nodes.get_mut(&to).unwrap();
+            let now = self.now;
             match w {
-                Wire::Raft(m) => n.core.step(group, m),
-                Wire::Written(w) => n.core.written(group, from, w),
-                Wire::SyncWanted(want) => n.core.sync_wanted(group, want),
-                Wire::Quarantine(r) => n.core.quarantine_report(self.now, group, from, r),
+                Wire::Raft(m) => n.core.step(now, group, epoch, m),
+                Wire::Written(w) => n.core.written(group, epoch, from, w),
+                Wire::SyncWanted(want) => n.core.sync_wanted(group, epoch, want),
+                Wire::Quarantine(r) => n.core.quarantine_report(now, group, epoch, from, r),
+                Wire::Tail(t) => n.core.tail(now, group, epoch, from, t),
             }
             self.process(to);
             let due: Vec<NodeId> = self
@@ -268,7 +304,7 @@ impl Harness {
     fn propose(&mut self, on: u64, data: Vec<u8>, ack: Ack) -> ReqId {
         let id = self.req();
         let now = self.now;
-        self.node(on).core.propose(now, G, data, ack, id);
+        self.node(on).core.propose(now, G, None, data, ack, id);
         self.process(NodeId(on));
         id
     }
@@ -303,7 +339,7 @@ impl Harness {
         self.process(NodeId(id));
         // Messages in flight to or from the dead process are gone.
         self.net
-            .retain(|(from, to, _, _)| from.0 != id && to.0 != id);
+            .retain(|(from, to, _, _, _)| from.0 != id && to.0 != id);
     }
 
     /// Whether the log of `on` holds an entry at `index` with `term`.
@@ -335,7 +371,7 @@ fn a_write_is_answered_once_a_quorum_wrote_it_before_any_sync() {
     // A flush waits for the commit, which waits for the syncs.
     let f = h.req();
     let now = h.now;
-    h.node(l).core.flush(now, G, f);
+    h.node(l).core.flush(now, G, None, f);
     h.process(NodeId(l));
     h.deliver();
     assert_eq!(h.answer(l, f), None);
@@ -383,7 +419,7 @@ fn a_read_waits_for_the_highest_early_answer_to_apply() {
     assert!(h.answer(l, w).is_some());
     let r = h.req();
     let now = h.now;
-    h.node(l).core.read(now, G, r);
+    h.node(l).core.read(now, G, None, r);
     h.process(NodeId(l));
     h.deliver();
     assert_eq!(h.answer(l, r), None, "the write is not applied yet");
@@ -412,7 +448,7 @@ fn a_flush_before_the_commit_is_only_the_negative_control() {
         h.deliver();
         let f = h.req();
         let now = h.now;
-        h.node(l).core.flush(now, G, f);
+        h.node(l).core.flush(now, G, None, f);
         h.process(NodeId(l));
         assert_eq!(h.answer(l, f).is_some(), early, "bug {bug:?}");
     }
@@ -435,7 +471,7 @@ fn syncs_are_put_off_until_something_waits_for_the_commit() {
     );
     assert!(!h.node(l).sync_started);
     let f = h.req();
-    h.node(l).core.flush(now, G, f);
+    h.node(l).core.flush(now, G, None, f);
     h.process(NodeId(l));
     // Urgent now: at once, or after the gathering window while syncs run back to back.
     let due = h.node(l).core.next_wakeup(now);
@@ -447,7 +483,7 @@ fn syncs_are_put_off_until_something_waits_for_the_commit() {
     assert!(h
         .net
         .iter()
-        .any(|(_, _, _, w)| matches!(w, Wire::SyncWanted(_))));
+        .any(|(_, _, _, _, w)| matches!(w, Wire::SyncWanted(_))));
 }
 
 #[test]
@@ -620,14 +656,14 @@ fn every_request_is_answered_exactly_once() {
             0 | 1 => {
                 h.node(on)
                     .core
-                    .propose(now, G, write_cmd(step % 64, step as u8), Ack::Written, id)
+                    .propose(now, G, None, write_cmd(step % 64, step as u8), Ack::Written, id)
             }
             2 => h
                 .node(on)
                 .core
-                .propose(now, G, write_cmd(0, 0), Ack::Committed, id),
-            3 => h.node(on).core.flush(now, G, id),
-            _ => h.node(on).core.read(now, G, id),
+                .propose(now, G, None, write_cmd(0, 0), Ack::Committed, id),
+            3 => h.node(on).core.flush(now, G, None, id),
+            _ => h.node(on).core.read(now, G, None, id),
         }
         issued.push((on, id, step));
         h.process(NodeId(on));
@@ -651,4 +687,5 @@ fn every_request_is_answered_exactly_once() {
     }
 }
 
+mod failover;
 mod recovery;

@@ -198,7 +198,7 @@ fn a_follower_reports_writes_only_in_a_term_it_has_synced() {
             let n = h.net.len();
             h.net
                 .drain(..n)
-                .filter_map(|(from, _, _, w)| match w {
+                .filter_map(|(from, _, _, _, w)| match w {
                     Wire::Written(w) if from == NodeId(2) => Some(w.index),
                     _ => None,
                 })
@@ -207,7 +207,7 @@ fn a_follower_reports_writes_only_in_a_term_it_has_synced() {
         // The first append of term 2 (term 1 is what node 2 has synced).
         h.node(2)
             .core
-            .step(G, append_to_2(1, 2, 0, 0, &[(1, 2), (2, 2)]));
+            .step(Time::ZERO, G, 0, append_to_2(1, 2, 0, 0, &[(1, 2), (2, 2)]));
         h.process(NodeId(2));
         let first = reports(&mut h);
         match bug {
@@ -220,7 +220,7 @@ fn a_follower_reports_writes_only_in_a_term_it_has_synced() {
         h.finish_sync(NodeId(2));
         reports(&mut h);
         // Term 2 is synced: the next write is reported, and covers the first.
-        h.node(2).core.step(G, append_to_2(1, 2, 2, 2, &[(3, 2)]));
+        h.node(2).core.step(Time::ZERO, G, 0, append_to_2(1, 2, 2, 2, &[(3, 2)]));
         h.process(NodeId(2));
         assert_eq!(reports(&mut h), vec![3]);
     }
@@ -283,14 +283,14 @@ fn the_synced_mark_does_not_cover_entries_replaced_while_the_sync_ran() {
     // Leader 1 (term 2) sends entries 1-3; node 2 writes them and starts a sync.
     h.node(2)
         .core
-        .step(G, append(1, 2, 0, 0, &[(1, 2), (2, 2), (3, 2)]));
+        .step(Time::ZERO, G, 0, append(1, 2, 0, 0, &[(1, 2), (2, 2), (3, 2)]));
     h.process(NodeId(2));
     let now = h.now;
     h.node(2).core.sync_now(now);
     h.process(NodeId(2));
     assert!(h.node(2).sync_started, "a sync covers entries 1-3");
     // Leader 3 (term 3) replaces 2-3 with its own entry 2 while that sync runs.
-    h.node(2).core.step(G, append(3, 3, 1, 2, &[(2, 3)]));
+    h.node(2).core.step(Time::ZERO, G, 0, append(3, 3, 1, 2, &[(2, 3)]));
     h.process(NodeId(2));
     assert!(h.holds(2, 2, 3) && !h.holds(2, 3, 2));
     // The first sync ends: it covered entries 1-3 of term 2, of which only 1 is left.
@@ -338,7 +338,7 @@ fn a_quarantine_ends_only_once_the_rebooted_log_holds_the_leaders() {
         let mut hb = Message::default();
         hb.set_msg_type(MessageType::MsgHeartbeat);
         (hb.from, hb.to, hb.term) = (l, b, term);
-        h.node(b).core.step(G, hb);
+        h.node(b).core.step(Time::ZERO, G, 0, hb);
         h.process(NodeId(b));
         h.net.clear();
         assert_eq!(h.node(b).core.quarantined(G), bug.is_none());
