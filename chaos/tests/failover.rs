@@ -105,6 +105,8 @@ struct Acked {
 /// then; every acknowledgement recorded with its time.
 struct Writer {
     acked: Arc<Mutex<Vec<Acked>>>,
+    /// Requests that failed (the connection is then made again).
+    errors: Arc<std::sync::atomic::AtomicU64>,
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
 }
@@ -112,8 +114,10 @@ struct Writer {
 impl Writer {
     fn spawn(addr: String, export: &str, blocks: u64, first_version: u64) -> Writer {
         let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
+        let errors: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let (a, s, export) = (Arc::clone(&acked), Arc::clone(&stop), export.to_owned());
+        let e = Arc::clone(&errors);
         let handle = std::thread::spawn(move || {
             let mut version = first_version;
             let mut conn = None;
@@ -138,17 +142,20 @@ impl Writer {
                         at_ms: unix_ms(),
                     }),
                     Err(_) => {
+                        e.fetch_add(1, Ordering::Relaxed);
                         conn = None;
                         continue;
                     }
                 }
                 if version % 16 == 0 && c.flush().is_err() {
+                    e.fetch_add(1, Ordering::Relaxed);
                     conn = None;
                 }
             }
         });
         Writer {
             acked,
+            errors,
             stop,
             handle: Some(handle),
         }
@@ -468,4 +475,67 @@ fn a_cut_off_home_is_fenced_its_divergent_writes_are_kept_and_it_resyncs_increme
         .verify_volume("vm1", false)
         .unwrap();
     assert_eq!(r["differing_blocks"], 0, "{r}");
+}
+
+#[test]
+fn a_cut_off_site_durable_volume_suspends_or_degrades_as_its_policy_says() {
+    use roamdisk_core::meta::OnNoSite;
+    let (_dir, c) = start(&[], 31000);
+    let a = admin(&c, 1);
+    for (name, policy) in [
+        ("vsus", OnNoSite::Suspend),
+        ("vdeg", OnNoSite::DegradeAfter { ms: 5000 }),
+    ] {
+        a.create_volume(name, 16 * MIB, Some(3), Some("osaka"), Some(Durability::Site))
+            .unwrap();
+        a.set_policy(name, policy).unwrap();
+        wait_until(&format!("{name} to elect a leader"), 60, || {
+            volume(&c, 1, name)["leader"].as_u64()
+        });
+    }
+    let mut ws = Writer::spawn(nbd(&c, 1), "vsus", 256, 0);
+    let mut wd = Writer::spawn(nbd(&c, 1), "vdeg", 256, 0);
+    wait_until("both writers", 60, || {
+        (ws.acked().len() > 50 && wd.acked().len() > 50).then_some(())
+    });
+    for (x, y) in [("osaka", "hokkaido"), ("hokkaido", "osaka"), ("osaka", "fukuoka"), ("fukuoka", "osaka")] {
+        wan(&c, "PUT", &format!("/v1/links/{x}/{y}"), r#"{"partition":"drop"}"#);
+    }
+    let cut_at = unix_ms();
+    // The degrading volume goes on after its 5 s, reported as degraded.
+    wait_until("vdeg to degrade", 30, || {
+        (volume(&c, 1, "vdeg")["degraded"] == true).then_some(())
+    });
+    let resumed = wait_until("vdeg's writer to go on", 30, || {
+        wd.acked().iter().find(|x| x.at_ms > cut_at + 5000).map(|x| x.at_ms)
+    });
+    eprintln!("vdeg went on {} ms after the cut", resumed - cut_at);
+    let st = a.status().unwrap();
+    let vdeg = st["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "vdeg").unwrap().clone();
+    assert_eq!(vdeg["degraded"], true, "{vdeg}");
+    let rpo = vdeg["site_lag"].as_array().unwrap().iter().map(|l| l["seconds"].as_f64().unwrap()).fold(0.0, f64::max);
+    eprintln!("vdeg degraded, RPO {rpo:.1} s");
+    assert!(rpo > 1.0, "the degraded volume's RPO grows: {vdeg}");
+    // The suspending one acknowledged nothing since the cut, and failed nothing.
+    let acked_s = ws.acked();
+    let late = acked_s.iter().filter(|x| x.at_ms > cut_at + 500).count();
+    assert_eq!(late, 0, "vsus acknowledged {late} writes with no other site");
+    assert_eq!(ws.errors.load(Ordering::Relaxed), 0, "vsus's writes wait, they do not fail");
+    // Healed: vsus resumes, vdeg is site-durable again once a remote replica caught up.
+    wan(&c, "POST", "/v1/heal", "");
+    let healed_at = unix_ms();
+    wait_until("vsus's writer to resume", 60, || {
+        ws.acked().iter().any(|x| x.at_ms > healed_at).then_some(())
+    });
+    wait_until("vdeg to be site-durable again", 60, || {
+        (volume(&c, 1, "vdeg")["degraded"] == false).then_some(())
+    });
+    ws.stop(true);
+    wd.stop(true);
+    assert_eq!(ws.errors.load(Ordering::Relaxed), 0);
+    // Nothing acknowledged is lost: every acknowledged version reads back at hokkaido.
+    for (w, name) in [(&ws, "vsus"), (&wd, "vdeg")] {
+        let lost = missing(&nbd(&c, 4), name, &newest(&w.acked(), u64::MAX));
+        assert!(lost.is_empty(), "{name}: {lost:?}");
+    }
 }

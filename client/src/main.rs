@@ -18,7 +18,7 @@ mod failover;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use roamdisk_client::{format_size, parse_size, playground, AdminClient};
-use roamdisk_core::meta::Durability;
+use roamdisk_core::meta::{Durability, OnNoSite};
 use serde_json::Value;
 
 #[derive(Parser, Debug)]
@@ -139,6 +139,17 @@ enum VolumeCmd {
         home: Option<String>,
         #[arg(long, value_enum)]
         durability: Option<DurabilityArg>,
+        /// What a durability=site volume does while no other site answers: `suspend`
+        /// (writes wait, never fail: the default) or `degrade-after=DURATION` (`5s`,
+        /// `500ms`: then commit on the home site alone, reported as degraded).
+        #[arg(long, value_parser = parse_on_no_site)]
+        on_no_site: Option<OnNoSite>,
+    },
+    /// Set what a durability=site volume does while no other site answers.
+    SetPolicy {
+        name: String,
+        #[arg(long, value_parser = parse_on_no_site)]
+        on_no_site: OnNoSite,
     },
     List,
     Show {
@@ -309,6 +320,27 @@ fn volume_line(v: &Value) -> String {
     )
 }
 
+/// `suspend` or `degrade-after=5s` (also `500ms`, `2m`).
+fn parse_on_no_site(s: &str) -> Result<OnNoSite, String> {
+    if s == "suspend" {
+        return Ok(OnNoSite::Suspend);
+    }
+    let d = s
+        .strip_prefix("degrade-after=")
+        .ok_or_else(|| format!("{s:?}: use suspend or degrade-after=DURATION"))?;
+    let (num, unit) = d.split_at(d.find(|c: char| !c.is_ascii_digit()).unwrap_or(d.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{d:?}: a duration such as 5s or 500ms"))?;
+    let ms = match unit {
+        "ms" => n,
+        "s" | "" => n * 1000,
+        "m" => n * 60_000,
+        _ => return Err(format!("{d:?}: the unit is ms, s or m")),
+    };
+    Ok(OnNoSite::DegradeAfter { ms })
+}
+
 fn parse_wan(s: &str) -> Result<roamdisk_wan::WanProfile, String> {
     s.parse::<roamdisk_wan::WanProfile>()
         .map_err(|e| e.to_string())
@@ -392,16 +424,27 @@ fn run(cli: Cli) -> Result<()> {
                 replicas,
                 home,
                 durability,
+                on_no_site,
             } => {
                 let d = durability.map(|d| match d {
                     DurabilityArg::Node => Durability::Node,
                     DurabilityArg::Site => Durability::Site,
                 });
-                let v = client.create_volume(&name, size, replicas, home.as_deref(), d)?;
+                let mut v = client.create_volume(&name, size, replicas, home.as_deref(), d)?;
+                if let Some(p) = on_no_site {
+                    v = client.set_policy(&name, p)?;
+                }
                 if cli.json {
                     return print_json(&v);
                 }
                 println!("created {}", volume_line(&v));
+            }
+            VolumeCmd::SetPolicy { name, on_no_site } => {
+                let v = client.set_policy(&name, on_no_site)?;
+                if cli.json {
+                    return print_json(&v);
+                }
+                println!("{}: on no other site, {}", name, v["on_no_site"]);
             }
             VolumeCmd::List => {
                 let vs = client.volumes()?;

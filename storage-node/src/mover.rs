@@ -299,6 +299,7 @@ mod tests {
             epoch: 0,
             fenced: false,
             suspended: false,
+            degraded: false,
             voters: voters.to_vec(),
             learners: learners.to_vec(),
             joint: false,

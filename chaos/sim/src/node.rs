@@ -238,7 +238,9 @@ pub struct Node {
     /// The disk was replaced by an empty one (a deliberately broken disk).
     wiped: bool,
     /// Site-durable groups and their replicas outside the home site.
-    site_durable: BTreeMap<GroupId, Vec<NodeId>>,
+    /// Site-durable groups: the replicas outside the home site, and how long a write
+    /// waits for one before the group degrades (`None`: for good).
+    site_durable: BTreeMap<GroupId, (Vec<NodeId>, Option<std::time::Duration>)>,
     /// The machine lost power since the core last opened: the next start is a reboot.
     rebooted: bool,
     /// The next log sync fails (an injected disk error).
@@ -415,11 +417,17 @@ impl Node {
 
     /// Makes `group` site-durable with `remote` as the replicas outside the home site
     /// (again after every restart: it is the metadata's on a storage node).
-    pub fn set_site_durable(&mut self, group: GroupId, remote: Vec<NodeId>) {
+    pub fn set_site_durable(
+        &mut self,
+        group: GroupId,
+        remote: Vec<NodeId>,
+        degrade_after: Option<std::time::Duration>,
+    ) {
         if let Some(core) = self.core.as_mut() {
             core.set_site_durable(group, true, remote.clone());
+            core.set_degrade_after(group, degrade_after);
         }
-        self.site_durable.insert(group, remote);
+        self.site_durable.insert(group, (remote, degrade_after));
     }
 
     /// Crash: the process dies; with `power_loss`, what was written but not synced is
@@ -468,11 +476,10 @@ impl Node {
             .map_err(|e| core_err("NodeCore::open", e))?;
         self.core = Some(core);
         self.rebooted = false;
-        for (group, remote) in &self.site_durable {
-            self.core
-                .as_mut()
-                .expect("opened")
-                .set_site_durable(*group, true, remote.clone());
+        for (group, (remote, degrade_after)) in &self.site_durable {
+            let core = self.core.as_mut().expect("opened");
+            core.set_site_durable(*group, true, remote.clone());
+            core.set_degrade_after(*group, *degrade_after);
         }
         if self.wiped {
             self.wiped = false;
@@ -1114,7 +1121,10 @@ impl Node {
 
     /// The replicas outside the home site of a site-durable group (empty otherwise).
     pub fn site_durable_remote(&self, group: GroupId) -> Vec<NodeId> {
-        self.site_durable.get(&group).cloned().unwrap_or_default()
+        self.site_durable
+            .get(&group)
+            .map(|(r, _)| r.clone())
+            .unwrap_or_default()
     }
 
     pub fn volume(&self, group: GroupId) -> Option<&VolumeData> {

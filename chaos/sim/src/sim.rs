@@ -498,9 +498,16 @@ impl Simulation {
                     self.with_node(*node, |n, ctx| n.create_replica(group, seed, ctx))?;
                 }
                 if site_durable {
-                    self.trace.note(0, || format!("g{group}: durability=site"));
+                    // Half of them degrade after a while without another site.
+                    let degrade_after = self
+                        .rng
+                        .chance(500_000)
+                        .then(|| std::time::Duration::from_millis(self.rng.range(100, 2000)));
+                    self.trace.note(0, || {
+                        format!("g{group}: durability=site, degrade after {degrade_after:?}")
+                    });
                     for n in self.nodes.values_mut() {
-                        n.set_site_durable(group, learners.clone());
+                        n.set_site_durable(group, learners.clone(), degrade_after);
                     }
                 }
                 self.cfg.volume_clients

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use roamdisk_core::meta::{Durability, NodeInfo};
+use roamdisk_core::meta::{Durability, NodeInfo, OnNoSite};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -104,6 +104,15 @@ impl AdminClient {
         self.call(
             self.agent.post(&format!("{}/v1/volumes", self.base)),
             Some(body),
+        )
+    }
+
+    /// Sets what a site-durable volume does while no other site answers.
+    pub fn set_policy(&self, name: &str, on_no_site: OnNoSite) -> Result<Value> {
+        self.call(
+            self.agent
+                .post(&format!("{}/v1/volumes/{name}/policy", self.base)),
+            Some(serde_json::json!({ "on_no_site": on_no_site })),
         )
     }
 

@@ -14,7 +14,8 @@
 //! The loss, stated before anything changes:
 //! - **lossless** for a `durability=site` volume when every replica outside the home
 //!   answered: each acknowledged write was synced by one of them, and the chosen one
-//!   holds what any of them holds. A `durability=node` volume is never stated lossless:
+//!   holds what any of them holds (not with `degrade-after`: its home may have answered
+//!   writes alone). A `durability=node` volume is never stated lossless:
 //!   its home acknowledged writes the other sites may not have had yet.
 //! - otherwise, **writes acknowledged after `after` may be lost**, `after` being the
 //!   home-site time (the leader's stamp) of the newest entry at or below the highest
@@ -63,6 +64,10 @@ pub struct VolumePlan {
     pub rpo_text: String,
     /// Replicas outside the home that did not answer.
     pub unreachable: Vec<NodeId>,
+    /// The home may still acknowledge writes the lease cannot stop: a site-durable
+    /// volume with `degrade-after` goes on alone once cut off (see
+    /// `node::group::answers_open`). Fencing it needs the home to be down.
+    pub home_may_write: bool,
 }
 
 /// Why a volume cannot be failed over now.
@@ -112,8 +117,11 @@ pub fn plan_volume(
     let site = site_of(best.node);
     let further_ahead = site != to && best_at_to.is_some();
     let term_floor = reports.iter().map(|r| r.term).max().unwrap_or(0);
-    // Every replica that could have synced a site-durable write answered.
-    let lossless = v.durability == Durability::Site && unreachable.is_empty();
+    let home_may_write = v.durability == Durability::Site
+        && matches!(v.on_no_site, crate::meta::OnNoSite::DegradeAfter { .. });
+    // Every replica that could have synced a site-durable write answered (and the home
+    // never answered writes alone: degrade-after may have).
+    let lossless = v.durability == Durability::Site && unreachable.is_empty() && !home_may_write;
     let tail = reports
         .iter()
         .filter_map(|r| r.tail.map(|t| (r, t)))
@@ -144,7 +152,13 @@ pub fn plan_volume(
         after_unix_ms: after,
         as_of_unix_ms: if lossless { None } else { as_of },
     };
-    let rpo_text = rpo_text(&v.home_site, &site, best.node, &rpo);
+    let mut rpo_text = rpo_text(&v.home_site, &site, best.node, &rpo);
+    if home_may_write {
+        rpo_text.push_str(&format!(
+            "; {} may still acknowledge writes (degrade-after goes on without the metadata quorum): make sure it is down, or they become its divergent tail",
+            v.home_site
+        ));
+    }
     Ok(VolumePlan {
         name: v.name.clone(),
         generation: v.generation,
@@ -165,6 +179,7 @@ pub fn plan_volume(
         rpo,
         rpo_text,
         unreachable: unreachable.to_vec(),
+        home_may_write,
     })
 }
 

@@ -19,7 +19,8 @@
 //! - 3: Failover (a forced failover of a volume whose home site is lost: the group
 //!   re-forms from one surviving replica in a new epoch) and DiscardDivergent (the
 //!   fenced replicas of the old home give up their divergent writes and come back as
-//!   learners).
+//!   learners); SetPolicy (what a `durability=site` volume does while no other site
+//!   answers: suspend or degrade).
 //!
 //! The encoded [`ClusterState`] (the metadata snapshot) carries its own format version,
 //! [`CLUSTER_STATE_VERSION`]; a state of another version is refused at decode.
@@ -95,7 +96,28 @@ pub struct VolumeInfo {
     pub divergent: Vec<Divergent>,
     /// The last forced failover.
     pub failover: Option<FailoverRecord>,
+    /// What a site-durable volume does while no other site answers.
+    pub on_no_site: OnNoSite,
 }
+
+/// What a `durability=site` volume does when no replica at another site takes its
+/// writes (the home is cut off from every other site).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnNoSite {
+    /// Writes wait until another site has them; they never fail (DRBD's `on-no-quorum
+    /// suspend-io`, what LINBIT advises for VMs).
+    #[default]
+    Suspend,
+    /// After `ms` without another site, writes commit on the home quorum alone: the
+    /// volume is reported degraded, with its growing RPO, and is site-durable again by
+    /// itself once a remote replica has caught up (TiKV DR auto-sync's sync, async,
+    /// sync-recover).
+    DegradeAfter { ms: u64 },
+}
+
+/// Longest `degrade-after`: an hour.
+pub const DEGRADE_AFTER_MAX_MS: u64 = 3_600_000;
 
 /// A replica fenced by a failover, with what it may hold that the others do not.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,6 +258,8 @@ pub enum MetaCommand {
         name: String,
         node: Option<NodeId>,
     },
+    /// Sets what a `durability=site` volume does while no other site answers.
+    SetPolicy { name: String, on_no_site: OnNoSite },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -302,6 +326,8 @@ pub enum MetaError {
     },
     #[error("volume {name:?} cannot fail over to {site:?}: that is the home site it is losing")]
     FailoverToLostHome { name: String, site: String },
+    #[error("invalid policy: {0}")]
+    InvalidPolicy(String),
     #[error("volume {name:?} has no divergent replica{}", node.map(|n| format!(" on node {n}")).unwrap_or_default())]
     NotDivergent { name: String, node: Option<NodeId> },
     /// Applied, the command would break an invariant of the metadata (a bug in `apply`):
@@ -469,6 +495,7 @@ impl ClusterState {
                     epoch: 0,
                     divergent: Vec::new(),
                     failover: None,
+                    on_no_site: OnNoSite::default(),
                 };
                 self.volumes.insert(name, info.clone());
                 Ok(Some(info))
@@ -528,6 +555,21 @@ impl ClusterState {
                 self.failover(name, to, record)
             }
             MetaCommand::DiscardDivergent { name, node } => self.discard_divergent(name, node),
+            MetaCommand::SetPolicy { name, on_no_site } => {
+                if let OnNoSite::DegradeAfter { ms } = on_no_site {
+                    if ms == 0 || ms > DEGRADE_AFTER_MAX_MS {
+                        return Err(MetaError::InvalidPolicy(format!(
+                            "degrade-after must be 1 ms to {DEGRADE_AFTER_MAX_MS} ms, not {ms}"
+                        )));
+                    }
+                }
+                let v = self
+                    .volumes
+                    .get_mut(&name)
+                    .ok_or_else(|| MetaError::VolumeNotFound(name.clone()))?;
+                v.on_no_site = on_no_site;
+                Ok(Some(v.clone()))
+            }
             MetaCommand::FinishMove {
                 name,
                 to,

@@ -73,6 +73,40 @@ pub(super) async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse 
             u8::from(g.is_leader())
         );
     }
+    // What a volume's leader holds back: answers without a lease or within a failover's
+    // fencing wait (suspended), and a site-durable volume committing alone (degraded).
+    for (name, help, get) in [
+        (
+            "roamdisk_volume_suspended",
+            "1 if the group's leader here holds its answers (no lease from the metadata quorum, or a failover's fencing wait).",
+            (|g: &crate::store::GroupStatus| g.suspended) as fn(&crate::store::GroupStatus) -> bool,
+        ),
+        (
+            "roamdisk_volume_degraded",
+            "1 if this site-durable volume commits on its home quorum alone (degrade-after): its RPO is the remote sites' lag.",
+            |g| g.degraded,
+        ),
+        (
+            "roamdisk_volume_fenced",
+            "1 if a failover fenced this node's replica (it keeps its divergent writes).",
+            |g| g.fenced,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for g in groups.iter().filter(|g| g.group != 0 && (g.is_leader() || g.fenced)) {
+            let volume = cluster
+                .volume_by_id(roamdisk_core::ids::VolumeId(g.group))
+                .map_or("", |v| v.name.as_str());
+            let _ = writeln!(
+                out,
+                "{name}{{node=\"{}\",group=\"{}\",volume=\"{volume}\"}} {}",
+                node.me,
+                g.group,
+                u8::from(get(g))
+            );
+        }
+    }
     // Lag of every replica of the groups this node leads (the leader is the only node
     // that knows it; scraping every node covers every volume).
     let lag_metrics: [(&str, &str, fn(&crate::lag::Lag) -> f64); 4] = [

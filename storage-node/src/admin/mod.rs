@@ -9,6 +9,7 @@
 //! | GET | /v1/volumes/{name} | | one volume, with each replica's progress and each remote site's lag (from its leader) |
 //! | POST | /v1/volumes | `{name,size,replicas?,home?,durability?}` | the created volume (201) |
 //! | POST | /v1/volumes/{name}/resize | `{size}` | the volume |
+//! | POST | /v1/volumes/{name}/policy | `{on_no_site: "suspend" \| {"degrade-after": {"ms"}}}` | the volume |
 //! | DELETE | /v1/volumes/{name} | | the deleted volume |
 //! | POST | /v1/volumes/{name}/move | `{to}` | the volume, with its move target (the group's leader drives it) |
 //! | POST | /v1/volumes/{name}/transfer-leader | `{to}` | the volume; asked of the group's leader (409 names it otherwise) |
@@ -32,7 +33,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use roamdisk_core::ids::{NodeId, META_GROUP};
-use roamdisk_core::meta::{ClusterState, Durability, MetaCommand, MetaError, NodeInfo, VolumeInfo};
+use roamdisk_core::meta::{
+    ClusterState, Durability, MetaCommand, MetaError, NodeInfo, OnNoSite, VolumeInfo,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -49,6 +52,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/volumes", get(volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(show_volume).delete(delete_volume))
         .route("/v1/volumes/{name}/resize", post(resize_volume))
+        .route("/v1/volumes/{name}/policy", post(set_policy))
         .route("/v1/volumes/{name}/move", post(move_volume))
         .route("/v1/volumes/{name}/transfer-leader", post(transfer_leader))
         .route(
@@ -122,6 +126,10 @@ pub struct VolumeView {
     /// fencing wait): writes wait. Absent when no leader answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspended: Option<bool>,
+    /// A site-durable volume commits on its home quorum alone (degrade-after): its RPO
+    /// is the remote sites' lag. Absent when no leader answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<bool>,
     /// Exports of this volume on every node.
     pub exports: Vec<String>,
 }
@@ -272,6 +280,7 @@ fn view(node: &Node, v: &VolumeInfo, status: Option<&GroupStatus>) -> VolumeView
         site_lag,
         move_progress,
         suspended: status.map(|g| g.suspended),
+        degraded: status.map(|g| g.degraded),
         exports: cluster
             .nodes
             .values()
@@ -295,6 +304,8 @@ async fn status(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
             "home_site": v.home_site, "replicas": v.replicas, "durability": v.durability,
             "generation": v.generation, "epoch": v.epoch, "site_lag": site_lag,
             "suspended": leader.as_ref().map(|g| g.suspended),
+            "degraded": leader.as_ref().map(|g| g.degraded),
+            "on_no_site": v.on_no_site,
             "divergent": v.divergent.iter().map(|d| d.node).collect::<Vec<_>>(),
             "moving": v.moving.as_ref().map(|m| m.to.clone()),
         }));
@@ -383,6 +394,9 @@ struct CreateBody {
     home: Option<String>,
     #[serde(default)]
     durability: Option<Durability>,
+    /// What a site-durable volume does while no other site answers (default: suspend).
+    #[serde(default)]
+    on_no_site: Option<OnNoSite>,
 }
 
 async fn create_volume(
@@ -390,14 +404,44 @@ async fn create_volume(
     Json(b): Json<CreateBody>,
 ) -> Result<(StatusCode, Json<VolumeView>), ApiError> {
     let cmd = MetaCommand::CreateVolume {
-        name: b.name,
+        name: b.name.clone(),
         size: b.size,
         replicas: b.replicas.unwrap_or(3),
         home_site: b.home,
         durability: b.durability.unwrap_or_default(),
     };
-    let v = node.meta(cmd).await??.expect("create returns the volume");
+    let mut v = node.meta(cmd).await??.expect("create returns the volume");
+    if let Some(on_no_site) = b.on_no_site.filter(|p| *p != OnNoSite::default()) {
+        v = node
+            .meta(MetaCommand::SetPolicy {
+                name: b.name,
+                on_no_site,
+            })
+            .await??
+            .expect("the policy command returns the volume");
+    }
     Ok((StatusCode::CREATED, Json(view(&node, &v, None))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyBody {
+    on_no_site: OnNoSite,
+}
+
+async fn set_policy(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    Json(b): Json<PolicyBody>,
+) -> Result<Json<VolumeView>, ApiError> {
+    let v = node
+        .meta(MetaCommand::SetPolicy {
+            name,
+            on_no_site: b.on_no_site,
+        })
+        .await??
+        .expect("the policy command returns the volume");
+    Ok(Json(view(&node, &v, None)))
 }
 
 #[derive(Deserialize)]

@@ -35,8 +35,13 @@ pub use catch_up::{
 pub use failover::{ExecuteError, Executed, FailoverPlan, PLANS_KEPT, PLAN_TTL};
 pub use peer::PeerHandler;
 
-/// How long a proposal or read keeps retrying (leader elections, forwarding) before it
-/// fails. Longer than an election plus a reconnect.
+/// How long a proposal or read made by the node itself (metadata, verify markers) keeps
+/// retrying (leader elections, forwarding) before it fails. Longer than an election plus
+/// a reconnect. A client's request (an NBD connection's: it names its epoch) has no
+/// deadline: it waits as long as the volume cannot serve it (no leader, no lease, no
+/// other site for a site-durable write), as DRBD's `suspend-io` does, and fails only if
+/// a failover fenced its epoch. A guest then stalls instead of turning its filesystem
+/// read-only.
 pub const REQUEST_DEADLINE_MS: u64 = 30_000;
 /// Longest pause between retries.
 pub const RETRY_BACKOFF_MAX_MS: u64 = 200;
@@ -367,7 +372,7 @@ impl Node {
                     e
                 }
             };
-            if start.elapsed() > Duration::from_millis(REQUEST_DEADLINE_MS) {
+            if epoch.is_none() && start.elapsed() > Duration::from_millis(REQUEST_DEADLINE_MS) {
                 return Err(NodeError::Deadline {
                     ms: REQUEST_DEADLINE_MS,
                     last: last.to_string(),
@@ -489,7 +494,7 @@ impl Node {
                 local_recovering = true;
                 continue;
             }
-            if start.elapsed() > Duration::from_millis(REQUEST_DEADLINE_MS) {
+            if epoch.is_none() && start.elapsed() > Duration::from_millis(REQUEST_DEADLINE_MS) {
                 return Err(NodeError::Deadline {
                     ms: REQUEST_DEADLINE_MS,
                     last: result.to_string(),

@@ -355,6 +355,10 @@ pub struct GroupStatus {
     /// failover's fencing wait has not passed.
     #[serde(default)]
     pub suspended: bool,
+    /// A site-durable volume's leader commits on the home quorum alone (`degrade-after`:
+    /// no other site took its writes in time).
+    #[serde(default)]
+    pub degraded: bool,
     /// Raft membership as this replica has applied it.
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,

@@ -36,6 +36,9 @@ pub(crate) struct Policy {
     pub site_durable: bool,
     /// Replicas outside the volume's home site.
     pub remote: Vec<NodeId>,
+    /// A site-durable volume commits on the home quorum alone after this long without a
+    /// remote replica (`OnNoSite::DegradeAfter`); `None`: its writes wait.
+    pub degrade_after: Option<Duration>,
 }
 
 impl Policy {
@@ -50,6 +53,10 @@ impl Policy {
         Policy {
             site_durable: v.durability == Durability::Site,
             remote,
+            degrade_after: match v.on_no_site {
+                crate::meta::OnNoSite::Suspend => None,
+                crate::meta::OnNoSite::DegradeAfter { ms } => Some(Duration::from_millis(ms)),
+            },
         }
     }
 }
@@ -145,7 +152,14 @@ pub(crate) struct GroupCore<S: LogStore> {
     /// another site has their entry, oldest first. Bounded with `proposals` and `held`
     /// by `PENDING_PROPOSALS_MAX` (a new proposal is refused `Busy` past it): while no
     /// other site is reachable they wait, as the durability the volume asked for says.
-    pub site_waiting: VecDeque<(u64, ReqId)>,
+    pub site_waiting: VecDeque<(u64, Time, ReqId)>,
+    /// Leader of a site-durable volume with `degrade_after`: since when it commits on the
+    /// home quorum alone (no remote replica took its writes in time). Ends once a remote
+    /// replica holds the whole log again.
+    pub degraded_since: Option<Time>,
+    /// The log's last index when it degraded: a remote replica past it has been heard
+    /// from since.
+    pub degraded_at: u64,
     /// Answers to metadata proposals, sent once the new cluster state is published, so
     /// that a caller reading this node's view right after sees its own change.
     pub meta_replies: Vec<(ReqId, Outcome)>,
@@ -295,9 +309,16 @@ impl<S: LogStore> GroupCore<S> {
     }
 
     /// Writes may be answered before they commit: volume groups that are not
-    /// site-durable (a site-durable write waits for another site's synced log).
+    /// site-durable (a site-durable write waits for another site's synced log), or are
+    /// degraded.
     pub fn early_allowed(&self) -> bool {
-        self.kind == Kind::Volume && !self.policy.site_durable
+        self.kind == Kind::Volume && !self.site_gated()
+    }
+
+    /// Writes are answered only once a remote replica has them: site-durable and not
+    /// degraded.
+    pub fn site_gated(&self) -> bool {
+        self.policy.site_durable && self.degraded_since.is_none()
     }
 
     /// Leader: whether anything but writes already answered waits for the commit (a
@@ -457,24 +478,60 @@ impl<S: LogStore> GroupCore<S> {
     }
 
     /// Answers the site-durable writes that a remote replica now has; refuses them all
-    /// if this node no longer leads (the caller retries; writes are idempotent).
+    /// if this node no longer leads (the caller retries; writes are idempotent). With
+    /// `degrade_after`, a write that waited that long degrades the volume: everything
+    /// waiting is answered, and writes commit on the home quorum alone until a remote
+    /// replica holds the whole log again.
     pub fn release_site_waiting(&mut self, out: &mut Out<'_>) {
+        let group = self.id();
+        if let Some(since) = self.degraded_since {
+            // Close enough: the writes from here on wait for the remote replica again
+            // (under a steady writer it always trails by what is in flight, so "the
+            // whole log" would never come); the ones answered while degraded reach it
+            // within that many entries.
+            let remote = self.remote_matched();
+            let caught_up = remote > self.degraded_at
+                && remote + super::DEGRADED_RECOVER_ENTRIES >= self.raft.last_index().0;
+            if !self.raft.is_leader() || caught_up {
+                self.degraded_since = None;
+                if caught_up && self.raft.is_leader() {
+                    tracing::warn!(%group, degraded_for = ?out.now.saturating_duration_since(since),
+                        "a remote replica caught up: site-durable again");
+                }
+            }
+        }
         if self.site_waiting.is_empty() {
             return;
         }
         if !self.raft.is_leader() {
-            for (_, id) in self.site_waiting.drain(..) {
+            for (_, _, id) in self.site_waiting.drain(..) {
                 out.answer(id, Err(Refused::Superseded));
             }
             return;
         }
-        let shipped = self.remote_matched();
+        if let (Some(after), None) = (self.policy.degrade_after, self.degraded_since) {
+            let waited = self
+                .site_waiting
+                .front()
+                .map(|(_, at, _)| out.now.saturating_duration_since(*at));
+            if waited.is_some_and(|w| w >= after) {
+                tracing::warn!(%group, ?after,
+                    "no other site took the writes in time: DEGRADED, committing on the home quorum alone");
+                self.degraded_since = Some(out.now);
+                self.degraded_at = self.raft.last_index().0;
+            }
+        }
+        let shipped = if self.degraded_since.is_some() {
+            u64::MAX
+        } else {
+            self.remote_matched()
+        };
         while self
             .site_waiting
             .front()
-            .is_some_and(|(i, _)| *i <= shipped)
+            .is_some_and(|(i, _, _)| *i <= shipped)
         {
-            let (_, id) = self.site_waiting.pop_front().expect("present");
+            let (_, _, id) = self.site_waiting.pop_front().expect("present");
             self.answer_ok(id, out);
         }
     }
@@ -554,9 +611,16 @@ impl<S: LogStore> GroupCore<S> {
         }
     }
 
-    /// Whether answers may be given now.
+    /// Whether answers may be given now: under the lease, past a new epoch's fencing
+    /// wait. A degraded site-durable volume answers without the lease: its policy chose
+    /// to go on alone when no other site answers, and the home that loses every other
+    /// site loses the metadata majority too, so under the lease degrading could never
+    /// help. The price: a failover while it is degraded cannot fence it (the plan says
+    /// so), and what it writes meanwhile becomes its divergent tail.
     pub fn answers_open(&self, out: &Out<'_>) -> bool {
-        out.open && self.fenced.is_none() && self.hold_until.is_none_or(|h| out.now >= h)
+        (out.open || (self.degraded_since.is_some() && self.raft.is_leader()))
+            && self.fenced.is_none()
+            && self.hold_until.is_none_or(|h| out.now >= h)
     }
 
     /// Gives the suspended answers once the lease and the fencing wait allow it.
@@ -612,7 +676,7 @@ impl<S: LogStore> GroupCore<S> {
         for (_, _, _, id) in std::mem::take(&mut self.held) {
             out.answer(id, Err(why.clone()));
         }
-        for (_, id) in std::mem::take(&mut self.site_waiting) {
+        for (_, _, id) in std::mem::take(&mut self.site_waiting) {
             out.answer(id, Err(why.clone()));
         }
         for (_, (_, id)) in std::mem::take(&mut self.proposals) {

@@ -131,7 +131,16 @@ impl<S: LogStore> NodeCore<S> {
             g.policy = Policy {
                 site_durable,
                 remote,
+                degrade_after: g.policy.degrade_after,
             };
+        }
+    }
+
+    /// How long a site-durable group's writes wait for a remote replica before it
+    /// degrades (`None`: for good), for drivers without `reconcile`.
+    pub fn set_degrade_after(&mut self, group: GroupId, after: Option<std::time::Duration>) {
+        if let Some(g) = self.groups.get_mut(&group) {
+            g.policy.degrade_after = after;
         }
     }
 

@@ -91,6 +91,9 @@ pub const QUARANTINE_MAX: Duration = Duration::from_secs(15);
 /// A recovering leader hands leadership on at most this often: when every voter is
 /// copying blocks, each hands it to the next, and the soak saw 655,000 terms in minutes.
 pub const RECOVERING_HANDOVER_MIN: Duration = Duration::from_secs(1);
+/// A degraded site-durable volume (`degrade-after`) is site-durable again once a remote
+/// replica lacks at most this many entries (TiKV's sync-recover).
+pub const DEGRADED_RECOVER_ENTRIES: u64 = 256;
 /// Longest a proposal is held while its leader transfers leadership.
 pub const HELD_PROPOSAL_MAX: Duration = Duration::from_millis(1000);
 /// Entries kept in a group's log behind the durable applied index, so that a briefly
@@ -522,6 +525,8 @@ impl<S: LogStore> NodeCore<S> {
             lag: LagTracker::new(now),
             policy,
             site_waiting: Default::default(),
+            degraded_since: None,
+            degraded_at: 0,
             meta_replies: Vec::new(),
             held: Vec::new(),
             synced_to: 0,
@@ -1009,6 +1014,7 @@ impl<S: LogStore> NodeCore<S> {
                     fenced: g.fenced.is_some(),
                     suspended: g.kind == Kind::Volume
                         && (!self.lease_valid(now) || g.hold_until.is_some_and(|h| now < h)),
+                    degraded: g.degraded_since.is_some(),
                     voters,
                     learners,
                     joint: !cs.voters_outgoing.is_empty(),

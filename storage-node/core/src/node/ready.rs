@@ -584,8 +584,8 @@ pub(super) fn apply<S: LogStore>(
                     });
                     match outcome {
                         // Answered by `release_site_waiting` once another site has it.
-                        Outcome::Volume if g.policy.site_durable => {
-                            g.site_waiting.push_back((index.0, id))
+                        Outcome::Volume if g.site_gated() => {
+                            g.site_waiting.push_back((index.0, out.now, id))
                         }
                         // Answered after the new cluster state is published.
                         outcome @ Outcome::Meta(_) => g.meta_replies.push((id, outcome)),

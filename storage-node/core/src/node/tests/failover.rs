@@ -358,3 +358,63 @@ fn a_site_durable_volume_fails_over_losing_nothing() {
     }
     assert!(g.commit_index().0 >= plan.last_index);
 }
+
+#[test]
+fn a_site_durable_volume_degrades_after_its_delay_and_recovers_once_a_remote_caught_up() {
+    use crate::meta::OnNoSite;
+    let mut h = Harness::sites(Durability::Site);
+    h.meta_ok(MetaCommand::SetPolicy {
+        name: "vm1".into(),
+        on_no_site: OnNoSite::DegradeAfter { ms: 1000 },
+    })
+    .expect("policy set");
+    h.until_serving(1);
+    let before = h.write_in(1, None, 1);
+    h.advance(TICK * 2);
+    assert_eq!(h.answer(1, before), Some(Ok(Outcome::Volume)));
+    // Cut off from both other sites, but within its lease (the metadata majority is
+    // outside osaka): the write waits for another site, then the volume degrades.
+    h.side = OSAKA.iter().copied().map(NodeId).collect();
+    let w = h.write_in(1, None, 2);
+    h.advance(Duration::from_millis(600));
+    assert_eq!(h.answer(1, w), None, "still waiting for another site");
+    assert!(!h.status(1).degraded);
+    h.advance(Duration::from_millis(600));
+    assert_eq!(h.answer(1, w), Some(Ok(Outcome::Volume)), "degraded: answered");
+    assert!(h.status(1).degraded);
+    let during = h.write_in(1, None, 3);
+    h.advance(TICK);
+    assert_eq!(h.answer(1, during), Some(Ok(Outcome::Volume)));
+    // Healed: a remote replica catches up and the volume is site-durable again.
+    h.side.clear();
+    for _ in 0..50 {
+        h.advance(TICK);
+        if !h.status(1).degraded {
+            break;
+        }
+    }
+    assert!(!h.status(1).degraded, "site-durable again once a remote caught up");
+    h.side = OSAKA.iter().copied().map(NodeId).collect();
+    let after = h.write_in(1, None, 4);
+    h.advance(Duration::from_millis(500));
+    assert_eq!(h.answer(1, after), None, "waits for another site again");
+}
+
+#[test]
+fn a_suspended_site_durable_volume_waits_for_good() {
+    let mut h = Harness::sites(Durability::Site);
+    h.until_serving(1);
+    h.side = OSAKA.iter().copied().map(NodeId).collect();
+    let w = h.write_in(1, None, 1);
+    h.advance(Duration::from_secs(3));
+    assert_eq!(h.answer(1, w), None);
+    assert!(!h.status(1).degraded);
+    h.side.clear();
+    for _ in 0..50 {
+        h.advance(TICK);
+        if h.answer(1, w).is_some() {
+            break;
+        }
+    }
+    assert_eq!(h.answer(1, w), Some(Ok(Outcome::Volume)), "answered once another site has it");
+}
