@@ -22,6 +22,11 @@
 //! reads are linearizable, so a read that started after an ack must see that version or
 //! a later one.
 //!
+//! A forced failover (`FailoverEvent`) changes what "kept" means, as its plan stated: the
+//! old home's acknowledged writes after the stated time (none, for a lossless plan) may be
+//! gone, so they are checked as writes of unknown outcome from then on; and three more
+//! promises are checked (see [`failover_view`]).
+//!
 //! Cost: O(n log n) in the number of operations. Writes are indexed per block (sorted by
 //! start and by ack, with running maxima) and flushes per volume, so each read is a few
 //! binary searches.
@@ -31,6 +36,8 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::history::{FaultRecord, History, Op, OpRecord, Seen, Violation};
+#[cfg(test)]
+use crate::history::{FailoverEvent, LagSample};
 
 /// The `conn` of the reads of the final verification (every block read once after the
 /// workload stopped and the cluster healed). Kept here so that the checker, which gives those
@@ -99,14 +106,16 @@ pub fn check(history: &History) -> CheckResult {
 
 /// Checks every successful read of `history`, counts operations and measures RTO per fault.
 pub fn check_with(history: &History, opts: CheckOptions) -> CheckResult {
-    let writes = index_writes(&history.ops);
-    let flushes = index_flushes(&history.ops);
+    let (ops, failover_violations) = failover_view(history);
+    let ops = ops.as_deref().unwrap_or(&history.ops);
+    let writes = index_writes(ops);
+    let flushes = index_flushes(ops);
     let no_writes = BlockWrites::default();
     let no_flushes = Flushes::default();
     let mut res = CheckResult::default();
-    let mut violations = Vec::new();
+    let mut violations = failover_violations;
     let mut reads: HashMap<BlockKey, Vec<(u64, u64)>> = HashMap::new();
-    for op in &history.ops {
+    for op in ops {
         match &op.op {
             Op::Write { .. } if op.ok() => res.writes_acked += 1,
             Op::Write { .. } => res.writes_failed += 1,
@@ -157,6 +166,125 @@ pub fn check_with(history: &History, opts: CheckOptions) -> CheckResult {
         .sum();
     res.rto = fault_rtos(&history.ops, &history.faults);
     res
+}
+
+/// The history as the failovers it records make it, and what they broke:
+/// - every write the old home acknowledged after the plan's stated time (none if the plan
+///   was lossless), until the new home answered, becomes a write of unknown outcome: the
+///   plan said it may be lost;
+/// - `lost_beyond_rpo`: a block read through the new home right after it answered holds
+///   an older version than one the old home acknowledged before the stated time;
+/// - `loss_beyond_reported_lag`: a write that is gone (acknowledged by the old home, newer
+///   than what the new home held) was acknowledged before the last lag sample taken before
+///   the loss minus that sample's age for the site failed over to: the lag `status`
+///   reported did not bound the loss;
+/// - `acked_by_fenced_generation`: an old-home node acknowledged a write of the volume
+///   after the new home answered (the workload connects only to the new home from then
+///   on, so it was an old-epoch connection).
+///
+/// Returns `None` for the operations when there was no failover.
+pub fn failover_view(history: &History) -> (Option<Vec<OpRecord>>, Vec<Violation>) {
+    if history.failovers.is_empty() {
+        return (None, Vec::new());
+    }
+    let mut ops = history.ops.clone();
+    let mut violations = Vec::new();
+    let mut failovers: Vec<&crate::history::FailoverEvent> = history.failovers.iter().collect();
+    failovers.sort_by_key(|f| f.serving_us);
+    // Per volume: where the epoch that a failover ends began (the previous failover's
+    // rejoin, or the run's start); writes before it were judged by that failover.
+    let mut epoch_began: HashMap<u32, u64> = HashMap::new();
+    for f in failovers {
+        let began = epoch_began.get(&f.vol).copied().unwrap_or(0);
+        epoch_began.insert(f.vol, f.rejoined_us.unwrap_or(u64::MAX));
+        let old = |op: &OpRecord| {
+            op.vol == f.vol && f.old_home_nodes.contains(&op.node) && op.end_us > began
+        };
+        // Old-generation acknowledged writes, per block, before any lost ones are marked.
+        let mut acked: HashMap<u64, Vec<(u64, u64)>> = HashMap::new();
+        for op in ops.iter().filter(|o| old(o) && o.ok() && o.end_us <= f.serving_us) {
+            if let Op::Write { block, version } = op.op {
+                acked.entry(block).or_default().push((op.end_us, version));
+            }
+        }
+        let present: HashMap<u64, u64> = f.present.iter().copied().collect();
+        let after = if f.lossless { None } else { Some(f.after_us.unwrap_or(0)) };
+        for (block, ws) in &acked {
+            let Some(&have) = present.get(block) else {
+                continue;
+            };
+            let kept_by_plan = ws
+                .iter()
+                .filter(|(end, _)| after.is_none_or(|a| *end <= a))
+                .map(|(_, v)| *v)
+                .max();
+            if let Some(v) = kept_by_plan.filter(|v| *v > have) {
+                violations.push(Violation {
+                    kind: "lost_beyond_rpo".into(),
+                    vol: f.vol,
+                    block: Some(*block),
+                    at_us: f.serving_us,
+                    detail: format!(
+                        "vol {} block {block}: the new home holds {}, but v{v} was acknowledged at {} before the stated time ({})",
+                        f.vol,
+                        seen_name(have),
+                        f.from,
+                        after.map_or_else(|| "lossless".to_string(), secs)
+                    ),
+                });
+            }
+        }
+        // The lag reported just before the loss bounds it.
+        let sample = history
+            .lag
+            .iter()
+            .filter(|l| l.vol == f.vol && l.site == f.source_site && l.t_us <= f.lost_us)
+            .max_by_key(|l| l.t_us);
+        if let Some(s) = sample {
+            let bound = s.t_us.saturating_sub(s.seconds_ms * 1000);
+            for (block, ws) in &acked {
+                let have = present.get(block).copied().unwrap_or(u64::MAX);
+                for (end, v) in ws.iter().filter(|(end, v)| *v > have && *end < bound) {
+                    violations.push(Violation {
+                        kind: "loss_beyond_reported_lag".into(),
+                        vol: f.vol,
+                        block: Some(*block),
+                        at_us: *end,
+                        detail: format!(
+                            "vol {} block {block}: v{v}, acknowledged at {}, is gone, but {} was reported {} ms behind at {}",
+                            f.vol,
+                            secs(*end),
+                            f.source_site,
+                            s.seconds_ms,
+                            secs(s.t_us)
+                        ),
+                    });
+                }
+            }
+        }
+        let rejoined = f.rejoined_us.unwrap_or(u64::MAX);
+        for op in ops.iter_mut().filter(|o| old(o) && o.ok() && o.end_us <= rejoined) {
+            let Op::Write { .. } = op.op else { continue };
+            if op.end_us > f.serving_us {
+                violations.push(Violation {
+                    kind: "acked_by_fenced_generation".into(),
+                    vol: f.vol,
+                    block: None,
+                    at_us: op.end_us,
+                    detail: format!(
+                        "node {} of the old home acknowledged a write at {}, after the new home answered at {}",
+                        op.node,
+                        secs(op.end_us),
+                        secs(f.serving_us)
+                    ),
+                });
+                op.error = Some("acknowledged by a fenced generation".into());
+            } else if after.is_some_and(|a| op.end_us > a) {
+                op.error = Some("acknowledged after the failover's stated time: may be lost".into());
+            }
+        }
+    }
+    (Some(ops), violations)
 }
 
 type BlockKey = (u32, u64);
@@ -867,6 +995,7 @@ mod tests {
                 fault(70_000, None),
             ],
             lag: Vec::new(),
+            failovers: Vec::new(),
         };
         let rto: Vec<u64> = check(&h).rto.iter().map(|r| r.rto_ms).collect();
         // The last success before the outage ends at 39.995 s, the next at 42.505 s; the
@@ -1172,5 +1301,90 @@ mod tests {
         let r = check(&h);
         println!("checked {} ops in {:?}", h.ops.len(), t.elapsed());
         assert_eq!(r.reads_checked, 580_000);
+    }
+
+    fn failover(after_ms: Option<u64>, serving_ms: u64, present: Vec<(u64, u64)>) -> FailoverEvent {
+        FailoverEvent {
+            vol: 0,
+            from: "osaka".into(),
+            old_home_nodes: vec![1],
+            lost_us: 100 * MS,
+            to: "hokkaido".into(),
+            source_site: "hokkaido".into(),
+            executed_us: 110 * MS,
+            serving_us: serving_ms * MS,
+            rejoined_us: None,
+            lossless: after_ms.is_none(),
+            after_us: after_ms.map(|a| a * MS),
+            present,
+        }
+    }
+
+    fn on(node: u64, mut o: OpRecord) -> OpRecord {
+        o.node = node;
+        o
+    }
+
+    #[test]
+    fn a_failover_may_lose_what_was_acknowledged_after_its_stated_time_and_nothing_else() {
+        // Block 1: v1 at 10 ms, v2 at 60 ms (after the stated 50 ms); the new home has v1.
+        let ops = vec![
+            on(1, write(0, 1, 1, 5, 10)),
+            on(1, flush(0, 11, 12)),
+            on(1, write(0, 1, 2, 55, 60)),
+            on(1, flush(0, 61, 62)),
+            on(4, read_v(0, 1, 1, 200, 201)),
+        ];
+        let mut h = history(ops.clone());
+        h.failovers = vec![failover(Some(50), 120, vec![(1, 1)])];
+        let r = check(&h);
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        // Without the failover the same read is a lost flushed write.
+        let r = check(&history(ops.clone()));
+        assert_eq!(kinds(&r), ["stale_read"]);
+        // A stated time after v2's acknowledgement: v2 should have been kept.
+        let mut h = history(ops);
+        h.failovers = vec![failover(Some(70), 120, vec![(1, 1)])];
+        assert!(kinds(&check(&h)).contains(&"lost_beyond_rpo"));
+    }
+
+    #[test]
+    fn a_lossless_failover_keeps_everything_and_the_old_home_acknowledges_nothing_after() {
+        let ops = vec![
+            on(1, write(0, 1, 1, 5, 10)),
+            on(1, write(0, 1, 2, 55, 60)),
+            on(1, write(0, 2, 1, 125, 130)),
+        ];
+        let mut h = history(ops);
+        h.failovers = vec![failover(None, 120, vec![(1, 1), (2, 0)])];
+        let r = check(&h);
+        let k = kinds(&r);
+        assert!(k.contains(&"lost_beyond_rpo"), "{k:?}");
+        assert!(k.contains(&"acked_by_fenced_generation"), "{k:?}");
+    }
+
+    #[test]
+    fn the_lag_reported_before_the_loss_bounds_it() {
+        let ops = vec![
+            on(1, write(0, 1, 1, 5, 10)),
+            on(1, write(0, 1, 2, 20, 30)),
+            on(1, write(0, 1, 3, 85, 90)),
+        ];
+        let mut h = history(ops);
+        h.failovers = vec![failover(Some(0), 120, vec![(1, 1)])];
+        // Sampled at 95 ms, 50 ms behind: writes acknowledged before 45 ms must be kept.
+        h.lag = vec![LagSample {
+            t_us: 95 * MS,
+            vol: 0,
+            site: "hokkaido".into(),
+            bytes: 0,
+            entries: 2,
+            seconds_ms: 50,
+        }];
+        let r = check(&h);
+        let k = kinds(&r);
+        assert_eq!(k, ["loss_beyond_reported_lag"], "v2 (30 ms) is gone");
+        h.lag[0].seconds_ms = 80;
+        assert!(check(&h).violations.is_empty());
     }
 }

@@ -89,11 +89,43 @@ fn yes() -> bool {
 /// Replication lag of one volume towards one remote site, sampled during the run.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LagSample {
+    /// When the sample was asked for (the leader measured it at or after this).
     pub t_us: u64,
     pub vol: u32,
     pub site: String,
     pub bytes: u64,
     pub entries: u64,
+    /// Age of the oldest entry the site lacked, in ms.
+    #[serde(default)]
+    pub seconds_ms: u64,
+}
+
+/// A forced failover the runner executed, with what it stated and what it found.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FailoverEvent {
+    pub vol: u32,
+    /// The site lost (killed or cut off), its nodes, and when.
+    pub from: String,
+    pub old_home_nodes: Vec<u64>,
+    pub lost_us: u64,
+    /// The site failed over to, and the site of the replica the group re-formed from.
+    pub to: String,
+    pub source_site: String,
+    /// When `execute` returned, and when the new home first answered.
+    pub executed_us: u64,
+    pub serving_us: u64,
+    /// When the runner pointed the workload at the old home again (its replicas rejoined
+    /// the new epoch after `discard-divergent`); `None` if it never did. Until then no
+    /// old-home node may acknowledge a write.
+    #[serde(default)]
+    pub rejoined_us: Option<u64>,
+    /// The plan's stated loss: nothing, or writes acknowledged after `after_us` (run time;
+    /// 0 if the stated instant precedes the run).
+    pub lossless: bool,
+    pub after_us: Option<u64>,
+    /// Every block's version read through the new home right after it first answered,
+    /// before the workload wrote there: (block, version; 0 = zeros).
+    pub present: Vec<(u64, u64)>,
 }
 
 /// A line of `history.jsonl`.
@@ -103,6 +135,7 @@ pub enum Event {
     Op(OpRecord),
     Fault(FaultRecord),
     Lag(LagSample),
+    Failover(FailoverEvent),
 }
 
 /// Everything a run recorded.
@@ -111,6 +144,8 @@ pub struct History {
     pub ops: Vec<OpRecord>,
     pub faults: Vec<FaultRecord>,
     pub lag: Vec<LagSample>,
+    #[serde(default)]
+    pub failovers: Vec<FailoverEvent>,
 }
 
 impl History {
@@ -119,6 +154,7 @@ impl History {
             Event::Op(o) => self.ops.push(o),
             Event::Fault(f) => self.faults.push(f),
             Event::Lag(l) => self.lag.push(l),
+            Event::Failover(f) => self.failovers.push(f),
         }
     }
 
@@ -143,7 +179,11 @@ pub struct Violation {
     /// `stale_read` (older than the last flushed version), `future_read` (a version never
     /// written), `torn_block`, `foreign_block`, `lost_write` (final verification),
     /// `divergent_replicas`, `differing_blocks` (the cross-replica verify after the run),
-    /// `fault_not_applied` (a scheduled fault that never took effect).
+    /// `fault_not_applied` (a scheduled fault that never took effect); after a forced
+    /// failover: `lost_beyond_rpo` (a write acknowledged before the plan's stated time is
+    /// gone), `loss_beyond_reported_lag` (a lost write older than the lag reported before
+    /// the loss), `acked_by_fenced_generation` (the old home acknowledged after the new
+    /// home answered).
     pub kind: String,
     pub vol: u32,
     pub block: Option<u64>,

@@ -777,6 +777,7 @@ mod tests {
                     site: site.into(),
                     bytes,
                     entries: bytes / 4096,
+                    seconds_ms: 0,
                 });
             }
         }

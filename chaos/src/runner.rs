@@ -32,6 +32,8 @@ use crate::report::{self, ReplicaDigest, Report};
 use crate::scenario::{self, FaultKind, Planned, Scenario};
 use crate::workload::{self, Nodes, VolumeTarget, Workload, WorkloadConfig};
 
+mod failover;
+
 /// The volume every run writes.
 pub const VOLUME: &str = "chaos";
 /// Environment variable (read by `roamdisk-node`) that turns on the negative control.
@@ -79,6 +81,8 @@ pub struct RunOptions {
     pub blocks: u64,
     /// Every link between two sites capped at this many bytes per second (each way).
     pub link_bandwidth: Option<u64>,
+    /// A broken core rule the nodes run with (a negative control; `CoreBug::named`).
+    pub core_bug: Option<String>,
     /// The command line that replays this run (printed in the report).
     pub command: String,
     /// Print progress lines to stderr.
@@ -142,6 +146,11 @@ pub fn run(opts: &RunOptions) -> Result<Report> {
     if opts.negative_control {
         node_env.push((NEGATIVE_CONTROL_ENV.to_owned(), NEGATIVE_CONTROL.to_owned()));
     }
+    if let Some(bug) = &opts.core_bug {
+        // A node takes a core bug only with the test faults on (none is injected here).
+        node_env.push(("ROAMDISK_TEST_FAULTS".to_owned(), "1".to_owned()));
+        node_env.push(("ROAMDISK_CORE_BUG".to_owned(), bug.clone()));
+    }
     say("starting the cluster".into());
     let cluster = playground::start(&playground::Options {
         dir: cluster_dir.clone(),
@@ -201,6 +210,10 @@ pub fn run(opts: &RunOptions) -> Result<Report> {
     };
 
     let t0 = Instant::now();
+    ctx.t0 = t0;
+    ctx.t0_unix_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
     let cfg = WorkloadConfig {
         seed: opts.seed,
         volumes: vec![VolumeTarget {
@@ -410,6 +423,12 @@ struct Ctx {
     down: Vec<u64>,
     cluster_dir: PathBuf,
     blocks: u64,
+    seed: u64,
+    /// The run's start, and the wall clock then (Unix µs).
+    t0: Instant,
+    t0_unix_us: u64,
+    /// History events a fault produced besides its own record (failovers).
+    events: Vec<Event>,
 }
 
 impl Ctx {
@@ -445,6 +464,10 @@ impl Ctx {
             disk_full_node,
             down: Vec::new(),
             blocks: opts.blocks,
+            seed: opts.seed,
+            t0: Instant::now(),
+            t0_unix_us: 0,
+            events: Vec::new(),
         })
     }
 
@@ -539,6 +562,9 @@ impl Ctx {
             applied,
             scheduled: true,
         }));
+        for e in self.events.drain(..) {
+            let _ = sink.send(e);
+        }
     }
 
     /// Applies one fault, holds it for `hold`, and undoes it; returns its target.
@@ -718,6 +744,8 @@ impl Ctx {
                 let from = std::mem::replace(&mut self.home, to.clone());
                 Ok(format!("{VOLUME} {from}->{to}"))
             }
+            FaultKind::SiteLoss => self.site_loss(false, rng, hold, nodes, say),
+            FaultKind::SplitBrain => self.site_loss(true, rng, hold, nodes, say),
             FaultKind::TransferLeader => {
                 let v = self.volume().context("volume unknown")?;
                 let leader = v["leader"].as_u64().context("no leader")?;
@@ -1045,6 +1073,7 @@ impl LagSampler {
                 .collect();
             let mut next = Instant::now();
             while !flag.load(Ordering::Relaxed) {
+                let t_us = us(t0);
                 let v = clients.iter().find_map(|c| c.volume(VOLUME).ok());
                 for l in v
                     .as_ref()
@@ -1053,11 +1082,12 @@ impl LagSampler {
                     .flatten()
                 {
                     let _ = sink.send(Event::Lag(LagSample {
-                        t_us: us(t0),
+                        t_us,
                         vol: 0,
                         site: l["site"].as_str().unwrap_or("?").to_owned(),
                         bytes: l["bytes"].as_u64().unwrap_or(0),
                         entries: l["entries"].as_u64().unwrap_or(0),
+                        seconds_ms: (l["seconds"].as_f64().unwrap_or(0.0) * 1000.0) as u64,
                     }));
                 }
                 next += Duration::from_secs(1);

@@ -38,10 +38,18 @@ pub enum FaultKind {
     MoveVolume,
     /// Hand the volume's leadership to another voter.
     TransferLeader,
+    /// kill -9 every node of the volume's home site; fail the volume over to another
+    /// site (plan, execute, writes go on there); after the hold, start the old home
+    /// again, check its replicas are fenced with their divergent writes reported,
+    /// discard them (incremental resync) and move the volume back (failback).
+    SiteLoss,
+    /// Cut the home site off from every other site while the workload writes there;
+    /// fail over to another site; after the hold, heal; then as `SiteLoss`.
+    SplitBrain,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 12] = [
         FaultKind::KillNode,
         FaultKind::KillLeader,
         FaultKind::PartitionSite,
@@ -52,6 +60,8 @@ impl FaultKind {
         FaultKind::CorruptBlock,
         FaultKind::MoveVolume,
         FaultKind::TransferLeader,
+        FaultKind::SiteLoss,
+        FaultKind::SplitBrain,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +76,8 @@ impl FaultKind {
             FaultKind::CorruptBlock => "corrupt_block",
             FaultKind::MoveVolume => "move_volume",
             FaultKind::TransferLeader => "transfer_leader",
+            FaultKind::SiteLoss => "site_loss",
+            FaultKind::SplitBrain => "split_brain",
         }
     }
 
@@ -78,6 +90,8 @@ impl FaultKind {
                 | FaultKind::DegradeLink
                 | FaultKind::SiteOutage
                 | FaultKind::MoveVolume
+                | FaultKind::SiteLoss
+                | FaultKind::SplitBrain
         )
     }
 }
@@ -174,6 +188,27 @@ pub const SCENARIOS: &[Scenario] = &[
         wan: "lan",
         faults: &[(FaultKind::CorruptBlock, 1)],
         default_duration_s: 60,
+    },
+    Scenario {
+        name: "site-loss",
+        about: "the volume's home site killed: forced failover to another site, writes \
+                there, the old home back (fenced, its divergent writes reported, then \
+                discarded and resynced) and a move back; node crashes in between",
+        sites: THREE_SITES,
+        nodes_per_site: 3,
+        wan: "sinet5",
+        faults: &[(FaultKind::SiteLoss, 2), (FaultKind::KillNode, 1)],
+        default_duration_s: 120,
+    },
+    Scenario {
+        name: "split-brain",
+        about: "the home site cut off from the others while it is written: failover, heal, \
+                nothing acknowledged by the fenced home after the new one answered",
+        sites: THREE_SITES,
+        nodes_per_site: 3,
+        wan: "sinet5",
+        faults: &[(FaultKind::SplitBrain, 2), (FaultKind::KillNode, 1)],
+        default_duration_s: 120,
     },
     Scenario {
         name: "mixed",

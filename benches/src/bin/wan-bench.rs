@@ -10,7 +10,13 @@
 //! 4. move handoff: a QD1 writer at the destination site keeps writing while the volume
 //!    moves there; the pause is the longest write from the joint-consensus change to the
 //!    move's end (goal ≤ 2 RTT + 50 ms); the longest write of the whole move (which
-//!    includes copying the volume to the new replicas) is reported too.
+//!    includes copying the volume to the new replicas) is reported too;
+//! 5. forced failover: a volume's home (osaka) is cut off from the other sites after a
+//!    writer wrote there; `failover plan|execute` to hokkaido; the time from `execute` to
+//!    the first write acknowledged at hokkaido (goal ≤ lease + 2 s); writes at hokkaido;
+//!    heal, `discard-divergent`: the bytes the resync sent to osaka against the bytes
+//!    that differ (goal ≤ 1.2×, per replica); the move back to osaka (goal: no bulk copy,
+//!    under 10 % of the volume's data).
 //!
 //! ```text
 //! cargo build --release --bins && target/release/wan-bench [--partition-secs 60]
@@ -252,11 +258,11 @@ fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     let rtt_ms = profile.rtt("osaka", "fukuoka").as_secs_f64() * 1e3;
     let link_rtt = link_rtt_ms(profile, "osaka", "fukuoka")?;
     eprintln!(
-        "[1/4] emulated osaka<->fukuoka link, 4 KiB request and 32-byte reply: RTT p50 {:.2} ms",
+        "[1/5] emulated osaka<->fukuoka link, 4 KiB request and 32-byte reply: RTT p50 {:.2} ms",
         link_rtt
     );
     eprintln!(
-        "[1/4] durability=site QD1 writes for {} s",
+        "[1/5] durability=site QD1 writes for {} s",
         args.latency_secs
     );
     let (w, lat) = fio_logged(
@@ -320,7 +326,7 @@ fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
         .context("sinet5 has a bandwidth")? as f64;
     let shipped0 = wan.link("osaka", "hokkaido")?.stats.bytes_forwarded;
     eprintln!(
-        "[2/4] partition osaka<->hokkaido for {} s while writing {} MiB/s",
+        "[2/5] partition osaka<->hokkaido for {} s while writing {} MiB/s",
         args.partition_secs, args.partition_write_mib_s
     );
     wan.partition("osaka", "hokkaido", Partition::Hold)?;
@@ -435,7 +441,7 @@ fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     }
     .draw(&png("wan-catchup.png"))?;
 
-    eprintln!("[3/4] two volumes cloned from one image");
+    eprintln!("[3/5] two volumes cloned from one image");
     let image = logs.path().join("image.raw");
     let data_bytes = vm_like_image(&image, 64 << 20)?;
     let remote = ["hokkaido", "fukuoka"];
@@ -518,7 +524,7 @@ fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     let fukuoka = site_nodes("fukuoka");
     let writer_node = node(fukuoka[0]);
     eprintln!(
-        "[4/4] move vm1 to fukuoka under a QD1 writer at node {}",
+        "[4/5] move vm1 to fukuoka under a QD1 writer at node {}",
         writer_node.id
     );
     let fio_args = vec![
@@ -614,6 +620,8 @@ fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     }
     .draw(&png("wan-move.png"))?;
 
+    rows.push(failover_row(&m, &wan, &admin, &logs)?);
+
     let mut md = format!(
         "# WAN scenarios (`wan-bench`, sinet5 profile, 3 sites × 3 nodes on one machine)\n\n\
          Command: `cargo build --release --bins --workspace && {}`\n\
@@ -660,6 +668,169 @@ fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     std::fs::write(args.out.join("wan.md"), md)?;
     eprintln!("wrote {}/wan.json and wan.md", args.out.display());
     Ok(())
+}
+
+/// Bytes every node sent on the wire to `site` (all lanes), from `/metrics`.
+fn wire_bytes_to(m: &Manifest, site: &str) -> u64 {
+    let mut total = 0.0;
+    for n in m.nodes() {
+        let Ok(text) = AdminClient::with_timeout(&n.admin, Duration::from_secs(5)).metrics() else {
+            continue;
+        };
+        for line in text.lines().filter(|l| {
+            l.starts_with("roamdisk_link_wire_bytes_total") && l.contains(&format!("site=\"{site}\""))
+        }) {
+            total += line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        }
+    }
+    total as u64
+}
+
+/// Scenario 5: a forced failover of volume `fo` from osaka to hokkaido and back.
+fn failover_row(
+    m: &Manifest,
+    wan: &ControlClient,
+    admin: &AdminClient,
+    logs: &tempfile::TempDir,
+) -> Result<Value> {
+    const DATA_MIB: u64 = 32;
+    let node_at = |site: &str| {
+        m.sites
+            .iter()
+            .find(|s| s.name == site)
+            .and_then(|s| s.nodes.first())
+            .expect("a node of the site")
+            .clone()
+    };
+    let (osaka, hokkaido) = (node_at("osaka"), node_at("hokkaido"));
+    admin.create_volume("fo", 256 << 20, Some(3), Some("osaka"), None)?;
+    wait_until(60, "fo's leader", || admin.volume("fo").ok()?["leader"].as_u64())?;
+    eprintln!("[5/5] failover: {DATA_MIB} MiB written at osaka, then osaka cut off");
+    fio(&[
+        "--name=fill".into(),
+        // Fresh random data per write: no block repeats, so none crosses by reference.
+        "--refill_buffers".into(),
+        "--ioengine=nbd".into(),
+        format!("--uri=nbd://{}/fo", osaka.nbd),
+        "--rw=write".into(),
+        "--bs=1M".into(),
+        "--iodepth=8".into(),
+        format!("--size={DATA_MIB}M"),
+    ])?;
+    wait_until(120, "fo's remote sites to catch up", || {
+        let v = admin.volume("fo").ok()?;
+        v["site_lag"]
+            .as_array()?
+            .iter()
+            .all(|l| l["entries"] == 0)
+            .then_some(())
+    })?;
+    for other in ["hokkaido", "fukuoka"] {
+        wan.partition("osaka", other, Partition::Drop)?;
+        wan.partition(other, "osaka", Partition::Drop)?;
+    }
+    // Writes osaka acknowledges within its lease: they become its divergent tail.
+    fio(&[
+        "--name=divergent".into(),
+        // Fresh random data per write: no block repeats, so none crosses by reference.
+        "--refill_buffers".into(),
+        "--ioengine=nbd".into(),
+        format!("--uri=nbd://{}/fo", osaka.nbd),
+        "--rw=randwrite".into(),
+        "--bs=4k".into(),
+        "--iodepth=1".into(),
+        "--size=4M".into(),
+        "--runtime=2".into(),
+        "--time_based".into(),
+    ])?;
+    let at_hokkaido = AdminClient::with_timeout(&hokkaido.admin, Duration::from_secs(60));
+    let plan = at_hokkaido.failover_plan("hokkaido", &["fo".to_string()])?;
+    let id = plan["plan"].as_str().context("plan id")?.to_owned();
+    let executed = Instant::now();
+    at_hokkaido.failover_execute(&id, true)?;
+    // The first write at the new home: it waits out the old lease, then is answered.
+    let ok = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x5a 8M 4k"])
+        .arg(format!("nbd://{}/fo", hokkaido.nbd))
+        .stdout(Stdio::null())
+        .status()?;
+    if !ok.success() {
+        bail!("the first write at the new home failed");
+    }
+    let first_write_s = executed.elapsed().as_secs_f64();
+    eprintln!("[5/5] first write at hokkaido {first_write_s:.2} s after execute");
+    // The new home writes 4 MiB the old one did not.
+    fio(&[
+        "--name=newhome".into(),
+        // Fresh random data per write: no block repeats, so none crosses by reference.
+        "--refill_buffers".into(),
+        "--ioengine=nbd".into(),
+        format!("--uri=nbd://{}/fo", hokkaido.nbd),
+        "--rw=write".into(),
+        "--bs=64k".into(),
+        "--iodepth=4".into(),
+        "--offset=16M".into(),
+        "--size=4M".into(),
+    ])?;
+    let new_blocks = (4 << 20) / 4096 + 1;
+    wan.heal()?;
+    let d = wait_until(120, "osaka's divergent report", || {
+        let d = at_hokkaido.divergent("fo").ok()?;
+        let reps = d["replicas"].as_array()?;
+        (!reps.is_empty() && reps.iter().all(|r| r.get("error").is_none())).then_some(d)
+    })?;
+    let reps = d["replicas"].as_array().cloned().unwrap_or_default();
+    let divergent_blocks = reps.iter().filter_map(|r| r["blocks"].as_u64()).max().unwrap_or(0);
+    let complete = reps.iter().all(|r| r["complete"] == true);
+    let differ = (divergent_blocks + new_blocks) * 4096;
+    let replicas = reps.len() as u64;
+    let before = wire_bytes_to(m, "osaka");
+    at_hokkaido.discard_divergent("fo", None)?;
+    wait_until(300, "osaka's replicas to resync", || {
+        let v = at_hokkaido.volume("fo").ok()?;
+        let learners: Vec<u64> = v["learners"].as_array()?.iter().filter_map(Value::as_u64).collect();
+        let osaka_ids: Vec<u64> = m.sites.iter().find(|s| s.name == "osaka")?.nodes.iter().map(|n| n.id).collect();
+        let whole = osaka_ids.iter().all(|id| {
+            learners.contains(id)
+                && m.nodes().find(|n| n.id == *id).is_some_and(|n| {
+                    AdminClient::with_timeout(&n.admin, Duration::from_secs(5))
+                        .status()
+                        .ok()
+                        .and_then(|st| {
+                            st["groups"].as_array()?.iter().find(|g| g["group"] == v["id"]).map(|g| {
+                                g["recovering"] == false && g["fenced"] == false
+                            })
+                        })
+                        .unwrap_or(false)
+                })
+        });
+        (whole && v["moving"].is_null()).then_some(())
+    })?;
+    let resync = wire_bytes_to(m, "osaka") - before;
+    let per_replica = resync as f64 / replicas.max(1) as f64;
+    let ratio = per_replica / differ.max(1) as f64;
+    eprintln!("[5/5] resync: {resync} bytes to osaka for {replicas} replicas; {differ} bytes differ ({ratio:.2}x per replica)");
+    let before = wire_bytes_to(m, "osaka");
+    admin.move_volume("fo", "osaka")?;
+    wait_until(300, "fo's move back to osaka", || {
+        let v = admin.volume("fo").ok()?;
+        (v["home_site"] == "osaka" && v["moving"].is_null()).then_some(())
+    })?;
+    let moved = wire_bytes_to(m, "osaka") - before;
+    let data = DATA_MIB << 20;
+    let _ = logs;
+    let lease_s = 4.0;
+    Ok(json!({
+        "scenario": "forced failover osaka -> hokkaido, failback and move back",
+        "first_write_after_execute_s": first_write_s,
+        "resync_wire_bytes": resync, "replicas_resynced": replicas,
+        "divergent_blocks": divergent_blocks, "divergent_report_complete": complete,
+        "new_home_blocks": new_blocks, "differing_bytes": differ,
+        "resync_per_replica_over_differing": ratio,
+        "move_back_wire_bytes": moved, "move_back_over_data": moved as f64 / data as f64,
+        "goal": format!("first write <= lease + 2 s ({:.0} s); resync <= 1.2x the differing bytes per replica; move back < 10 % of the data", lease_s + 2.0),
+        "met": first_write_s <= lease_s + 2.0 && ratio <= 1.2 && (moved as f64) < 0.1 * data as f64,
+    }))
 }
 
 /// Writes a raw image of `size` bytes laid out like a fresh VM disk: this machine's

@@ -47,6 +47,10 @@ struct Common {
     /// fast machine shows with the default profile).
     #[arg(long)]
     link_mib_per_sec: Option<u64>,
+    /// Run the nodes with a deliberately broken core rule (a negative control, e.g.
+    /// `no-lease`: answer without the lease): the run must fail.
+    #[arg(long)]
+    core_bug: Option<String>,
     /// Less output.
     #[arg(long, short)]
     quiet: bool,
@@ -181,7 +185,16 @@ fn options(
             .link_mib_per_sec
             .map(|m| format!(" --link-mib-per-sec {m}"))
             .unwrap_or_default()
-    );
+    ) + &common
+        .core_bug
+        .as_ref()
+        .map(|b| format!(" --core-bug {b}"))
+        .unwrap_or_default();
+    if let Some(b) = &common.core_bug {
+        if roamdisk_core::node::CoreBug::named(b).is_none() {
+            bail!("--core-bug {b:?}: no such core bug");
+        }
+    }
     Ok(RunOptions {
         scenario,
         seed,
@@ -194,6 +207,7 @@ fn options(
         volume_size: common.volume_mib << 20,
         blocks: common.blocks,
         link_bandwidth: common.link_mib_per_sec.map(|m| m << 20),
+        core_bug: common.core_bug.clone(),
         command,
         verbose: !common.quiet,
     })

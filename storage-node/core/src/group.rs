@@ -71,6 +71,10 @@ impl Default for GroupConfig {
 /// its context; `None` for entries without one (raft-rs's own, older ones). A failover
 /// plan states its loss in it.
 pub fn entry_stamp(e: &Entry) -> Option<u64> {
+    // A membership change's context is its epoch, not a time.
+    if e.get_entry_type() != EntryType::EntryNormal {
+        return None;
+    }
     <[u8; 8]>::try_from(e.context.as_ref())
         .ok()
         .map(u64::from_be_bytes)

@@ -158,10 +158,14 @@ pub enum CoreBug {
     /// later, before this node's log holds what it forgot (the rule before the seed
     /// sweep found `roamdisk-sim --seed 1624`).
     QuarantineEndsOnLeaderHeard,
+    /// Answer volume requests without the lease from the metadata quorum: a cut-off home
+    /// goes on acknowledging after another site took its volumes over (the chaos
+    /// `split-brain` drill must catch it).
+    IgnoreLease,
 }
 
 impl CoreBug {
-    pub const ALL: [CoreBug; 8] = [
+    pub const ALL: [CoreBug; 9] = [
         CoreBug::AckBeforeSync,
         CoreBug::EarlyAckOnLeaderWrite,
         CoreBug::FlushBeforeCommit,
@@ -170,6 +174,7 @@ impl CoreBug {
         CoreBug::NoQuarantine,
         CoreBug::WrittenBeforeTermSynced,
         CoreBug::QuarantineEndsOnLeaderHeard,
+        CoreBug::IgnoreLease,
     ];
 
     /// The bug's name, as `roamdisk-sim --bug NAME` and a test node's
@@ -184,6 +189,7 @@ impl CoreBug {
             CoreBug::NoQuarantine => "no-quarantine",
             CoreBug::WrittenBeforeTermSynced => "written-before-term-synced",
             CoreBug::QuarantineEndsOnLeaderHeard => "quarantine-ends-on-leader-heard",
+            CoreBug::IgnoreLease => "no-lease",
         }
     }
 
@@ -304,7 +310,8 @@ macro_rules! out {
             } else {
                 $core.cfg.wall_epoch_unix_ms + $now.as_micros() / 1000
             },
-            open: $core.lease.open(&$core.cfg, $now),
+            open: $core.cfg.bug == Some($crate::node::CoreBug::IgnoreLease)
+                || $core.lease.open(&$core.cfg, $now),
         }
     };
 }
