@@ -7,92 +7,16 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use roamdisk_admin_client::AdminClient;
 use roamdisk_chaos::nbd::NbdConn;
 use roamdisk_core::meta::Durability;
-use roamdisk_playground::{free_base_port, Cluster, Options};
+use roamdisk_playground::Cluster;
 use serde_json::Value;
 
-const BLOCK: u64 = 4096;
-const MIB: u64 = 1 << 20;
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
-/// A playground of three sites, three nodes each; `first_port` keeps concurrent tests'
-/// port ranges apart (a range is only checked free, not reserved, until the nodes bind).
-fn start(volumes: &[(&str, u64)], first_port: u16) -> (tempfile::TempDir, Cluster) {
-    let dir = tempfile::tempdir().unwrap();
-    let base = free_base_port(9, first_port);
-    let c = roamdisk_playground::start(&Options {
-        dir: dir.path().join("pg"),
-        sites: vec!["osaka".into(), "hokkaido".into(), "fukuoka".into()],
-        nodes_per_site: 3,
-        volumes: volumes.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
-        base_port: base,
-        // Built next to this package's binary by the workspace's test run.
-        node_bin: std::path::Path::new(env!("CARGO_BIN_EXE_roamdisk-chaos"))
-            .with_file_name("roamdisk-node"),
-        wan: "sinet5".parse().unwrap(),
-        node_env: vec![],
-    })
-    .expect("start the playground");
-    (dir, c)
-}
-
-fn admin(c: &Cluster, id: u64) -> AdminClient {
-    let n = c.manifest().nodes().find(|n| n.id == id).unwrap();
-    AdminClient::with_timeout(&n.admin, Duration::from_secs(30))
-}
-
-fn nbd(c: &Cluster, id: u64) -> String {
-    c.manifest().nodes().find(|n| n.id == id).unwrap().nbd.clone()
-}
-
-fn wait_until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The contents of `block` at `version`: its number and version, then noise (never
-/// zeros: a server must store every byte of it).
-fn block_data(block: u64, version: u64) -> Vec<u8> {
-    let mut d = Vec::with_capacity(BLOCK as usize);
-    d.extend_from_slice(&block.to_be_bytes());
-    d.extend_from_slice(&version.to_be_bytes());
-    let mut x = block.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ version ^ 0xdead_beef;
-    while d.len() < BLOCK as usize {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        d.extend_from_slice(&x.to_le_bytes());
-    }
-    d
-}
-
-/// The version a block read back holds (0: never written); panics on a torn block.
-fn version_of(block: u64, data: &[u8]) -> u64 {
-    if data.iter().all(|b| *b == 0) {
-        return 0;
-    }
-    let b = u64::from_be_bytes(data[..8].try_into().unwrap());
-    let v = u64::from_be_bytes(data[8..16].try_into().unwrap());
-    assert_eq!(b, block, "block {block} holds block {b}'s data");
-    assert_eq!(data, block_data(b, v).as_slice(), "block {block} v{v} is torn");
-    v
-}
+mod common;
+use common::*;
 
 #[derive(Clone, Copy, Debug)]
 struct Acked {
@@ -196,21 +120,6 @@ fn missing(addr: &str, export: &str, want: &BTreeMap<u64, u64>) -> Vec<(u64, u64
             (got < v).then_some((b, v, got))
         })
         .collect()
-}
-
-fn volume(c: &Cluster, on: u64, name: &str) -> Value {
-    wait_until(&format!("node {on} to show volume {name}"), 30, || {
-        admin(c, on).volume(name).ok()
-    })
-}
-
-/// Waits until `name` answers writes at its new home (a leader past the fencing wait).
-fn until_serving(c: &Cluster, on: u64, name: &str) -> Value {
-    wait_until(&format!("{name} to answer after the failover"), 60, || {
-        let v = admin(c, on).volume(name).ok()?;
-        (v["leader"].is_u64() && v["suspended"] == false && v["epoch"].as_u64() > Some(0))
-            .then_some(v)
-    })
 }
 
 #[test]
@@ -343,15 +252,6 @@ fn wire_bytes_to(c: &Cluster, site: &str) -> u64 {
         }
     }
     total
-}
-
-fn wan(c: &Cluster, method: &str, path: &str, body: &str) {
-    let url = format!("http://{}{path}", c.wan_control().unwrap());
-    let r = match method {
-        "PUT" => ureq::put(&url).set("content-type", "application/json").send_string(body),
-        _ => ureq::post(&url).send_string(body),
-    };
-    r.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
 }
 
 #[test]

@@ -180,6 +180,58 @@ fn playground_serves_a_volume_that_qemu_img_converts_into() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("already exists"));
 
+    // A consistency group: its volumes are exports of their own (not the group), each
+    // its own range of the group's one log, grown by `volume create --group`.
+    let cli = |args: &[&str]| {
+        run(Command::new(env!("CARGO_BIN_EXE_roamdisk"))
+            .args(["--cluster", admin])
+            .args(args))
+    };
+    let g: serde_json::Value = serde_json::from_str(&cli(&[
+        "--json", "group", "create", "vmg", "--volumes", "boot:8M,data:16M", "--home", "osaka",
+    ]))
+    .unwrap();
+    assert_eq!(g["members"][1]["name"], "data", "{g:#}");
+    assert_eq!(g["members"][1]["offset"], 8 << 20);
+    cli(&["volume", "create", "logs", "--size", "4M", "--group", "vmg"]);
+    let shown = cli(&["group", "show", "vmg"]);
+    assert!(shown.contains("consistency group of boot") && shown.contains("logs"), "{shown}");
+    let uri = |node: usize, export: &str| {
+        let n = m.sites[node / 3].nodes[node % 3].nbd.clone();
+        format!("nbd://{n}/{export}")
+    };
+    // data gets the image's first 16 MiB, then boot other bytes: data must not change.
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&raw)
+        .arg(uri(0, "data")));
+    let boot_raw = dir.path().join("boot.raw");
+    std::fs::write(&boot_raw, vec![0x5a; 8 << 20]).unwrap();
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&boot_raw)
+        .arg(uri(1, "boot")));
+    for (file, export) in [(&raw, "data"), (&boot_raw, "boot")] {
+        run(Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(file)
+            .arg(uri(5, export)));
+    }
+    let group_export = Command::new("qemu-img")
+        .args(["info"])
+        .arg(uri(0, "vmg"))
+        .output()
+        .unwrap();
+    assert!(!group_export.status.success(), "a group's own name is no export");
+    let alone = Command::new(env!("CARGO_BIN_EXE_roamdisk"))
+        .args(["--cluster", admin, "volume", "move", "data", "--to", "fukuoka"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&alone.stderr).contains("consistency group \"vmg\""),
+        "{alone:?}"
+    );
+
     let out = stop(child, dir.path());
     assert!(
         out.contains("nbd://"),

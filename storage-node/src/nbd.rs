@@ -26,10 +26,16 @@ use crate::store::Ack;
 /// reconnect, and then reaches the new epoch wherever its leader is), so a client at a
 /// fenced home can never write into the re-formed group (see
 /// `roamdisk_core::node::failover`).
+///
+/// A volume of a consistency group is bytes `base..base + size` of its group's Raft
+/// group: every request is moved by `base` (the NBD server has already refused any
+/// beyond `size`), so its writes join the one log the group's volumes share.
 pub struct VolumeBackend {
     node: Arc<Node>,
     volume: VolumeId,
     epoch: u64,
+    base: u64,
+    size: u64,
 }
 
 fn unavailable(e: NodeError) -> BackendError {
@@ -75,7 +81,7 @@ fn drops_this_write() -> bool {
 impl Backend for VolumeBackend {
     async fn read(&self, offset: u64, len: u32) -> BackendResult<Vec<ReadChunk>> {
         self.node
-            .read(self.volume, Some(self.epoch), offset, len)
+            .read(self.volume, Some(self.epoch), self.base + offset, len)
             .await
             .map_err(unavailable)
     }
@@ -86,7 +92,7 @@ impl Backend for VolumeBackend {
         }
         self.propose(
             VolumeCommand::Write {
-                offset,
+                offset: self.base + offset,
                 data: &data,
             },
             fua,
@@ -104,7 +110,7 @@ impl Backend for VolumeBackend {
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> BackendResult<()> {
         self.propose(
             VolumeCommand::Zero {
-                offset,
+                offset: self.base + offset,
                 len: u64::from(len),
                 punch: true,
             },
@@ -117,7 +123,7 @@ impl Backend for VolumeBackend {
         // Zeroing is one small log entry whatever its length: always fast.
         self.propose(
             VolumeCommand::Zero {
-                offset,
+                offset: self.base + offset,
                 len: u64::from(len),
                 punch: !flags.no_hole,
             },
@@ -155,12 +161,29 @@ impl Backend for VolumeBackend {
             .node
             .read_handle(self.volume)
             .map_err(|e| BackendError::io("open extent file", e))?;
-        raw.extents(offset, u64::from(len), info.size, extents_max)
-            .map_err(|e| BackendError::io("seek data/hole in extent file", e))
+        // Extents are lengths from the first byte asked: the same within the group.
+        raw.extents(
+            self.base + offset,
+            u64::from(len),
+            self.base + self.size,
+            extents_max,
+        )
+        .map_err(|e| BackendError::io("seek data/hole in extent file", e))
     }
 
     async fn cache(&self, _offset: u64, _len: u32) -> BackendResult<()> {
         Ok(())
+    }
+}
+
+fn describe(name: &str, v: &roamdisk_core::meta::VolumeInfo) -> String {
+    if v.members.is_empty() {
+        format!("roamdisk volume {name} (home {})", v.home_site)
+    } else {
+        format!(
+            "roamdisk volume {name} of consistency group {} (home {})",
+            v.name, v.home_site
+        )
     }
 }
 
@@ -175,37 +198,36 @@ impl Catalog for NodeCatalog {
     fn list(&self) -> Vec<(String, String)> {
         let cluster = self.node.cluster();
         cluster
-            .volumes
-            .values()
-            .map(|v| {
-                (
-                    v.name.clone(),
-                    format!("roamdisk volume {} (home {})", v.name, v.home_site),
-                )
+            .export_names()
+            .into_iter()
+            .filter_map(|name| {
+                let (v, _, _) = cluster.export(&name)?;
+                let what = describe(&name, v);
+                Some((name, what))
             })
             .collect()
     }
 
     fn lookup(&self, name: &str) -> Option<Export<VolumeBackend>> {
         let cluster = self.node.cluster();
-        let v = if name.is_empty() {
-            cluster.volumes.values().next()?
+        let name = if name.is_empty() {
+            cluster.export_names().into_iter().next()?
         } else {
-            cluster.volumes.get(name)?
+            name.to_owned()
         };
-        // One Raft group per volume: every connection on every node sees the same
-        // committed order, and FLUSH/FUA are global, so multi-conn holds.
-        let description = format!(
-            "roamdisk volume {} (home {}, {} replicas)",
-            v.name, v.home_site, v.replicas
-        );
-        let info = ExportInfo::full_featured(&v.name, description, v.size);
+        let (v, base, size) = cluster.export(&name)?;
+        // One Raft group per volume (or group): every connection on every node sees the
+        // same committed order, and FLUSH/FUA are global, so multi-conn holds.
+        let description = format!("{} ({} replicas)", describe(&name, v), v.replicas);
+        let info = ExportInfo::full_featured(&name, description, size);
         Some(Export {
             info,
             backend: Arc::new(VolumeBackend {
                 node: Arc::clone(&self.node),
                 volume: v.id,
                 epoch: v.epoch,
+                base,
+                size,
             }),
         })
     }

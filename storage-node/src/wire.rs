@@ -27,10 +27,11 @@ use roamdisk_core::node::{
 /// frame about a group carries the sender's epoch of it (a receiver drops another
 /// epoch's: fencing after a failover), requests carry the epoch they belong to, `Tail`
 /// (a leader's log end and lag, for failover plans), `ReplicaReport`, the `Fenced`
-/// refusal, and `DivergentBlocks` (what a fenced replica holds).
+/// refusal, and `DivergentBlocks` (what a fenced replica holds); 9 — `ReplicaReport`
+/// says from which index a replica's copied blocks are whole (`whole_at`).
 /// See [`crate::link`] for records. A frame above [`FRAME_MAX_BYTES`] ends the
 /// connection. A connection starts with `Hello` from the dialer.
-pub const PEER_PROTOCOL_VERSION: u16 = 8;
+pub const PEER_PROTOCOL_VERSION: u16 = 9;
 /// Largest frame: a 32 MiB write plus headers.
 pub const FRAME_MAX_BYTES: usize = codec::DECODE_LIMIT_BYTES;
 /// Requests and reads carrying more than this many bytes go on the bulk lane.

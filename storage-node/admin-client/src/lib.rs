@@ -107,6 +107,45 @@ impl AdminClient {
         )
     }
 
+    /// Creates consistency group `name` holding new volumes `volumes` (name, size) in one
+    /// Raft group.
+    pub fn create_group(
+        &self,
+        name: &str,
+        volumes: &[(String, u64)],
+        replicas: Option<u32>,
+        home: Option<&str>,
+        durability: Option<Durability>,
+        on_no_site: Option<OnNoSite>,
+    ) -> Result<Value> {
+        let vols: Vec<Value> = volumes
+            .iter()
+            .map(|(n, s)| serde_json::json!({"name": n, "size": s}))
+            .collect();
+        let body = serde_json::json!({ "name": name, "volumes": vols, "replicas": replicas,
+            "home": home, "durability": durability, "on_no_site": on_no_site });
+        self.call(
+            self.agent.post(&format!("{}/v1/groups", self.base)),
+            Some(body),
+        )
+    }
+
+    /// Adds a new volume of `size` bytes to consistency group `group`; returns the group.
+    pub fn add_to_group(&self, group: &str, name: &str, size: u64) -> Result<Value> {
+        self.call(
+            self.agent.post(&format!("{}/v1/volumes", self.base)),
+            Some(serde_json::json!({ "name": name, "size": size, "group": group })),
+        )
+    }
+
+    /// A consistency group (a member's name answers for its group).
+    pub fn group(&self, name: &str) -> Result<Value> {
+        self.call(
+            self.agent.get(&format!("{}/v1/groups/{name}", self.base)),
+            None,
+        )
+    }
+
     /// Sets what a site-durable volume does while no other site answers.
     pub fn set_policy(&self, name: &str, on_no_site: OnNoSite) -> Result<Value> {
         self.call(

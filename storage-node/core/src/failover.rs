@@ -73,7 +73,7 @@ pub struct VolumePlan {
 /// Why a volume cannot be failed over now.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
-    #[error("volume {0:?}: no replica outside its home site answered with whole data (every one is copying blocks, fenced or unreachable)")]
+    #[error("volume {0:?}: no replica outside its home site answered with whole data (every one is copying blocks, holds copied blocks newer than its log's end, is fenced or is unreachable)")]
     NoWholeReplica(String),
     #[error("volume {name:?} already lives at {site:?}")]
     AlreadyThere { name: String, site: String },
@@ -101,8 +101,17 @@ pub fn plan_volume(
             .get(&NodeId(n))
             .map_or_else(String::new, |i| i.site.clone())
     };
+    // Whole: not copying, and its log reaches past every entry its copied blocks may
+    // hold (`whole_at`), so that once applied it is one state the volume had: a cut
+    // of the log, crash-consistent across a group's volumes. Found by the group test
+    // (`chaos/tests/group.rs`): a far-lagging learner re-copied after a snapshot holds
+    // blocks 200 entries newer than its log's end.
     let whole = |r: &&ReplicaReport| {
-        !r.recovering && !r.fenced && r.epoch == v.epoch && site_of(r.node) != v.home_site
+        !r.recovering
+            && r.last_index >= r.whole_at
+            && !r.fenced
+            && r.epoch == v.epoch
+            && site_of(r.node) != v.home_site
     };
     let best = reports
         .iter()
@@ -321,6 +330,7 @@ mod tests {
             last_unix_ms: Some(1_000_000 + last),
             commit_unix_ms: Some(1_000_000 + commit),
             recovering: false,
+            whole_at: 0,
             fenced: false,
             heard_leader_ms_ago: Some(300),
             leader: Some(1),
@@ -351,6 +361,15 @@ mod tests {
             plan_volume("hokkaido", &v, &s, &[r], &[], false),
             Err(PlanError::NoWholeReplica("vm1".into()))
         );
+        // Nor one whose copied blocks are newer than its log's end: it holds a mix of
+        // states (its log would have to reach 250 to be one).
+        let mut r = report(fuk.0, 5, 200, 200);
+        r.whole_at = 250;
+        let p = plan_volume("hokkaido", &v, &s, &[report(hok.0, 3, 90, 88), r.clone()], &[], false).unwrap();
+        assert_eq!(p.node, hok);
+        r.whole_at = 200;
+        let p = plan_volume("hokkaido", &v, &s, &[report(hok.0, 3, 90, 88), r], &[], false).unwrap();
+        assert_eq!(p.node, fuk, "a log that reaches its copy's end is whole once applied");
     }
 
     #[test]

@@ -21,6 +21,9 @@
 //!   fenced replicas of the old home give up their divergent writes and come back as
 //!   learners); SetPolicy (what a `durability=site` volume does while no other site
 //!   answers: suspend or degrade).
+//! - 4: CreateGroup and AddToGroup (consistency groups: volumes that are ranges of one
+//!   Raft group's address space, so that they share one log and every cut of it is
+//!   crash-consistent across them; see `docs/decisions/032-consistency-groups.md`).
 //!
 //! The encoded [`ClusterState`] (the metadata snapshot) carries its own format version,
 //! [`CLUSTER_STATE_VERSION`]; a state of another version is refused at decode.
@@ -35,10 +38,16 @@ use serde::{Deserialize, Serialize};
 use crate::codec::{self, CodecError};
 use crate::ids::{Generation, NodeId, VolumeId, BLOCK_BYTES};
 
-pub const META_FORMAT_VERSION: u16 = 3;
+pub const META_FORMAT_VERSION: u16 = 4;
 /// Format of the encoded [`ClusterState`]. 1 had no version (before failovers); 2 adds
-/// each volume's epoch, divergent replicas and last failover.
-pub const CLUSTER_STATE_VERSION: u16 = 2;
+/// each volume's epoch, divergent replicas and last failover; 3 a group's members.
+pub const CLUSTER_STATE_VERSION: u16 = 3;
+/// Members of a consistency group start at multiples of this (1 MiB), so that a
+/// member's blocks never share a catch-up chunk or a scan slice boundary oddly with its
+/// neighbour's and its offset reads well in `group show`.
+pub const MEMBER_ALIGN_BYTES: u64 = 1 << 20;
+/// Most volumes in one consistency group.
+pub const GROUP_MEMBERS_MAX: usize = 32;
 
 /// Largest volume: 64 TiB.
 pub const VOLUME_SIZE_MAX_BYTES: u64 = 64 << 40;
@@ -98,6 +107,19 @@ pub struct VolumeInfo {
     pub failover: Option<FailoverRecord>,
     /// What a site-durable volume does while no other site answers.
     pub on_no_site: OnNoSite,
+    /// A consistency group: the volumes that are ranges of this group's address space,
+    /// exported under their own names (the group itself is not exported). Empty for a
+    /// plain volume.
+    pub members: Vec<Member>,
+}
+
+/// A volume of a consistency group: bytes `offset..offset + size` of the group's
+/// Raft group, exported as a volume of `size` bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    pub offset: u64,
+    pub size: u64,
 }
 
 /// What a `durability=site` volume does when no replica at another site takes its
@@ -260,6 +282,23 @@ pub enum MetaCommand {
     },
     /// Sets what a `durability=site` volume does while no other site answers.
     SetPolicy { name: String, on_no_site: OnNoSite },
+    /// Creates a consistency group: one Raft group (named `name`, placed like a volume)
+    /// whose address space holds `members` (name, size) one after another, each exported
+    /// as a volume. They share one log, so they move and fail over together to one cut.
+    CreateGroup {
+        name: String,
+        members: Vec<(String, u64)>,
+        replicas: u32,
+        home_site: Option<String>,
+        durability: Durability,
+    },
+    /// Adds a new volume of `size` bytes to consistency group `group`: the group grows by
+    /// it (aligned) and it starts empty.
+    AddToGroup {
+        group: String,
+        name: String,
+        size: u64,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -328,6 +367,12 @@ pub enum MetaError {
     FailoverToLostHome { name: String, site: String },
     #[error("invalid policy: {0}")]
     InvalidPolicy(String),
+    #[error("volume {name:?} is in consistency group {group:?}: its group moves, fails over, grows and is deleted as a whole (use the group's name)")]
+    InGroup { name: String, group: String },
+    #[error("{0:?} is not a consistency group")]
+    NotAGroup(String),
+    #[error("invalid consistency group: {0}")]
+    InvalidGroup(String),
     #[error("volume {name:?} has no divergent replica{}", node.map(|n| format!(" on node {n}")).unwrap_or_default())]
     NotDivergent { name: String, node: Option<NodeId> },
     /// Applied, the command would break an invariant of the metadata (a bug in `apply`):
@@ -340,6 +385,23 @@ pub enum MetaError {
 pub type MetaResult = Result<Option<VolumeInfo>, MetaError>;
 
 impl MetaCommand {
+    /// The volume a command acts on by name (not `CreateVolume`, which names a new one).
+    fn volume_name(&self) -> Option<&str> {
+        match self {
+            MetaCommand::ResizeVolume { name, .. }
+            | MetaCommand::DeleteVolume { name }
+            | MetaCommand::MoveVolume { name, .. }
+            | MetaCommand::FinishMove { name, .. }
+            | MetaCommand::Failover { name, .. }
+            | MetaCommand::DiscardDivergent { name, .. }
+            | MetaCommand::SetPolicy { name, .. } => Some(name),
+            MetaCommand::AddToGroup { group, .. } => Some(group),
+            MetaCommand::AddNode(_)
+            | MetaCommand::CreateVolume { .. }
+            | MetaCommand::CreateGroup { .. } => None,
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         codec::encode(&MetaEnvelope {
             version: META_FORMAT_VERSION,
@@ -372,6 +434,13 @@ fn valid_size(size: u64) -> bool {
     size > 0 && size % BLOCK_BYTES == 0 && size <= VOLUME_SIZE_MAX_BYTES
 }
 
+/// Where the next member starts after one of `size` bytes at `offset`; `None` past the
+/// largest volume.
+fn aligned_end(offset: u64, size: u64) -> Option<u64> {
+    let end = offset.checked_add(size)?.checked_next_multiple_of(MEMBER_ALIGN_BYTES)?;
+    (end <= VOLUME_SIZE_MAX_BYTES).then_some(end)
+}
+
 impl ClusterState {
     pub fn sites(&self) -> Vec<String> {
         let mut s: Vec<String> = self.nodes.values().map(|n| n.site.clone()).collect();
@@ -382,6 +451,54 @@ impl ClusterState {
 
     pub fn volume_by_id(&self, id: VolumeId) -> Option<&VolumeInfo> {
         self.volumes.values().find(|v| v.id == id)
+    }
+
+    /// The consistency group `name` is a member of.
+    pub fn group_of(&self, name: &str) -> Option<&VolumeInfo> {
+        self.volumes
+            .values()
+            .find(|v| v.members.iter().any(|m| m.name == name))
+    }
+
+    /// A volume or group by its name, or the group of a member named `name`.
+    pub fn resolve(&self, name: &str) -> Option<&VolumeInfo> {
+        self.volumes.get(name).or_else(|| self.group_of(name))
+    }
+
+    fn name_taken(&self, name: &str) -> bool {
+        self.volumes.contains_key(name) || self.group_of(name).is_some()
+    }
+
+    /// What an NBD export named `name` serves: the Raft group and the byte range of it
+    /// (`(group, offset, size)`). Plain volumes and group members are exports; a group's
+    /// own name is not.
+    pub fn export(&self, name: &str) -> Option<(&VolumeInfo, u64, u64)> {
+        match self.volumes.get(name) {
+            Some(v) if v.members.is_empty() => Some((v, 0, v.size)),
+            Some(_) => None,
+            None => {
+                let g = self.group_of(name)?;
+                let m = g.members.iter().find(|m| m.name == name)?;
+                Some((g, m.offset, m.size))
+            }
+        }
+    }
+
+    /// Every export's name, in order: plain volumes and group members.
+    pub fn export_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .volumes
+            .values()
+            .flat_map(|v| {
+                if v.members.is_empty() {
+                    vec![v.name.clone()]
+                } else {
+                    v.members.iter().map(|m| m.name.clone()).collect()
+                }
+            })
+            .collect();
+        names.sort();
+        names
     }
 
     /// Replicas each node carries, for placement.
@@ -418,6 +535,15 @@ impl ClusterState {
     }
 
     pub fn apply(&mut self, cmd: MetaCommand) -> MetaResult {
+        // A member has no placement, generation or size of its own: its group's are.
+        if let Some(name) = cmd.volume_name() {
+            if let Some(g) = self.group_of(name) {
+                return Err(MetaError::InGroup {
+                    name: name.to_owned(),
+                    group: g.name.clone(),
+                });
+            }
+        }
         match cmd {
             MetaCommand::AddNode(info) => {
                 // A node keeps its site for life: its replicas were placed by site.
@@ -446,7 +572,7 @@ impl ClusterState {
                 if !valid_name(&name) {
                     return Err(MetaError::InvalidName(name));
                 }
-                if self.volumes.contains_key(&name) {
+                if self.name_taken(&name) {
                     return Err(MetaError::VolumeExists(name));
                 }
                 if !valid_size(size) {
@@ -496,6 +622,7 @@ impl ClusterState {
                     divergent: Vec::new(),
                     failover: None,
                     on_no_site: OnNoSite::default(),
+                    members: Vec::new(),
                 };
                 self.volumes.insert(name, info.clone());
                 Ok(Some(info))
@@ -555,6 +682,14 @@ impl ClusterState {
                 self.failover(name, to, record)
             }
             MetaCommand::DiscardDivergent { name, node } => self.discard_divergent(name, node),
+            MetaCommand::CreateGroup {
+                name,
+                members,
+                replicas,
+                home_site,
+                durability,
+            } => self.create_group(name, members, replicas, home_site, durability),
+            MetaCommand::AddToGroup { group, name, size } => self.add_to_group(group, name, size),
             MetaCommand::SetPolicy { name, on_no_site } => {
                 if let OnNoSite::DegradeAfter { ms } = on_no_site {
                     if ms == 0 || ms > DEGRADE_AFTER_MAX_MS {
@@ -592,6 +727,85 @@ impl ClusterState {
                 }
             }
         }
+    }
+
+    /// See [`MetaCommand::CreateGroup`].
+    fn create_group(
+        &mut self,
+        name: String,
+        members: Vec<(String, u64)>,
+        replicas: u32,
+        home_site: Option<String>,
+        durability: Durability,
+    ) -> MetaResult {
+        if members.is_empty() || members.len() > GROUP_MEMBERS_MAX {
+            return Err(MetaError::InvalidGroup(format!(
+                "a group has 1 to {GROUP_MEMBERS_MAX} volumes, not {}",
+                members.len()
+            )));
+        }
+        let mut layout = Vec::with_capacity(members.len());
+        let mut end = 0u64;
+        for (i, (m, size)) in members.iter().enumerate() {
+            if !valid_name(m) {
+                return Err(MetaError::InvalidName(m.clone()));
+            }
+            if self.name_taken(m) || *m == name || members[..i].iter().any(|(o, _)| o == m) {
+                return Err(MetaError::VolumeExists(m.clone()));
+            }
+            if !valid_size(*size) {
+                return Err(MetaError::InvalidSize { size: *size });
+            }
+            layout.push(Member {
+                name: m.clone(),
+                offset: end,
+                size: *size,
+            });
+            end = aligned_end(end, *size).ok_or(MetaError::InvalidSize { size: *size })?;
+        }
+        if self.name_taken(&name) {
+            return Err(MetaError::VolumeExists(name));
+        }
+        self.apply(MetaCommand::CreateVolume {
+            name: name.clone(),
+            size: end,
+            replicas,
+            home_site,
+            durability,
+        })?;
+        let g = self.volumes.get_mut(&name).expect("just created");
+        g.members = layout;
+        Ok(Some(g.clone()))
+    }
+
+    /// See [`MetaCommand::AddToGroup`].
+    fn add_to_group(&mut self, group: String, name: String, size: u64) -> MetaResult {
+        if !valid_name(&name) {
+            return Err(MetaError::InvalidName(name));
+        }
+        if self.name_taken(&name) {
+            return Err(MetaError::VolumeExists(name));
+        }
+        if !valid_size(size) {
+            return Err(MetaError::InvalidSize { size });
+        }
+        let g = self
+            .volumes
+            .get_mut(&group)
+            .ok_or_else(|| MetaError::VolumeNotFound(group.clone()))?;
+        if g.members.is_empty() {
+            return Err(MetaError::NotAGroup(group));
+        }
+        if g.members.len() >= GROUP_MEMBERS_MAX {
+            return Err(MetaError::InvalidGroup(format!(
+                "group {group:?} already has {GROUP_MEMBERS_MAX} volumes"
+            )));
+        }
+        let offset = g.size;
+        let end = aligned_end(offset, size).ok_or(MetaError::InvalidSize { size })?;
+        g.members.push(Member { name, offset, size });
+        g.size = end;
+        Ok(Some(g.clone()))
     }
 
     /// See [`MetaCommand::Failover`].
@@ -813,7 +1027,21 @@ impl ClusterState {
     /// Checks the invariants in the module doc; returns the first violation.
     pub fn check(&self) -> Result<(), String> {
         let mut ids = std::collections::BTreeSet::new();
+        let mut member_names = std::collections::BTreeSet::new();
         for (name, v) in &self.volumes {
+            let mut end = 0;
+            for m in &v.members {
+                if self.volumes.contains_key(&m.name) || !member_names.insert(&m.name) {
+                    return Err(format!("volume name {:?} used twice", m.name));
+                }
+                if m.offset < end || m.offset % MEMBER_ALIGN_BYTES != 0 || m.size == 0 {
+                    return Err(format!("group {name:?} places {:?} badly", m.name));
+                }
+                end = m.offset + m.size;
+                if end > v.size {
+                    return Err(format!("group {name:?} is smaller than its volume {:?}", m.name));
+                }
+            }
             if *name != v.name {
                 return Err(format!("volume keyed {name:?} is named {:?}", v.name));
             }
@@ -958,6 +1186,79 @@ mod tests {
             v2.voters
         );
         assert!(v2.learners.contains(&NodeId(7)));
+        s.check().unwrap();
+    }
+
+    #[test]
+    fn a_group_lays_its_volumes_out_in_one_address_space_and_acts_as_one() {
+        let mut s = ClusterState::default();
+        for (id, site) in [(1, "osaka"), (2, "hokkaido")] {
+            s.apply(node(id, site)).unwrap();
+        }
+        let group = |members: Vec<(&str, u64)>| MetaCommand::CreateGroup {
+            name: "vm".into(),
+            members: members.into_iter().map(|(n, s)| (n.to_owned(), s)).collect(),
+            replicas: 1,
+            home_site: Some("osaka".into()),
+            durability: Durability::Node,
+        };
+        // Refused: no volumes, a bad size, a repeated name, the group's own name.
+        assert!(matches!(s.apply(group(vec![])), Err(MetaError::InvalidGroup(_))));
+        assert!(matches!(s.apply(group(vec![("a", 100)])), Err(MetaError::InvalidSize { .. })));
+        assert!(matches!(
+            s.apply(group(vec![("a", 4096), ("a", 4096)])),
+            Err(MetaError::VolumeExists(_))
+        ));
+        assert!(matches!(s.apply(group(vec![("vm", 4096)])), Err(MetaError::VolumeExists(_))));
+        assert_eq!(s, {
+            let mut e = ClusterState::default();
+            e.apply(node(1, "osaka")).unwrap();
+            e.apply(node(2, "hokkaido")).unwrap();
+            e
+        });
+        let g = s.apply(group(vec![("a", 3 * 4096), ("b", 2 << 20)])).unwrap().unwrap();
+        let at = |g: &VolumeInfo| g.members.iter().map(|m| (m.name.clone(), m.offset, m.size)).collect::<Vec<_>>();
+        assert_eq!(at(&g), [("a".into(), 0, 3 * 4096), ("b".into(), 1 << 20, 2 << 20)]);
+        assert_eq!(g.size, 3 << 20);
+        // Exports: the members, not the group.
+        assert_eq!(s.export_names(), ["a", "b"]);
+        assert!(s.export("vm").is_none());
+        let (v, off, size) = s.export("b").unwrap();
+        assert_eq!((v.name.as_str(), off, size), ("vm", 1 << 20, 2 << 20));
+        assert_eq!(s.resolve("a").unwrap().name, "vm");
+        // A member's name is taken, and a member cannot act alone.
+        assert!(matches!(s.apply(create("a", 4096, 1, None)), Err(MetaError::VolumeExists(_))));
+        for cmd in [
+            MetaCommand::MoveVolume { name: "a".into(), to: "hokkaido".into() },
+            MetaCommand::DeleteVolume { name: "b".into() },
+            MetaCommand::ResizeVolume { name: "a".into(), size: 1 << 30 },
+        ] {
+            assert!(matches!(s.apply(cmd), Err(MetaError::InGroup { .. })));
+        }
+        // A volume joins at the end, aligned; a plain volume is no group.
+        let g = s
+            .apply(MetaCommand::AddToGroup { group: "vm".into(), name: "c".into(), size: 4096 })
+            .unwrap()
+            .unwrap();
+        assert_eq!(g.members[2], Member { name: "c".into(), offset: 3 << 20, size: 4096 });
+        assert_eq!(g.size, 4 << 20);
+        s.apply(create("plain", 4096, 1, None)).unwrap();
+        assert_eq!(
+            s.apply(MetaCommand::AddToGroup { group: "plain".into(), name: "d".into(), size: 4096 }),
+            Err(MetaError::NotAGroup("plain".into()))
+        );
+        // The group moves as one.
+        let moved = s
+            .apply(MetaCommand::MoveVolume { name: "vm".into(), to: "hokkaido".into() })
+            .unwrap()
+            .unwrap();
+        assert_eq!(moved.moving.unwrap().to, "hokkaido");
+        s.check().unwrap();
+        let copy = ClusterState::decode(&s.encode()).unwrap();
+        assert_eq!(copy, s);
+        // Deleting the group deletes its volumes' names.
+        s.apply(MetaCommand::DeleteVolume { name: "vm".into() }).unwrap();
+        assert_eq!(s.export_names(), ["plain"]);
         s.check().unwrap();
     }
 
@@ -1239,6 +1540,13 @@ mod tests {
                     index: 5, term: 1, committed: 4, term_floor: 1, generation: Generation(g), plan: String::new(),
                     at_unix_ms: 0, rpo: Rpo::default() }),
                 (0usize..4, proptest::option::of(1u64..8)).prop_map(|(n, node)| MetaCommand::DiscardDivergent { name: ["v0", "v1", "v2", "v3"][n].into(), node: node.map(NodeId) }),
+                // Groups share the volumes' names, so that names collide both ways.
+                (0usize..4, 0usize..4, 1u64..600).prop_map(|(g, m, sz)| MetaCommand::CreateGroup {
+                    name: ["v0", "v1", "v2", "v3"][g].into(),
+                    members: vec![(["v0", "v1", "v2", "v3"][m].into(), sz * 4096), ("m".into(), 4096)],
+                    replicas: 1, home_site: None, durability: Durability::Node }),
+                (0usize..4, 0usize..4, 1u64..600).prop_map(|(g, m, sz)| MetaCommand::AddToGroup {
+                    group: ["v0", "v1", "v2", "v3"][g].into(), name: ["v0", "v1", "v2", "v3", "m"][m].into(), size: sz * 4096 }),
             ], 1..40)) {
             let mut a = ClusterState::default();
             let mut b = ClusterState::default();

@@ -71,7 +71,24 @@ pub async fn plan(
         ));
     }
     let p = node.plan_failover(&b.to, &b.volumes).await?;
-    Ok(Json(plan_json(&p)))
+    let mut j = plan_json(&p);
+    // A consistency group's volumes share its log: their common cut is the group's
+    // last entry in the chosen replica, the same index for all of them.
+    let cluster = node.cluster();
+    if let Some(vols) = j["volumes"].as_array_mut() {
+        for v in vols {
+            let Some(g) = v["name"].as_str().and_then(|n| cluster.volumes.get(n)) else {
+                continue;
+            };
+            if !g.members.is_empty() {
+                v["group"] = json!({
+                    "volumes": g.members.iter().map(|m| m.name.clone()).collect::<Vec<_>>(),
+                    "cut": {"index": v["last_index"], "term": v["last_term"]},
+                });
+            }
+        }
+    }
+    Ok(Json(j))
 }
 
 #[derive(Deserialize)]
@@ -120,7 +137,7 @@ pub async fn divergent(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let cluster = node.cluster();
-    let v = cluster.volumes.get(&name).ok_or_else(|| {
+    let v = cluster.resolve(&name).ok_or_else(|| {
         ApiError(StatusCode::NOT_FOUND, format!("volume {name:?} not found"))
     })?;
     let mut out = Vec::new();
@@ -156,7 +173,7 @@ pub async fn divergent_image(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let cluster = node.cluster();
-    let v = cluster.volumes.get(&name).ok_or_else(|| {
+    let v = cluster.resolve(&name).ok_or_else(|| {
         ApiError(StatusCode::NOT_FOUND, format!("volume {name:?} not found"))
     })?;
     if !v.divergent.iter().any(|d| d.node == node.me) {

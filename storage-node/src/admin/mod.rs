@@ -7,7 +7,9 @@
 //! | GET | /v1/nodes | | nodes |
 //! | GET | /v1/volumes | | volumes with their leaders |
 //! | GET | /v1/volumes/{name} | | one volume, with each replica's progress and each remote site's lag (from its leader) |
-//! | POST | /v1/volumes | `{name,size,replicas?,home?,durability?}` | the created volume (201) |
+//! | POST | /v1/volumes | `{name,size,replicas?,home?,durability?,on_no_site?}` or `{name,size,group}` (a new volume of that consistency group) | the created volume, or its group (201) |
+//! | POST | /v1/groups | `{name,volumes:[{name,size}],replicas?,home?,durability?,on_no_site?}` | the created consistency group (201) |
+//! | GET | /v1/groups/{name} | | the group, as `GET /v1/volumes/{name}` shows a volume (one lag for all its volumes) |
 //! | POST | /v1/volumes/{name}/resize | `{size}` | the volume |
 //! | POST | /v1/volumes/{name}/policy | `{on_no_site: "suspend" \| {"degrade-after": {"ms"}}}` | the volume |
 //! | DELETE | /v1/volumes/{name} | | the deleted volume |
@@ -19,6 +21,11 @@
 //! | GET | /v1/volumes/{name}/divergent[/image] | | see `failover` |
 //! | POST | /v1/volumes/{name}/discard-divergent | `{node?}` | see `failover` |
 //! | GET | /metrics | | Prometheus text |
+//!
+//! A consistency group is a volume whose `members` are the volumes it holds: they share
+//! its one Raft group, so reads that name a member (show, verify, divergent,
+//! transfer-leader) answer for its group, and changes (move, resize, delete, policy,
+//! failover) take the group's name.
 //!
 //! Errors are `{"error": "..."}` with 400 (bad input), 404, 409 (exists) or 503
 //! (cluster unavailable); a refused request changes nothing.
@@ -51,6 +58,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/nodes", get(nodes).post(add_node))
         .route("/v1/volumes", get(volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(show_volume).delete(delete_volume))
+        .route("/v1/groups", post(create_group))
+        .route("/v1/groups/{name}", get(show_group))
         .route("/v1/volumes/{name}/resize", post(resize_volume))
         .route("/v1/volumes/{name}/policy", post(set_policy))
         .route("/v1/volumes/{name}/move", post(move_volume))
@@ -90,7 +99,8 @@ impl From<MetaError> for ApiError {
             MetaError::MoveInProgress { .. }
             | MetaError::AlreadyHome { .. }
             | MetaError::StaleFailover { .. } => StatusCode::CONFLICT,
-            MetaError::NotDivergent { .. } => StatusCode::NOT_FOUND,
+            MetaError::NotDivergent { .. } | MetaError::NotAGroup(_) => StatusCode::NOT_FOUND,
+            MetaError::InGroup { .. } => StatusCode::CONFLICT,
             MetaError::WouldBreakInvariant(_) => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
         };
@@ -281,11 +291,18 @@ fn view(node: &Node, v: &VolumeInfo, status: Option<&GroupStatus>) -> VolumeView
         move_progress,
         suspended: status.map(|g| g.suspended),
         degraded: status.map(|g| g.degraded),
-        exports: cluster
-            .nodes
-            .values()
-            .map(|n| format!("nbd://{}/{}", n.nbd_addr, v.name))
-            .collect(),
+        exports: {
+            let names: Vec<&str> = if v.members.is_empty() {
+                vec![v.name.as_str()]
+            } else {
+                v.members.iter().map(|m| m.name.as_str()).collect()
+            };
+            cluster
+                .nodes
+                .values()
+                .flat_map(|n| names.iter().map(move |e| format!("nbd://{}/{e}", n.nbd_addr)))
+                .collect()
+        },
     }
 }
 
@@ -308,6 +325,7 @@ async fn status(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
             "on_no_site": v.on_no_site,
             "divergent": v.divergent.iter().map(|d| d.node).collect::<Vec<_>>(),
             "moving": v.moving.as_ref().map(|m| m.to.clone()),
+            "members": v.members.iter().map(|m| m.name.clone()).collect::<Vec<_>>(),
         }));
     }
     Json(json!({
@@ -373,8 +391,7 @@ async fn show_volume(
 ) -> Result<Json<VolumeView>, ApiError> {
     let cluster = node.cluster();
     let v = cluster
-        .volumes
-        .get(&name)
+        .resolve(&name)
         .ok_or_else(|| ApiError::from(MetaError::VolumeNotFound(name.clone())))?;
     let status = node.leader_status(v.id.group()).await;
     let mut view = view(&node, v, status.as_ref());
@@ -382,6 +399,68 @@ async fn show_volume(
         view.site_lag = Some(with_copy_state(&node, v, lags).await);
     }
     Ok(Json(view))
+}
+
+/// `GET /v1/groups/{name}`: a consistency group (a member's name answers for its group).
+async fn show_group(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+) -> Result<Json<VolumeView>, ApiError> {
+    let is_group = node
+        .cluster()
+        .resolve(&name)
+        .map(|v| !v.members.is_empty());
+    match is_group {
+        None => Err(MetaError::VolumeNotFound(name).into()),
+        Some(false) => Err(MetaError::NotAGroup(name).into()),
+        Some(true) => show_volume(State(node), Path(name)).await,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupVolume {
+    name: String,
+    size: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupBody {
+    name: String,
+    volumes: Vec<GroupVolume>,
+    #[serde(default)]
+    replicas: Option<u32>,
+    #[serde(default)]
+    home: Option<String>,
+    #[serde(default)]
+    durability: Option<Durability>,
+    #[serde(default)]
+    on_no_site: Option<OnNoSite>,
+}
+
+async fn create_group(
+    State(node): State<Arc<Node>>,
+    Json(b): Json<GroupBody>,
+) -> Result<(StatusCode, Json<VolumeView>), ApiError> {
+    let cmd = MetaCommand::CreateGroup {
+        name: b.name.clone(),
+        members: b.volumes.into_iter().map(|m| (m.name, m.size)).collect(),
+        replicas: b.replicas.unwrap_or(3),
+        home_site: b.home,
+        durability: b.durability.unwrap_or_default(),
+    };
+    let mut v = node.meta(cmd).await??.expect("create returns the group");
+    if let Some(on_no_site) = b.on_no_site.filter(|p| *p != OnNoSite::default()) {
+        v = node
+            .meta(MetaCommand::SetPolicy {
+                name: b.name,
+                on_no_site,
+            })
+            .await??
+            .expect("the policy command returns the group");
+    }
+    Ok((StatusCode::CREATED, Json(view(&node, &v, None))))
 }
 
 #[derive(Deserialize)]
@@ -397,12 +476,33 @@ struct CreateBody {
     /// What a site-durable volume does while no other site answers (default: suspend).
     #[serde(default)]
     on_no_site: Option<OnNoSite>,
+    /// A new volume of this consistency group (placed, replicated and durable as the
+    /// group is: none of the above may be given).
+    #[serde(default)]
+    group: Option<String>,
 }
 
 async fn create_volume(
     State(node): State<Arc<Node>>,
     Json(b): Json<CreateBody>,
 ) -> Result<(StatusCode, Json<VolumeView>), ApiError> {
+    if let Some(group) = b.group {
+        if b.replicas.is_some() || b.home.is_some() || b.durability.is_some() || b.on_no_site.is_some() {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("a volume of group {group:?} takes the group's replicas, home, durability and policy: give only its name and size"),
+            ));
+        }
+        let v = node
+            .meta(MetaCommand::AddToGroup {
+                group,
+                name: b.name,
+                size: b.size,
+            })
+            .await??
+            .expect("adding returns the group");
+        return Ok((StatusCode::CREATED, Json(view(&node, &v, None))));
+    }
     let cmd = MetaCommand::CreateVolume {
         name: b.name.clone(),
         size: b.size,
@@ -494,8 +594,7 @@ async fn transfer_leader(
 ) -> Result<Json<VolumeView>, ApiError> {
     let cluster = node.cluster();
     let v = cluster
-        .volumes
-        .get(&name)
+        .resolve(&name)
         .cloned()
         .ok_or_else(|| ApiError::from(MetaError::VolumeNotFound(name.clone())))?;
     let to = NodeId(b.to);
@@ -557,8 +656,7 @@ async fn verify_volume(
     let repair = body.is_some_and(|Json(b)| b.repair);
     let v = node
         .cluster()
-        .volumes
-        .get(&name)
+        .resolve(&name)
         .cloned()
         .ok_or_else(|| ApiError::from(MetaError::VolumeNotFound(name.clone())))?;
     let Ok(_running) = node.verify_running.try_lock() else {

@@ -134,8 +134,10 @@ impl Node {
                     .cloned(),
             );
         } else {
+            // A group's volume names its group: the group fails over as one, once.
             for n in names {
-                match cluster.volumes.get(n) {
+                match cluster.resolve(n) {
+                    Some(v) if chosen.iter().any(|c| c.id == v.id) => {}
                     Some(v) => chosen.push(v.clone()),
                     None => refused.push((n.clone(), format!("volume {n:?} not found"))),
                 }

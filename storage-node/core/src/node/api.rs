@@ -276,6 +276,11 @@ pub struct ReplicaReport {
     pub commit_unix_ms: Option<u64>,
     /// It copies blocks after a snapshot: its data is not whole.
     pub recovering: bool,
+    /// Its block copy read the source up to this index: blocks copied then may hold
+    /// writes of entries up to it, so its data is one state of the volume only once it
+    /// has applied this far (0: no copy). A replica whose log ends before it holds a
+    /// mix of states no replica ever had, and is never a failover's source.
+    pub whole_at: u64,
     /// A failover fenced it.
     pub fenced: bool,
     /// Milliseconds since it last heard from its group's leader, and that leader.

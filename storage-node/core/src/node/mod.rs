@@ -963,6 +963,7 @@ impl<S: LogStore> NodeCore<S> {
             last_unix_ms: stamp_at_or_below(last),
             commit_unix_ms: stamp_at_or_below(commit),
             recovering: g.recovering.is_some(),
+            whole_at: g.serve_after,
             fenced: g.fenced.is_some(),
             heard_leader_ms_ago: if g.raft.is_leader() {
                 Some(0)
