@@ -32,6 +32,13 @@
  * Options from the kernel command line: roamdisk.dev=/dev/vda roamdisk.flush=16
  * roamdisk.sleep_us=0 roamdisk.progress_ms=250 roamdisk.report_ms=100
  * roamdisk.max_blocks=0 (0: the whole device).
+ *
+ * Restart after a disaster (client/tests/vm_restart.rs): with
+ * roamdisk.restart=<nonce hex>:<seq>, a freshly booted guest writes nothing; it checks
+ * that every block a run with that nonce had written by sequence number <seq> (the
+ * test's flushed-before-the-stated-time mark) holds that write or a later one of the
+ * same run, whole (any later write of the block may have survived too), and prints
+ *   RESTART ok=<n> bad=<n> ioerr=<n> newer=<n>   (newer: blocks holding a write past <seq>)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -158,6 +165,54 @@ static void check(int fd, const uint64_t *want, uint64_t blocks, uint64_t nonce,
 	}
 }
 
+/*
+ * The restart check (see the header): block b was last written up to `upto` by the
+ * largest seq <= upto with (seq - 1) % blocks == b; it must hold that one or a later
+ * write of the block, whole.
+ */
+static int restart_check(int fd, uint64_t blocks, uint64_t nonce, uint64_t upto,
+			 unsigned char *buf, unsigned char *rbuf)
+{
+	uint64_t ok = 0, bad = 0, ioerr = 0, newer = 0;
+	for (uint64_t b = 0; b < blocks; b++) {
+		uint64_t lower = upto >= b + 1 ? b + 1 + (upto - (b + 1)) / blocks * blocks : 0;
+		ssize_t r = pread(fd, rbuf, BS, (off_t)(b * BS));
+		if (r != BS) {
+			ioerr++;
+			bad++;
+			continue;
+		}
+		uint64_t gb, gs, gn;
+		memcpy(&gb, rbuf + 8, 8);
+		memcpy(&gs, rbuf + 16, 8);
+		memcpy(&gn, rbuf + 24, 8);
+		int ours = memcmp(rbuf, MAGIC, 8) == 0 && gb == b && gn == nonce && gs >= 1 &&
+			   (gs - 1) % blocks == b;
+		if (ours) {
+			fill(buf, b, gs, nonce);
+			ours = memcmp(buf, rbuf, BS) == 0;
+		}
+		if (lower == 0 && !ours) {
+			ok++; /* never written by the mark: anything (zeros, a torn later write) */
+			continue;
+		}
+		if (ours && gs >= lower) {
+			ok++;
+			newer += gs > upto;
+			continue;
+		}
+		if (bad < 10)
+			say("BAD block=%llu want_seq=%llu got_magic=%d got_block=%llu got_seq=%llu",
+			    (unsigned long long)b, (unsigned long long)lower,
+			    memcmp(rbuf, MAGIC, 8) == 0, (unsigned long long)gb,
+			    (unsigned long long)gs);
+		bad++;
+	}
+	say("RESTART ok=%llu bad=%llu ioerr=%llu newer=%llu", (unsigned long long)ok,
+	    (unsigned long long)bad, (unsigned long long)ioerr, (unsigned long long)newer);
+	return bad ? 1 : 0;
+}
+
 int main(void)
 {
 	int cf = open("/proc/cmdline", O_RDONLY);
@@ -193,6 +248,15 @@ int main(void)
 	if (!want || posix_memalign((void **)&buf, BS, BS) || posix_memalign((void **)&rbuf, BS, BS)) {
 		say("GUEST error out of memory");
 		return 2;
+	}
+	const char *restart = opt("roamdisk.restart", "");
+	if (restart[0]) {
+		char *end;
+		uint64_t n = strtoull(restart, &end, 16);
+		uint64_t upto = *end == ':' ? strtoull(end + 1, NULL, 10) : 0;
+		say("GUEST restart blocks=%llu nonce=%016llx upto=%llu", (unsigned long long)blocks,
+		    (unsigned long long)n, (unsigned long long)upto);
+		return restart_check(fd, blocks, n, upto, buf, rbuf);
 	}
 	uint64_t nonce = mix(now_ns());
 	int ur = open("/dev/urandom", O_RDONLY);
