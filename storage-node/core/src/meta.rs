@@ -632,6 +632,11 @@ impl ClusterState {
                     .volumes
                     .get_mut(&name)
                     .ok_or_else(|| MetaError::VolumeNotFound(name.clone()))?;
+                if !v.members.is_empty() {
+                    return Err(MetaError::InvalidGroup(format!(
+                        "{name:?} grows by adding volumes to it (`volume create NAME --group {name}`), not by resizing"
+                    )));
+                }
                 if !valid_size(size) {
                     return Err(MetaError::InvalidSize { size });
                 }
@@ -801,7 +806,11 @@ impl ClusterState {
                 "group {group:?} already has {GROUP_MEMBERS_MAX} volumes"
             )));
         }
-        let offset = g.size;
+        // Groups only grow here, by aligned ranges; aligned again all the same.
+        let offset = g
+            .size
+            .checked_next_multiple_of(MEMBER_ALIGN_BYTES)
+            .ok_or(MetaError::InvalidSize { size })?;
         let end = aligned_end(offset, size).ok_or(MetaError::InvalidSize { size })?;
         g.members.push(Member { name, offset, size });
         g.size = end;
@@ -1235,6 +1244,11 @@ mod tests {
         ] {
             assert!(matches!(s.apply(cmd), Err(MetaError::InGroup { .. })));
         }
+        // The group grows by volumes, not by a resize (which would unalign the next).
+        assert!(matches!(
+            s.apply(MetaCommand::ResizeVolume { name: "vm".into(), size: (3 << 20) + 4096 }),
+            Err(MetaError::InvalidGroup(_))
+        ));
         // A volume joins at the end, aligned; a plain volume is no group.
         let g = s
             .apply(MetaCommand::AddToGroup { group: "vm".into(), name: "c".into(), size: 4096 })
@@ -1532,6 +1546,7 @@ mod tests {
                     create(["v0", "v1", "v2", "v3"][n], sz * 4096, r, h.map(|i| ["a", "b", "c"][i]))
                 }),
                 (0usize..4, 1u64..9).prop_map(|(n, sz)| MetaCommand::ResizeVolume { name: ["v0", "v1", "v2", "v3"][n].into(), size: sz * 4096 }),
+                (0usize..4, 1u64..2000).prop_map(|(n, sz)| MetaCommand::ResizeVolume { name: ["v0", "v1", "v2", "v3"][n].into(), size: sz * 4096 }),
                 (0usize..4).prop_map(|n| MetaCommand::DeleteVolume { name: ["v0", "v1", "v2", "v3"][n].into() }),
                 (0usize..4, 0usize..3).prop_map(|(n, s)| MetaCommand::MoveVolume { name: ["v0", "v1", "v2", "v3"][n].into(), to: ["a", "b", "c"][s].into() }),
                 (0usize..4, 0usize..3, 1u64..4).prop_map(|(n, s, g)| MetaCommand::FinishMove { name: ["v0", "v1", "v2", "v3"][n].into(), to: ["a", "b", "c"][s].into(), generation: Generation(g) }),
@@ -1545,7 +1560,7 @@ mod tests {
                     name: ["v0", "v1", "v2", "v3"][g].into(),
                     members: vec![(["v0", "v1", "v2", "v3"][m].into(), sz * 4096), ("m".into(), 4096)],
                     replicas: 1, home_site: None, durability: Durability::Node }),
-                (0usize..4, 0usize..4, 1u64..600).prop_map(|(g, m, sz)| MetaCommand::AddToGroup {
+                (0usize..4, 0usize..5, 1u64..600).prop_map(|(g, m, sz)| MetaCommand::AddToGroup {
                     group: ["v0", "v1", "v2", "v3"][g].into(), name: ["v0", "v1", "v2", "v3", "m"][m].into(), size: sz * 4096 }),
             ], 1..40)) {
             let mut a = ClusterState::default();

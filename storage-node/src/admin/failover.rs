@@ -187,14 +187,23 @@ pub async fn divergent_image(
             format!("no fenced replica of {name:?} on this node; ask {here:?}"),
         ));
     }
-    let file = tokio::fs::File::open(node.volume_path(v.id))
+    // A group's volume: its own range of the group's replica; the group's name: all.
+    let (base, size) = cluster.export(&name).map_or((0, v.size), |(_, b, s)| (b, s));
+    let mut file = tokio::fs::File::open(node.volume_path(v.id))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("open the fenced replica: {e}")))?;
+    {
+        use tokio::io::AsyncSeekExt;
+        file.seek(std::io::SeekFrom::Start(base))
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("seek the fenced replica: {e}")))?;
+    }
+    let file = tokio::io::AsyncReadExt::take(file, size);
     let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::CONTENT_LENGTH, v.size.to_string()),
+            (header::CONTENT_LENGTH, size.to_string()),
         ],
         body,
     )

@@ -258,6 +258,7 @@ impl<S: LogStore> NodeCore<S> {
             recovery::synced_key(g),
             recovery::quarantine_key(g),
             fenced_key(g),
+            super::whole_key(g),
         ] {
             b.push(LogOp::Delete { key });
         }

@@ -141,6 +141,8 @@ pub(crate) struct GroupCore<S: LogStore> {
     pub deferred_to: u64,
     /// Reads are refused until applied reaches this index (the end of a catch-up copy).
     pub serve_after: u64,
+    /// The store may hold this group's `whole_key` record (see there).
+    pub whole_recorded: bool,
     /// The catch-up finished; its recovery record goes with the next checkpoint, which
     /// makes the copied blocks durable.
     pub recovery_record_stale: bool,

@@ -22,7 +22,7 @@ use crate::time::Time;
 use super::api::{CheckpointPlan, Effect, Refused};
 use super::group::{Kind, Out, Policy};
 use super::ready::apply_replayed;
-use super::{recovering_key, CoreBug, CoreError, NodeCore, META_SNAPSHOT_KEY};
+use super::{recovering_key, whole_key, CoreBug, CoreError, NodeCore, META_SNAPSHOT_KEY};
 
 impl<S: LogStore> NodeCore<S> {
     /// Creates groups for volumes placed on this node and removes groups of volumes
@@ -84,6 +84,7 @@ impl<S: LogStore> NodeCore<S> {
             b.push(LogOp::Delete {
                 key: recovering_key(g),
             });
+            b.push(LogOp::Delete { key: whole_key(g) });
             b.push(LogOp::Delete {
                 key: super::synced_key(g),
             });
@@ -208,6 +209,19 @@ impl<S: LogStore> NodeCore<S> {
                                 key: recovering_key(id),
                             });
                         }
+                        // Until the applied index passes the copy's end, the copied blocks
+                        // are not one state: recorded with the end of the recovery, dropped
+                        // with the first checkpoint past it.
+                        if g.serve_after > g.applied.0 {
+                            if g.recovery_record_stale {
+                                batch.push(LogOp::Put {
+                                    key: whole_key(id),
+                                    value: g.serve_after.to_be_bytes().to_vec(),
+                                });
+                            }
+                        } else if g.whole_recorded || g.recovery_record_stale {
+                            batch.push(LogOp::Delete { key: whole_key(id) });
+                        }
                         groups.push((id, g.applied));
                         volumes.push((v, g.applied));
                     }
@@ -265,12 +279,14 @@ impl<S: LogStore> NodeCore<S> {
             }
         }
         let mut batch = plan.batch;
+        let stale_record = |key: &[u8]| {
+            plan.groups.iter().any(|(g, _)| {
+                stale.contains(g) && (key == recovering_key(*g) || key == whole_key(*g))
+            })
+        };
         batch.ops.retain(|op| match op {
             LogOp::Applied { group, .. } => !stale.contains(group),
-            LogOp::Delete { key } => !plan
-                .groups
-                .iter()
-                .any(|(g, _)| stale.contains(g) && *key == recovering_key(*g)),
+            LogOp::Delete { key } | LogOp::Put { key, .. } => !stale_record(key),
             _ => true,
         });
         for (v, ops) in extra {
@@ -288,6 +304,8 @@ impl<S: LogStore> NodeCore<S> {
             let g = self.groups.get_mut(&id).expect("fresh");
             g.durable_applied = g.durable_applied.max(idx);
             g.recovery_record_stale = false;
+            // As the batch decided (see `checkpoint_begin`).
+            g.whole_recorded = g.serve_after > idx.0;
             // Keep a tail for followers that lag a little, bounded in entries and bytes;
             // never compact past what is durable here.
             let st = self

@@ -130,6 +130,16 @@ pub fn recovering_key(group: GroupId) -> Vec<u8> {
     k
 }
 
+/// Record of where a finished block copy's data becomes one state (value: the copy's
+/// end, `serve_after`): kept from the checkpoint that ends the recovery until one
+/// records an applied index past it, so that a restart in between still refuses reads
+/// and still reports the replica as not whole to a failover plan.
+pub fn whole_key(group: GroupId) -> Vec<u8> {
+    let mut k = b"whole/".to_vec();
+    k.extend_from_slice(&group.0.to_be_bytes());
+    k
+}
+
 /// A deliberately broken rule, for the simulation's negative controls: each must be
 /// caught by an invariant. Set on a storage node only by a test's negative control
 /// (`ROAMDISK_CORE_BUG`, which the node refuses unless test faults are on).
@@ -456,6 +466,12 @@ impl<S: LogStore> NodeCore<S> {
                 p
             }
         });
+        let serve_after = match self.log.get(&whole_key(g))? {
+            Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| {
+                CoreError::Invalid(format!("corrupt whole-at record of group {g}"))
+            })?),
+            None => 0,
+        };
         let kind = if g == META_GROUP {
             Kind::Meta
         } else {
@@ -527,7 +543,8 @@ impl<S: LogStore> NodeCore<S> {
             retained_bytes: 0,
             recovering,
             deferred_to: st.applied_index,
-            serve_after: 0,
+            serve_after,
+            whole_recorded: serve_after > 0,
             recovery_record_stale: false,
             lag: LagTracker::new(now),
             policy,

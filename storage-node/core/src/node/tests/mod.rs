@@ -589,6 +589,31 @@ fn a_block_copy_for_an_earlier_recovery_point_is_refused() {
     assert!(h.node(f).log.get(&key).unwrap().is_none());
 }
 
+/// A finished copy whose source had applied past this replica's log is not one state
+/// until the replica applies that far: reads wait and a failover plan is told
+/// (`whole_at`), also after a restart in between (the group test of issue 17 found a
+/// plan re-forming a group from such a replica).
+#[test]
+fn a_copy_ahead_of_the_log_stays_not_whole_across_a_restart() {
+    let mut h = Harness::new(3, None);
+    let (_, f, point) = follower_recovering(&mut h);
+    h.cut.insert(NodeId(f));
+    let copy_end = LogIndex(point.0 + 50);
+    assert!(h.node(f).core.catch_up_done(G, point, copy_end).unwrap());
+    let now = h.now;
+    let whole_at = |h: &mut Harness| h.node(f).core.replica_report(now, G).unwrap().whole_at;
+    assert_eq!(whole_at(&mut h), copy_end.0);
+    let plan = h.node(f).core.checkpoint_begin(|_| false).unwrap().unwrap();
+    h.node(f).core.checkpoint_end(plan, Vec::new()).unwrap();
+    assert!(h.node(f).log.get(&recovering_key(G)).unwrap().is_none());
+    assert!(h.node(f).log.get(&whole_key(G)).unwrap().is_some());
+    h.crash_restart(f, false);
+    assert_eq!(h.node(f).core.recovering(G), None, "the copy is done");
+    assert_eq!(whole_at(&mut h), copy_end.0, "a restart keeps the copy's end");
+    let last = h.node(f).core.replica_report(now, G).unwrap().last_index;
+    assert!(last < copy_end.0, "the log ends before the copy's end: {last}");
+}
+
 #[test]
 fn the_negative_control_accepts_a_stale_block_copy() {
     let mut h = Harness::new(3, Some(CoreBug::AcceptStaleCatchUp));
