@@ -180,7 +180,17 @@ impl Ctx {
             .filter_map(|x| x["writes"].as_u64())
             .max()
             .unwrap_or(0);
-        say(format!("{lost} fenced; its divergent writes: {writes} (kept until discarded)"));
+        // Compaction may have dropped the first divergent entries before the fencing:
+        // the count is then a lower bound (the resync compares blocks, not entries).
+        let complete = report["replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|x| x["complete"] != false);
+        let at_least = if complete { "" } else { "at least " };
+        say(format!(
+            "{lost} fenced; its divergent writes: {at_least}{writes} (kept until discarded)"
+        ));
         let admin = self.admin_at(&to).context("no node answers")?;
         admin.discard_divergent(VOLUME, None)?;
         // The failover's own placement, then the move back home (failback).
