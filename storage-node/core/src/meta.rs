@@ -26,7 +26,8 @@
 //!   crash-consistent across them; see `docs/decisions/032-consistency-groups.md`).
 //!
 //! The encoded [`ClusterState`] (the metadata snapshot) carries its own format version,
-//! [`CLUSTER_STATE_VERSION`]; a state of another version is refused at decode.
+//! [`CLUSTER_STATE_VERSION`]; a state of a newer version is refused at decode (version 2
+//! still decodes).
 //!
 //! A node's site never changes (`AddNode` with a known id and another site is refused):
 //! its replicas were placed by site.
@@ -40,7 +41,8 @@ use crate::ids::{Generation, NodeId, VolumeId, BLOCK_BYTES};
 
 pub const META_FORMAT_VERSION: u16 = 4;
 /// Format of the encoded [`ClusterState`]. 1 had no version (before failovers); 2 adds
-/// each volume's epoch, divergent replicas and last failover; 3 a group's members.
+/// each volume's epoch, divergent replicas and last failover; 3 a group's members (a
+/// state of version 2 still decodes, with none).
 pub const CLUSTER_STATE_VERSION: u16 = 3;
 /// Members of a consistency group start at multiples of this (1 MiB), so that a
 /// member's blocks never share a catch-up chunk or a scan slice boundary oddly with its
@@ -1128,15 +1130,123 @@ impl ClusterState {
         codec::encode(&(CLUSTER_STATE_VERSION, self)).expect("cluster state always encodes")
     }
 
+    /// A state of this version, or of version 2 (before consistency groups: every
+    /// volume then had no members), so that a node upgraded in place still opens its
+    /// metadata snapshot.
     pub fn decode(bytes: &[u8]) -> Result<ClusterState, CodecError> {
-        let (version, state): (u16, ClusterState) = codec::decode(bytes)?;
-        if version != CLUSTER_STATE_VERSION {
-            return Err(CodecError::Version {
-                found: version,
-                known: CLUSTER_STATE_VERSION,
-            });
+        match codec::decode::<(u16, ClusterState)>(bytes) {
+            Ok((CLUSTER_STATE_VERSION, state)) => return Ok(state),
+            Ok((found, _)) if found > CLUSTER_STATE_VERSION => {
+                return Err(CodecError::Version {
+                    found,
+                    known: CLUSTER_STATE_VERSION,
+                })
+            }
+            _ => {}
         }
-        Ok(state)
+        match codec::decode::<(u16, v2::ClusterState)>(bytes) {
+            Ok((2, state)) => Ok(state.into()),
+            Ok((found, _)) => Err(CodecError::Version {
+                found,
+                known: CLUSTER_STATE_VERSION,
+            }),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The encoded state of version 2 (`CLUSTER_STATE_VERSION` before groups).
+mod v2 {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::{Divergent, Durability, FailoverRecord, MoveTarget, NodeInfo, OnNoSite};
+    use crate::ids::{Generation, NodeId, VolumeId};
+
+    #[derive(Serialize, Deserialize)]
+    pub struct VolumeInfo {
+        pub id: VolumeId,
+        pub name: String,
+        pub size: u64,
+        pub replicas: u32,
+        pub home_site: String,
+        pub durability: Durability,
+        pub voters: Vec<NodeId>,
+        pub learners: Vec<NodeId>,
+        pub generation: Generation,
+        pub initial_voters: Vec<NodeId>,
+        pub initial_learners: Vec<NodeId>,
+        pub moving: Option<MoveTarget>,
+        pub epoch: u64,
+        pub divergent: Vec<Divergent>,
+        pub failover: Option<FailoverRecord>,
+        pub on_no_site: OnNoSite,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct ClusterState {
+        pub nodes: BTreeMap<NodeId, NodeInfo>,
+        pub volumes: BTreeMap<String, VolumeInfo>,
+        pub next_volume_id: u64,
+    }
+
+    impl From<VolumeInfo> for super::VolumeInfo {
+        fn from(v: VolumeInfo) -> Self {
+            super::VolumeInfo {
+                id: v.id,
+                name: v.name,
+                size: v.size,
+                replicas: v.replicas,
+                home_site: v.home_site,
+                durability: v.durability,
+                voters: v.voters,
+                learners: v.learners,
+                generation: v.generation,
+                initial_voters: v.initial_voters,
+                initial_learners: v.initial_learners,
+                moving: v.moving,
+                epoch: v.epoch,
+                divergent: v.divergent,
+                failover: v.failover,
+                on_no_site: v.on_no_site,
+                members: Vec::new(),
+            }
+        }
+    }
+
+    impl From<ClusterState> for super::ClusterState {
+        fn from(s: ClusterState) -> Self {
+            super::ClusterState {
+                nodes: s.nodes,
+                volumes: s.volumes.into_iter().map(|(k, v)| (k, v.into())).collect(),
+                next_volume_id: s.next_volume_id,
+            }
+        }
+    }
+
+    impl From<&super::VolumeInfo> for VolumeInfo {
+        fn from(v: &super::VolumeInfo) -> Self {
+            let v = v.clone();
+            VolumeInfo {
+                id: v.id,
+                name: v.name,
+                size: v.size,
+                replicas: v.replicas,
+                home_site: v.home_site,
+                durability: v.durability,
+                voters: v.voters,
+                learners: v.learners,
+                generation: v.generation,
+                initial_voters: v.initial_voters,
+                initial_learners: v.initial_learners,
+                moving: v.moving,
+                epoch: v.epoch,
+                divergent: v.divergent,
+                failover: v.failover,
+                on_no_site: v.on_no_site,
+            }
+        }
     }
 }
 
@@ -1534,6 +1644,18 @@ mod tests {
         assert_eq!(ClusterState::decode(&s.encode()).unwrap(), s);
         let c = create("x", 4096, 1, Some("a"));
         assert_eq!(MetaCommand::decode(&c.encode()).unwrap(), c);
+        // A state of version 2 (before groups), as a node upgraded in place has it.
+        let old = v2::ClusterState {
+            nodes: s.nodes.clone(),
+            volumes: s.volumes.iter().map(|(k, v)| (k.clone(), v.into())).collect(),
+            next_volume_id: s.next_volume_id,
+        };
+        let bytes = codec::encode(&(2u16, old)).unwrap();
+        assert_eq!(ClusterState::decode(&bytes).unwrap(), s);
+        // A newer one is refused, as is garbage.
+        let newer = codec::encode(&(CLUSTER_STATE_VERSION + 1, &s)).unwrap();
+        assert!(matches!(ClusterState::decode(&newer), Err(CodecError::Version { .. })));
+        assert!(ClusterState::decode(&[1, 2, 3]).is_err());
     }
 
     proptest! {
