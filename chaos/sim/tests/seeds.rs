@@ -66,3 +66,15 @@ fn seeds_part_0() {
 fn seeds_part_1() {
     sweep(1);
 }
+
+/// `roamdisk-sim --seed 206 --stress` found a checkpoint that began before a metadata
+/// snapshot was installed and ended after it: its batch wrote the older metadata state
+/// over the snapshot's, and the restarted node skipped the entries between them (its
+/// state differed at equal applied index). A stale checkpoint now keeps the metadata
+/// state as it is.
+#[test]
+fn a_checkpoint_never_writes_an_older_metadata_state_over_a_snapshot_stress_seed_206() {
+    if let Err(f) = run_seed(206, &SimConfig::membership_stress()) {
+        panic!("{f}");
+    }
+}

@@ -1155,7 +1155,9 @@ impl ClusterState {
     }
 }
 
-/// The encoded state of version 2 (`CLUSTER_STATE_VERSION` before groups).
+/// The encoded state of version 2 (`CLUSTER_STATE_VERSION` before groups), as bbda138
+/// and later wrote it: the builds between 663f578 and bbda138 (one day of development,
+/// never released) wrote version 2 without `on_no_site`, which does not decode here.
 mod v2 {
     use std::collections::BTreeMap;
 

@@ -397,4 +397,6 @@ pub struct CheckpointPlan {
     pub(super) groups: Vec<(GroupId, LogIndex)>,
     /// The checkpoint's sequence number.
     pub(super) seq: u64,
+    /// `NodeCore::recoveries` when it began.
+    pub(super) recoveries: u64,
 }

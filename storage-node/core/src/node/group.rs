@@ -143,6 +143,10 @@ pub(crate) struct GroupCore<S: LogStore> {
     pub serve_after: u64,
     /// The store may hold this group's `whole_key` record (see there).
     pub whole_recorded: bool,
+    /// `NodeCore::recoveries` when this replica was opened or last started a recovery
+    /// other than by snapshot: a checkpoint begun before it is stale for this group
+    /// (its batch would delete the new recovery record; found in review).
+    pub recovery_gen: u64,
     /// The catch-up finished; its recovery record goes with the next checkpoint, which
     /// makes the copied blocks durable.
     pub recovery_record_stale: bool,

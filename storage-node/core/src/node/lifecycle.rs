@@ -251,6 +251,7 @@ impl<S: LogStore> NodeCore<S> {
             batch,
             groups,
             seq: self.checkpoint_seq,
+            recoveries: self.recoveries,
         }))
     }
 
@@ -272,16 +273,24 @@ impl<S: LogStore> NodeCore<S> {
         let mut stale = BTreeSet::new();
         for &(id, idx) in &plan.groups {
             let fresh = self.groups.get(&id).is_some_and(|g| {
-                g.durable_applied <= idx && (g.kind == Kind::Meta || g.recovering.is_none())
+                g.durable_applied <= idx
+                    && g.recovery_gen <= plan.recoveries
+                    && (g.kind == Kind::Meta || g.recovering.is_none())
             });
             if !fresh {
                 stale.insert(id);
             }
         }
         let mut batch = plan.batch;
+        // A stale group keeps its records as they are: its recovery point, its copy's
+        // end, and for the metadata group the state (a snapshot installed meanwhile wrote
+        // a newer one, which the state at the checkpoint's index must not replace).
         let stale_record = |key: &[u8]| {
             plan.groups.iter().any(|(g, _)| {
-                stale.contains(g) && (key == recovering_key(*g) || key == whole_key(*g))
+                stale.contains(g)
+                    && (key == recovering_key(*g)
+                        || key == whole_key(*g)
+                        || (*g == crate::ids::META_GROUP && key == META_SNAPSHOT_KEY))
             })
         };
         batch.ops.retain(|op| match op {
@@ -416,6 +425,8 @@ impl<S: LogStore> NodeCore<S> {
         });
         self.log.write(batch)?;
         self.log.sync()?;
+        self.recoveries += 1;
+        g.recovery_gen = self.recoveries;
         g.recovering = Some(point);
         g.deferred_to = point.0;
         g.recovery_record_stale = false;

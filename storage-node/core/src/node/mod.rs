@@ -295,6 +295,8 @@ pub struct NodeCore<S: LogStore> {
     /// The checkpoint in flight (its sequence number), and the last one's number.
     checkpoint_in_flight: bool,
     checkpoint_seq: u64,
+    /// Counts replicas opened and recoveries started (see `Group::recovery_gen`).
+    recoveries: u64,
     /// Recovery points last published (`Effect::Recovering`).
     recovering_published: Vec<(GroupId, LogIndex)>,
     /// A snapshot could not be read from the log store (raft-rs asked for it from inside
@@ -386,6 +388,7 @@ impl<S: LogStore> NodeCore<S> {
             election,
             checkpoint_in_flight: false,
             checkpoint_seq: 0,
+            recoveries: 0,
             recovering_published: Vec::new(),
             snapshot_error: Arc::default(),
             lease: lease::Lease::default(),
@@ -545,6 +548,10 @@ impl<S: LogStore> NodeCore<S> {
             deferred_to: st.applied_index,
             serve_after,
             whole_recorded: serve_after > 0,
+            recovery_gen: {
+                self.recoveries += 1;
+                self.recoveries
+            },
             recovery_record_stale: false,
             lag: LagTracker::new(now),
             policy,

@@ -614,6 +614,28 @@ fn a_copy_ahead_of_the_log_stays_not_whole_across_a_restart() {
     assert!(last < copy_end.0, "the log ends before the copy's end: {last}");
 }
 
+/// A repair that starts and ends while a checkpoint is in flight makes that checkpoint
+/// stale for its group: the checkpoint's batch (made before the repair) must not delete
+/// the repair's recovery record (found in review).
+#[test]
+fn a_repair_during_a_checkpoint_keeps_its_recovery_record() {
+    let mut h = Harness::new(3, None);
+    let (_, f, point) = follower_recovering(&mut h);
+    assert!(h.node(f).core.catch_up_done(G, point, point).unwrap());
+    let plan = h.node(f).core.checkpoint_begin(|_| false).unwrap().unwrap();
+    h.node(f).core.corrupted(V).unwrap();
+    let again = h.node(f).core.recovering(G).expect("the repair copies blocks");
+    assert!(h.node(f).core.catch_up_done(G, again, again).unwrap());
+    h.node(f).core.checkpoint_end(plan, Vec::new()).unwrap();
+    assert!(
+        h.node(f).log.get(&recovering_key(G)).unwrap().is_some(),
+        "the repair's record goes with a checkpoint made after it, not before"
+    );
+    let plan = h.node(f).core.checkpoint_begin(|_| false).unwrap().unwrap();
+    h.node(f).core.checkpoint_end(plan, Vec::new()).unwrap();
+    assert!(h.node(f).log.get(&recovering_key(G)).unwrap().is_none());
+}
+
 #[test]
 fn the_negative_control_accepts_a_stale_block_copy() {
     let mut h = Harness::new(3, Some(CoreBug::AcceptStaleCatchUp));
