@@ -35,9 +35,9 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::history::{FaultRecord, History, Op, OpRecord, Seen, Violation};
 #[cfg(test)]
 use crate::history::{FailoverEvent, LagSample};
+use crate::history::{FaultRecord, History, Op, OpRecord, Seen, Violation};
 
 /// The `conn` of the reads of the final verification (every block read once after the
 /// workload stopped and the cluster healed). Kept here so that the checker, which gives those
@@ -202,13 +202,20 @@ pub fn failover_view(history: &History) -> (Option<Vec<OpRecord>>, Vec<Violation
         };
         // Old-generation acknowledged writes, per block, before any lost ones are marked.
         let mut acked: HashMap<u64, Vec<(u64, u64)>> = HashMap::new();
-        for op in ops.iter().filter(|o| old(o) && o.ok() && o.end_us <= f.serving_us) {
+        for op in ops
+            .iter()
+            .filter(|o| old(o) && o.ok() && o.end_us <= f.serving_us)
+        {
             if let Op::Write { block, version } = op.op {
                 acked.entry(block).or_default().push((op.end_us, version));
             }
         }
         let present: HashMap<u64, u64> = f.present.iter().copied().collect();
-        let after = if f.lossless { None } else { Some(f.after_us.unwrap_or(0)) };
+        let after = if f.lossless {
+            None
+        } else {
+            Some(f.after_us.unwrap_or(0))
+        };
         for (block, ws) in &acked {
             let Some(&have) = present.get(block) else {
                 continue;
@@ -263,7 +270,10 @@ pub fn failover_view(history: &History) -> (Option<Vec<OpRecord>>, Vec<Violation
             }
         }
         let rejoined = f.rejoined_us.unwrap_or(u64::MAX);
-        for op in ops.iter_mut().filter(|o| old(o) && o.ok() && o.end_us <= rejoined) {
+        for op in ops
+            .iter_mut()
+            .filter(|o| old(o) && o.ok() && o.end_us <= rejoined)
+        {
             let Op::Write { .. } = op.op else { continue };
             if op.end_us > f.serving_us {
                 violations.push(Violation {
@@ -280,7 +290,8 @@ pub fn failover_view(history: &History) -> (Option<Vec<OpRecord>>, Vec<Violation
                 });
                 op.error = Some("acknowledged by a fenced generation".into());
             } else if after.is_some_and(|a| op.end_us > a) {
-                op.error = Some("acknowledged after the failover's stated time: may be lost".into());
+                op.error =
+                    Some("acknowledged after the failover's stated time: may be lost".into());
             }
         }
     }

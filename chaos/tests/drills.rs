@@ -104,12 +104,23 @@ fn site_loss_drill_fails_over_and_back_within_the_stated_loss() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("site-loss");
     let (code, r) = drill_from(
-        &["--scenario", "site-loss", "--seed", "3", "--duration", "12s"],
+        &[
+            "--scenario",
+            "site-loss",
+            "--seed",
+            "3",
+            "--duration",
+            "12s",
+        ],
         &out,
         24500,
     );
     let violations = r["violations"].as_array().expect("violations listed");
-    assert!(violations.is_empty(), "{}", serde_json::to_string_pretty(violations).unwrap());
+    assert!(
+        violations.is_empty(),
+        "{}",
+        serde_json::to_string_pretty(violations).unwrap()
+    );
     assert_eq!(code, 0);
     let failovers = r["faults"]
         .as_array()
@@ -119,7 +130,10 @@ fn site_loss_drill_fails_over_and_back_within_the_stated_loss() {
         .count();
     assert!(failovers >= 1, "{r}");
     let history = std::fs::read_to_string(out.join("history.jsonl")).unwrap();
-    assert!(history.contains("\"type\":\"failover\""), "the failover is on record");
+    assert!(
+        history.contains("\"type\":\"failover\""),
+        "the failover is on record"
+    );
 }
 
 /// The split-brain drill passes; with the nodes answering without their lease (the
@@ -130,12 +144,23 @@ fn split_brain_drill_passes_and_its_negative_control_is_caught() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("split-brain");
     let (code, r) = drill_from(
-        &["--scenario", "split-brain", "--seed", "3", "--duration", "12s"],
+        &[
+            "--scenario",
+            "split-brain",
+            "--seed",
+            "3",
+            "--duration",
+            "12s",
+        ],
         &out,
         26500,
     );
     let violations = r["violations"].as_array().expect("violations listed");
-    assert!(violations.is_empty(), "{}", serde_json::to_string_pretty(violations).unwrap());
+    assert!(
+        violations.is_empty(),
+        "{}",
+        serde_json::to_string_pretty(violations).unwrap()
+    );
     assert_eq!(code, 0);
     let out = dir.path().join("split-brain-no-lease");
     let (code, r) = drill_from(
@@ -154,7 +179,9 @@ fn split_brain_drill_passes_and_its_negative_control_is_caught() {
     );
     let violations = r["violations"].as_array().unwrap();
     assert!(
-        violations.iter().any(|v| v["kind"] == "acked_by_fenced_generation"),
+        violations
+            .iter()
+            .any(|v| v["kind"] == "acked_by_fenced_generation"),
         "the checker missed a home acknowledging after its failover: {r}"
     );
     assert_eq!(code, 1);

@@ -126,7 +126,13 @@ fn missing(addr: &str, export: &str, want: &BTreeMap<u64, u64>) -> Vec<(u64, u64
 fn a_lost_home_fails_over_stating_its_loss_and_a_site_durable_volume_loses_nothing() {
     let (_dir, mut c) = start(&[("vn", 64 * MIB)], 26000);
     admin(&c, 1)
-        .create_volume("vs", 64 * MIB, Some(3), Some("osaka"), Some(Durability::Site))
+        .create_volume(
+            "vs",
+            64 * MIB,
+            Some(3),
+            Some("osaka"),
+            Some(Durability::Site),
+        )
         .unwrap();
     wait_until("vs to elect a leader", 60, || {
         volume(&c, 1, "vs")["leader"].as_u64()
@@ -139,7 +145,12 @@ fn a_lost_home_fails_over_stating_its_loss_and_a_site_durable_volume_loses_nothi
     // Osaka's links to the other sites hold what it sends: the other sites fall behind
     // while osaka's quorum goes on acknowledging durability=node writes.
     for to in ["hokkaido", "fukuoka"] {
-        wan(&c, "PUT", &format!("/v1/links/osaka/{to}"), r#"{"partition":"hold"}"#);
+        wan(
+            &c,
+            "PUT",
+            &format!("/v1/links/osaka/{to}"),
+            r#"{"partition":"hold"}"#,
+        );
     }
     let held = wn.acked().len();
     wait_until("writes acknowledged while the links hold", 60, || {
@@ -179,7 +190,9 @@ fn a_lost_home_fails_over_stating_its_loss_and_a_site_durable_volume_loses_nothi
     let id = plan["plan"].as_str().unwrap();
     let refused = admin(&c, 4).failover_execute(id, false);
     assert!(
-        refused.as_ref().is_err_and(|e| e.to_string().contains("accept-data-loss")),
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("accept-data-loss")),
         "{refused:?}"
     );
     let done = admin(&c, 4).failover_execute(id, true).unwrap();
@@ -210,8 +223,14 @@ fn a_lost_home_fails_over_stating_its_loss_and_a_site_durable_volume_loses_nothi
         .iter()
         .filter(|a| present[a.block as usize] < a.version)
         .collect();
-    let lag_entries = lag_h["entries"].as_u64().unwrap().max(lag_f["entries"].as_u64().unwrap());
-    let lag_secs = lag_h["seconds"].as_f64().unwrap().max(lag_f["seconds"].as_f64().unwrap());
+    let lag_entries = lag_h["entries"]
+        .as_u64()
+        .unwrap()
+        .max(lag_f["entries"].as_u64().unwrap());
+    let lag_secs = lag_h["seconds"]
+        .as_f64()
+        .unwrap()
+        .max(lag_f["seconds"].as_f64().unwrap());
     let oldest_lost = lost.iter().map(|a| a.at_ms).min();
     eprintln!(
         "vn lost {} acknowledged writes (oldest acknowledged at {oldest_lost:?}, stated time {after}); \
@@ -219,7 +238,10 @@ fn a_lost_home_fails_over_stating_its_loss_and_a_site_durable_volume_loses_nothi
         lost.len(),
         vn["rpo"]["text"]
     );
-    assert!(!lost.is_empty(), "the held links made the other sites lag: something is lost");
+    assert!(
+        !lost.is_empty(),
+        "the held links made the other sites lag: something is lost"
+    );
     assert!(
         lost.len() as u64 <= lag_entries,
         "{} writes lost, more than the {lag_entries} entries reported",
@@ -230,7 +252,10 @@ fn a_lost_home_fails_over_stating_its_loss_and_a_site_durable_volume_loses_nothi
         "a write lost was older than the reported lag ({lag_secs} s before {sampled_at})"
     );
     let _ = killed_at;
-    assert!(oldest_lost.unwrap() >= after, "a write lost was acknowledged before the stated time");
+    assert!(
+        oldest_lost.unwrap() >= after,
+        "a write lost was acknowledged before the stated time"
+    );
     // Writes go on at the new home.
     let mut conn = NbdConn::connect(&nbd(&c, 5), "vn", Duration::from_secs(60)).unwrap();
     conn.write(0, &block_data(0, 1 << 40)).unwrap();
@@ -245,9 +270,16 @@ fn wire_bytes_to(c: &Cluster, site: &str) -> u64 {
         let Ok(m) = AdminClient::with_timeout(&n.admin, Duration::from_secs(5)).metrics() else {
             continue;
         };
-        for line in m.lines().filter(|l| l.starts_with("roamdisk_link_wire_bytes_total")) {
+        for line in m
+            .lines()
+            .filter(|l| l.starts_with("roamdisk_link_wire_bytes_total"))
+        {
             if line.contains(&format!("site=\"{site}\"")) {
-                total += line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) as u64;
+                total += line
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0) as u64;
             }
         }
     }
@@ -274,16 +306,31 @@ fn a_cut_off_home_is_fenced_its_divergent_writes_are_kept_and_it_resyncs_increme
             .then_some(())
     });
     let mut w = Writer::spawn(nbd(&c, 1), "vm1", 256, 100);
-    wait_until("the osaka writer", 30, || (w.acked().len() > 200).then_some(()));
-    for (a, b) in [("osaka", "hokkaido"), ("hokkaido", "osaka"), ("osaka", "fukuoka"), ("fukuoka", "osaka")] {
-        wan(&c, "PUT", &format!("/v1/links/{a}/{b}"), r#"{"partition":"drop"}"#);
+    wait_until("the osaka writer", 30, || {
+        (w.acked().len() > 200).then_some(())
+    });
+    for (a, b) in [
+        ("osaka", "hokkaido"),
+        ("hokkaido", "osaka"),
+        ("osaka", "fukuoka"),
+        ("fukuoka", "osaka"),
+    ] {
+        wan(
+            &c,
+            "PUT",
+            &format!("/v1/links/{a}/{b}"),
+            r#"{"partition":"drop"}"#,
+        );
     }
     let cut_at = unix_ms();
     // Within its lease osaka may go on; then its leader holds every answer.
     let suspended_at = wait_until("osaka's leader to suspend its answers", 30, || {
         (volume(&c, 1, "vm1")["suspended"] == true).then(unix_ms)
     });
-    eprintln!("osaka suspended its answers {} ms after the cut", suspended_at - cut_at);
+    eprintln!(
+        "osaka suspended its answers {} ms after the cut",
+        suspended_at - cut_at
+    );
     assert!(
         suspended_at < cut_at + 4_000 + 2_000,
         "osaka still answered {} ms after the cut, beyond its 4 s lease",
@@ -297,7 +344,10 @@ fn a_cut_off_home_is_fenced_its_divergent_writes_are_kept_and_it_resyncs_increme
     let v = until_serving(&c, 4, "vm1");
     let serving_after = unix_ms() - executed_at;
     eprintln!("first answer at the new home {serving_after} ms after execute");
-    assert!(serving_after >= 4_000, "the new home waited out the old lease");
+    assert!(
+        serving_after >= 4_000,
+        "the new home waited out the old lease"
+    );
     // The new home writes blocks the old one did not.
     let mut conn = NbdConn::connect(&nbd(&c, 5), "vm1", Duration::from_secs(60)).unwrap();
     for b in 1000..1064 {
@@ -311,7 +361,11 @@ fn a_cut_off_home_is_fenced_its_divergent_writes_are_kept_and_it_resyncs_increme
         let v = volume(&c, 4, "vm1");
         (v["divergent"].as_array()?.len() == 3).then_some(())
     });
-    let late: Vec<_> = w.acked().into_iter().filter(|a| a.at_ms > suspended_at).collect();
+    let late: Vec<_> = w
+        .acked()
+        .into_iter()
+        .filter(|a| a.at_ms > suspended_at)
+        .collect();
     assert!(
         late.is_empty(),
         "osaka acknowledged writes after it suspended (the failover ran at {executed_at}): {late:?}"
@@ -328,7 +382,11 @@ fn a_cut_off_home_is_fenced_its_divergent_writes_are_kept_and_it_resyncs_increme
     });
     let reps = d["replicas"].as_array().unwrap();
     assert_eq!(reps.len(), 3);
-    let writes: u64 = reps.iter().map(|r| r["writes"].as_u64().unwrap()).max().unwrap();
+    let writes: u64 = reps
+        .iter()
+        .map(|r| r["writes"].as_u64().unwrap())
+        .max()
+        .unwrap();
     assert!(writes > 0, "osaka's writes after the divergence point: {d}");
     let image = dir.path().join("divergent.img");
     let a1 = admin(&c, 1);
@@ -339,7 +397,11 @@ fn a_cut_off_home_is_fenced_its_divergent_writes_are_kept_and_it_resyncs_increme
     admin(&c, 4).discard_divergent("vm1", None).unwrap();
     wait_until("osaka's replicas back as whole learners", 120, || {
         let v = volume(&c, 4, "vm1");
-        let learners: Vec<u64> = v["learners"].as_array()?.iter().filter_map(Value::as_u64).collect();
+        let learners: Vec<u64> = v["learners"]
+            .as_array()?
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect();
         let all_in = [1, 2, 3].iter().all(|n| learners.contains(n));
         let caught_up = [1u64, 2, 3].iter().all(|n| {
             c.manifest().nodes().find(|x| x.id == *n).is_some_and(|x| {
@@ -347,9 +409,11 @@ fn a_cut_off_home_is_fenced_its_divergent_writes_are_kept_and_it_resyncs_increme
                     .status()
                     .ok()
                     .and_then(|st| {
-                        st["groups"].as_array()?.iter().find(|g| g["group"] == v["id"]).map(|g| {
-                            g["recovering"] == false && g["fenced"] == false
-                        })
+                        st["groups"]
+                            .as_array()?
+                            .iter()
+                            .find(|g| g["group"] == v["id"])
+                            .map(|g| g["recovering"] == false && g["fenced"] == false)
                     })
                     .unwrap_or(false)
             })
@@ -357,7 +421,10 @@ fn a_cut_off_home_is_fenced_its_divergent_writes_are_kept_and_it_resyncs_increme
         (all_in && caught_up).then_some(())
     });
     let resync = wire_bytes_to(&c, "osaka") - before;
-    eprintln!("resync after discard: {resync} bytes on the wire to osaka ({:.1} % of the volume)", 100.0 * resync as f64 / (VOLUME_MIB * MIB) as f64);
+    eprintln!(
+        "resync after discard: {resync} bytes on the wire to osaka ({:.1} % of the volume)",
+        100.0 * resync as f64 / (VOLUME_MIB * MIB) as f64
+    );
     assert!(resync < VOLUME_MIB * MIB / 4, "resync sent {resync} bytes");
     // A move back copies nothing in bulk.
     let before = wire_bytes_to(&c, "osaka");
@@ -368,12 +435,18 @@ fn a_cut_off_home_is_fenced_its_divergent_writes_are_kept_and_it_resyncs_increme
     });
     let moved = wire_bytes_to(&c, "osaka") - before;
     eprintln!("move back: {moved} bytes on the wire to osaka");
-    assert!(moved < VOLUME_MIB * MIB / 8, "the move back sent {moved} bytes");
+    assert!(
+        moved < VOLUME_MIB * MIB / 8,
+        "the move back sent {moved} bytes"
+    );
     let _ = v;
     // Every replica agrees.
-    let r = AdminClient::with_timeout(&c.manifest().nodes().next().unwrap().admin, Duration::from_secs(300))
-        .verify_volume("vm1", false)
-        .unwrap();
+    let r = AdminClient::with_timeout(
+        &c.manifest().nodes().next().unwrap().admin,
+        Duration::from_secs(300),
+    )
+    .verify_volume("vm1", false)
+    .unwrap();
     assert_eq!(r["differing_blocks"], 0, "{r}");
 }
 
@@ -386,8 +459,14 @@ fn a_cut_off_site_durable_volume_suspends_or_degrades_as_its_policy_says() {
         ("vsus", OnNoSite::Suspend),
         ("vdeg", OnNoSite::DegradeAfter { ms: 5000 }),
     ] {
-        a.create_volume(name, 16 * MIB, Some(3), Some("osaka"), Some(Durability::Site))
-            .unwrap();
+        a.create_volume(
+            name,
+            16 * MIB,
+            Some(3),
+            Some("osaka"),
+            Some(Durability::Site),
+        )
+        .unwrap();
         a.set_policy(name, policy).unwrap();
         wait_until(&format!("{name} to elect a leader"), 60, || {
             volume(&c, 1, name)["leader"].as_u64()
@@ -398,8 +477,18 @@ fn a_cut_off_site_durable_volume_suspends_or_degrades_as_its_policy_says() {
     wait_until("both writers", 60, || {
         (ws.acked().len() > 50 && wd.acked().len() > 50).then_some(())
     });
-    for (x, y) in [("osaka", "hokkaido"), ("hokkaido", "osaka"), ("osaka", "fukuoka"), ("fukuoka", "osaka")] {
-        wan(&c, "PUT", &format!("/v1/links/{x}/{y}"), r#"{"partition":"drop"}"#);
+    for (x, y) in [
+        ("osaka", "hokkaido"),
+        ("hokkaido", "osaka"),
+        ("osaka", "fukuoka"),
+        ("fukuoka", "osaka"),
+    ] {
+        wan(
+            &c,
+            "PUT",
+            &format!("/v1/links/{x}/{y}"),
+            r#"{"partition":"drop"}"#,
+        );
     }
     let cut_at = unix_ms();
     // The degrading volume goes on after its 5 s, reported as degraded.
@@ -407,20 +496,41 @@ fn a_cut_off_site_durable_volume_suspends_or_degrades_as_its_policy_says() {
         (volume(&c, 1, "vdeg")["degraded"] == true).then_some(())
     });
     let resumed = wait_until("vdeg's writer to go on", 30, || {
-        wd.acked().iter().find(|x| x.at_ms > cut_at + 5000).map(|x| x.at_ms)
+        wd.acked()
+            .iter()
+            .find(|x| x.at_ms > cut_at + 5000)
+            .map(|x| x.at_ms)
     });
     eprintln!("vdeg went on {} ms after the cut", resumed - cut_at);
     let st = a.status().unwrap();
-    let vdeg = st["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "vdeg").unwrap().clone();
+    let vdeg = st["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "vdeg")
+        .unwrap()
+        .clone();
     assert_eq!(vdeg["degraded"], true, "{vdeg}");
-    let rpo = vdeg["site_lag"].as_array().unwrap().iter().map(|l| l["seconds"].as_f64().unwrap()).fold(0.0, f64::max);
+    let rpo = vdeg["site_lag"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["seconds"].as_f64().unwrap())
+        .fold(0.0, f64::max);
     eprintln!("vdeg degraded, RPO {rpo:.1} s");
     assert!(rpo > 1.0, "the degraded volume's RPO grows: {vdeg}");
     // The suspending one acknowledged nothing since the cut, and failed nothing.
     let acked_s = ws.acked();
     let late = acked_s.iter().filter(|x| x.at_ms > cut_at + 500).count();
-    assert_eq!(late, 0, "vsus acknowledged {late} writes with no other site");
-    assert_eq!(ws.errors.load(Ordering::Relaxed), 0, "vsus's writes wait, they do not fail");
+    assert_eq!(
+        late, 0,
+        "vsus acknowledged {late} writes with no other site"
+    );
+    assert_eq!(
+        ws.errors.load(Ordering::Relaxed),
+        0,
+        "vsus's writes wait, they do not fail"
+    );
     // Healed: vsus resumes, vdeg is site-durable again once a remote replica caught up.
     wan(&c, "POST", "/v1/heal", "");
     let healed_at = unix_ms();

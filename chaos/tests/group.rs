@@ -98,7 +98,12 @@ fn versions(addr: &str, export: &str, blocks: u64) -> Vec<u64> {
 /// found in either, every block holds exactly the newest write up to C that covered it.
 /// Returns the first block that breaks the cut.
 fn broken_cut(sent: &[Sent], found: [&[u64]; 2]) -> Option<String> {
-    let cut = found.iter().flat_map(|v| v.iter()).copied().max().unwrap_or(0);
+    let cut = found
+        .iter()
+        .flat_map(|v| v.iter())
+        .copied()
+        .max()
+        .unwrap_or(0);
     let mut want: [BTreeMap<u64, u64>; 2] = Default::default();
     for s in sent.iter().filter(|s| s.seq <= cut) {
         for b in s.first..s.first + s.blocks {
@@ -163,7 +168,8 @@ fn one_seed(seed: u64) -> (Outcome, Outcome) {
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     let after = 100 + (x ^ (x >> 31)) % 600;
     wait_until("the writers to reach the seeded moment", 120, || {
-        (sg.lock().unwrap().len() as u64 >= 2 * after && sc.lock().unwrap().len() as u64 >= 2 * after)
+        (sg.lock().unwrap().len() as u64 >= 2 * after
+            && sc.lock().unwrap().len() as u64 >= 2 * after)
             .then_some(())
     });
     for id in [1, 2, 3] {
@@ -175,7 +181,12 @@ fn one_seed(seed: u64) -> (Outcome, Outcome) {
     // A volume whose every surviving replica is mid-copy, or holds copied blocks newer
     // than its log, has no state to fail over to: the plan refuses it (and says so).
     let planned = |name: &str| {
-        plan["volumes"].as_array().unwrap().iter().find(|v| v["name"] == name).cloned()
+        plan["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .cloned()
     };
     for r in plan["refused"].as_array().unwrap() {
         eprintln!("seed {seed}: refused {r}");
@@ -200,7 +211,10 @@ fn one_seed(seed: u64) -> (Outcome, Outcome) {
         for n in names {
             until_serving(&c, 4, if n == "a" || n == "b" { "g" } else { n });
         }
-        let (x, y) = (versions(&at, names[0], blocks[0]), versions(&at, names[1], blocks[1]));
+        let (x, y) = (
+            versions(&at, names[0], blocks[0]),
+            versions(&at, names[1], blocks[1]),
+        );
         match broken_cut(&sent.lock().unwrap(), [&x, &y]) {
             Some(why) => Outcome::Broken(why),
             None => Outcome::OneCut,
@@ -208,7 +222,9 @@ fn one_seed(seed: u64) -> (Outcome, Outcome) {
     };
     let group = check(["a", "b"], [BIG_BLOCKS, SMALL_BLOCKS], &sg);
     let control = check(["c", "d"], [BIG_BLOCKS, SMALL_BLOCKS], &sc);
-    eprintln!("seed {seed}: killed after {after} writes per pair; group: {group:?}; control: {control:?}");
+    eprintln!(
+        "seed {seed}: killed after {after} writes per pair; group: {group:?}; control: {control:?}"
+    );
     (group, control)
 }
 
@@ -244,7 +260,10 @@ fn a_group_fails_over_to_one_cut_and_separate_volumes_do_not() {
         "{seeds} seeds: the group failed over to one cut in {group_checked} (no whole replica in the others); \
          the control broke in {control_broken}"
     );
-    assert!(group_checked > 0, "the group never failed over: nothing was checked");
+    assert!(
+        group_checked > 0,
+        "the group never failed over: nothing was checked"
+    );
     assert!(
         control_broken > 0,
         "the negative control (the same volumes, not grouped) never broke: the test cannot tell"
@@ -265,6 +284,12 @@ fn the_cut_check_catches_a_volume_ahead_of_the_other() {
     assert_eq!(broken_cut(&sent, [&[3], &[4]]), None);
     assert_eq!(broken_cut(&sent, [&[3], &[2]]), None);
     assert_eq!(broken_cut(&sent, [&[0], &[0]]), None);
-    assert!(broken_cut(&sent, [&[1], &[4]]).is_some(), "small ahead of big");
-    assert!(broken_cut(&sent, [&[0], &[2]]).is_some(), "small without the big before it");
+    assert!(
+        broken_cut(&sent, [&[1], &[4]]).is_some(),
+        "small ahead of big"
+    );
+    assert!(
+        broken_cut(&sent, [&[0], &[2]]).is_some(),
+        "small without the big before it"
+    );
 }

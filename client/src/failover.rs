@@ -36,7 +36,10 @@ fn print_plan(p: &Value) {
             v["home"].as_str().unwrap_or("?"),
             v["heard_from_home_ms_ago"]
                 .as_u64()
-                .map_or("never".into(), |ms| format!("{:.1} s ago", ms as f64 / 1000.0)),
+                .map_or("never".into(), |ms| format!(
+                    "{:.1} s ago",
+                    ms as f64 / 1000.0
+                )),
         );
         println!("    loss: {}", v["rpo"]["text"].as_str().unwrap_or("?"));
         if v["home_reachable"] == true {
@@ -180,8 +183,15 @@ pub fn divergent(
         let pick = replicas
             .iter()
             .find(|x| node.is_none_or(|n| x["node"].as_u64() == Some(n)))
-            .with_context(|| format!("volume {name} has no divergent replica{}", node.map(|n| format!(" on node {n}")).unwrap_or_default()))?;
-        let admin = pick["admin"].as_str().context("the fenced node's admin address")?;
+            .with_context(|| {
+                format!(
+                    "volume {name} has no divergent replica{}",
+                    node.map(|n| format!(" on node {n}")).unwrap_or_default()
+                )
+            })?;
+        let admin = pick["admin"]
+            .as_str()
+            .context("the fenced node's admin address")?;
         let at = AdminClient::with_timeout(admin, Duration::from_secs(3600));
         let data = at.divergent_image(name, path)?;
         if !json {

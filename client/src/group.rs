@@ -120,7 +120,11 @@ pub fn run(client: &AdminClient, cmd: GroupCmd, json: bool) -> Result<()> {
             if json {
                 return print_json(&g);
             }
-            println!("added {n} ({}) to group {}", format_size(size), volume_line(&g));
+            println!(
+                "added {n} ({}) to group {}",
+                format_size(size),
+                volume_line(&g)
+            );
             print_members(&g, "  ");
         }
     }

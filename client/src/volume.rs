@@ -228,13 +228,7 @@ pub fn run(client: &AdminClient, cmd: VolumeCmd, json: bool) -> Result<()> {
             let started = Instant::now();
             let mut v = client.move_volume(&name, &to)?;
             if wait {
-                v = wait_for_move(
-                    &client,
-                    &name,
-                    &to,
-                    Duration::from_secs(timeout_secs),
-                    json,
-                )?;
+                v = wait_for_move(&client, &name, &to, Duration::from_secs(timeout_secs), json)?;
             }
             if json {
                 return print_json(&v);

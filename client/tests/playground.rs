@@ -188,14 +188,24 @@ fn playground_serves_a_volume_that_qemu_img_converts_into() {
             .args(args))
     };
     let g: serde_json::Value = serde_json::from_str(&cli(&[
-        "--json", "group", "create", "vmg", "--volumes", "boot:8M,data:16M", "--home", "osaka",
+        "--json",
+        "group",
+        "create",
+        "vmg",
+        "--volumes",
+        "boot:8M,data:16M",
+        "--home",
+        "osaka",
     ]))
     .unwrap();
     assert_eq!(g["members"][1]["name"], "data", "{g:#}");
     assert_eq!(g["members"][1]["offset"], 8 << 20);
     cli(&["volume", "create", "logs", "--size", "4M", "--group", "vmg"]);
     let shown = cli(&["group", "show", "vmg"]);
-    assert!(shown.contains("consistency group of boot") && shown.contains("logs"), "{shown}");
+    assert!(
+        shown.contains("consistency group of boot") && shown.contains("logs"),
+        "{shown}"
+    );
     let uri = |node: usize, export: &str| {
         let n = m.sites[node / 3].nodes[node % 3].nbd.clone();
         format!("nbd://{n}/{export}")
@@ -222,9 +232,20 @@ fn playground_serves_a_volume_that_qemu_img_converts_into() {
         .arg(uri(0, "vmg"))
         .output()
         .unwrap();
-    assert!(!group_export.status.success(), "a group's own name is no export");
+    assert!(
+        !group_export.status.success(),
+        "a group's own name is no export"
+    );
     let alone = Command::new(env!("CARGO_BIN_EXE_roamdisk"))
-        .args(["--cluster", admin, "volume", "move", "data", "--to", "fukuoka"])
+        .args([
+            "--cluster",
+            admin,
+            "volume",
+            "move",
+            "data",
+            "--to",
+            "fukuoka",
+        ])
         .output()
         .unwrap();
     assert!(

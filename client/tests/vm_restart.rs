@@ -37,20 +37,38 @@ fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -
         if let Some(v) = f() {
             return v;
         }
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 /// Boots a guest at `nbd` that checks the disk against `nonce` up to `upto`; returns
 /// its `RESTART` line's (ok, bad, ioerr, newer).
-fn restart_check(files: &VmFiles, dir: &std::path::Path, nbd: &str, nonce: &str, upto: u64) -> [u64; 4] {
+fn restart_check(
+    files: &VmFiles,
+    dir: &std::path::Path,
+    nbd: &str,
+    nonce: &str,
+    upto: u64,
+) -> [u64; 4] {
     static BOOTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let name = ["R1", "R2", "R3"][BOOTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 3];
-    let mut r = start_vm_with(name, files, dir, nbd, None, &format!("roamdisk.restart={nonce}:{upto}"));
-    let line = r.console.wait("the restarted guest's check", BOOT + STEP, |l| {
-        l.starts_with("RESTART ").then(|| l.to_owned())
-    });
+    let mut r = start_vm_with(
+        name,
+        files,
+        dir,
+        nbd,
+        None,
+        &format!("roamdisk.restart={nonce}:{upto}"),
+    );
+    let line = r
+        .console
+        .wait("the restarted guest's check", BOOT + STEP, |l| {
+            l.starts_with("RESTART ").then(|| l.to_owned())
+        });
     ["ok", "bad", "ioerr", "newer"].map(|k| num(&line, k) as u64)
 }
 
@@ -64,7 +82,8 @@ fn a_vm_restarts_at_another_site_after_its_home_is_lost_with_every_flushed_block
         nodes_per_site: 2,
         volumes: vec![],
         base_port: free_base_port(6, 27000),
-        node_bin: std::path::Path::new(env!("CARGO_BIN_EXE_roamdisk")).with_file_name("roamdisk-node"),
+        node_bin: std::path::Path::new(env!("CARGO_BIN_EXE_roamdisk"))
+            .with_file_name("roamdisk-node"),
         wan: "sinet5".parse().unwrap(),
         node_env: vec![],
     })
@@ -72,7 +91,13 @@ fn a_vm_restarts_at_another_site_after_its_home_is_lost_with_every_flushed_block
     let m = c.manifest().clone();
     let (osaka, hokkaido) = (&m.sites[0].nodes, &m.sites[1].nodes);
     admin(&osaka[0].admin)
-        .create_volume("vm", VOLUME_BYTES, Some(2), Some("osaka"), Some(Durability::Node))
+        .create_volume(
+            "vm",
+            VOLUME_BYTES,
+            Some(2),
+            Some("osaka"),
+            Some(Durability::Node),
+        )
         .unwrap();
     wait_for("the volume to elect a leader", STEP, || {
         admin(&osaka[0].admin).volume("vm").ok()?["leader"].as_u64()
@@ -81,11 +106,16 @@ fn a_vm_restarts_at_another_site_after_its_home_is_lost_with_every_flushed_block
     // The guest writes at home.
     let mut a = start_vm("A", &files, dir.path(), &osaka[0].nbd, None);
     let nonce = a.console.wait("the guest to start writing", BOOT, |l| {
-        l.starts_with("GUEST start").then(|| field(l, "nonce").unwrap().to_owned())
+        l.starts_with("GUEST start")
+            .then(|| field(l, "nonce").unwrap().to_owned())
     });
     a.console.wait_writes(WRITES_BEFORE_LOSS);
     let wrote = std::sync::Arc::clone(&a.console.wrote);
-    assert!(a.console.ioerr.is_empty(), "the guest saw I/O errors at home: {:?}", a.console.ioerr);
+    assert!(
+        a.console.ioerr.is_empty(),
+        "the guest saw I/O errors at home: {:?}",
+        a.console.ioerr
+    );
 
     // Osaka is destroyed: the VM with it, then its nodes.
     drop(a);
@@ -105,10 +135,12 @@ fn a_vm_restarts_at_another_site_after_its_home_is_lost_with_every_flushed_block
         v["rpo"]["after_unix_ms"].as_u64().unwrap_or(0)
     };
     eprintln!("plan: {}", v["rpo"]["text"]);
-    h.failover_execute(plan["plan"].as_str().unwrap(), true).unwrap();
+    h.failover_execute(plan["plan"].as_str().unwrap(), true)
+        .unwrap();
     wait_for("the volume to answer at hokkaido", STEP, || {
         let v = h.volume("vm").ok()?;
-        (v["leader"].is_u64() && v["suspended"] == false && v["epoch"].as_u64() > Some(0)).then_some(())
+        (v["leader"].is_u64() && v["suspended"] == false && v["epoch"].as_u64() > Some(0))
+            .then_some(())
     });
 
     // What the guest had flushed before the stated time: a WROTE line is printed after
@@ -124,10 +156,14 @@ fn a_vm_restarts_at_another_site_after_its_home_is_lost_with_every_flushed_block
     eprintln!(
         "the guest had written {written} blocks (last WROTE line) and flushed {flushed} before the stated time"
     );
-    assert!(flushed >= 16, "nothing flushed before the stated time: the test checks nothing");
+    assert!(
+        flushed >= 16,
+        "nothing flushed before the stated time: the test checks nothing"
+    );
 
     // A fresh VM at hokkaido on the promoted volume.
-    let [ok, bad, ioerr, newer] = restart_check(&files, dir.path(), &hokkaido[1].nbd, &nonce, flushed);
+    let [ok, bad, ioerr, newer] =
+        restart_check(&files, dir.path(), &hokkaido[1].nbd, &nonce, flushed);
     eprintln!("restarted at hokkaido: {ok} blocks ok ({newer} hold a write past the mark), {bad} bad, {ioerr} I/O errors");
     assert_eq!((bad, ioerr), (0, 0));
     assert_eq!(ok, VOLUME_BYTES / 4096);
@@ -135,5 +171,8 @@ fn a_vm_restarts_at_another_site_after_its_home_is_lost_with_every_flushed_block
     // block must hold a write it never got.
     let lap = flushed + VOLUME_BYTES / 4096;
     let [_, bad, _, _] = restart_check(&files, dir.path(), &hokkaido[0].nbd, &nonce, lap);
-    assert!(bad > 0, "the check cannot fail: it found no block missing writes that were never made");
+    assert!(
+        bad > 0,
+        "the check cannot fail: it found no block missing writes that were never made"
+    );
 }

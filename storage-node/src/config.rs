@@ -164,7 +164,10 @@ impl NodeConfig {
         }
         self.link_caps()?;
         if self.lease_ms != 0 && self.lease_ms < LEASE_MS_MIN {
-            bail!("lease_ms = {}: must be 0 (off) or at least {LEASE_MS_MIN}", self.lease_ms);
+            bail!(
+                "lease_ms = {}: must be 0 (off) or at least {LEASE_MS_MIN}",
+                self.lease_ms
+            );
         }
         if let Some(j) = &self.join {
             if !j.contains(':') {

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::dedup::{EntryRefs, Hash};
 use roamdisk_core::node::{
-    Ack, Divergence, GroupStatus, Outcome, QuarantineReport, Refused, ReplicaReport, SyncWanted, TailReport,
-    Written,
+    Ack, Divergence, GroupStatus, Outcome, QuarantineReport, Refused, ReplicaReport, SyncWanted,
+    TailReport, Written,
 };
 
 /// The peer protocol's version, sent in `Hello`.

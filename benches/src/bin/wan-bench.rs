@@ -678,9 +678,14 @@ fn wire_bytes_to(m: &Manifest, site: &str) -> u64 {
             continue;
         };
         for line in text.lines().filter(|l| {
-            l.starts_with("roamdisk_link_wire_bytes_total") && l.contains(&format!("site=\"{site}\""))
+            l.starts_with("roamdisk_link_wire_bytes_total")
+                && l.contains(&format!("site=\"{site}\""))
         }) {
-            total += line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            total += line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
         }
     }
     total as u64
@@ -704,7 +709,9 @@ fn failover_row(
     };
     let (osaka, hokkaido) = (node_at("osaka"), node_at("hokkaido"));
     admin.create_volume("fo", 256 << 20, Some(3), Some("osaka"), None)?;
-    wait_until(60, "fo's leader", || admin.volume("fo").ok()?["leader"].as_u64())?;
+    wait_until(60, "fo's leader", || {
+        admin.volume("fo").ok()?["leader"].as_u64()
+    })?;
     eprintln!("[5/5] failover: {DATA_MIB} MiB written at osaka, then osaka cut off");
     fio(&[
         "--name=fill".into(),
@@ -780,7 +787,11 @@ fn failover_row(
         (!reps.is_empty() && reps.iter().all(|r| r.get("error").is_none())).then_some(d)
     })?;
     let reps = d["replicas"].as_array().cloned().unwrap_or_default();
-    let divergent_blocks = reps.iter().filter_map(|r| r["blocks"].as_u64()).max().unwrap_or(0);
+    let divergent_blocks = reps
+        .iter()
+        .filter_map(|r| r["blocks"].as_u64())
+        .max()
+        .unwrap_or(0);
     let complete = reps.iter().all(|r| r["complete"] == true);
     let differ = (divergent_blocks + new_blocks) * 4096;
     let replicas = reps.len() as u64;
@@ -788,8 +799,19 @@ fn failover_row(
     at_hokkaido.discard_divergent("fo", None)?;
     wait_until(300, "osaka's replicas to resync", || {
         let v = at_hokkaido.volume("fo").ok()?;
-        let learners: Vec<u64> = v["learners"].as_array()?.iter().filter_map(Value::as_u64).collect();
-        let osaka_ids: Vec<u64> = m.sites.iter().find(|s| s.name == "osaka")?.nodes.iter().map(|n| n.id).collect();
+        let learners: Vec<u64> = v["learners"]
+            .as_array()?
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect();
+        let osaka_ids: Vec<u64> = m
+            .sites
+            .iter()
+            .find(|s| s.name == "osaka")?
+            .nodes
+            .iter()
+            .map(|n| n.id)
+            .collect();
         let whole = osaka_ids.iter().all(|id| {
             learners.contains(id)
                 && m.nodes().find(|n| n.id == *id).is_some_and(|n| {
@@ -797,9 +819,11 @@ fn failover_row(
                         .status()
                         .ok()
                         .and_then(|st| {
-                            st["groups"].as_array()?.iter().find(|g| g["group"] == v["id"]).map(|g| {
-                                g["recovering"] == false && g["fenced"] == false
-                            })
+                            st["groups"]
+                                .as_array()?
+                                .iter()
+                                .find(|g| g["group"] == v["id"])
+                                .map(|g| g["recovering"] == false && g["fenced"] == false)
                         })
                         .unwrap_or(false)
                 })

@@ -66,7 +66,9 @@ impl Ctx {
             }
         }
         let lost_us = us(self.t0);
-        let admin = self.admin_at(&to).context("no node answers at the failover's site")?;
+        let admin = self
+            .admin_at(&to)
+            .context("no node answers at the failover's site")?;
         let epoch_before = admin.volume(VOLUME)?["epoch"].as_u64().unwrap_or(0);
         let plan = admin.failover_plan(&to, &[VOLUME.to_owned()])?;
         let vp = plan["volumes"]
@@ -162,9 +164,9 @@ impl Ctx {
         let report = loop {
             let r = self.admin_at(&to).and_then(|a| a.divergent(VOLUME).ok());
             if let Some(r) = r.filter(|r| {
-                r["replicas"].as_array().is_some_and(|a| {
-                    !a.is_empty() && a.iter().all(|x| x.get("error").is_none())
-                })
+                r["replicas"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty() && a.iter().all(|x| x.get("error").is_none()))
             }) {
                 break r;
             }
@@ -245,16 +247,21 @@ impl Ctx {
 
     /// Whether node `id`'s replica of the volume is whole (not copying blocks, not fenced).
     fn replica_whole(&mut self, id: u64, v: &Value) -> bool {
-        let Some(n) = self.cluster.manifest().nodes().find(|n| n.id == id).cloned() else {
+        let Some(n) = self
+            .cluster
+            .manifest()
+            .nodes()
+            .find(|n| n.id == id)
+            .cloned()
+        else {
             return false;
         };
         let Ok(st) = AdminClient::with_timeout(&n.admin, Duration::from_secs(5)).status() else {
             return false;
         };
         st["groups"].as_array().is_some_and(|gs| {
-            gs.iter().any(|g| {
-                g["group"] == v["id"] && g["recovering"] == false && g["fenced"] == false
-            })
+            gs.iter()
+                .any(|g| g["group"] == v["id"] && g["recovering"] == false && g["fenced"] == false)
         })
     }
 
@@ -269,7 +276,10 @@ impl Ctx {
         let tag = crate::block::volume_tag(VOLUME);
         let mut out = Vec::new();
         for block in 0..self.blocks + COLD_BLOCKS {
-            let data = conn.read(block * crate::block::BLOCK_SIZE as u64, crate::block::BLOCK_SIZE as u32)?;
+            let data = conn.read(
+                block * crate::block::BLOCK_SIZE as u64,
+                crate::block::BLOCK_SIZE as u32,
+            )?;
             let version = match crate::block::decode(&data, tag, block, self.seed) {
                 crate::history::Seen::Version { version } => version,
                 _ => 0,

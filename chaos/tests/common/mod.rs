@@ -46,7 +46,12 @@ pub fn admin(c: &Cluster, id: u64) -> AdminClient {
 }
 
 pub fn nbd(c: &Cluster, id: u64) -> String {
-    c.manifest().nodes().find(|n| n.id == id).unwrap().nbd.clone()
+    c.manifest()
+        .nodes()
+        .find(|n| n.id == id)
+        .unwrap()
+        .nbd
+        .clone()
 }
 
 pub fn wait_until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
@@ -84,10 +89,13 @@ pub fn version_of(block: u64, data: &[u8]) -> u64 {
     let b = u64::from_be_bytes(data[..8].try_into().unwrap());
     let v = u64::from_be_bytes(data[8..16].try_into().unwrap());
     assert_eq!(b, block, "block {block} holds block {b}'s data");
-    assert_eq!(data, block_data(b, v).as_slice(), "block {block} v{v} is torn");
+    assert_eq!(
+        data,
+        block_data(b, v).as_slice(),
+        "block {block} v{v} is torn"
+    );
     v
 }
-
 
 pub fn volume(c: &Cluster, on: u64, name: &str) -> Value {
     wait_until(&format!("node {on} to show volume {name}"), 30, || {
@@ -118,9 +126,10 @@ pub fn until_serving(c: &Cluster, on: u64, name: &str) -> Value {
 pub fn wan(c: &Cluster, method: &str, path: &str, body: &str) {
     let url = format!("http://{}{path}", c.wan_control().unwrap());
     let r = match method {
-        "PUT" => ureq::put(&url).set("content-type", "application/json").send_string(body),
+        "PUT" => ureq::put(&url)
+            .set("content-type", "application/json")
+            .send_string(body),
         _ => ureq::post(&url).send_string(body),
     };
     r.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
 }
-

@@ -140,7 +140,12 @@ impl Console {
     }
 
     /// Reads lines until `f` returns a value, or panics at the deadline.
-    pub fn wait<T>(&mut self, what: &str, within: Duration, mut f: impl FnMut(&str) -> Option<T>) -> T {
+    pub fn wait<T>(
+        &mut self,
+        what: &str,
+        within: Duration,
+        mut f: impl FnMut(&str) -> Option<T>,
+    ) -> T {
         let deadline = Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());

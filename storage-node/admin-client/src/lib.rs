@@ -226,7 +226,8 @@ impl AdminClient {
     /// Executes a plan made on this same node.
     pub fn failover_execute(&self, plan: &str, accept_data_loss: bool) -> Result<Value> {
         self.call(
-            self.agent.post(&format!("{}/v1/failover/execute", self.base)),
+            self.agent
+                .post(&format!("{}/v1/failover/execute", self.base)),
             Some(serde_json::json!({ "plan": plan, "accept_data_loss": accept_data_loss })),
         )
     }
@@ -255,7 +256,9 @@ impl AdminClient {
                 let v: Value = r.into_json().unwrap_or(Value::Null);
                 bail!(
                     "{code}: {}",
-                    v.get("error").and_then(Value::as_str).unwrap_or("no details")
+                    v.get("error")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no details")
                 );
             }
             Err(e) => return Err(e).context("fetch the divergent image"),
@@ -264,8 +267,8 @@ impl AdminClient {
             .header("content-length")
             .and_then(|v| v.parse().ok())
             .context("the image's length")?;
-        let mut f = std::fs::File::create(out)
-            .with_context(|| format!("create {}", out.display()))?;
+        let mut f =
+            std::fs::File::create(out).with_context(|| format!("create {}", out.display()))?;
         let mut rd = r.into_reader();
         let mut buf = vec![0u8; 1 << 20];
         let mut data = 0u64;
@@ -293,8 +296,10 @@ impl AdminClient {
     /// given) hold: they resync from the volume's current home and become learners.
     pub fn discard_divergent(&self, name: &str, node: Option<u64>) -> Result<Value> {
         self.call(
-            self.agent
-                .post(&format!("{}/v1/volumes/{name}/discard-divergent", self.base)),
+            self.agent.post(&format!(
+                "{}/v1/volumes/{name}/discard-divergent",
+                self.base
+            )),
             Some(serde_json::json!({ "node": node })),
         )
     }

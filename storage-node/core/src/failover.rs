@@ -116,7 +116,14 @@ pub fn plan_volume(
     let best = reports
         .iter()
         .filter(whole)
-        .max_by_key(|r| (r.last_term, r.last_index, site_of(r.node) == to, std::cmp::Reverse(r.node)))
+        .max_by_key(|r| {
+            (
+                r.last_term,
+                r.last_index,
+                site_of(r.node) == to,
+                std::cmp::Reverse(r.node),
+            )
+        })
         .ok_or_else(|| PlanError::NoWholeReplica(v.name.clone()))?;
     let best_at_to = reports
         .iter()
@@ -139,7 +146,10 @@ pub fn plan_volume(
         Some((from, t)) => {
             let missing = t.last.saturating_sub(best.last_index);
             // The lag was the reporting replica's; scale its bytes to what is missing.
-            let behind = t.last.saturating_sub(from.last_index.min(t.last)).max(t.lag.entries);
+            let behind = t
+                .last
+                .saturating_sub(from.last_index.min(t.last))
+                .max(t.lag.entries);
             let bytes = if behind == 0 || missing == 0 {
                 0
             } else {
@@ -295,7 +305,15 @@ mod tests {
 
     fn cluster() -> (ClusterState, VolumeInfo) {
         let mut s = ClusterState::default();
-        for (id, site) in [(1, "osaka"), (2, "osaka"), (3, "osaka"), (4, "hokkaido"), (5, "hokkaido"), (6, "hokkaido"), (7, "fukuoka")] {
+        for (id, site) in [
+            (1, "osaka"),
+            (2, "osaka"),
+            (3, "osaka"),
+            (4, "hokkaido"),
+            (5, "hokkaido"),
+            (6, "hokkaido"),
+            (7, "fukuoka"),
+        ] {
             s.apply(MetaCommand::AddNode(NodeInfo {
                 id: NodeId(id),
                 site: site.into(),
@@ -342,20 +360,52 @@ mod tests {
     #[test]
     fn the_most_advanced_replica_is_chosen_and_its_site_named() {
         let (s, v) = cluster();
-        let hok = *v.learners.iter().find(|n| s.nodes[n].site == "hokkaido").unwrap();
-        let fuk = *v.learners.iter().find(|n| s.nodes[n].site == "fukuoka").unwrap();
+        let hok = *v
+            .learners
+            .iter()
+            .find(|n| s.nodes[n].site == "hokkaido")
+            .unwrap();
+        let fuk = *v
+            .learners
+            .iter()
+            .find(|n| s.nodes[n].site == "fukuoka")
+            .unwrap();
         // Fukuoka is further ahead: chosen, and said so.
-        let p = plan_volume("hokkaido", &v, &s, &[report(hok.0, 3, 90, 88), report(fuk.0, 3, 100, 95)], &[], false).unwrap();
+        let p = plan_volume(
+            "hokkaido",
+            &v,
+            &s,
+            &[report(hok.0, 3, 90, 88), report(fuk.0, 3, 100, 95)],
+            &[],
+            false,
+        )
+        .unwrap();
         assert_eq!(p.node, fuk);
         assert!(p.further_ahead);
         // A higher last term beats a longer log (Raft's order).
-        let p = plan_volume("hokkaido", &v, &s, &[report(hok.0, 4, 80, 80), report(fuk.0, 3, 100, 95)], &[], false).unwrap();
+        let p = plan_volume(
+            "hokkaido",
+            &v,
+            &s,
+            &[report(hok.0, 4, 80, 80), report(fuk.0, 3, 100, 95)],
+            &[],
+            false,
+        )
+        .unwrap();
         assert_eq!(p.node, hok);
         assert!(!p.further_ahead);
         // A replica copying blocks is never chosen; none whole is an error.
         let mut r = report(fuk.0, 5, 200, 200);
         r.recovering = true;
-        let p = plan_volume("hokkaido", &v, &s, &[report(hok.0, 3, 90, 88), r.clone()], &[], false).unwrap();
+        let p = plan_volume(
+            "hokkaido",
+            &v,
+            &s,
+            &[report(hok.0, 3, 90, 88), r.clone()],
+            &[],
+            false,
+        )
+        .unwrap();
         assert_eq!(p.node, hok);
         assert_eq!(
             plan_volume("hokkaido", &v, &s, &[r], &[], false),
@@ -365,17 +415,40 @@ mod tests {
         // states (its log would have to reach 250 to be one).
         let mut r = report(fuk.0, 5, 200, 200);
         r.whole_at = 250;
-        let p = plan_volume("hokkaido", &v, &s, &[report(hok.0, 3, 90, 88), r.clone()], &[], false).unwrap();
+        let p = plan_volume(
+            "hokkaido",
+            &v,
+            &s,
+            &[report(hok.0, 3, 90, 88), r.clone()],
+            &[],
+            false,
+        )
+        .unwrap();
         assert_eq!(p.node, hok);
         r.whole_at = 200;
-        let p = plan_volume("hokkaido", &v, &s, &[report(hok.0, 3, 90, 88), r], &[], false).unwrap();
-        assert_eq!(p.node, fuk, "a log that reaches its copy's end is whole once applied");
+        let p = plan_volume(
+            "hokkaido",
+            &v,
+            &s,
+            &[report(hok.0, 3, 90, 88), r],
+            &[],
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            p.node, fuk,
+            "a log that reaches its copy's end is whole once applied"
+        );
     }
 
     #[test]
     fn the_loss_is_stated_from_the_commit_and_the_last_tail_report() {
         let (s, v) = cluster();
-        let hok = *v.learners.iter().find(|n| s.nodes[n].site == "hokkaido").unwrap();
+        let hok = *v
+            .learners
+            .iter()
+            .find(|n| s.nodes[n].site == "hokkaido")
+            .unwrap();
         let mut r = report(hok.0, 3, 100, 96);
         r.tail = Some(TailReport {
             term: 3,
@@ -390,11 +463,23 @@ mod tests {
         });
         let p = plan_volume("hokkaido", &v, &s, &[r], &[], false).unwrap();
         assert!(!p.lossless, "a durability=node volume is never lossless");
-        assert_eq!(p.rpo.after_unix_ms, Some(1_000_096), "the commit's time, not the last entry's");
+        assert_eq!(
+            p.rpo.after_unix_ms,
+            Some(1_000_096),
+            "the commit's time, not the last entry's"
+        );
         assert_eq!(p.rpo.entries, 40);
-        assert_eq!(p.rpo.bytes, 40 << 20, "the reported lag scaled to what is missing");
+        assert_eq!(
+            p.rpo.bytes,
+            40 << 20,
+            "the reported lag scaled to what is missing"
+        );
         assert!(p.rpo_text.contains("may be lost"), "{}", p.rpo_text);
-        assert!(p.rpo_text.contains("40 entries (40.0 MiB)"), "{}", p.rpo_text);
+        assert!(
+            p.rpo_text.contains("40 entries (40.0 MiB)"),
+            "{}",
+            p.rpo_text
+        );
     }
 
     #[test]
@@ -410,23 +495,57 @@ mod tests {
             })
             .unwrap()
             .unwrap();
-        let hok = *v.learners.iter().find(|n| s.nodes[n].site == "hokkaido").unwrap();
-        let fuk = *v.learners.iter().find(|n| s.nodes[n].site == "fukuoka").unwrap();
-        let p = plan_volume("hokkaido", &v, &s, &[report(hok.0, 3, 90, 90), report(fuk.0, 3, 92, 90)], &[], false).unwrap();
+        let hok = *v
+            .learners
+            .iter()
+            .find(|n| s.nodes[n].site == "hokkaido")
+            .unwrap();
+        let fuk = *v
+            .learners
+            .iter()
+            .find(|n| s.nodes[n].site == "fukuoka")
+            .unwrap();
+        let p = plan_volume(
+            "hokkaido",
+            &v,
+            &s,
+            &[report(hok.0, 3, 90, 90), report(fuk.0, 3, 92, 90)],
+            &[],
+            false,
+        )
+        .unwrap();
         assert!(p.lossless);
         assert_eq!(p.rpo.after_unix_ms, None);
         assert!(p.rpo_text.starts_with("none"), "{}", p.rpo_text);
-        let p = plan_volume("hokkaido", &v, &s, &[report(hok.0, 3, 90, 90)], &[fuk], false).unwrap();
-        assert!(!p.lossless, "fukuoka may hold the only copy of an acknowledged write");
+        let p = plan_volume(
+            "hokkaido",
+            &v,
+            &s,
+            &[report(hok.0, 3, 90, 90)],
+            &[fuk],
+            false,
+        )
+        .unwrap();
+        assert!(
+            !p.lossless,
+            "fukuoka may hold the only copy of an acknowledged write"
+        );
     }
 
     #[test]
     fn the_plan_id_changes_when_a_replica_advances() {
         let (s, v) = cluster();
-        let hok = *v.learners.iter().find(|n| s.nodes[n].site == "hokkaido").unwrap();
+        let hok = *v
+            .learners
+            .iter()
+            .find(|n| s.nodes[n].site == "hokkaido")
+            .unwrap();
         let a = plan_volume("hokkaido", &v, &s, &[report(hok.0, 3, 90, 88)], &[], false).unwrap();
         let b = plan_volume("hokkaido", &v, &s, &[report(hok.0, 3, 91, 88)], &[], false).unwrap();
-        assert_eq!(plan_id("hokkaido", &[a.clone()]), plan_id("hokkaido", &[a.clone()]));
+        assert_eq!(
+            plan_id("hokkaido", &[a.clone()]),
+            plan_id("hokkaido", &[a.clone()])
+        );
         assert_ne!(plan_id("hokkaido", &[a]), plan_id("hokkaido", &[b]));
     }
 

@@ -689,8 +689,8 @@ impl<S: LogStore> RaftGroup<S> {
                     // joint change before it, and an old one is refused below (the
                     // re-formed membership is not joint).
                     let auto_leave = entry.context.is_empty() && cc.changes.is_empty();
-                    let epoch = <[u8; 8]>::try_from(entry.context.as_ref())
-                        .map_or(0, u64::from_be_bytes);
+                    let epoch =
+                        <[u8; 8]>::try_from(entry.context.as_ref()).map_or(0, u64::from_be_bytes);
                     if !auto_leave && epoch != self.epoch {
                         tracing::info!(group = %self.id, index = index.0, epoch,
                             ours = self.epoch, "membership change of another epoch skipped");

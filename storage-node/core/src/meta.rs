@@ -283,7 +283,10 @@ pub enum MetaCommand {
         node: Option<NodeId>,
     },
     /// Sets what a `durability=site` volume does while no other site answers.
-    SetPolicy { name: String, on_no_site: OnNoSite },
+    SetPolicy {
+        name: String,
+        on_no_site: OnNoSite,
+    },
     /// Creates a consistency group: one Raft group (named `name`, placed like a volume)
     /// whose address space holds `members` (name, size) one after another, each exported
     /// as a volume. They share one log, so they move and fail over together to one cut.
@@ -439,7 +442,9 @@ fn valid_size(size: u64) -> bool {
 /// Where the next member starts after one of `size` bytes at `offset`; `None` past the
 /// largest volume.
 fn aligned_end(offset: u64, size: u64) -> Option<u64> {
-    let end = offset.checked_add(size)?.checked_next_multiple_of(MEMBER_ALIGN_BYTES)?;
+    let end = offset
+        .checked_add(size)?
+        .checked_next_multiple_of(MEMBER_ALIGN_BYTES)?;
     (end <= VOLUME_SIZE_MAX_BYTES).then_some(end)
 }
 
@@ -1050,7 +1055,10 @@ impl ClusterState {
                 }
                 end = m.offset + m.size;
                 if end > v.size {
-                    return Err(format!("group {name:?} is smaller than its volume {:?}", m.name));
+                    return Err(format!(
+                        "group {name:?} is smaller than its volume {:?}",
+                        m.name
+                    ));
                 }
             }
             if *name != v.name {
@@ -1318,28 +1326,51 @@ mod tests {
         }
         let group = |members: Vec<(&str, u64)>| MetaCommand::CreateGroup {
             name: "vm".into(),
-            members: members.into_iter().map(|(n, s)| (n.to_owned(), s)).collect(),
+            members: members
+                .into_iter()
+                .map(|(n, s)| (n.to_owned(), s))
+                .collect(),
             replicas: 1,
             home_site: Some("osaka".into()),
             durability: Durability::Node,
         };
         // Refused: no volumes, a bad size, a repeated name, the group's own name.
-        assert!(matches!(s.apply(group(vec![])), Err(MetaError::InvalidGroup(_))));
-        assert!(matches!(s.apply(group(vec![("a", 100)])), Err(MetaError::InvalidSize { .. })));
+        assert!(matches!(
+            s.apply(group(vec![])),
+            Err(MetaError::InvalidGroup(_))
+        ));
+        assert!(matches!(
+            s.apply(group(vec![("a", 100)])),
+            Err(MetaError::InvalidSize { .. })
+        ));
         assert!(matches!(
             s.apply(group(vec![("a", 4096), ("a", 4096)])),
             Err(MetaError::VolumeExists(_))
         ));
-        assert!(matches!(s.apply(group(vec![("vm", 4096)])), Err(MetaError::VolumeExists(_))));
+        assert!(matches!(
+            s.apply(group(vec![("vm", 4096)])),
+            Err(MetaError::VolumeExists(_))
+        ));
         assert_eq!(s, {
             let mut e = ClusterState::default();
             e.apply(node(1, "osaka")).unwrap();
             e.apply(node(2, "hokkaido")).unwrap();
             e
         });
-        let g = s.apply(group(vec![("a", 3 * 4096), ("b", 2 << 20)])).unwrap().unwrap();
-        let at = |g: &VolumeInfo| g.members.iter().map(|m| (m.name.clone(), m.offset, m.size)).collect::<Vec<_>>();
-        assert_eq!(at(&g), [("a".into(), 0, 3 * 4096), ("b".into(), 1 << 20, 2 << 20)]);
+        let g = s
+            .apply(group(vec![("a", 3 * 4096), ("b", 2 << 20)]))
+            .unwrap()
+            .unwrap();
+        let at = |g: &VolumeInfo| {
+            g.members
+                .iter()
+                .map(|m| (m.name.clone(), m.offset, m.size))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            at(&g),
+            [("a".into(), 0, 3 * 4096), ("b".into(), 1 << 20, 2 << 20)]
+        );
         assert_eq!(g.size, 3 << 20);
         // Exports: the members, not the group.
         assert_eq!(s.export_names(), ["a", "b"]);
@@ -1348,34 +1379,64 @@ mod tests {
         assert_eq!((v.name.as_str(), off, size), ("vm", 1 << 20, 2 << 20));
         assert_eq!(s.resolve("a").unwrap().name, "vm");
         // A member's name is taken, and a member cannot act alone.
-        assert!(matches!(s.apply(create("a", 4096, 1, None)), Err(MetaError::VolumeExists(_))));
+        assert!(matches!(
+            s.apply(create("a", 4096, 1, None)),
+            Err(MetaError::VolumeExists(_))
+        ));
         for cmd in [
-            MetaCommand::MoveVolume { name: "a".into(), to: "hokkaido".into() },
+            MetaCommand::MoveVolume {
+                name: "a".into(),
+                to: "hokkaido".into(),
+            },
             MetaCommand::DeleteVolume { name: "b".into() },
-            MetaCommand::ResizeVolume { name: "a".into(), size: 1 << 30 },
+            MetaCommand::ResizeVolume {
+                name: "a".into(),
+                size: 1 << 30,
+            },
         ] {
             assert!(matches!(s.apply(cmd), Err(MetaError::InGroup { .. })));
         }
         // The group grows by volumes, not by a resize (which would unalign the next).
         assert!(matches!(
-            s.apply(MetaCommand::ResizeVolume { name: "vm".into(), size: (3 << 20) + 4096 }),
+            s.apply(MetaCommand::ResizeVolume {
+                name: "vm".into(),
+                size: (3 << 20) + 4096
+            }),
             Err(MetaError::InvalidGroup(_))
         ));
         // A volume joins at the end, aligned; a plain volume is no group.
         let g = s
-            .apply(MetaCommand::AddToGroup { group: "vm".into(), name: "c".into(), size: 4096 })
+            .apply(MetaCommand::AddToGroup {
+                group: "vm".into(),
+                name: "c".into(),
+                size: 4096,
+            })
             .unwrap()
             .unwrap();
-        assert_eq!(g.members[2], Member { name: "c".into(), offset: 3 << 20, size: 4096 });
+        assert_eq!(
+            g.members[2],
+            Member {
+                name: "c".into(),
+                offset: 3 << 20,
+                size: 4096
+            }
+        );
         assert_eq!(g.size, 4 << 20);
         s.apply(create("plain", 4096, 1, None)).unwrap();
         assert_eq!(
-            s.apply(MetaCommand::AddToGroup { group: "plain".into(), name: "d".into(), size: 4096 }),
+            s.apply(MetaCommand::AddToGroup {
+                group: "plain".into(),
+                name: "d".into(),
+                size: 4096
+            }),
             Err(MetaError::NotAGroup("plain".into()))
         );
         // The group moves as one.
         let moved = s
-            .apply(MetaCommand::MoveVolume { name: "vm".into(), to: "hokkaido".into() })
+            .apply(MetaCommand::MoveVolume {
+                name: "vm".into(),
+                to: "hokkaido".into(),
+            })
             .unwrap()
             .unwrap();
         assert_eq!(moved.moving.unwrap().to, "hokkaido");
@@ -1383,7 +1444,8 @@ mod tests {
         let copy = ClusterState::decode(&s.encode()).unwrap();
         assert_eq!(copy, s);
         // Deleting the group deletes its volumes' names.
-        s.apply(MetaCommand::DeleteVolume { name: "vm".into() }).unwrap();
+        s.apply(MetaCommand::DeleteVolume { name: "vm".into() })
+            .unwrap();
         assert_eq!(s.export_names(), ["plain"]);
         s.check().unwrap();
     }
@@ -1576,7 +1638,15 @@ mod tests {
     #[test]
     fn a_failover_reforms_from_one_survivor_fences_the_home_and_places_voters_at_the_site() {
         let mut s = ClusterState::default();
-        for (id, site) in [(1, "a"), (2, "a"), (3, "a"), (4, "b"), (5, "b"), (6, "b"), (7, "c")] {
+        for (id, site) in [
+            (1, "a"),
+            (2, "a"),
+            (3, "a"),
+            (4, "b"),
+            (5, "b"),
+            (6, "b"),
+            (7, "c"),
+        ] {
             s.apply(node(id, site)).unwrap();
         }
         let v = s.apply(create("vm", 4096, 3, Some("a"))).unwrap().unwrap();
@@ -1595,7 +1665,10 @@ mod tests {
         if let MetaCommand::Failover { generation, .. } = &mut stale {
             *generation = Generation(7);
         }
-        assert!(matches!(s.apply(stale), Err(MetaError::StaleFailover { .. })));
+        assert!(matches!(
+            s.apply(stale),
+            Err(MetaError::StaleFailover { .. })
+        ));
         assert_eq!(s, before);
         let f = s
             .apply(failover_to(&before, "vm", "b", warm_b.0))
@@ -1612,30 +1685,45 @@ mod tests {
         assert_eq!(m.voters.len(), 3);
         assert!(m.voters.contains(&warm_b));
         assert!(m.learners.iter().any(|n| s.nodes[n].site == "c"));
-        assert!(m.learners.iter().all(|n| s.nodes[n].site != "a"), "nothing at the lost site");
+        assert!(
+            m.learners.iter().all(|n| s.nodes[n].site != "a"),
+            "nothing at the lost site"
+        );
         for n in [1, 2, 3] {
             assert!(!f.replicas_on(NodeId(n)));
         }
         let rec = f.failover.clone().unwrap();
-        assert_eq!((rec.from_site.as_str(), rec.index, rec.committed), ("a", 10, 9));
+        assert_eq!(
+            (rec.from_site.as_str(), rec.index, rec.committed),
+            ("a", 10, 9)
+        );
         s.check().unwrap();
         // Discarding brings the fenced replicas back as learners.
         assert!(matches!(
-            s.apply(MetaCommand::DiscardDivergent { name: "vm".into(), node: Some(NodeId(4)) }),
+            s.apply(MetaCommand::DiscardDivergent {
+                name: "vm".into(),
+                node: Some(NodeId(4))
+            }),
             Err(MetaError::NotDivergent { .. })
         ));
         let d = s
-            .apply(MetaCommand::DiscardDivergent { name: "vm".into(), node: Some(NodeId(2)) })
+            .apply(MetaCommand::DiscardDivergent {
+                name: "vm".into(),
+                node: Some(NodeId(2)),
+            })
             .unwrap()
             .unwrap();
         assert!(d.learners.contains(&NodeId(2)));
         assert_eq!(d.divergent.len(), 2);
         assert!(d.moving.as_ref().unwrap().learners.contains(&NodeId(2)));
         s.check().unwrap();
-        assert!(matches!(
-            s.apply(failover_to(&before, "vm", "c", 7)),
-            Err(MetaError::StaleFailover { .. })
-        ), "a plan made before the first failover is stale");
+        assert!(
+            matches!(
+                s.apply(failover_to(&before, "vm", "c", 7)),
+                Err(MetaError::StaleFailover { .. })
+            ),
+            "a plan made before the first failover is stale"
+        );
     }
 
     #[test]
@@ -1649,14 +1737,21 @@ mod tests {
         // A state of version 2 (before groups), as a node upgraded in place has it.
         let old = v2::ClusterState {
             nodes: s.nodes.clone(),
-            volumes: s.volumes.iter().map(|(k, v)| (k.clone(), v.into())).collect(),
+            volumes: s
+                .volumes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.into()))
+                .collect(),
             next_volume_id: s.next_volume_id,
         };
         let bytes = codec::encode(&(2u16, old)).unwrap();
         assert_eq!(ClusterState::decode(&bytes).unwrap(), s);
         // A newer one is refused, as is garbage.
         let newer = codec::encode(&(CLUSTER_STATE_VERSION + 1, &s)).unwrap();
-        assert!(matches!(ClusterState::decode(&newer), Err(CodecError::Version { .. })));
+        assert!(matches!(
+            ClusterState::decode(&newer),
+            Err(CodecError::Version { .. })
+        ));
         assert!(ClusterState::decode(&[1, 2, 3]).is_err());
     }
 

@@ -23,8 +23,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::ApiError;
-use crate::node::{ExecuteError, FailoverPlan};
 use crate::node::Node;
+use crate::node::{ExecuteError, FailoverPlan};
 
 /// A plan as the API shows it: the core's fields, and the loss with its times in RFC 3339.
 pub fn plan_json(p: &FailoverPlan) -> Value {
@@ -127,7 +127,11 @@ pub async fn execute(
                 ExecuteError::LossNotAccepted { .. } => (StatusCode::CONFLICT, Value::Null),
                 ExecuteError::Node(_) => (StatusCode::SERVICE_UNAVAILABLE, Value::Null),
             };
-            Err((code, Json(json!({"error": e.to_string(), "new_plan": extra}))).into_response())
+            Err((
+                code,
+                Json(json!({"error": e.to_string(), "new_plan": extra})),
+            )
+                .into_response())
         }
     }
 }
@@ -137,9 +141,9 @@ pub async fn divergent(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let cluster = node.cluster();
-    let v = cluster.resolve(&name).ok_or_else(|| {
-        ApiError(StatusCode::NOT_FOUND, format!("volume {name:?} not found"))
-    })?;
+    let v = cluster
+        .resolve(&name)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("volume {name:?} not found")))?;
     let mut out = Vec::new();
     for d in &v.divergent {
         let site = cluster.nodes.get(&d.node).map(|n| n.site.clone());
@@ -173,14 +177,19 @@ pub async fn divergent_image(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let cluster = node.cluster();
-    let v = cluster.resolve(&name).ok_or_else(|| {
-        ApiError(StatusCode::NOT_FOUND, format!("volume {name:?} not found"))
-    })?;
+    let v = cluster
+        .resolve(&name)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("volume {name:?} not found")))?;
     if !v.divergent.iter().any(|d| d.node == node.me) {
         let here: Vec<String> = v
             .divergent
             .iter()
-            .filter_map(|d| cluster.nodes.get(&d.node).map(|n| format!("node {} at {}", d.node, n.admin_addr)))
+            .filter_map(|d| {
+                cluster
+                    .nodes
+                    .get(&d.node)
+                    .map(|n| format!("node {} at {}", d.node, n.admin_addr))
+            })
             .collect();
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -188,15 +197,27 @@ pub async fn divergent_image(
         ));
     }
     // A group's volume: its own range of the group's replica; the group's name: all.
-    let (base, size) = cluster.export(&name).map_or((0, v.size), |(_, b, s)| (b, s));
+    let (base, size) = cluster
+        .export(&name)
+        .map_or((0, v.size), |(_, b, s)| (b, s));
     let mut file = tokio::fs::File::open(node.volume_path(v.id))
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("open the fenced replica: {e}")))?;
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("open the fenced replica: {e}"),
+            )
+        })?;
     {
         use tokio::io::AsyncSeekExt;
         file.seek(std::io::SeekFrom::Start(base))
             .await
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("seek the fenced replica: {e}")))?;
+            .map_err(|e| {
+                ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("seek the fenced replica: {e}"),
+                )
+            })?;
     }
     let file = tokio::io::AsyncReadExt::take(file, size);
     let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
@@ -224,11 +245,13 @@ pub async fn discard_divergent(
 ) -> Result<Json<super::VolumeView>, ApiError> {
     let b = body.map(|Json(b)| b).unwrap_or_default();
     let v = node
-        .meta(MetaCommand::DiscardDivergent {
-            name,
-            node: b.node,
-        })
+        .meta(MetaCommand::DiscardDivergent { name, node: b.node })
         .await??
-        .ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "no volume in the answer".into()))?;
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "no volume in the answer".into(),
+            )
+        })?;
     Ok(Json(super::view(&node, &v, None)))
 }

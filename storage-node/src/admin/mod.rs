@@ -300,7 +300,11 @@ fn view(node: &Node, v: &VolumeInfo, status: Option<&GroupStatus>) -> VolumeView
             cluster
                 .nodes
                 .values()
-                .flat_map(|n| names.iter().map(move |e| format!("nbd://{}/{e}", n.nbd_addr)))
+                .flat_map(|n| {
+                    names
+                        .iter()
+                        .map(move |e| format!("nbd://{}/{e}", n.nbd_addr))
+                })
                 .collect()
         },
     }
@@ -406,10 +410,7 @@ async fn show_group(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,
 ) -> Result<Json<VolumeView>, ApiError> {
-    let is_group = node
-        .cluster()
-        .resolve(&name)
-        .map(|v| !v.members.is_empty());
+    let is_group = node.cluster().resolve(&name).map(|v| !v.members.is_empty());
     match is_group {
         None => Err(MetaError::VolumeNotFound(name).into()),
         Some(false) => Err(MetaError::NotAGroup(name).into()),
@@ -487,7 +488,11 @@ async fn create_volume(
     Json(b): Json<CreateBody>,
 ) -> Result<(StatusCode, Json<VolumeView>), ApiError> {
     if let Some(group) = b.group {
-        if b.replicas.is_some() || b.home.is_some() || b.durability.is_some() || b.on_no_site.is_some() {
+        if b.replicas.is_some()
+            || b.home.is_some()
+            || b.durability.is_some()
+            || b.on_no_site.is_some()
+        {
             return Err(ApiError(
                 StatusCode::BAD_REQUEST,
                 format!("a volume of group {group:?} takes the group's replicas, home, durability and policy: give only its name and size"),

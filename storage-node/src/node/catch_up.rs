@@ -43,7 +43,10 @@ impl Node {
     /// next one after a refusal matters when the leader is itself copying: the soak found
     /// all three voters of a moved volume recovering at once, each copying from the
     /// leader, which refused them (it was copying too), for good.
-    fn copy_sources(&self, info: &roamdisk_core::meta::VolumeInfo) -> Vec<roamdisk_core::ids::NodeId> {
+    fn copy_sources(
+        &self,
+        info: &roamdisk_core::meta::VolumeInfo,
+    ) -> Vec<roamdisk_core::ids::NodeId> {
         let cluster = self.cluster();
         let site_of = |n: &roamdisk_core::ids::NodeId| cluster.nodes.get(n).map(|i| i.site.clone());
         let mut placed: Vec<_> = info.voters.iter().chain(&info.learners).copied().collect();

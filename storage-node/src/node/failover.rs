@@ -44,7 +44,9 @@ impl FailoverPlan {
 /// Why `execute` did not act.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecuteError {
-    #[error("unknown plan {0:?} (plans live {PLAN_TTL:?} on the node that made them): make a new plan")]
+    #[error(
+        "unknown plan {0:?} (plans live {PLAN_TTL:?} on the node that made them): make a new plan"
+    )]
     UnknownPlan(String),
     #[error("the state moved since plan {old} was made (now it would be plan {})", new.plan)]
     Stale { old: String, new: Box<FailoverPlan> },
@@ -145,7 +147,8 @@ impl Node {
         }
         let mut volumes = Vec::new();
         for v in chosen {
-            let mut placed: BTreeSet<NodeId> = v.voters.iter().chain(&v.learners).copied().collect();
+            let mut placed: BTreeSet<NodeId> =
+                v.voters.iter().chain(&v.learners).copied().collect();
             if let Some(m) = &v.moving {
                 placed.extend(m.voters.iter().chain(&m.learners));
             }

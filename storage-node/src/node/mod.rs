@@ -487,7 +487,8 @@ impl Node {
                     Err(_) => Refused::Superseded,
                 }
             };
-            if matches!(result, Refused::Shutdown | Refused::Failed(_)) || fenced_for_good(&result) {
+            if matches!(result, Refused::Shutdown | Refused::Failed(_)) || fenced_for_good(&result)
+            {
                 return Err(result.into());
             }
             if matches!(result, Refused::Recovering(_)) && !local_recovering {

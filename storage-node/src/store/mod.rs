@@ -532,9 +532,7 @@ impl<S: LogStore> Store<S> {
                 let id = self.replies.register(Reply::Propose(reply));
                 self.core.flush(now, group, epoch, id);
             }
-            Event::SyncWanted { group, epoch, want } => {
-                self.core.sync_wanted(group, epoch, want)
-            }
+            Event::SyncWanted { group, epoch, want } => self.core.sync_wanted(group, epoch, want),
             Event::Written {
                 group,
                 epoch,

@@ -36,8 +36,14 @@ pub enum Refused {
     Recovering(GroupId),
     /// The request belongs to an epoch of the group that a forced failover ended (or one
     /// this node does not know yet): it must not be served here.
-    #[error("group {group} was failed over: epoch {epoch} is current, the request was of epoch {asked}")]
-    Fenced { group: GroupId, epoch: u64, asked: u64 },
+    #[error(
+        "group {group} was failed over: epoch {epoch} is current, the request was of epoch {asked}"
+    )]
+    Fenced {
+        group: GroupId,
+        epoch: u64,
+        asked: u64,
+    },
 }
 
 /// What an answered request produced.

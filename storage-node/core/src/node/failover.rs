@@ -410,6 +410,8 @@ impl<S: LogStore> NodeCore<S> {
 
     /// The index of `g`'s epoch start, as recorded here.
     pub fn epoch_of(&self, g: GroupId) -> Option<(u64, LogIndex)> {
-        self.groups.get(&g).map(|x| (x.epoch, LogIndex(x.epoch_start)))
+        self.groups
+            .get(&g)
+            .map(|x| (x.epoch, LogIndex(x.epoch_start)))
     }
 }

@@ -648,7 +648,10 @@ impl<S: LogStore> GroupCore<S> {
     ) {
         let last = self.raft.last_index().0;
         let term = self.raft.term().0;
-        for p in progress.iter().filter(|p| self.policy.remote.contains(&p.node)) {
+        for p in progress
+            .iter()
+            .filter(|p| self.policy.remote.contains(&p.node))
+        {
             out.effects.push(Effect::Tail {
                 to: p.node,
                 group: self.id(),

@@ -98,7 +98,8 @@ impl<S: LogStore> NodeCore<S> {
         };
         self.lease.seq += 1;
         let ctx = LEASE_CTX | self.lease.seq;
-        meta.raft.read_index(lease_ctx(self.lease.seq, self.cfg.me.0));
+        meta.raft
+            .read_index(lease_ctx(self.lease.seq, self.cfg.me.0));
         self.lease.asked = Some((ctx, now));
         self.lease.last_ask = Some(now);
     }
@@ -135,9 +136,7 @@ impl<S: LogStore> NodeCore<S> {
         let until = started + len;
         if self.lease.until.is_none_or(|u| u < until) {
             if !self.lease.open(&self.cfg, now) {
-                tracing::info!(
-                    "lease from the metadata quorum granted: volume answers resume"
-                );
+                tracing::info!("lease from the metadata quorum granted: volume answers resume");
             }
             self.lease.until = Some(until);
         }

@@ -65,8 +65,8 @@ use crate::time::Time;
 use crate::written::WrittenTracker;
 
 pub use api::{
-    Ack, Answer, CheckpointPlan, Divergence, Effect, GroupStatus, LeaderLog, Note, Outcome, PeerStatus,
-    QuarantineEnd, QuarantineReport, Refused, ReplicaReport, ReqId, Role, SyncWanted,
+    Ack, Answer, CheckpointPlan, Divergence, Effect, GroupStatus, LeaderLog, Note, Outcome,
+    PeerStatus, QuarantineEnd, QuarantineReport, Refused, ReplicaReport, ReqId, Role, SyncWanted,
     TailReport, Written,
 };
 use group::{GroupCore, Kind, Out, Policy};
@@ -481,15 +481,14 @@ impl<S: LogStore> NodeCore<S> {
             Kind::Volume
         };
         let (epoch, epoch_start) = match self.log.get(&failover::epoch_key(g))? {
-            Some(v) => failover::decode_epoch(&v).ok_or_else(|| {
-                CoreError::Invalid(format!("corrupt epoch record of group {g}"))
-            })?,
+            Some(v) => failover::decode_epoch(&v)
+                .ok_or_else(|| CoreError::Invalid(format!("corrupt epoch record of group {g}")))?,
             None => (0, 0),
         };
         let fenced = match self.log.get(&failover::fenced_key(g))? {
-            Some(v) => Some(u64::from_be_bytes(v.as_slice().try_into().map_err(|_| {
-                CoreError::Invalid(format!("corrupt fence record of group {g}"))
-            })?)),
+            Some(v) => Some(u64::from_be_bytes(v.as_slice().try_into().map_err(
+                |_| CoreError::Invalid(format!("corrupt fence record of group {g}")),
+            )?)),
             None => None,
         };
         // A fencing wait that had not ended: wait again, in full.
@@ -950,7 +949,8 @@ impl<S: LogStore> NodeCore<S> {
             if g.epoch == epoch
                 && g.fenced.is_none()
                 && t.term >= g.raft.term().0
-                && g.tail.is_none_or(|(_, old)| (old.term, old.last) <= (t.term, t.last))
+                && g.tail
+                    .is_none_or(|(_, old)| (old.term, old.last) <= (t.term, t.last))
             {
                 let _ = from;
                 g.tail = Some((now, t));

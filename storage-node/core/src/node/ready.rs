@@ -17,8 +17,8 @@ use crate::stats::StoreStats;
 use crate::time::Time;
 
 use super::api::{Effect, Note, Outcome, Refused, Written};
-use super::out;
 use super::group::{GroupCore, Kind, Out};
+use super::out;
 use super::sync::Unsynced;
 use super::{recovering_key, recovery, CoreBug, CoreError, NodeCore, META_SNAPSHOT_KEY};
 
@@ -350,9 +350,9 @@ impl<S: LogStore> NodeCore<S> {
                 continue;
             };
             list.push((id, point));
-            let recent = g.handed_over_at.is_some_and(|t| {
-                now.saturating_duration_since(t) < super::RECOVERING_HANDOVER_MIN
-            });
+            let recent = g
+                .handed_over_at
+                .is_some_and(|t| now.saturating_duration_since(t) < super::RECOVERING_HANDOVER_MIN);
             if g.raft.is_leader() && g.raft.transferring_to().is_none() && !recent {
                 g.handed_over_at = Some(now);
                 // To the next voter by id, wrapping: two recovering voters handing it to

@@ -27,8 +27,8 @@ use crate::logstore::LogStore;
 use crate::time::Time;
 
 use super::api::{Effect, SyncWanted};
-use super::out;
 use super::group::Out;
+use super::out;
 use super::ready::{commit_view, note_commit, send_persisted};
 use super::{CoreError, NodeCore};
 

@@ -83,14 +83,12 @@ impl Harness {
 
     /// The metadata leader among the nodes on `side` (any node when no partition).
     fn meta_leader_in(&self, side: &[u64]) -> Option<u64> {
-        side.iter()
-            .copied()
-            .find(|n| {
-                self.nodes[&NodeId(*n)]
-                    .core
-                    .raft(META_GROUP)
-                    .is_some_and(|r| r.is_leader() && r.committed_in_term())
-            })
+        side.iter().copied().find(|n| {
+            self.nodes[&NodeId(*n)]
+                .core
+                .raft(META_GROUP)
+                .is_some_and(|r| r.is_leader() && r.committed_in_term())
+        })
     }
 
     /// Proposes a metadata command through a metadata leader (of the nodes outside
@@ -153,7 +151,9 @@ impl Harness {
         for _ in 0..200 {
             let now = self.now;
             let n = &self.nodes[&NodeId(on)];
-            if n.core.raft(G).is_some_and(|r| r.is_leader() && r.committed_in_term())
+            if n.core
+                .raft(G)
+                .is_some_and(|r| r.is_leader() && r.committed_in_term())
                 && n.core.lease_valid(now)
             {
                 return;
@@ -185,7 +185,10 @@ fn a_cut_off_home_stops_answering_when_its_lease_ends_and_its_writes_wait() {
     let commit = h.commit(1);
     let w3 = h.write_in(1, None, 3);
     h.advance(Duration::from_secs(3));
-    assert!(h.commit(1) > commit, "osaka's quorum still commits the write");
+    assert!(
+        h.commit(1) > commit,
+        "osaka's quorum still commits the write"
+    );
     assert_eq!(h.answer(1, w3), None, "but no answer without a lease");
     assert!(h.status(1).suspended);
     // Healed: the lease comes back and the write is answered, never failed.
@@ -236,7 +239,10 @@ fn a_failover_fences_the_old_home_and_the_new_epoch_answers_after_the_lease() {
         after < WALL + partitioned_at.as_micros() / 1000,
         "what was answered before the partition is before the stated time"
     );
-    assert!(plan.rpo.as_of_unix_ms.is_some(), "the leader's tail report arrived");
+    assert!(
+        plan.rpo.as_of_unix_ms.is_some(),
+        "the leader's tail report arrived"
+    );
     let source = plan.node.0;
     let r = h.meta_ok(MetaCommand::Failover {
         name: "vm1".into(),
@@ -261,7 +267,10 @@ fn a_failover_fences_the_old_home_and_the_new_epoch_answers_after_the_lease() {
     assert_eq!(h.status(source).epoch, 2);
     let old_epoch = h.write_in(source, Some(0), 10);
     assert!(
-        matches!(h.answer(source, old_epoch), Some(Err(Refused::Fenced { asked: 0, .. }))),
+        matches!(
+            h.answer(source, old_epoch),
+            Some(Err(Refused::Fenced { asked: 0, .. }))
+        ),
         "a request of the old epoch is refused: {:?}",
         h.answer(source, old_epoch)
     );
@@ -306,7 +315,10 @@ fn a_failover_fences_the_old_home_and_the_new_epoch_answers_after_the_lease() {
         assert!(!st.fenced);
         assert_eq!(st.epoch, 2);
         assert!(
-            h.nodes[&NodeId(n)].recovering.iter().any(|(g, p)| *g == G && p.0 == 0),
+            h.nodes[&NodeId(n)]
+                .recovering
+                .iter()
+                .any(|(g, p)| *g == G && p.0 == 0),
             "node {n} copies its blocks from the new home"
         );
     }
@@ -333,7 +345,11 @@ fn a_site_durable_volume_fails_over_losing_nothing() {
     let v = cluster.volumes["vm1"].clone();
     let plan = plan_volume("hokkaido", &v, &cluster, &reports(&h), &[], false).unwrap();
     assert!(plan.lossless, "{}", plan.rpo_text);
-    assert!(plan.last_index >= last_answered, "{} < {last_answered}", plan.last_index);
+    assert!(
+        plan.last_index >= last_answered,
+        "{} < {last_answered}",
+        plan.last_index
+    );
     h.meta_ok(MetaCommand::Failover {
         name: "vm1".into(),
         to: "hokkaido".into(),
@@ -380,7 +396,11 @@ fn a_site_durable_volume_degrades_after_its_delay_and_recovers_once_a_remote_cau
     assert_eq!(h.answer(1, w), None, "still waiting for another site");
     assert!(!h.status(1).degraded);
     h.advance(Duration::from_millis(600));
-    assert_eq!(h.answer(1, w), Some(Ok(Outcome::Volume)), "degraded: answered");
+    assert_eq!(
+        h.answer(1, w),
+        Some(Ok(Outcome::Volume)),
+        "degraded: answered"
+    );
     assert!(h.status(1).degraded);
     let during = h.write_in(1, None, 3);
     h.advance(TICK);
@@ -393,7 +413,10 @@ fn a_site_durable_volume_degrades_after_its_delay_and_recovers_once_a_remote_cau
             break;
         }
     }
-    assert!(!h.status(1).degraded, "site-durable again once a remote caught up");
+    assert!(
+        !h.status(1).degraded,
+        "site-durable again once a remote caught up"
+    );
     h.side = OSAKA.iter().copied().map(NodeId).collect();
     let after = h.write_in(1, None, 4);
     h.advance(Duration::from_millis(500));
@@ -416,5 +439,9 @@ fn a_suspended_site_durable_volume_waits_for_good() {
             break;
         }
     }
-    assert_eq!(h.answer(1, w), Some(Ok(Outcome::Volume)), "answered once another site has it");
+    assert_eq!(
+        h.answer(1, w),
+        Some(Ok(Outcome::Volume)),
+        "answered once another site has it"
+    );
 }

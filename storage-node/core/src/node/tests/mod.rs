@@ -145,9 +145,7 @@ impl Harness {
                     group,
                     epoch,
                     w,
-                } => self
-                    .net
-                    .push_back((id, to, group, epoch, Wire::Written(w))),
+                } => self.net.push_back((id, to, group, epoch, Wire::Written(w))),
                 Effect::SyncWanted {
                     to,
                     group,
@@ -169,9 +167,7 @@ impl Harness {
                     group,
                     epoch,
                     tail,
-                } => self
-                    .net
-                    .push_back((id, to, group, epoch, Wire::Tail(tail))),
+                } => self.net.push_back((id, to, group, epoch, Wire::Tail(tail))),
                 Effect::StartSync => {
                     assert!(!n.sync_started, "a second sync started while one runs");
                     n.sync_started = true;
@@ -609,9 +605,16 @@ fn a_copy_ahead_of_the_log_stays_not_whole_across_a_restart() {
     assert!(h.node(f).log.get(&whole_key(G)).unwrap().is_some());
     h.crash_restart(f, false);
     assert_eq!(h.node(f).core.recovering(G), None, "the copy is done");
-    assert_eq!(whole_at(&mut h), copy_end.0, "a restart keeps the copy's end");
+    assert_eq!(
+        whole_at(&mut h),
+        copy_end.0,
+        "a restart keeps the copy's end"
+    );
     let last = h.node(f).core.replica_report(now, G).unwrap().last_index;
-    assert!(last < copy_end.0, "the log ends before the copy's end: {last}");
+    assert!(
+        last < copy_end.0,
+        "the log ends before the copy's end: {last}"
+    );
 }
 
 /// A repair that starts and ends while a checkpoint is in flight makes that checkpoint
@@ -624,7 +627,11 @@ fn a_repair_during_a_checkpoint_keeps_its_recovery_record() {
     assert!(h.node(f).core.catch_up_done(G, point, point).unwrap());
     let plan = h.node(f).core.checkpoint_begin(|_| false).unwrap().unwrap();
     h.node(f).core.corrupted(V).unwrap();
-    let again = h.node(f).core.recovering(G).expect("the repair copies blocks");
+    let again = h
+        .node(f)
+        .core
+        .recovering(G)
+        .expect("the repair copies blocks");
     assert!(h.node(f).core.catch_up_done(G, again, again).unwrap());
     h.node(f).core.checkpoint_end(plan, Vec::new()).unwrap();
     assert!(
@@ -700,11 +707,14 @@ fn every_request_is_answered_exactly_once() {
         let id = h.req();
         let kind = next() % 5;
         match kind {
-            0 | 1 => {
-                h.node(on)
-                    .core
-                    .propose(now, G, None, write_cmd(step % 64, step as u8), Ack::Written, id)
-            }
+            0 | 1 => h.node(on).core.propose(
+                now,
+                G,
+                None,
+                write_cmd(step % 64, step as u8),
+                Ack::Written,
+                id,
+            ),
             2 => h
                 .node(on)
                 .core

@@ -220,7 +220,9 @@ fn a_follower_reports_writes_only_in_a_term_it_has_synced() {
         h.finish_sync(NodeId(2));
         reports(&mut h);
         // Term 2 is synced: the next write is reported, and covers the first.
-        h.node(2).core.step(Time::ZERO, G, 0, append_to_2(1, 2, 2, 2, &[(3, 2)]));
+        h.node(2)
+            .core
+            .step(Time::ZERO, G, 0, append_to_2(1, 2, 2, 2, &[(3, 2)]));
         h.process(NodeId(2));
         assert_eq!(reports(&mut h), vec![3]);
     }
@@ -281,16 +283,21 @@ fn the_synced_mark_does_not_cover_entries_replaced_while_the_sync_ran() {
     let append = append_to_2;
     let synced = |h: &Harness| h.nodes[&NodeId(2)].core.groups[&G].synced_to;
     // Leader 1 (term 2) sends entries 1-3; node 2 writes them and starts a sync.
-    h.node(2)
-        .core
-        .step(Time::ZERO, G, 0, append(1, 2, 0, 0, &[(1, 2), (2, 2), (3, 2)]));
+    h.node(2).core.step(
+        Time::ZERO,
+        G,
+        0,
+        append(1, 2, 0, 0, &[(1, 2), (2, 2), (3, 2)]),
+    );
     h.process(NodeId(2));
     let now = h.now;
     h.node(2).core.sync_now(now);
     h.process(NodeId(2));
     assert!(h.node(2).sync_started, "a sync covers entries 1-3");
     // Leader 3 (term 3) replaces 2-3 with its own entry 2 while that sync runs.
-    h.node(2).core.step(Time::ZERO, G, 0, append(3, 3, 1, 2, &[(2, 3)]));
+    h.node(2)
+        .core
+        .step(Time::ZERO, G, 0, append(3, 3, 1, 2, &[(2, 3)]));
     h.process(NodeId(2));
     assert!(h.holds(2, 2, 3) && !h.holds(2, 3, 2));
     // The first sync ends: it covered entries 1-3 of term 2, of which only 1 is left.
