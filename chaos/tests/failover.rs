@@ -12,7 +12,6 @@ use std::time::Duration;
 use roamdisk_admin_client::AdminClient;
 use roamdisk_chaos::nbd::NbdConn;
 use roamdisk_core::meta::Durability;
-use roamdisk_playground::Cluster;
 use serde_json::Value;
 
 mod common;
@@ -263,29 +262,6 @@ fn a_lost_home_fails_over_stating_its_loss_and_a_site_durable_volume_loses_nothi
     assert_eq!(version_of(0, &conn.read(0, BLOCK as u32).unwrap()), 1 << 40);
 }
 
-/// Bytes every node sent on the wire to `site` (all lanes).
-fn wire_bytes_to(c: &Cluster, site: &str) -> u64 {
-    let mut total = 0;
-    for n in c.manifest().nodes() {
-        let Ok(m) = AdminClient::with_timeout(&n.admin, Duration::from_secs(5)).metrics() else {
-            continue;
-        };
-        for line in m
-            .lines()
-            .filter(|l| l.starts_with("roamdisk_link_wire_bytes_total"))
-        {
-            if line.contains(&format!("site=\"{site}\"")) {
-                total += line
-                    .rsplit(' ')
-                    .next()
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .unwrap_or(0.0) as u64;
-            }
-        }
-    }
-    total
-}
-
 #[test]
 fn a_cut_off_home_is_fenced_its_divergent_writes_are_kept_and_it_resyncs_incrementally() {
     const VOLUME_MIB: u64 = 64;
@@ -393,7 +369,7 @@ fn a_cut_off_home_is_fenced_its_divergent_writes_are_kept_and_it_resyncs_increme
     a1.divergent_image("vm1", &image).unwrap();
     assert_eq!(std::fs::metadata(&image).unwrap().len(), VOLUME_MIB * MIB);
     // Discard: osaka resyncs the blocks that differ, not the volume.
-    let before = wire_bytes_to(&c, "osaka");
+    let before = c.manifest().wire_bytes_to("osaka");
     admin(&c, 4).discard_divergent("vm1", None).unwrap();
     wait_until("osaka's replicas back as whole learners", 120, || {
         let v = volume(&c, 4, "vm1");
@@ -420,20 +396,20 @@ fn a_cut_off_home_is_fenced_its_divergent_writes_are_kept_and_it_resyncs_increme
         });
         (all_in && caught_up).then_some(())
     });
-    let resync = wire_bytes_to(&c, "osaka") - before;
+    let resync = c.manifest().wire_bytes_to("osaka") - before;
     eprintln!(
         "resync after discard: {resync} bytes on the wire to osaka ({:.1} % of the volume)",
         100.0 * resync as f64 / (VOLUME_MIB * MIB) as f64
     );
     assert!(resync < VOLUME_MIB * MIB / 4, "resync sent {resync} bytes");
     // A move back copies nothing in bulk.
-    let before = wire_bytes_to(&c, "osaka");
+    let before = c.manifest().wire_bytes_to("osaka");
     admin(&c, 4).move_volume("vm1", "osaka").unwrap();
     wait_until("the move back to osaka", 120, || {
         let v = volume(&c, 4, "vm1");
         (v["home_site"] == "osaka" && v["moving"].is_null()).then_some(())
     });
-    let moved = wire_bytes_to(&c, "osaka") - before;
+    let moved = c.manifest().wire_bytes_to("osaka") - before;
     eprintln!("move back: {moved} bytes on the wire to osaka");
     assert!(
         moved < VOLUME_MIB * MIB / 8,

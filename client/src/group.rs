@@ -9,7 +9,7 @@ use roamdisk_client::{format_size, parse_size, AdminClient};
 use serde_json::Value;
 
 use crate::print_json;
-use crate::volume::{parse_on_no_site, print_site_lag, volume_line, DurabilityArg};
+use crate::volume::{print_site_lag, volume_line, DurabilityArg, Placement};
 
 #[derive(Subcommand, Debug)]
 pub enum GroupCmd {
@@ -20,15 +20,8 @@ pub enum GroupCmd {
         /// The group's volumes, NAME:SIZE, comma-separated (`a:10G,b:20G`).
         #[arg(long, value_delimiter = ',', required = true)]
         volumes: Vec<String>,
-        #[arg(long)]
-        replicas: Option<u32>,
-        #[arg(long)]
-        home: Option<String>,
-        #[arg(long, value_enum)]
-        durability: Option<DurabilityArg>,
-        /// As `volume create --on-no-site`.
-        #[arg(long, value_parser = parse_on_no_site)]
-        on_no_site: Option<roamdisk_core::meta::OnNoSite>,
+        #[command(flatten)]
+        placement: Placement,
     },
     /// A group: its volumes, placement, leader and its one lag per site.
     Show { name: String },
@@ -74,10 +67,7 @@ pub fn run(client: &AdminClient, cmd: GroupCmd, json: bool) -> Result<()> {
         GroupCmd::Create {
             name,
             volumes,
-            replicas,
-            home,
-            durability,
-            on_no_site,
+            placement: p,
         } => {
             let vols = volumes
                 .iter()
@@ -86,10 +76,10 @@ pub fn run(client: &AdminClient, cmd: GroupCmd, json: bool) -> Result<()> {
             let g = client.create_group(
                 &name,
                 &vols,
-                replicas,
-                home.as_deref(),
-                durability.map(DurabilityArg::durability),
-                on_no_site,
+                p.replicas,
+                p.home.as_deref(),
+                p.durability.map(DurabilityArg::durability),
+                p.on_no_site,
             )?;
             if json {
                 return print_json(&g);

@@ -18,23 +18,30 @@ pub enum DurabilityArg {
     Site,
 }
 
+// Where a new volume or group lives and how durable it is (`volume create`, `group create`).
+#[derive(clap::Args, Debug)]
+pub struct Placement {
+    #[arg(long)]
+    pub replicas: Option<u32>,
+    #[arg(long)]
+    pub home: Option<String>,
+    #[arg(long, value_enum)]
+    pub durability: Option<DurabilityArg>,
+    /// What a durability=site volume does while no other site answers: `suspend`
+    /// (writes wait, never fail: the default) or `degrade-after=DURATION` (`5s`,
+    /// `500ms`: then commit on the home site alone, reported as degraded).
+    #[arg(long, value_parser = parse_on_no_site)]
+    pub on_no_site: Option<OnNoSite>,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum VolumeCmd {
     Create {
         name: String,
         #[arg(long, value_parser = parse_size)]
         size: u64,
-        #[arg(long)]
-        replicas: Option<u32>,
-        #[arg(long)]
-        home: Option<String>,
-        #[arg(long, value_enum)]
-        durability: Option<DurabilityArg>,
-        /// What a durability=site volume does while no other site answers: `suspend`
-        /// (writes wait, never fail: the default) or `degrade-after=DURATION` (`5s`,
-        /// `500ms`: then commit on the home site alone, reported as degraded).
-        #[arg(long, value_parser = parse_on_no_site)]
-        on_no_site: Option<OnNoSite>,
+        #[command(flatten)]
+        placement: Placement,
         /// Make the volume part of consistency group GROUP (`roamdisk group create`): it
         /// takes the group's placement, durability and policy.
         #[arg(long, conflicts_with_all = ["replicas", "home", "durability", "on_no_site"])]
@@ -133,15 +140,12 @@ pub fn run(client: &AdminClient, cmd: VolumeCmd, json: bool) -> Result<()> {
         VolumeCmd::Create {
             name,
             size,
-            replicas,
-            home,
-            durability,
-            on_no_site,
+            placement: p,
             group: None,
         } => {
-            let d = durability.map(DurabilityArg::durability);
-            let mut v = client.create_volume(&name, size, replicas, home.as_deref(), d)?;
-            if let Some(p) = on_no_site {
+            let d = p.durability.map(DurabilityArg::durability);
+            let mut v = client.create_volume(&name, size, p.replicas, p.home.as_deref(), d)?;
+            if let Some(p) = p.on_no_site {
                 v = client.set_policy(&name, p)?;
             }
             if json {

@@ -19,8 +19,10 @@ use roamdisk_client::playground::{self, free_base_port, Options};
 use roamdisk_client::AdminClient;
 use roamdisk_core::meta::Durability;
 
+mod common;
 #[path = "common/vm.rs"]
 mod vm;
+use common::wait_until;
 use vm::*;
 
 const WRITES_BEFORE_LOSS: u64 = 400;
@@ -29,20 +31,6 @@ const VOLUME_BYTES: u64 = 16 << 20;
 
 fn admin(addr: &str) -> AdminClient {
     AdminClient::with_timeout(addr, Duration::from_secs(30))
-}
-
-fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Boots a guest at `nbd` that checks the disk against `nonce` up to `upto`; returns
@@ -99,7 +87,7 @@ fn a_vm_restarts_at_another_site_after_its_home_is_lost_with_every_flushed_block
             Some(Durability::Node),
         )
         .unwrap();
-    wait_for("the volume to elect a leader", STEP, || {
+    wait_until("the volume to elect a leader", STEP.as_secs(), || {
         admin(&osaka[0].admin).volume("vm").ok()?["leader"].as_u64()
     });
 
@@ -137,7 +125,7 @@ fn a_vm_restarts_at_another_site_after_its_home_is_lost_with_every_flushed_block
     eprintln!("plan: {}", v["rpo"]["text"]);
     h.failover_execute(plan["plan"].as_str().unwrap(), true)
         .unwrap();
-    wait_for("the volume to answer at hokkaido", STEP, || {
+    wait_until("the volume to answer at hokkaido", STEP.as_secs(), || {
         let v = h.volume("vm").ok()?;
         (v["leader"].is_u64() && v["suspended"] == false && v["epoch"].as_u64() > Some(0))
             .then_some(())

@@ -670,27 +670,6 @@ fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// Bytes every node sent on the wire to `site` (all lanes), from `/metrics`.
-fn wire_bytes_to(m: &Manifest, site: &str) -> u64 {
-    let mut total = 0.0;
-    for n in m.nodes() {
-        let Ok(text) = AdminClient::with_timeout(&n.admin, Duration::from_secs(5)).metrics() else {
-            continue;
-        };
-        for line in text.lines().filter(|l| {
-            l.starts_with("roamdisk_link_wire_bytes_total")
-                && l.contains(&format!("site=\"{site}\""))
-        }) {
-            total += line
-                .rsplit(' ')
-                .next()
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0);
-        }
-    }
-    total as u64
-}
-
 /// Scenario 5: a forced failover of volume `fo` from osaka to hokkaido and back.
 fn failover_row(
     m: &Manifest,
@@ -795,7 +774,7 @@ fn failover_row(
     let complete = reps.iter().all(|r| r["complete"] == true);
     let differ = (divergent_blocks + new_blocks) * 4096;
     let replicas = reps.len() as u64;
-    let before = wire_bytes_to(m, "osaka");
+    let before = m.wire_bytes_to("osaka");
     at_hokkaido.discard_divergent("fo", None)?;
     wait_until(300, "osaka's replicas to resync", || {
         let v = at_hokkaido.volume("fo").ok()?;
@@ -830,17 +809,17 @@ fn failover_row(
         });
         (whole && v["moving"].is_null()).then_some(())
     })?;
-    let resync = wire_bytes_to(m, "osaka") - before;
+    let resync = m.wire_bytes_to("osaka") - before;
     let per_replica = resync as f64 / replicas.max(1) as f64;
     let ratio = per_replica / differ.max(1) as f64;
     eprintln!("[5/5] resync: {resync} bytes to osaka for {replicas} replicas; {differ} bytes differ ({ratio:.2}x per replica)");
-    let before = wire_bytes_to(m, "osaka");
+    let before = m.wire_bytes_to("osaka");
     admin.move_volume("fo", "osaka")?;
     wait_until(300, "fo's move back to osaka", || {
         let v = admin.volume("fo").ok()?;
         (v["home_site"] == "osaka" && v["moving"].is_null()).then_some(())
     })?;
-    let moved = wire_bytes_to(m, "osaka") - before;
+    let moved = m.wire_bytes_to("osaka") - before;
     let data = DATA_MIB << 20;
     let _ = logs;
     let lease_s = 4.0;

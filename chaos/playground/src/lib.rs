@@ -85,6 +85,25 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Bytes every node has sent on the wire to `site` (all lanes), from their
+    /// `/metrics` (`roamdisk_link_wire_bytes_total`); a node that does not answer counts 0.
+    pub fn wire_bytes_to(&self, site: &str) -> u64 {
+        let label = format!("site=\"{site}\"");
+        let mut total = 0.0;
+        for n in self.nodes() {
+            let Ok(text) = AdminClient::with_timeout(&n.admin, Duration::from_secs(5)).metrics()
+            else {
+                continue;
+            };
+            total += text
+                .lines()
+                .filter(|l| l.starts_with("roamdisk_link_wire_bytes_total") && l.contains(&label))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+        total as u64
+    }
+
     pub fn load(dir: &Path) -> Result<Manifest> {
         let p = dir.join("playground.json");
         serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("read {}", p.display()))?)

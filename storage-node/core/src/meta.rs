@@ -1235,6 +1235,7 @@ mod v2 {
         }
     }
 
+    #[cfg(test)]
     impl From<&super::VolumeInfo> for VolumeInfo {
         fn from(v: &super::VolumeInfo) -> Self {
             let v = v.clone();

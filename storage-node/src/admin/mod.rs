@@ -405,6 +405,24 @@ async fn show_volume(
     Ok(Json(view))
 }
 
+/// A created volume or group, with its site-durable policy set when one was asked.
+async fn created(
+    node: &Node,
+    mut v: VolumeInfo,
+    on_no_site: Option<OnNoSite>,
+) -> Result<(StatusCode, Json<VolumeView>), ApiError> {
+    if let Some(on_no_site) = on_no_site.filter(|p| *p != OnNoSite::default()) {
+        v = node
+            .meta(MetaCommand::SetPolicy {
+                name: v.name.clone(),
+                on_no_site,
+            })
+            .await??
+            .expect("the policy command returns the volume");
+    }
+    Ok((StatusCode::CREATED, Json(view(node, &v, None))))
+}
+
 /// `GET /v1/groups/{name}`: a consistency group (a member's name answers for its group).
 async fn show_group(
     State(node): State<Arc<Node>>,
@@ -451,17 +469,8 @@ async fn create_group(
         home_site: b.home,
         durability: b.durability.unwrap_or_default(),
     };
-    let mut v = node.meta(cmd).await??.expect("create returns the group");
-    if let Some(on_no_site) = b.on_no_site.filter(|p| *p != OnNoSite::default()) {
-        v = node
-            .meta(MetaCommand::SetPolicy {
-                name: b.name,
-                on_no_site,
-            })
-            .await??
-            .expect("the policy command returns the group");
-    }
-    Ok((StatusCode::CREATED, Json(view(&node, &v, None))))
+    let v = node.meta(cmd).await??.expect("create returns the group");
+    created(&node, v, b.on_no_site).await
 }
 
 #[derive(Deserialize)]
@@ -515,17 +524,8 @@ async fn create_volume(
         home_site: b.home,
         durability: b.durability.unwrap_or_default(),
     };
-    let mut v = node.meta(cmd).await??.expect("create returns the volume");
-    if let Some(on_no_site) = b.on_no_site.filter(|p| *p != OnNoSite::default()) {
-        v = node
-            .meta(MetaCommand::SetPolicy {
-                name: b.name,
-                on_no_site,
-            })
-            .await??
-            .expect("the policy command returns the volume");
-    }
-    Ok((StatusCode::CREATED, Json(view(&node, &v, None))))
+    let v = node.meta(cmd).await??.expect("create returns the volume");
+    created(&node, v, b.on_no_site).await
 }
 
 #[derive(Deserialize)]
