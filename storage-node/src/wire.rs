@@ -28,10 +28,11 @@ use roamdisk_core::node::{
 /// epoch's: fencing after a failover), requests carry the epoch they belong to, `Tail`
 /// (a leader's log end and lag, for failover plans), `ReplicaReport`, the `Fenced`
 /// refusal, and `DivergentBlocks` (what a fenced replica holds); 9 — `ReplicaReport`
-/// says from which index a replica's copied blocks are whole (`whole_at`).
+/// says from which index a replica's copied blocks are whole (`whole_at`); 10 — a
+/// `ReplicaReport` request for `execute` asks the replica to hold still (`hold`).
 /// See [`crate::link`] for records. A frame above [`FRAME_MAX_BYTES`] ends the
 /// connection. A connection starts with `Hello` from the dialer.
-pub const PEER_PROTOCOL_VERSION: u16 = 9;
+pub const PEER_PROTOCOL_VERSION: u16 = 10;
 /// Largest frame: a 32 MiB write plus headers.
 pub const FRAME_MAX_BYTES: usize = codec::DECODE_LIMIT_BYTES;
 /// Requests and reads carrying more than this many bytes go on the bulk lane.
@@ -211,8 +212,10 @@ pub enum PeerRequest {
     /// The receiver's replica of `volume` differs from the others: copy the differing
     /// blocks from the leader (verify's repair).
     Repair { volume: VolumeId },
-    /// What the receiver's replica of `group` knows that a failover plan needs.
-    ReplicaReport { group: GroupId },
+    /// What the receiver's replica of `group` knows that a failover plan needs; `hold`:
+    /// for a failover being executed, it installs no snapshot for a while
+    /// (`roamdisk_core::node::failover::FAILOVER_HOLD`).
+    ReplicaReport { group: GroupId, hold: bool },
     /// What the receiver's fenced replica of `volume` holds beyond the failover's
     /// divergence point (its log's divergent tail, summarized).
     Divergent { volume: VolumeId },

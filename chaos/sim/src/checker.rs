@@ -24,6 +24,12 @@
 //! 6. **Reads see acknowledged writes**: a register read returns the value of the last
 //!    write that must survive (5) acknowledged before the read was issued, or a later
 //!    one; never a torn value.
+//! 7. **A failover loses no more than its plan stated, and fences**: a forced failover
+//!    starts a new epoch of the group, recorded apart (its own terms and commits), seeded
+//!    with the old epoch's committed entries up to the plan's cut. Every write the old
+//!    epoch acknowledged before the plan's stated time (every one, for a lossless plan)
+//!    that had to survive by 5 is committed in the new epoch, and counts for its reads;
+//!    no node of the old epoch answers a client once a node of the new one has.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -39,6 +45,37 @@ use crate::machine::{
 };
 use crate::shadow::ShadowLog;
 
+/// A group in one epoch: a failover starts a new record for the group (the old epoch's
+/// entries past the cut are given up, its terms are its own), seeded with the old
+/// record up to the cut (`Checker::start_epoch`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Key {
+    pub group: GroupId,
+    pub epoch: u64,
+}
+
+impl Key {
+    pub fn new(group: GroupId, epoch: u64) -> Key {
+        Key { group, epoch }
+    }
+}
+
+impl From<GroupId> for Key {
+    fn from(group: GroupId) -> Key {
+        Key { group, epoch: 0 }
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.epoch == 0 {
+            write!(f, "{}", self.group)
+        } else {
+            write!(f, "{} (epoch {})", self.group, self.epoch)
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Invariant {
     SingleLeaderPerTerm,
@@ -48,6 +85,8 @@ pub enum Invariant {
     GenerationMonotone,
     AcknowledgedWriteKept,
     ReadSeesAcknowledgedWrites,
+    /// After a failover, no node of the old epoch answers once the new one has.
+    Fenced,
     CrashRule,
     Liveness,
     /// The core or raft-rs returned an error or panicked where the driver expects none.
@@ -66,6 +105,7 @@ impl fmt::Display for Invariant {
             Invariant::ReadSeesAcknowledgedWrites => {
                 "a read returns no less than the writes acknowledged before it"
             }
+            Invariant::Fenced => "no node of a fenced epoch answers once the new epoch has",
             Invariant::CrashRule => "the recorded applied index matches the recorded state",
             Invariant::Liveness => "after healing, a leader exists and replicas converge",
             Invariant::CoreError => "the core does not fail or panic",
@@ -128,6 +168,8 @@ struct Ack {
     digest: [u8; 32],
     early: bool,
     acked_at: Micros,
+    /// When the node answered it (`acked_at` is when the client got the answer).
+    answered_at: Micros,
     /// (slot, stamp) of a register write.
     register: Option<(usize, u64)>,
     /// The group's voters when it was answered: incoming, and outgoing while joint.
@@ -147,6 +189,13 @@ struct Read {
 pub struct GroupRecord {
     kind: MachineKind,
     base_index: u64,
+    /// The state at `base_index`.
+    initial: Machine,
+    /// A later epoch's record: it holds the previous epoch's committed entries up to here.
+    seeded_to: u64,
+    /// The first and last time a node of this epoch answered a client with success.
+    first_answer: Option<Micros>,
+    last_answer: Option<Micros>,
     leaders: BTreeMap<u64, NodeId>,
     committed: BTreeMap<u64, CommittedEntry>,
     hashes: BTreeMap<u64, StateHash>,
@@ -182,8 +231,8 @@ impl GroupRecord {
     }
 }
 
-/// When a write answered early became losable: a voter lost power after its answer (it
-/// may have forgotten the write), and either at least half of the voters lost power
+/// When a write answered early became losable: a voter lost power after its answer (the
+/// node's, not the client's receipt, which a WAN delays) (it may have forgotten the write), and either at least half of the voters lost power
 /// after the answer, or a quarantine ended without a leader heard after it (half of the
 /// voters were quarantined, or it timed out: the contract for writes no flush covered).
 /// Never for a write answered at commit.
@@ -194,11 +243,11 @@ fn losable_at(rec: &GroupRecord, a: &Ack, power_losses: &[(Micros, NodeId)]) -> 
     let voter = |n: &NodeId| a.voters.0.contains(n) || a.voters.1.contains(n);
     let first_loss = power_losses
         .iter()
-        .find(|(at, n)| *at >= a.acked_at && voter(n))
+        .find(|(at, n)| *at >= a.answered_at && voter(n))
         .map(|(at, _)| *at)?;
     let mut lost = std::collections::BTreeSet::new();
     let mut half_lost = None;
-    for (at, node) in power_losses.iter().filter(|(at, _)| *at >= a.acked_at) {
+    for (at, node) in power_losses.iter().filter(|(at, _)| *at >= a.answered_at) {
         lost.insert(*node);
         let half = [&a.voters.0, &a.voters.1].into_iter().any(|side| {
             !side.is_empty() && side.iter().filter(|n| lost.contains(n)).count() * 2 >= side.len()
@@ -212,7 +261,7 @@ fn losable_at(rec: &GroupRecord, a: &Ack, power_losses: &[(Micros, NodeId)]) -> 
         .quarantine_ended_early
         .iter()
         .copied()
-        .find(|at| *at >= a.acked_at);
+        .find(|at| *at >= a.answered_at);
     let at = match (half_lost, quarantine) {
         (Some(x), Some(y)) => x.min(y),
         (x, y) => x.or(y)?,
@@ -220,22 +269,46 @@ fn losable_at(rec: &GroupRecord, a: &Ack, power_losses: &[(Micros, NodeId)]) -> 
     Some(at.max(first_loss))
 }
 
+/// Whether write `a` must survive by invariant 5: answered at commit, or early and not
+/// losable before a flush issued after its answer completed (which made it durable).
+fn must_survive(rec: &GroupRecord, a: &Ack, power_losses: &[(Micros, NodeId)]) -> bool {
+    match losable_at(rec, a, power_losses) {
+        None => true,
+        Some(t) => rec
+            .flushes
+            .iter()
+            .any(|(issued, answered)| *issued >= a.acked_at && *answered < t),
+    }
+}
+
+/// What a failover's plan stated it may lose.
+#[derive(Clone, Copy, Debug)]
+pub struct Stated {
+    pub lossless: bool,
+    /// Writes answered after this may be lost (`None`, not lossless: any may be).
+    pub after: Option<Micros>,
+}
+
 #[derive(Default)]
 pub struct Checker {
-    groups: BTreeMap<GroupId, GroupRecord>,
+    groups: BTreeMap<Key, GroupRecord>,
 }
 
 impl Checker {
     /// Registers a group whose bootstrap members start at `base_index` with the empty
     /// state of `kind`.
-    pub fn add_group(&mut self, group: GroupId, kind: MachineKind, base_index: u64) {
+    pub fn add_group(&mut self, group: Key, initial: Machine, base_index: u64) {
         let mut hashes = BTreeMap::new();
-        hashes.insert(base_index, Machine::new(kind, base_index).hash());
+        hashes.insert(base_index, initial.hash());
         self.groups.insert(
             group,
             GroupRecord {
-                kind,
+                kind: initial.kind(),
                 base_index,
+                initial,
+                seeded_to: 0,
+                first_answer: None,
+                last_answer: None,
                 leaders: BTreeMap::new(),
                 committed: BTreeMap::new(),
                 hashes,
@@ -250,16 +323,160 @@ impl Checker {
         );
     }
 
-    pub fn group(&self, group: GroupId) -> &GroupRecord {
+    pub fn group(&self, group: Key) -> &GroupRecord {
         &self.groups[&group]
     }
 
-    fn rec(&mut self, group: GroupId) -> &mut GroupRecord {
+    /// Every epoch's record of `group`.
+    pub fn epochs(&self, group: GroupId) -> impl DoubleEndedIterator<Item = (&Key, &GroupRecord)> {
+        self.groups
+            .range(Key::new(group, 0)..=Key::new(group, u64::MAX))
+    }
+
+    /// The newest epoch of `group` the checker knows.
+    pub fn current(&self, group: GroupId) -> Key {
+        *self
+            .epochs(group)
+            .next_back()
+            .map(|(k, _)| k)
+            .expect("group registered")
+    }
+
+    /// A failover started epoch `new` of its group, re-formed from a replica whose log
+    /// agrees with the committed record up to `cut`: the new epoch's record holds the
+    /// previous epoch's committed entries and states up to there. Called with the plan's
+    /// known commit by the first replica that joins, and again by the source with its
+    /// own commit when it re-forms the group (it may have learned more since the plan;
+    /// its whole log becomes the new epoch's). The previous epoch's later entries are
+    /// given up; whether that lost an acknowledged write it must not is
+    /// `check_failover`'s question.
+    pub fn start_epoch(&mut self, new: Key, cut: u64) {
+        let (_, old) = self
+            .groups
+            .range(Key::new(new.group, 0)..new)
+            .next_back()
+            .expect("an earlier epoch");
+        if let Some(rec) = self.groups.get(&new) {
+            if cut <= rec.seeded_to {
+                return;
+            }
+            let from = rec.seeded_to;
+            let entries: Vec<(u64, CommittedEntry)> = old
+                .committed
+                .range(from + 1..=cut)
+                .map(|(i, c)| (*i, c.clone()))
+                .collect();
+            let hashes: Vec<(u64, StateHash)> = old
+                .hashes
+                .range(from + 1..=cut)
+                .map(|(i, h)| (*i, *h))
+                .collect();
+            let rec = self.groups.get_mut(&new).expect("present");
+            rec.committed.extend(entries);
+            rec.hashes.extend(hashes);
+            rec.seeded_to = cut;
+            rec.highest_commit_by_leader = rec.highest_commit_by_leader.max(cut);
+            return;
+        }
+        let rec = GroupRecord {
+            kind: old.kind,
+            base_index: old.base_index,
+            initial: old.initial.clone(),
+            seeded_to: cut,
+            first_answer: None,
+            last_answer: None,
+            leaders: BTreeMap::new(),
+            committed: old
+                .committed
+                .range(..=cut)
+                .map(|(i, c)| (*i, c.clone()))
+                .collect(),
+            hashes: old.hashes.range(..=cut).map(|(i, h)| (*i, *h)).collect(),
+            commit_ranges: Vec::new(),
+            highest_commit_by_leader: cut,
+            acks: Vec::new(),
+            flushes: Vec::new(),
+            flushed_upto: 0,
+            quarantine_ended_early: Vec::new(),
+            reads: Vec::new(),
+        };
+        self.groups.insert(new, rec);
+    }
+
+    /// A node of `group`'s epoch answered a client with success at `at`.
+    pub fn observe_answer(&mut self, group: Key, at: Micros) {
+        let rec = self.rec(group);
+        rec.first_answer.get_or_insert(at);
+        rec.last_answer = Some(at);
+    }
+
+    /// End of run, for a failover from epoch `old` to `new`, whose plan stated `stated`:
+    /// no node of the old epoch answered once the new one had (fencing); every write the
+    /// old epoch acknowledged that had to survive (invariant 5) and was answered before
+    /// the stated time (every one, for a lossless plan) is committed in the new epoch.
+    /// Those writes then count for the new epoch's reads (`check_acks_and_reads`).
+    pub fn check_failover(
+        &mut self,
+        old: Key,
+        new: Key,
+        stated: Stated,
+        power_losses: &[(Micros, NodeId)],
+    ) -> Check {
+        let (o, n) = (&self.groups[&old], &self.groups[&new]);
+        if let (Some(last), Some(first)) = (o.last_answer, n.first_answer) {
+            if last >= first {
+                return Err(violation(
+                    Invariant::Fenced,
+                    format!(
+                        "group {}: a node of epoch {} answered a client at {last} us, after epoch {} first answered at {first} us",
+                        old.group, old.epoch, new.epoch
+                    ),
+                ));
+            }
+        }
+        let mut kept = Vec::new();
+        for a in o.acks.iter().filter(|a| must_survive(o, a, power_losses)) {
+            let owed = stated.lossless || stated.after.is_some_and(|t| a.answered_at < t);
+            let there = n
+                .committed
+                .get(&a.index)
+                .is_some_and(|c| c.term == a.term && c.digest == a.digest);
+            if owed && !there {
+                return Err(violation(
+                    Invariant::AcknowledgedWriteKept,
+                    format!(
+                        "group {}: the failover to epoch {} lost the write answered at {} us (entry {} term {}), though its plan stated {}",
+                        old.group,
+                        new.epoch,
+                        a.answered_at,
+                        a.index,
+                        a.term,
+                        match (stated.lossless, stated.after) {
+                            (true, _) => "no loss".to_string(),
+                            (false, Some(t)) => format!("a loss of writes answered after {t} us"),
+                            (false, None) => "any loss".to_string(),
+                        }
+                    ),
+                ));
+            }
+            if there {
+                let mut a = a.clone();
+                a.early = false;
+                kept.push(a);
+            }
+        }
+        let n = self.rec(new);
+        n.acks.extend(kept);
+        n.acks.sort_by_key(|a| a.acked_at);
+        Ok(())
+    }
+
+    fn rec(&mut self, group: Key) -> &mut GroupRecord {
         self.groups.get_mut(&group).expect("group registered")
     }
 
     /// Invariant 1.
-    pub fn observe_leader(&mut self, group: GroupId, node: NodeId, term: u64) -> Check {
+    pub fn observe_leader(&mut self, group: Key, node: NodeId, term: u64) -> Check {
         let rec = self.rec(group);
         let first = *rec.leaders.entry(term).or_insert(node);
         if first != node {
@@ -273,7 +490,7 @@ impl Checker {
 
     /// A leader's commit index moved from `from` to `to` while its configuration was
     /// `conf`: remember which configuration committed those entries.
-    pub fn observe_leader_commit(&mut self, group: GroupId, from: u64, to: u64, conf: &ConfState) {
+    pub fn observe_leader_commit(&mut self, group: Key, from: u64, to: u64, conf: &ConfState) {
         let rec = self.rec(group);
         if to <= rec.highest_commit_by_leader {
             return;
@@ -294,7 +511,7 @@ impl Checker {
     }
 
     /// Invariant 2, at the moment a node is handed `e` as committed.
-    pub fn observe_committed(&mut self, group: GroupId, node: NodeId, e: &Entry) -> Check {
+    pub fn observe_committed(&mut self, group: Key, node: NodeId, e: &Entry) -> Check {
         let rec = self.rec(group);
         let digest = entry_digest(e);
         match rec.committed.get(&e.index) {
@@ -340,7 +557,7 @@ impl Checker {
     /// Invariant 3: node reached applied index `index` with state `hash`.
     pub fn observe_state(
         &mut self,
-        group: GroupId,
+        group: Key,
         node: NodeId,
         index: u64,
         hash: StateHash,
@@ -364,7 +581,7 @@ impl Checker {
     /// have the committed terms.
     pub fn check_log(
         &self,
-        group: GroupId,
+        group: Key,
         node: NodeId,
         store: &impl LogStore,
         lo: u64,
@@ -377,7 +594,7 @@ impl Checker {
         let rec = &self.groups[&group];
         let range: Vec<(&u64, &CommittedEntry)> = rec.committed.range(lo + 1..=hi).collect();
         for (index, c) in range {
-            let term = store.term(group, *index).map_err(|e| {
+            let term = store.term(group.group, *index).map_err(|e| {
                 violation(Invariant::CoreError, format!("store term of {index}: {e}"))
             })?;
             match term {
@@ -411,7 +628,7 @@ impl Checker {
     /// Highest committed index `w` such that `log` holds every committed entry up to
     /// `w` (by log matching, holding entry `w` means holding all before it), or has
     /// them covered by its truncation point.
-    pub fn durable_watermark(&self, group: GroupId, log: &ShadowLog) -> u64 {
+    pub fn durable_watermark(&self, group: Key, log: &ShadowLog) -> u64 {
         let rec = &self.groups[&group];
         let matches = |i: u64| -> bool {
             if i <= log.truncated_index {
@@ -441,7 +658,7 @@ impl Checker {
     }
 
     /// Invariant 2, quorum part: `watermarks` is each node's durable watermark.
-    pub fn check_quorums(&self, group: GroupId, watermarks: &BTreeMap<NodeId, u64>) -> Check {
+    pub fn check_quorums(&self, group: Key, watermarks: &BTreeMap<NodeId, u64>) -> Check {
         let rec = &self.groups[&group];
         for range in &rec.commit_ranges {
             // Only entries some node has been handed as committed are known; the
@@ -481,12 +698,12 @@ impl Checker {
     #[allow(clippy::too_many_arguments)]
     pub fn observe_write_ack(
         &mut self,
-        group: GroupId,
+        group: Key,
         index: u64,
         term: u64,
         digest: [u8; 32],
         early: bool,
-        acked_at: Micros,
+        (acked_at, answered_at): (Micros, Micros),
         register: Option<(usize, u64)>,
         voters: (Vec<NodeId>, Vec<NodeId>),
     ) -> Check {
@@ -512,6 +729,7 @@ impl Checker {
             digest,
             early,
             acked_at,
+            answered_at,
             register,
             voters,
         });
@@ -519,7 +737,7 @@ impl Checker {
     }
 
     /// A node of `group` ended its quarantine without hearing a leader.
-    pub fn observe_quarantine_end(&mut self, group: GroupId, at: Micros) {
+    pub fn observe_quarantine_end(&mut self, group: Key, at: Micros) {
         self.rec(group).quarantine_ended_early.push(at);
     }
 
@@ -528,7 +746,7 @@ impl Checker {
     /// has synced), unless it was lost before (see `losable_at`).
     pub fn observe_flush(
         &mut self,
-        group: GroupId,
+        group: Key,
         issued_at: Micros,
         answered_at: Micros,
         power_losses: &[(Micros, NodeId)],
@@ -587,7 +805,7 @@ impl Checker {
     /// A register read issued at `issued_at` returned `bytes` on `node`.
     pub fn observe_read(
         &mut self,
-        group: GroupId,
+        group: Key,
         slot: usize,
         bytes: &[u8],
         issued_at: Micros,
@@ -609,18 +827,18 @@ impl Checker {
     }
 
     /// End of run, invariants 5 and 6: `power_losses` are the times nodes lost power.
-    pub fn check_acks_and_reads(&self, group: GroupId, power_losses: &[(Micros, NodeId)]) -> Check {
+    /// For an epoch a failover ended (`superseded`), only the reads: its writes' fate is
+    /// `check_failover`'s (the new epoch has the ones it owed).
+    pub fn check_acks_and_reads(
+        &self,
+        group: Key,
+        power_losses: &[(Micros, NodeId)],
+        superseded: bool,
+    ) -> Check {
         let rec = &self.groups[&group];
         let losable_at = |a: &Ack| losable_at(rec, a, power_losses);
-        // A flush issued after the answer that completed before then made it durable.
-        let must_survive = |a: &Ack| match losable_at(a) {
-            None => true,
-            Some(t) => rec
-                .flushes
-                .iter()
-                .any(|(issued, answered)| *issued >= a.acked_at && *answered < t),
-        };
-        for a in rec.acks.iter().filter(|a| must_survive(a)) {
+        let must_survive = |a: &Ack| must_survive(rec, a, power_losses);
+        for a in rec.acks.iter().filter(|a| !superseded && must_survive(a)) {
             match rec.committed.get(&a.index) {
                 Some(c) if c.term == a.term && c.digest == a.digest => {}
                 other => {
@@ -695,7 +913,7 @@ impl Checker {
     }
 
     /// Acknowledged writes, reads and flushes recorded for `group`.
-    pub fn counts(&self, group: GroupId) -> (usize, usize, usize) {
+    pub fn counts(&self, group: Key) -> (usize, usize, usize) {
         let rec = &self.groups[&group];
         (rec.acks.len(), rec.reads.len(), rec.flushes.len())
     }
@@ -703,9 +921,9 @@ impl Checker {
     /// End of run: replays the committed log from the bootstrap state through a fresh
     /// machine; every recorded state hash must be reproduced and the record must be
     /// gap-free up to `upto`. Returns the hash at `upto`.
-    pub fn replay(&self, group: GroupId, upto: u64) -> Result<StateHash, Violation> {
+    pub fn replay(&self, group: Key, upto: u64) -> Result<StateHash, Violation> {
         let rec = &self.groups[&group];
-        let mut m = Machine::new(rec.kind, rec.base_index);
+        let mut m = rec.initial.clone();
         for index in rec.base_index + 1..=upto {
             let Some(c) = rec.committed.get(&index) else {
                 return Err(violation(

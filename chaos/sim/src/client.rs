@@ -6,7 +6,7 @@
 
 use raft::eraftpb::Entry;
 use roamdisk_core::command::VolumeCommand;
-use roamdisk_core::ids::{Generation, GroupId, NodeId};
+use roamdisk_core::ids::{Generation, GroupId, NodeId, META_GROUP};
 use roamdisk_core::meta::{Durability, MetaCommand, NodeInfo};
 use roamdisk_core::node::Ack;
 
@@ -50,6 +50,14 @@ pub struct Client {
     /// A client of the liveness check at the end: it runs in the quiet phase and its
     /// one request must be acknowledged.
     pub liveness: bool,
+    /// The admin's one metadata command (a site-loss run's failover and discard), sent
+    /// in any phase until it is acknowledged.
+    pub admin: Option<Vec<u8>>,
+    /// Sends nothing more (an admin command given up on).
+    pub retired: bool,
+    /// Random metadata commands register nodes far from the run's own ids (a site-loss
+    /// run's metadata places the volume on the real ones).
+    pub foreign_node_ids: bool,
 }
 
 fn write_op(payload: Vec<u8>, ack: Ack, register: Option<(usize, u64)>) -> Op {
@@ -73,13 +81,31 @@ impl Client {
             next_request: 1,
             acked: 0,
             liveness,
+            admin: None,
+            retired: false,
+            foreign_node_ids: false,
+        }
+    }
+
+    /// A client that sends the metadata command `payload` once.
+    pub fn admin(payload: Vec<u8>) -> Client {
+        Client {
+            admin: Some(payload),
+            ..Client::new(META_GROUP, MachineKind::Meta, false)
         }
     }
 
     /// Starts a new request drawn from `rng`; `stamps` numbers register writes.
     pub fn start(&mut self, rng: &mut SimRng, now: Micros, stamps: &mut u64) -> &mut InFlight {
         let op = match self.kind {
-            MachineKind::Meta => write_op(meta_command(rng), Ack::Committed, None),
+            MachineKind::Meta => match &self.admin {
+                Some(cmd) => write_op(cmd.clone(), Ack::Committed, None),
+                None => write_op(
+                    meta_command(rng, self.foreign_node_ids),
+                    Ack::Committed,
+                    None,
+                ),
+            },
             MachineKind::Volume if self.liveness => {
                 write_op(volume_command(rng), Ack::Committed, None)
             }
@@ -147,11 +173,12 @@ pub fn volume_command(rng: &mut SimRng) -> Vec<u8> {
 const SITES: [&str; 3] = ["a", "b", "c"];
 const NAMES: [&str; 4] = ["v0", "v1", "v2", "v3"];
 
-pub fn meta_command(rng: &mut SimRng) -> Vec<u8> {
+/// A random metadata command; `foreign_node_ids`: nodes it registers have ids from 100.
+pub fn meta_command(rng: &mut SimRng, foreign_node_ids: bool) -> Vec<u8> {
     let name = |rng: &mut SimRng| NAMES[rng.below(NAMES.len() as u64) as usize].to_string();
     let cmd = match rng.weighted(&[20, 25, 15, 10, 15, 15]) {
         0 => {
-            let id = rng.range(1, 8);
+            let id = rng.range(1, 8) + if foreign_node_ids { 100 } else { 0 };
             MetaCommand::AddNode(NodeInfo {
                 id: NodeId(id),
                 // A node's site never changes, so it follows from its id.

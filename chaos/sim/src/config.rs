@@ -103,6 +103,13 @@ pub struct SimConfig {
     /// Only the negative controls turn it off, to see the other checks catch the
     /// consequences of a broken driver.
     pub check_durable_quorum: bool,
+    /// The site-loss scenario: the volume is also in the metadata, its home site is
+    /// lost (every node killed, or cut off from both other sites) once, at a time drawn
+    /// from `site_loss_at_ms`, and the run's admin plans and executes a failover to site
+    /// 1 with the core's planner; the old home comes back later and is fenced (see
+    /// `failover`).
+    pub site_loss: bool,
+    pub site_loss_at_ms: (u64, u64),
     /// Print every event to stderr.
     pub trace: bool,
 }
@@ -118,6 +125,7 @@ impl SimConfig {
             (SimConfig::default(), None),
             (SimConfig::membership_stress(), Some("--stress")),
             (SimConfig::power_loss_stress(), Some("--power-stress")),
+            (SimConfig::site_loss(), Some("--site-loss")),
         ];
         for (mut cfg, preset) in presets {
             let mut flags: Vec<String> = preset.into_iter().map(String::from).collect();
@@ -198,6 +206,24 @@ impl SimConfig {
     }
 }
 
+impl SimConfig {
+    /// A home site lost once per run (see `site_loss`), with the usual faults around it
+    /// except membership changes (the metadata places the volume's replicas in these
+    /// runs, and the simulation's changes bypass it). Long enough for the lease and the
+    /// new epoch's fencing wait (4.5 s) and for writes at the new home after them.
+    pub fn site_loss() -> SimConfig {
+        let mut cfg = SimConfig {
+            site_loss: true,
+            site_loss_at_ms: (1_000, 7_000),
+            fault_phase_ms: 18_000,
+            quiet_phase_ms: 10_000,
+            ..SimConfig::default()
+        };
+        cfg.fault_weights.membership = 0;
+        cfg
+    }
+}
+
 /// The `roamdisk-sim` flag that turns `bug` on.
 pub fn bug_flag(bug: CoreBug) -> String {
     format!("--bug {}", bug.name())
@@ -268,6 +294,8 @@ impl Default for SimConfig {
             core_bug: None,
             lose_synced_data: false,
             check_durable_quorum: true,
+            site_loss: false,
+            site_loss_at_ms: (0, 0),
             trace: false,
         }
     }

@@ -45,11 +45,25 @@ impl Simulation {
                 .remove(&group);
             return self.restart_copy(node, group);
         }
+        if n.fenced(group) {
+            // A failover fenced the replica: its copy stops (the core refuses it too).
+            self.nodes
+                .get_mut(&node)
+                .expect("node")
+                .copies
+                .remove(&group);
+            return Ok(());
+        }
         // Copy from the leader, which serves reads (the storage node's copy asks it
-        // through a read barrier).
-        let source = self
-            .leader(group)
-            .filter(|l| *l != node && !self.net.is_cut(node, *l) && !self.net.is_cut(*l, node));
+        // through a read barrier), of the copying replica's epoch: the storage node's
+        // requests carry their epoch, and another epoch's are refused.
+        let epoch = n.epoch(group);
+        let source = self.leader(group).filter(|l| {
+            *l != node
+                && self.nodes[l].epoch(group) == epoch
+                && !self.net.is_cut(node, *l)
+                && !self.net.is_cut(*l, node)
+        });
         let Some((data, applied)) = source
             .and_then(|l| self.nodes[&l].copy_source(group))
             .map(|(d, a)| (d.clone(), a))

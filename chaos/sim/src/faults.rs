@@ -195,7 +195,7 @@ impl Simulation {
     }
 
     pub(crate) fn restart(&mut self, node: NodeId) -> Check {
-        if self.nodes[&node].up {
+        if self.nodes[&node].up || self.held_down(node) {
             return Ok(());
         }
         self.durability_changed = true;
@@ -308,6 +308,8 @@ impl Simulation {
 
     pub(crate) fn quiet(&mut self) -> Check {
         self.phase = Phase::Quiet;
+        // A lost home not back yet returns with everything else.
+        self.site_loss.held = false;
         self.crash_at_sync.clear();
         self.race = None;
         self.net.heal_all();

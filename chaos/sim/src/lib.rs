@@ -20,6 +20,8 @@
 //! - [`net`]: delays, drops, duplicates, partitions.
 //! - [`client`]: clients with leader hints and retries; the command workload.
 //! - [`topology`]: sites, nodes and initial group membership, drawn from the seed.
+//! - [`failover`]: the site-loss scenario: the home lost, a failover planned and
+//!   executed through the core, the old home fenced, resynced and rejoined.
 //! - [`config`]: knobs, including deliberately broken drivers for negative controls.
 //! - [`corelog`]: an ERROR logged by the core fails the run.
 //! - [`runner`]: running one seed (panics become failures); the tests' environment.
@@ -47,6 +49,7 @@ pub mod client;
 pub mod config;
 pub mod copy;
 pub mod corelog;
+pub mod failover;
 pub mod faults;
 pub mod machine;
 pub mod net;

@@ -74,10 +74,16 @@ impl VolumeData {
         Ok(())
     }
 
-    /// Writes bytes copied from another replica (a catch-up chunk).
+    /// Writes bytes copied from another replica (a catch-up chunk). The size is the
+    /// source's from the first chunk on (a failed-over replica may have grown in a
+    /// divergent tail the source never had), and grows with it during the copy.
     pub fn copy_from(&mut self, other: &VolumeData, range: std::ops::Range<usize>) {
+        self.size = if range.start == 0 {
+            other.size
+        } else {
+            self.size.max(other.size)
+        };
         self.bytes[range.clone()].copy_from_slice(&other.bytes[range]);
-        self.size = self.size.max(other.size);
     }
 
     /// fsync: everything written is durable.
@@ -227,6 +233,15 @@ impl Machine {
             }),
         };
         Machine { applied, state }
+    }
+
+    /// The metadata machine at `applied` with `state` (a run that starts with the
+    /// cluster's nodes and volume registered).
+    pub fn meta(state: ClusterState, applied: u64) -> Machine {
+        Machine {
+            applied,
+            state: MachineState::Meta(MetaMachine { state }),
+        }
     }
 
     pub fn kind(&self) -> MachineKind {

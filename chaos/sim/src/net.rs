@@ -145,6 +145,11 @@ impl Network {
 
     /// Cuts `node` off from every other node of `nodes`, both ways; returns the
     /// partition's id.
+    /// Cuts `side` off from every other node, both ways.
+    pub fn isolate_set(&mut self, side: &[NodeId], nodes: &[NodeId], what: String) -> u64 {
+        self.start(side, nodes, Direction::Both, format!("{what} Both"))
+    }
+
     pub fn isolate(&mut self, node: NodeId, nodes: &[NodeId]) -> u64 {
         self.start(&[node], nodes, Direction::Both, format!("node {node} Both"))
     }

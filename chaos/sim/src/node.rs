@@ -37,7 +37,7 @@ use roamdisk_core::node::{
 };
 use roamdisk_core::time::Time;
 
-use crate::checker::{violation, Check, Checker, Invariant};
+use crate::checker::{violation, Check, Checker, Invariant, Key};
 use crate::client::Op;
 use crate::config::{Micros, SimConfig};
 use crate::machine::{MachineKind, MetaMonotone, VolumeData, REGISTERS_AT, REGISTER_BYTES};
@@ -68,6 +68,8 @@ pub enum Reply {
         index: u64,
         term: u64,
         early: bool,
+        /// The group's voters when it answered (incoming, and outgoing while joint).
+        voters: (Vec<NodeId>, Vec<NodeId>),
     },
     Flushed,
     /// A register's bytes as read.
@@ -146,6 +148,9 @@ pub enum Effect {
         request: u64,
         attempt: u32,
         reply: Reply,
+        /// The epoch of the group that answered, and when.
+        epoch: u64,
+        answered_at: Micros,
     },
     /// The node's log sync completes after this long (unless it crashes first).
     SyncAfter {
@@ -195,6 +200,9 @@ pub struct ReplicaSeed {
 /// A request the core holds, and what is known of its entry.
 struct Pending {
     req: ClientRequest,
+    /// The group's epoch here when the request arrived (an epoch change refuses every
+    /// request waiting, so a success is that epoch's).
+    epoch: u64,
     /// (index, term, answered early) once the core said where its entry is.
     placed: Option<(u64, u64, bool)>,
 }
@@ -232,6 +240,8 @@ pub struct Node {
     /// source data they copied.
     pub copies: BTreeMap<GroupId, (u64, u64)>,
     seen: BTreeMap<GroupId, Seen>,
+    /// Each group's epoch here, as of the effect being executed (`Note::Epoch`).
+    epochs: BTreeMap<GroupId, u64>,
     monotone: Option<MetaMonotone>,
     /// The wake-up asked for last (to ask once per time).
     wake: Option<Micros>,
@@ -257,6 +267,36 @@ fn core_err(what: &str, e: impl std::fmt::Display) -> crate::checker::Violation 
 
 fn time(us: Micros) -> Time {
     Time::from_micros(us)
+}
+
+/// The wall-clock time of a site-loss run's start (entries' stamps count from it).
+pub const WALL_EPOCH_UNIX_MS: u64 = 1_800_000_000_000;
+
+/// Registers epoch `epoch` of `group` with the checker, cut where the metadata's
+/// failover record says.
+/// The source of the failover, as it re-forms the group (`reform`), cuts at its own
+/// commit index (its whole log is the new epoch's); otherwise the cut is the plan's.
+fn start_epoch(
+    core: &NodeCore<SimStore>,
+    checker: &mut Checker,
+    group: GroupId,
+    epoch: u64,
+    reform: bool,
+) {
+    let Some(f) = core
+        .cluster()
+        .volume_by_id(roamdisk_core::ids::VolumeId(group.0))
+        .and_then(|v| v.failover.as_ref())
+    else {
+        return;
+    };
+    let mut cut = f.committed;
+    if reform && f.node == core.me() {
+        if let Some(r) = core.raft(group) {
+            cut = cut.max(r.commit_index().0);
+        }
+    }
+    checker.start_epoch(Key::new(group, epoch), cut);
 }
 
 impl Node {
@@ -292,6 +332,7 @@ impl Node {
             checkpoint: None,
             copies: BTreeMap::new(),
             seen: BTreeMap::new(),
+            epochs: BTreeMap::new(),
             monotone: None,
             wake: None,
             wiped: false,
@@ -320,7 +361,53 @@ impl Node {
         c.observe = true;
         c.bug = cfg.core_bug;
         c.rebooted = self.rebooted;
+        if cfg.site_loss {
+            // Entries carry the home-site time a failover plan states its loss in.
+            c.wall_epoch_unix_ms = WALL_EPOCH_UNIX_MS;
+        }
         c
+    }
+
+    /// The epoch of this node's replica of `group` (0 before any failover).
+    pub fn epoch(&self, group: GroupId) -> u64 {
+        self.epochs.get(&group).copied().unwrap_or(0)
+    }
+
+    /// The checker's record this replica of `group` reports to.
+    pub fn key(&self, group: GroupId) -> Key {
+        Key::new(group, self.epoch(group))
+    }
+
+    /// The replica's report for a failover being executed (it holds still meanwhile:
+    /// `NodeCore::replica_report_holding`).
+    pub fn report_holding(
+        &mut self,
+        now: Micros,
+        group: GroupId,
+    ) -> Option<roamdisk_core::node::ReplicaReport> {
+        self.core.as_mut()?.replica_report_holding(time(now), group)
+    }
+
+    /// Whether a failover fenced this node's replica of `group`.
+    pub fn fenced(&self, group: GroupId) -> bool {
+        self.core
+            .as_ref()
+            .is_some_and(|c| c.fenced(group).is_some())
+    }
+
+    /// Reads each group's epoch from a core just opened, and makes sure the checker has
+    /// its record (the failover's cut is in the metadata).
+    fn load_epochs(&mut self, ctx: &mut Ctx<'_>) {
+        let core = self.core.as_ref().expect("opened");
+        self.epochs.clear();
+        for g in core.group_ids() {
+            if let Some((epoch, _)) = core.epoch_of(g) {
+                self.epochs.insert(g, epoch);
+                if epoch > 0 {
+                    start_epoch(core, ctx.checker, g, epoch, false);
+                }
+            }
+        }
     }
 
     pub fn is_busy(&self) -> bool {
@@ -347,7 +434,12 @@ impl Node {
     /// Puts the metadata group on this node's disk before its core first opens it, with
     /// the bootstrap membership `conf` (`None`: the node is not a member; the core opens
     /// it empty).
-    pub fn seed_meta(&self, group: GroupId, conf: Option<ConfState>) -> Result<(), String> {
+    pub fn seed_meta(
+        &self,
+        group: GroupId,
+        conf: Option<ConfState>,
+        initial: &roamdisk_core::meta::ClusterState,
+    ) -> Result<(), String> {
         let Some(cs) = conf else {
             return Ok(());
         };
@@ -364,7 +456,7 @@ impl Node {
         // The state at the base index, which a snapshot of it carries.
         b.push(roamdisk_core::logstore::LogOp::Put {
             key: roamdisk_core::node::META_SNAPSHOT_KEY.to_vec(),
-            value: roamdisk_core::meta::ClusterState::default().encode(),
+            value: initial.encode(),
         });
         self.store.write(b).map_err(|e| e.to_string())?;
         self.store.sync().map_err(|e| e.to_string())
@@ -377,6 +469,7 @@ impl Node {
         let core = NodeCore::open(cfg, Arc::clone(&self.store), Arc::default(), time(ctx.now))
             .map_err(|e| core_err("NodeCore::open", e))?;
         self.core = Some(core);
+        self.load_epochs(ctx);
         self.seeds.insert(
             META_GROUP,
             ReplicaSeed {
@@ -475,6 +568,7 @@ impl Node {
         let core = NodeCore::open(cfg, Arc::clone(&self.store), Arc::default(), time(ctx.now))
             .map_err(|e| core_err("NodeCore::open", e))?;
         self.core = Some(core);
+        self.load_epochs(ctx);
         self.rebooted = false;
         for (group, (remote, degrade_after)) in &self.site_durable {
             let core = self.core.as_mut().expect("opened");
@@ -557,7 +651,9 @@ impl Node {
                 wire,
             } => {
                 if let Wire::Raft(msg) = &wire {
-                    if let Some(r) = self.raft(group) {
+                    // Another epoch's frames are dropped by the core.
+                    let same_epoch = epoch == self.epoch(group);
+                    if let Some(r) = self.raft(group).filter(|_| same_epoch) {
                         if msg.get_msg_type() == MessageType::MsgHeartbeat
                             && msg.commit > r.last_index().0
                         {
@@ -592,7 +688,15 @@ impl Node {
                 let id = ReqId(self.next_req);
                 let group = req.group;
                 let op = req.op.clone();
-                self.requests.insert(id, Pending { req, placed: None });
+                let epoch = self.epoch(group);
+                self.requests.insert(
+                    id,
+                    Pending {
+                        req,
+                        epoch,
+                        placed: None,
+                    },
+                );
                 let core = self.core_mut();
                 match op {
                     Op::Write { payload, ack, .. } => {
@@ -870,8 +974,8 @@ impl Node {
                     let high = self.data_high.entry(group).or_default();
                     *high = (*high).max(index.0);
                     if index.0 >= self.exact_from.get(&group).copied().unwrap_or(0) {
-                        ctx.checker
-                            .observe_state(group, me, index.0, hash, "apply")?;
+                        let key = self.key(group);
+                        ctx.checker.observe_state(key, me, index.0, hash, "apply")?;
                     }
                 }
                 CoreEffect::Answer { id, answer } => self.answer(id, answer, ctx)?,
@@ -926,12 +1030,17 @@ impl Node {
                 let mut conf = ConfState::default();
                 conf.voters = voters;
                 conf.voters_outgoing = outgoing;
-                ctx.checker.observe_leader_commit(group, from, to, &conf);
+                let key = self.key(group);
+                ctx.checker.observe_leader_commit(key, from, to, &conf);
             }
-            Note::Committed { group, entry } => ctx.checker.observe_committed(group, me, &entry)?,
-            Note::MetaApplied { index, hash } => ctx
-                .checker
-                .observe_state(META_GROUP, me, index, hash, "apply")?,
+            Note::Committed { group, entry } => {
+                let key = self.key(group);
+                ctx.checker.observe_committed(key, me, &entry)?
+            }
+            Note::MetaApplied { index, hash } => {
+                ctx.checker
+                    .observe_state(META_GROUP.into(), me, index, hash, "apply")?
+            }
             Note::AnsweredEarly {
                 id, index, term, ..
             } => {
@@ -948,7 +1057,34 @@ impl Node {
             }
             Note::Flushed { .. } => {}
             Note::QuarantineEnded { group, .. } => {
-                ctx.checker.observe_quarantine_end(group, ctx.now);
+                let key = self.key(group);
+                ctx.checker.observe_quarantine_end(key, ctx.now);
+            }
+            Note::Epoch {
+                group,
+                epoch,
+                fenced,
+            } => {
+                ctx.trace.note(ctx.now, || {
+                    format!(
+                        "n{me} g{group}: {} epoch {epoch}",
+                        if fenced { "fenced in" } else { "joins" }
+                    )
+                });
+                if !fenced {
+                    start_epoch(self.core(), ctx.checker, group, epoch, true);
+                    self.epochs.insert(group, epoch);
+                    // A new epoch's replica starts its commit index again (from zero,
+                    // when it starts empty).
+                    self.seen.remove(&group);
+                    // The core reopened the group from its durable applied index (or
+                    // empty): as after a restart, its data holds writes up to the newest
+                    // it applied, and is exact again only past them.
+                    if let Some(high) = self.data_high.get(&group).copied() {
+                        let e = self.exact_from.entry(group).or_default();
+                        *e = (*e).max(high);
+                    }
+                }
             }
         }
         Ok(())
@@ -972,7 +1108,15 @@ impl Node {
         };
         let reply = match (answer, &p.req.op) {
             (Ok(Outcome::Volume | Outcome::Meta(_)), Op::Write { .. }) => match p.placed {
-                Some((index, term, early)) => Reply::Written { index, term, early },
+                Some((index, term, early)) => Reply::Written {
+                    index,
+                    term,
+                    early,
+                    voters: self
+                        .raft(p.req.group)
+                        .map(|r| r.voter_sets())
+                        .unwrap_or_default(),
+                },
                 None => {
                     return Err(violation(
                         Invariant::CoreError,
@@ -999,12 +1143,21 @@ impl Node {
             (Err(Refused::Fenced { .. }), _) => Reply::Retry("fenced"),
             (Err(Refused::Shutdown | Refused::Failed(_)), _) => Reply::Retry("failed"),
         };
+        if matches!(
+            reply,
+            Reply::Written { .. } | Reply::Flushed | Reply::Read { .. }
+        ) {
+            ctx.checker
+                .observe_answer(Key::new(p.req.group, p.epoch), ctx.now);
+        }
         ctx.effects.push(Effect::Reply {
             node: self.id,
             client: p.req.client,
             request: p.req.request,
             attempt: p.req.attempt,
             reply,
+            epoch: p.epoch,
+            answered_at: ctx.now,
         });
         Ok(())
     }
@@ -1035,7 +1188,8 @@ impl Node {
                 commit: r.commit_index().0,
             };
             if now.role == StateRole::Leader {
-                ctx.checker.observe_leader(group, me, now.term)?;
+                let key = self.key(group);
+                ctx.checker.observe_leader(key, me, now.term)?;
             }
             if let Some(before) = self.seen.get(&group) {
                 if now.commit < before.commit {
@@ -1066,7 +1220,7 @@ impl Node {
             let (lo, hi) = self.log_span(group)?;
             let lo = lo.max(hi.saturating_sub(LOG_CHECK_WINDOW));
             checker.check_log(
-                group,
+                self.key(group),
                 self.id,
                 self.store.as_ref(),
                 lo,
@@ -1083,7 +1237,7 @@ impl Node {
             return Ok(());
         }
         let (lo, hi) = self.log_span(group)?;
-        checker.check_log(group, self.id, self.store.as_ref(), lo, hi, when)
+        checker.check_log(self.key(group), self.id, self.store.as_ref(), lo, hi, when)
     }
 
     /// The truncation point and the committed end of `group`'s log here.
@@ -1117,6 +1271,14 @@ impl Node {
     /// The recovery point of `group` on this node, if its replica must copy blocks.
     pub fn recovery_point(&self, group: GroupId) -> Option<u64> {
         self.core.as_ref()?.recovering(group).map(|p| p.0)
+    }
+
+    /// The site-durable policy of `group` as the driver set it, if it did.
+    pub fn site_durable_policy(
+        &self,
+        group: GroupId,
+    ) -> Option<(Vec<NodeId>, Option<std::time::Duration>)> {
+        self.site_durable.get(&group).cloned()
     }
 
     /// The replicas outside the home site of a site-durable group (empty otherwise).

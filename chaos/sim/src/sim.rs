@@ -27,12 +27,13 @@ use std::fmt;
 use raft::eraftpb::{ConfState, MessageType};
 use raft::StateRole;
 use roamdisk_core::ids::{GroupId, NodeId, META_GROUP};
+use roamdisk_core::meta::Durability;
 
-use crate::checker::{violation, Check, Checker, Invariant, Violation};
+use crate::checker::{violation, Check, Checker, Invariant, Key, Violation};
 use crate::client::{Client, Op};
 use crate::config::{Micros, SimConfig, MS};
 use crate::corelog::CoreErrors;
-use crate::machine::MachineKind;
+use crate::machine::{Machine, MachineKind};
 use crate::net::Network;
 use crate::node::{ClientRequest, Ctx, Effect, Input, Node, ReplicaSeed, Reply, Wire};
 use crate::rng::SimRng;
@@ -108,6 +109,9 @@ pub(crate) enum Event {
         request: u64,
         attempt: u32,
         reply: Reply,
+        /// The answering group's epoch, and when it answered.
+        epoch: u64,
+        answered_at: Micros,
     },
     ClientTimeout {
         client: usize,
@@ -122,6 +126,8 @@ pub(crate) enum Event {
         node: NodeId,
         step: u8,
     },
+    /// The next step of the site loss (see `failover`).
+    SiteLoss(u8),
     Quiet,
     Settle,
     FinalWrites,
@@ -153,6 +159,7 @@ impl Event {
             Event::Wake { .. } => 19,
             Event::CopyChunk { .. } => 20,
             Event::Race { .. } => 21,
+            Event::SiteLoss(_) => 22,
         }
     }
 }
@@ -217,6 +224,10 @@ pub struct Stats {
     pub nodes: u64,
     /// Highest volume generation in the final metadata state (moves finished + 1).
     pub max_generation: u64,
+    /// Home sites lost, failovers applied, old-home replicas resynced into the new epoch.
+    pub site_losses: u64,
+    pub failovers: u64,
+    pub rejoined: u64,
 }
 
 /// A run that passed.
@@ -267,7 +278,7 @@ pub struct Simulation {
     pub(crate) topology: Topology,
     pub(crate) nodes: BTreeMap<NodeId, Node>,
     pub(crate) net: Network,
-    clients: Vec<Client>,
+    pub(crate) clients: Vec<Client>,
     pub(crate) checker: Checker,
     pub(crate) trace: Trace,
     pub(crate) phase: Phase,
@@ -284,6 +295,12 @@ pub struct Simulation {
     stamps: u64,
     /// The catch-up race in progress.
     pub(crate) race: Option<crate::faults::Race>,
+    /// The site-loss scenario's progress, and the metadata a run starts with.
+    pub(crate) site_loss: crate::failover::SiteLoss,
+    initial_meta: roamdisk_core::meta::ClusterState,
+    /// A site-loss run's durability, drawn before the metadata is made: site-durable,
+    /// and after how long without another site it degrades.
+    preset_durability: Option<(bool, Option<std::time::Duration>)>,
     core_errors: CoreErrors,
 }
 
@@ -301,9 +318,29 @@ impl Simulation {
                 Node::new(*id, *site, &cfg, retained, meta_voters.clone()),
             );
         }
+        let (initial_meta, preset_durability) = if cfg.site_loss {
+            let site = rng.chance(cfg.site_durable_per_million);
+            let degrade = (site && rng.chance(500_000))
+                .then(|| std::time::Duration::from_millis(rng.range(100, 2000)));
+            let durability = if site {
+                Durability::Site
+            } else {
+                Durability::Node
+            };
+            (
+                crate::failover::initial_cluster(&topology, durability, degrade),
+                Some((site, degrade)),
+            )
+        } else {
+            (roamdisk_core::meta::ClusterState::default(), None)
+        };
         let mut checker = Checker::default();
         for (group, spec) in &topology.groups {
-            checker.add_group(*group, spec.kind, cfg.bootstrap_index);
+            let initial = match spec.kind {
+                MachineKind::Meta => Machine::meta(initial_meta.clone(), cfg.bootstrap_index),
+                MachineKind::Volume => Machine::new(spec.kind, cfg.bootstrap_index),
+            };
+            checker.add_group((*group).into(), initial, cfg.bootstrap_index);
         }
         let trace = Trace::new(cfg.trace);
         Simulation {
@@ -327,6 +364,9 @@ impl Simulation {
             power_losses: Vec::new(),
             stamps: 0,
             race: None,
+            site_loss: Default::default(),
+            initial_meta,
+            preset_durability,
             core_errors: CoreErrors::default(),
             cfg,
         }
@@ -429,13 +469,13 @@ impl Simulation {
             .topology
             .groups
             .keys()
-            .map(|g| self.checker.group(*g).terms() as u64)
+            .flat_map(|g| self.checker.epochs(*g).map(|(_, r)| r.terms() as u64))
             .sum();
         self.stats.committed_entries = self
             .topology
             .groups
             .keys()
-            .map(|g| self.checker.group(*g).committed_len() as u64)
+            .map(|g| self.checker.group(self.checker.current(*g)).committed_len() as u64)
             .sum();
         self.stats.nodes = self.nodes.len() as u64;
         self.stats.max_generation = self
@@ -445,7 +485,13 @@ impl Simulation {
             .flat_map(|c| c.cluster().volumes.values().map(|v| v.generation.0))
             .max()
             .unwrap_or(0);
-        let (_, reads, flushes) = self.checker.counts(VOLUME_GROUP);
+        let (_, reads, flushes) = self
+            .checker
+            .epochs(VOLUME_GROUP)
+            .fold((0, 0, 0), |t, (k, _)| {
+                let c = self.checker.counts(*k);
+                (t.0 + c.0, t.1 + c.1, t.2 + c.2)
+            });
         self.stats.reads = reads as u64;
         self.stats.flushes = flushes as u64;
         Ok(Outcome {
@@ -475,7 +521,7 @@ impl Simulation {
             cs.learners = learners.iter().map(|n| n.0).collect();
             for node in self.nodes.values() {
                 let member = voters.contains(&node.id) || learners.contains(&node.id);
-                node.seed_meta(*group, member.then(|| cs.clone()))
+                node.seed_meta(*group, member.then(|| cs.clone()), &self.initial_meta)
                     .map_err(|e| violation(Invariant::CoreError, e))?;
             }
         }
@@ -483,8 +529,12 @@ impl Simulation {
         for node in &nodes {
             self.with_node(*node, |n, ctx| n.start(ctx))?;
         }
-        let site_durable =
-            self.topology.sites.len() > 1 && self.rng.chance(self.cfg.site_durable_per_million);
+        let site_durable = match self.preset_durability {
+            Some((site, _)) => site,
+            None => {
+                self.topology.sites.len() > 1 && self.rng.chance(self.cfg.site_durable_per_million)
+            }
+        };
         for (group, kind, voters, learners) in groups {
             let clients = if kind == MachineKind::Volume {
                 let mut cs = ConfState::default();
@@ -499,10 +549,13 @@ impl Simulation {
                 }
                 if site_durable {
                     // Half of them degrade after a while without another site.
-                    let degrade_after = self
-                        .rng
-                        .chance(500_000)
-                        .then(|| std::time::Duration::from_millis(self.rng.range(100, 2000)));
+                    let degrade_after = match self.preset_durability {
+                        Some((_, d)) => d,
+                        None => self
+                            .rng
+                            .chance(500_000)
+                            .then(|| std::time::Duration::from_millis(self.rng.range(100, 2000))),
+                    };
                     self.trace.note(0, || {
                         format!("g{group}: durability=site, degrade after {degrade_after:?}")
                     });
@@ -515,7 +568,9 @@ impl Simulation {
                 1
             };
             for _ in 0..clients {
-                self.clients.push(Client::new(group, kind, false));
+                let mut c = Client::new(group, kind, false);
+                c.foreign_node_ids = self.cfg.site_loss;
+                self.clients.push(c);
             }
         }
         let tick = self.cfg.tick_ms * MS;
@@ -544,6 +599,11 @@ impl Simulation {
             .range(self.cfg.fault_interval_ms.0, self.cfg.fault_interval_ms.1)
             * MS;
         self.schedule(first_fault, Event::Fault);
+        if self.cfg.site_loss {
+            let (lo, hi) = self.cfg.site_loss_at_ms;
+            let at = self.rng.range(lo, hi) * MS;
+            self.schedule(at, Event::SiteLoss(0));
+        }
         let fault_end = self.cfg.fault_phase_ms * MS;
         let quiet = self.cfg.quiet_phase_ms * MS;
         self.schedule(fault_end, Event::Quiet);
@@ -632,6 +692,8 @@ impl Simulation {
                     request,
                     attempt,
                     reply,
+                    epoch,
+                    answered_at,
                 } => {
                     if self.rng.chance(self.net.drop_per_million) {
                         continue;
@@ -646,6 +708,8 @@ impl Simulation {
                             request,
                             attempt,
                             reply,
+                            epoch,
+                            answered_at,
                         },
                     );
                 }
@@ -808,6 +872,7 @@ impl Simulation {
                 request,
                 attempt,
                 reply,
+                ..
             } => (
                 vec![from.0, *client as u64, *request, u64::from(*attempt)],
                 self.trace.verbose().then(|| {
@@ -826,6 +891,7 @@ impl Simulation {
                 vec![node.0, u64::from(*step)],
                 Some(format!("catch-up race on n{node}, step {step}")),
             ),
+            Event::SiteLoss(step) => (vec![u64::from(*step)], None),
             Event::Quiet => (vec![], Some("quiet phase: heal everything".into())),
             Event::Settle => (vec![], None),
             Event::FinalWrites => (vec![], Some("liveness writes".into())),
@@ -914,7 +980,9 @@ impl Simulation {
                 request,
                 attempt,
                 reply,
-            } => self.client_reply(from, client, request, attempt, reply),
+                epoch,
+                answered_at,
+            } => self.client_reply(from, client, request, attempt, reply, (epoch, answered_at)),
             Event::ClientTimeout {
                 client,
                 request,
@@ -946,6 +1014,7 @@ impl Simulation {
                 Ok(())
             }
             Event::Race { node, step } => self.race_step(node, step),
+            Event::SiteLoss(step) => self.site_loss_step(step),
             Event::Quiet => self.quiet(),
             Event::Settle => {
                 if self.phase == Phase::Quiet {
@@ -1045,12 +1114,16 @@ impl Simulation {
         let faults = self.phase == Phase::Faults;
         let now = self.now;
         let c = &mut self.clients[client];
+        if c.retired {
+            return;
+        }
         match &c.in_flight {
             Some(f) if f.attempt != after_attempt => return,
             Some(_) => {}
             None if after_attempt != 0 => return,
             None => {
-                if !(faults || c.liveness) || (c.liveness && c.acked > 0) {
+                let once = c.liveness || c.admin.is_some();
+                if !(faults || once) || (once && c.acked > 0) {
                     return;
                 }
                 c.start(&mut self.rng, now, &mut self.stamps);
@@ -1100,6 +1173,7 @@ impl Simulation {
         request: u64,
         attempt: u32,
         reply: Reply,
+        (epoch, answered_at): (u64, Micros),
     ) -> Check {
         let c = &mut self.clients[client];
         let Some(f) = &c.in_flight else {
@@ -1109,23 +1183,31 @@ impl Simulation {
             return Ok(());
         }
         let current = f.attempt;
-        let group = c.group;
+        let group = Key::new(c.group, epoch);
         let done = match (&reply, &f.op) {
             // Any attempt of this request may be the one that committed.
             (
-                Reply::Written { index, term, early },
+                Reply::Written {
+                    index,
+                    term,
+                    early,
+                    voters,
+                },
                 Op::Write {
                     digest, register, ..
                 },
             ) => {
                 self.stats.acknowledged += 1;
                 self.stats.acknowledged_early += u64::from(*early);
-                let voters = self.nodes[&from]
-                    .raft(group)
-                    .map(|r| r.voter_sets())
-                    .unwrap_or_default();
                 self.checker.observe_write_ack(
-                    group, *index, *term, *digest, *early, self.now, *register, voters,
+                    group,
+                    *index,
+                    *term,
+                    *digest,
+                    *early,
+                    (self.now, answered_at),
+                    *register,
+                    voters.clone(),
                 )?;
                 true
             }
@@ -1139,7 +1221,7 @@ impl Simulation {
                     |n| {
                         nodes
                             .get(&n)
-                            .and_then(|node| node.store.model_synced(group))
+                            .and_then(|node| node.store.model_synced(group.group))
                     },
                 )?;
                 true
@@ -1205,11 +1287,13 @@ impl Simulation {
         Ok(())
     }
 
-    /// The node that leads `group` in the highest term, among running nodes.
+    /// The node that leads `group` in the highest term, among running nodes of its
+    /// newest epoch (a fenced replica leads nothing).
     pub(crate) fn leader(&self, group: GroupId) -> Option<NodeId> {
+        let epoch = self.checker.current(group).epoch;
         self.nodes
             .values()
-            .filter(|n| n.up)
+            .filter(|n| n.up && n.epoch(group) == epoch && !n.fenced(group))
             .filter_map(|n| {
                 let r = n.raft(group)?;
                 (r.role() == StateRole::Leader).then(|| (r.term().0, n.id))
@@ -1244,15 +1328,18 @@ impl Simulation {
         Ok(())
     }
 
+    /// Invariant 2's quorum part, for each group's newest epoch (a failover gave up
+    /// the older epochs' entries past its cut).
     fn check_quorums(&self) -> Check {
         for group in self.topology.groups.keys() {
+            let key = self.checker.current(*group);
             let mut watermarks = BTreeMap::new();
-            for node in self.nodes.values() {
+            for node in self.nodes.values().filter(|n| n.epoch(*group) == key.epoch) {
                 if let Some(log) = node.store.model_synced(*group) {
-                    watermarks.insert(node.id, self.checker.durable_watermark(*group, &log));
+                    watermarks.insert(node.id, self.checker.durable_watermark(key, &log));
                 }
             }
-            self.checker.check_quorums(*group, &watermarks)?;
+            self.checker.check_quorums(key, &watermarks)?;
         }
         Ok(())
     }
@@ -1317,7 +1404,8 @@ impl Simulation {
                     ),
                 ));
             }
-            let replayed = self.checker.replay(group, applied)?;
+            let key = self.checker.current(group);
+            let replayed = self.checker.replay(key, applied)?;
             if replayed != hash {
                 return Err(violation(
                     Invariant::ReplicaStateAgrees,
@@ -1326,8 +1414,13 @@ impl Simulation {
                     ),
                 ));
             }
-            self.checker
-                .check_acks_and_reads(group, &self.power_losses)?;
+            self.check_failovers(group)?;
+            let keys: Vec<Key> = self.checker.epochs(group).map(|(k, _)| *k).collect();
+            for k in &keys {
+                let superseded = k.epoch != key.epoch;
+                self.checker
+                    .check_acks_and_reads(*k, &self.power_losses, superseded)?;
+            }
         }
         for c in self.clients.iter().filter(|c| c.liveness) {
             if c.acked == 0 {

@@ -9,6 +9,9 @@
 //!   only under its lease, which the metadata group grants (`roamdisk_core::node`'s
 //!   `lease`), so no node ever leaves it.
 //! - Spare nodes start without a volume replica and join through membership changes.
+//! - A site-loss run (`SimConfig::site_loss`) has two other sites, no spares, and as
+//!   many nodes at the first of them as the home has: the failover's site, where the
+//!   metadata places the voters of the re-formed group.
 
 use std::collections::BTreeMap;
 
@@ -41,6 +44,13 @@ pub struct Topology {
 }
 
 pub const HOME_SITE: SiteId = SiteId(0);
+/// Where a site-loss run fails the volume over to.
+pub const FAILOVER_SITE: SiteId = SiteId(1);
+
+/// The site's name in the metadata.
+pub fn site_name(site: SiteId) -> String {
+    format!("site{}", site.0)
+}
 
 impl Topology {
     pub fn draw(rng: &mut SimRng, cfg: &SimConfig) -> Topology {
@@ -51,8 +61,14 @@ impl Topology {
             (VOTERS_MIN..=VOTERS_MAX).contains(&voters),
             "voters must be in {VOTERS_MIN}..={VOTERS_MAX}"
         );
-        let remote_sites = rng.range(0, cfg.remote_sites_max as u64) as usize;
-        let spares = rng.range(0, cfg.spare_nodes_max as u64) as usize;
+        let mut remote_sites = rng.range(0, cfg.remote_sites_max as u64) as usize;
+        let mut spares = rng.range(0, cfg.spare_nodes_max as u64) as usize;
+        if cfg.site_loss {
+            // Two other sites, so that the metadata quorum survives the home; the first
+            // has as many nodes as the home (the failover places its voters there).
+            remote_sites = 2;
+            spares = 0;
+        }
         let sites: Vec<SiteId> = (0..=remote_sites as u64).map(SiteId).collect();
 
         let mut nodes = BTreeMap::new();
@@ -73,6 +89,13 @@ impl Topology {
             let site = *rng.pick(&sites).expect("at least the home site");
             nodes.insert(NodeId(next), site);
             next += 1;
+        }
+        if cfg.site_loss {
+            // Nodes at the failover's site that hold no replica yet.
+            for _ in 1..voters {
+                nodes.insert(NodeId(next), FAILOVER_SITE);
+                next += 1;
+            }
         }
 
         let mut groups = BTreeMap::new();
@@ -117,5 +140,14 @@ impl Topology {
 
     pub fn site_of(&self, node: NodeId) -> SiteId {
         self.nodes[&node]
+    }
+
+    /// The nodes at `site`.
+    pub fn at(&self, site: SiteId) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|(_, s)| **s == site)
+            .map(|(n, _)| *n)
+            .collect()
     }
 }

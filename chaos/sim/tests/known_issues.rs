@@ -33,3 +33,20 @@ fn a_leader_that_removes_itself_blocks_the_group_forever() {
     let f = run_seed(85, &removals()).expect_err("seed 85 loses liveness");
     assert_eq!(f.violation.invariant, Invariant::Liveness, "{f}");
 }
+
+/// Two site-loss seeds of the first 1,000 end without liveness (both safe: no invariant
+/// but convergence fails). 881: a plan made while the metadata had no quorum was never
+/// executed, and the survivors it asked to hold still for the failover
+/// (`roamdisk_core::node::failover::FAILOVER_HOLD`, 30 s, again after a restart) could
+/// not install the snapshot they needed before the run ended; a shorter hold traded
+/// this for sources that took a snapshot between plan and commit (6 seeds in 1,000 at
+/// 10 s). 832: an old-home replica rejoined as a learner is still copying at the end
+/// (not yet diagnosed).
+#[test]
+#[ignore = "documents a core issue"]
+fn site_loss_seeds_that_end_without_liveness() {
+    for seed in [832, 881] {
+        let f = run_seed(seed, &SimConfig::site_loss()).expect_err("loses liveness");
+        assert_eq!(f.violation.invariant, Invariant::Liveness, "{f}");
+    }
+}

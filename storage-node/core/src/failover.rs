@@ -15,7 +15,8 @@
 //! - **lossless** for a `durability=site` volume when every replica outside the home
 //!   answered: each acknowledged write was synced by one of them, and the chosen one
 //!   holds what any of them holds (not with `degrade-after`: its home may have answered
-//!   writes alone). A `durability=node` volume is never stated lossless:
+//!   writes alone; not when a replica that is not whole, copying blocks, is further
+//!   ahead: its log may hold the last acknowledged write). A `durability=node` volume is never stated lossless:
 //!   its home acknowledged writes the other sites may not have had yet.
 //! - otherwise, **writes acknowledged after `after` may be lost**, `after` being the
 //!   home-site time (the leader's stamp) of the newest entry at or below the highest
@@ -136,8 +137,18 @@ pub fn plan_volume(
     let home_may_write = v.durability == Durability::Site
         && matches!(v.on_no_site, crate::meta::OnNoSite::DegradeAfter { .. });
     // Every replica that could have synced a site-durable write answered (and the home
-    // never answered writes alone: degrade-after may have).
-    let lossless = v.durability == Durability::Site && unreachable.is_empty() && !home_may_write;
+    // never answered writes alone: degrade-after may have), and none of them is further
+    // ahead than the chosen one: one that is not whole (copying blocks) still synced the
+    // entries in its log, and may hold the last acknowledged write (the site-loss
+    // simulation, seed 389: a lossless plan from a replica behind one that was copying).
+    let ahead = reports.iter().any(|r| {
+        !r.fenced
+            && r.epoch == v.epoch
+            && site_of(r.node) != v.home_site
+            && (r.last_term, r.last_index) > (best.last_term, best.last_index)
+    });
+    let lossless =
+        v.durability == Durability::Site && unreachable.is_empty() && !home_may_write && !ahead;
     let tail = reports
         .iter()
         .filter_map(|r| r.tail.map(|t| (r, t)))

@@ -70,7 +70,7 @@ pub async fn plan(
             format!("unknown site {:?}", b.to),
         ));
     }
-    let p = node.plan_failover(&b.to, &b.volumes).await?;
+    let p = node.plan_failover(&b.to, &b.volumes, false).await?;
     let mut j = plan_json(&p);
     // A consistency group's volumes share its log: their common cut is the group's
     // last entry in the chosen replica, the same index for all of them.

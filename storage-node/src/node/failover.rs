@@ -64,20 +64,30 @@ pub struct Executed {
 }
 
 impl Node {
-    /// What the replica of `group` on node `on` reports for a plan (`None`: no answer).
-    pub async fn replica_report(&self, on: NodeId, group: GroupId) -> Option<ReplicaReport> {
+    /// What the replica of `group` on node `on` reports for a plan (`None`: no answer);
+    /// `hold`: the plan is `execute`'s, and the replica holds still until it applies.
+    pub async fn replica_report(
+        &self,
+        on: NodeId,
+        group: GroupId,
+        hold: bool,
+    ) -> Option<ReplicaReport> {
         if on == self.me {
-            return self.local_replica_report(group).await;
+            return self.local_replica_report(group, hold).await;
         }
-        let req = PeerRequest::ReplicaReport { group };
+        let req = PeerRequest::ReplicaReport { group, hold };
         match self.transport.request_within(on, req, PROBE_TIMEOUT).await {
             Ok(PeerResponse::ReplicaReport(r)) => r,
             _ => None,
         }
     }
 
-    pub(super) async fn local_replica_report(&self, group: GroupId) -> Option<ReplicaReport> {
-        self.to_store(|reply| Event::ReplicaReport { group, reply })
+    pub(super) async fn local_replica_report(
+        &self,
+        group: GroupId,
+        hold: bool,
+    ) -> Option<ReplicaReport> {
+        self.to_store(|reply| Event::ReplicaReport { group, hold, reply })
             .await
             .flatten()
     }
@@ -108,11 +118,14 @@ impl Node {
     }
 
     /// A read-only plan to fail `names` over to `to` (none named: every volume whose
-    /// home site does not answer). Kept on this node for `execute`.
+    /// home site does not answer). Kept on this node for `execute`. `hold`: `execute`'s
+    /// plan, whose replicas hold still until the failover applies (see
+    /// `roamdisk_core::node::failover::FAILOVER_HOLD`).
     pub async fn plan_failover(
         &self,
         to: &str,
         names: &[String],
+        hold: bool,
     ) -> Result<FailoverPlan, NodeError> {
         let cluster = self.cluster();
         if !cluster.sites().iter().any(|s| s == to) {
@@ -158,7 +171,9 @@ impl Node {
                 .collect();
             let group = v.id.group();
             let answers = futures_util::future::join_all(
-                survivors.iter().map(|n| self.replica_report(*n, group)),
+                survivors
+                    .iter()
+                    .map(|n| self.replica_report(*n, group, hold)),
             )
             .await;
             let mut reports = Vec::new();
@@ -210,7 +225,7 @@ impl Node {
             .map(|(_, p)| p.clone())
             .ok_or_else(|| ExecuteError::UnknownPlan(id.into()))?;
         let names: Vec<String> = old.volumes.iter().map(|v| v.name.clone()).collect();
-        let new = self.plan_failover(&old.to, &names).await?;
+        let new = self.plan_failover(&old.to, &names, true).await?;
         if new.plan != old.plan {
             return Err(ExecuteError::Stale {
                 old: old.plan,

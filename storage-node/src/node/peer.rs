@@ -205,8 +205,8 @@ impl RequestHandler for PeerHandler {
                         .await
                         .map_err(WireRefused::from),
                 ),
-                PeerRequest::ReplicaReport { group } => {
-                    PeerResponse::ReplicaReport(self.0.local_replica_report(group).await)
+                PeerRequest::ReplicaReport { group, hold } => {
+                    PeerResponse::ReplicaReport(self.0.local_replica_report(group, hold).await)
                 }
                 PeerRequest::Divergent { volume } => PeerResponse::Divergent(
                     self.0

@@ -158,9 +158,11 @@ pub enum Event {
         epoch: Option<u64>,
         reply: ReadReply,
     },
-    /// What this node's replica of `group` knows that a failover plan needs.
+    /// What this node's replica of `group` knows that a failover plan needs (`hold`: for
+    /// one being executed, see `NodeCore::replica_report_holding`).
     ReplicaReport {
         group: GroupId,
+        hold: bool,
         reply: oneshot::Sender<Option<ReplicaReport>>,
     },
     /// What this node's fenced replica of `group` holds past failover `record`'s
@@ -559,8 +561,13 @@ impl<S: LogStore> Store<S> {
                 let id = self.replies.register(Reply::Read(reply));
                 self.core.read(now, group, epoch, id);
             }
-            Event::ReplicaReport { group, reply } => {
-                let _ = reply.send(self.core.replica_report(now, group));
+            Event::ReplicaReport { group, hold, reply } => {
+                let report = if hold {
+                    self.core.replica_report_holding(now, group)
+                } else {
+                    self.core.replica_report(now, group)
+                };
+                let _ = reply.send(report);
             }
             Event::Divergent {
                 group,

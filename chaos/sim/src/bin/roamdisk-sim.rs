@@ -9,7 +9,8 @@
 //! `--bug ack-before-sync|early-ack-alone|flush-early|stale-copy|trust-log|no-quarantine|lose-synced`
 //! (the core's negative controls, `roamdisk_core::node::CoreBug`, or a disk that loses
 //! synced data), `--no-quorum-check`, `--allow-removing-leader`, and
-//! `--stress` (the `membership_stress` preset; give it first).
+//! `--stress` (the `membership_stress` preset; give it first), `--power-stress`, and
+//! `--site-loss` (a home site lost and failed over once per run, `SimConfig::site_loss`).
 //! A sweep stops at the first failing seed unless `--keep-going` is given, in which
 //! case it lists every failing seed.
 
@@ -23,7 +24,8 @@ fn usage(why: &str) -> ExitCode {
     eprintln!("{why}");
     eprintln!(
         "usage: roamdisk-sim (--seeds COUNT [--start FIRST] [--keep-going] | --seed N [--trace])\n\
-         \x20      [--bug NAME] [--no-quorum-check] [--stress] [--allow-removing-leader]"
+         \x20      [--bug NAME] [--no-quorum-check] [--stress|--power-stress|--site-loss]\n\
+         \x20      [--allow-removing-leader]"
     );
     ExitCode::from(2)
 }
@@ -65,6 +67,12 @@ fn main() -> ExitCode {
                 cfg = SimConfig {
                     trace: cfg.trace,
                     ..SimConfig::membership_stress()
+                }
+            }
+            "--site-loss" => {
+                cfg = SimConfig {
+                    trace: cfg.trace,
+                    ..SimConfig::site_loss()
                 }
             }
             "--bug" => {

@@ -216,6 +216,13 @@ pub enum Note {
     /// voters were quarantined, or it lasted `NodeConfig::quarantine_max`. Writes
     /// answered early that only quarantined voters had written may be lost from then on.
     QuarantineEnded { group: GroupId, why: QuarantineEnd },
+    /// This replica of `group` changed epoch (a failover): notes and answers after it are
+    /// of `epoch`; `fenced`: it was fenced instead, and stays in its old epoch.
+    Epoch {
+        group: GroupId,
+        epoch: u64,
+        fenced: bool,
+    },
 }
 
 /// Why a quarantine ended before catching up with a leader.

@@ -12,8 +12,9 @@
 //!   not) is applied;
 //! - **another survivor** keeps its log if everything it knew committed is below the
 //!   plan's commit (its log then agrees with the source's up to there; Raft replaces any
-//!   other tail), and otherwise starts empty and copies the blocks that differ, as after
-//!   a snapshot;
+//!   other tail) and its data holds nothing newer (no copy running, none made from a
+//!   later state), and otherwise starts empty and copies the blocks that differ, as
+//!   after a snapshot;
 //! - **a replica of the lost home** is *fenced*: its group stops (no Raft, no answers),
 //!   and its data and log stay as they were: the divergent writes it may hold are kept
 //!   and reported until `DiscardDivergent`, which makes it start empty as a learner and
@@ -42,7 +43,17 @@ use crate::logstore::{GroupState, LogBatch, LogOp, LogStore};
 use crate::meta::{FailoverRecord, VolumeInfo};
 use crate::time::Time;
 
-use super::api::{Divergence, Refused};
+use super::api::{Divergence, Refused, ReplicaReport};
+
+/// How long a replica that reported for a failover being executed installs no snapshot
+/// (`NodeCore::replica_report_holding`). A snapshot from the old home, back between the
+/// plan and its commit, would leave the replica copying blocks; re-formed from it, a
+/// group whose only voter copies from nobody stops for good (the site-loss simulation
+/// found it: a plan whose `execute` timed out committed late, after the home returned).
+/// Longer than a metadata commit takes while it has a quorum; a failover that commits
+/// later than this from a replica that took a snapshot meanwhile is the one case left
+/// (README: plan again from a whole replica).
+pub const FAILOVER_HOLD: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Divergent entries a report reads at most; past it the report says it is incomplete.
 pub const DIVERGENT_SCAN_ENTRIES_MAX: u64 = 1 << 20;
@@ -62,6 +73,14 @@ pub fn epoch_key(group: GroupId) -> Vec<u8> {
 /// doc): a restart waits again.
 pub fn hold_key(group: GroupId) -> Vec<u8> {
     let mut k = b"hold/".to_vec();
+    k.extend_from_slice(&group.0.to_be_bytes());
+    k
+}
+
+/// Record that this replica holds still for a failover being executed (see
+/// `FAILOVER_HOLD`): a restart holds again for as long.
+pub fn failover_hold_key(group: GroupId) -> Vec<u8> {
+    let mut k = b"fhold/".to_vec();
     k.extend_from_slice(&group.0.to_be_bytes());
     k
 }
@@ -127,7 +146,15 @@ impl<S: LogStore> NodeCore<S> {
                 Action::Source
             } else {
                 let committed = v.failover.as_ref().map_or(0, |f| f.committed);
-                if group.raft.commit_index().0 <= committed {
+                // Its log agrees with the source's up to its commit, and its data holds
+                // no block newer than that: neither copied from a later state of the old
+                // group (`serve_after`, the simulation's seed 39: a learner re-copied from
+                // the old home after the plan kept blocks the new epoch never wrote) nor
+                // half copied.
+                if group.raft.commit_index().0 <= committed
+                    && group.serve_after <= committed
+                    && group.recovering.is_none()
+                {
                     Action::Keep
                 } else {
                     Action::Wipe
@@ -138,11 +165,21 @@ impl<S: LogStore> NodeCore<S> {
         for (g, action, v) in todo {
             tracing::warn!(volume = %v.name, group = %g, epoch = v.epoch, ?action,
                 "the volume failed over: this replica changes epoch");
+            let fenced = action == Action::Fence;
             match action {
                 Action::Fence => self.fence(g, v.epoch)?,
                 Action::Source => self.reform(now, g, &v, true)?,
                 Action::Keep => self.reform(now, g, &v, false)?,
                 Action::Wipe => self.restart_empty(now, g, &v)?,
+            }
+            if self.cfg.observe {
+                let epoch = self.groups.get(&g).map_or(v.epoch, |x| x.epoch);
+                self.effects
+                    .push(super::api::Effect::Note(super::api::Note::Epoch {
+                        group: g,
+                        epoch,
+                        fenced,
+                    }));
             }
         }
         Ok(())
@@ -186,6 +223,8 @@ impl<S: LogStore> NodeCore<S> {
             group: g,
             leader: None,
         });
+        // A block copy it ran stops: its data stays as the failover found it.
+        self.publish_recovering();
         Ok(())
     }
 
@@ -229,7 +268,7 @@ impl<S: LogStore> NodeCore<S> {
         });
         self.log.write(b)?;
         self.log.sync()?;
-        self.reopen(now, g)?;
+        self.reopen(now, g, false)?;
         if source {
             let group = self.groups.get_mut(&g).expect("reopened");
             group.raft.campaign()?;
@@ -265,13 +304,17 @@ impl<S: LogStore> NodeCore<S> {
         self.epoch_records(&mut b, g, v);
         self.log.write(b)?;
         self.log.sync()?;
-        self.reopen(now, g)?;
+        self.reopen(now, g, true)?;
         self.publish_recovering();
         Ok(())
     }
 
-    /// The records of `v`'s epoch for `g`: the epoch and its start, and the fencing wait.
+    /// The records of `v`'s epoch for `g`: the epoch and its start, and the fencing wait
+    /// (a hold for the failover is over).
     fn epoch_records(&self, b: &mut LogBatch, g: GroupId, v: &VolumeInfo) {
+        b.push(LogOp::Delete {
+            key: failover_hold_key(g),
+        });
         b.push(LogOp::Put {
             key: epoch_key(g),
             value: encode_epoch(v.epoch, Self::epoch_start(v)),
@@ -284,13 +327,32 @@ impl<S: LogStore> NodeCore<S> {
         }
     }
 
-    /// Opens `g` again from the log store (its state changed underneath).
-    fn reopen(&mut self, now: Time, g: GroupId) -> Result<(), CoreError> {
+    /// Opens `g` again from the log store (its state changed underneath; the callers
+    /// synced it). The Readies of the old incarnation waiting for a sync are dropped: their
+    /// numbers are the old `RawNode`'s, and a sync credited to the new one with them
+    /// marked its first entries persisted before any sync covered them (the site-loss
+    /// simulation, seed 110: a re-formed source committed its first entry alone, unsynced).
+    /// `wiped`: it starts empty (and copies), so nothing of the old one carries over.
+    fn reopen(&mut self, now: Time, g: GroupId, wiped: bool) -> Result<(), CoreError> {
+        self.sync.unsynced.retain(|u| u.group != g);
+        self.sync.syncing.retain(|u| u.group != g);
+        if self.sync.unsynced.is_empty() {
+            self.sync.unsynced_since = None;
+        }
         let old = self.groups.remove(&g).expect("listed");
         self.open_group(g, now)?;
         let group = self.groups.get_mut(&g).expect("opened");
         group.policy = old.policy;
         group.term_synced = group.raft.term().0;
+        if !wiped && old.recovering.is_none() && group.recovering.is_some() {
+            // A copy this process accepted whose record the next checkpoint drops (its
+            // data is not synced yet): the replica is whole, as it was a moment ago.
+            // Reopened as recovering, a source that votes alone would wait for a copy
+            // from nobody (the site-loss simulation found it, seed 60).
+            group.recovering = None;
+            group.recovery_record_stale = true;
+            group.serve_after = group.serve_after.max(old.serve_after);
+        }
         Ok(())
     }
 
@@ -319,6 +381,12 @@ impl<S: LogStore> NodeCore<S> {
     pub(super) fn end_holds(&mut self, now: Time) -> Result<(), CoreError> {
         let mut b = LogBatch::default();
         for (&g, group) in self.groups.iter_mut() {
+            if group.failover_hold.is_some_and(|h| now >= h) {
+                group.failover_hold = None;
+                b.push(LogOp::Delete {
+                    key: failover_hold_key(g),
+                });
+            }
             if group.hold_until.is_some_and(|h| now >= h) {
                 group.hold_until = None;
                 tracing::info!(group = %g, epoch = group.epoch,
@@ -406,6 +474,32 @@ impl<S: LogStore> NodeCore<S> {
         }
         d.blocks = blocks.len() as u64;
         Ok(Some(d))
+    }
+
+    /// The replica's report for a failover about to be executed (`execute`'s second
+    /// plan): it also holds still, installing no snapshot for `FAILOVER_HOLD` (or until
+    /// the failover re-forms it), so that the plan made from it stays true.
+    pub fn replica_report_holding(&mut self, now: Time, g: GroupId) -> Option<ReplicaReport> {
+        let group = self.groups.get_mut(&g)?;
+        group.failover_hold = Some(now + FAILOVER_HOLD);
+        // Recorded, so that a restart holds too (the simulation's seed 293: a source
+        // that rebooted between the plan and its commit took a snapshot).
+        let mut b = LogBatch::default();
+        b.push(LogOp::Put {
+            key: failover_hold_key(g),
+            value: Vec::new(),
+        });
+        let written = self.log.write(b).and_then(|()| self.log.sync());
+        if let Err(e) = written {
+            tracing::warn!(group = %g, error = %e, "cannot record the failover hold");
+            return None;
+        }
+        self.replica_report(now, g)
+    }
+
+    /// The epoch that fenced this node's replica of `g`, if one did.
+    pub fn fenced(&self, g: GroupId) -> Option<u64> {
+        self.groups.get(&g).and_then(|x| x.fenced)
     }
 
     /// The index of `g`'s epoch start, as recorded here.

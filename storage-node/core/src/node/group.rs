@@ -73,6 +73,13 @@ pub(crate) struct Out<'a> {
     pub unix_ms: u64,
     /// This node holds its lease (see `lease`): volume answers may be given.
     pub open: bool,
+    /// This node was granted a lease since it started (or runs without one). Only then
+    /// may a site-durable volume degrade: a home that restarts while it is still cut off
+    /// cannot know whether it was failed over meanwhile, so its writes wait until the
+    /// metadata answers (and fences it, if it was). Found by the simulation's site-loss
+    /// runs: a home killed for a failover, as the plan advises, came back still cut off
+    /// and degraded, acknowledging writes the new home never saw.
+    pub leased_since_start: bool,
 }
 
 impl<'a> Out<'a> {
@@ -86,6 +93,7 @@ impl<'a> Out<'a> {
             now: Time::ZERO,
             unix_ms: 0,
             open: false,
+            leased_since_start: false,
         }
     }
 }
@@ -208,6 +216,12 @@ pub(crate) struct GroupCore<S: LogStore> {
     pub hold_until: Option<Time>,
     /// A failover fenced this replica (the epoch that did): no Raft, no answers.
     pub fenced: Option<u64>,
+    /// It reported for a failover about to be executed: until then it installs no
+    /// snapshot, so that it stays as whole as it reported (see `failover::FAILOVER_HOLD`).
+    pub failover_hold: Option<Time>,
+    /// The Ready (its number) that wrote a snapshot's recovery record, until a sync
+    /// covers it: no block copy starts before (see `publish_recovering`).
+    pub recovery_unsynced: Option<u64>,
     /// Requests done here whose answers wait for the lease or the fencing wait.
     /// Bounded with `proposals` by `PENDING_PROPOSALS_MAX`.
     pub suspended: Vec<ReqId>,
@@ -515,7 +529,11 @@ impl<S: LogStore> GroupCore<S> {
             }
             return;
         }
-        if let (Some(after), None) = (self.policy.degrade_after, self.degraded_since) {
+        if let (Some(after), None, true) = (
+            self.policy.degrade_after,
+            self.degraded_since,
+            out.leased_since_start,
+        ) {
             let waited = self
                 .site_waiting
                 .front()
@@ -622,7 +640,8 @@ impl<S: LogStore> GroupCore<S> {
     /// to go on alone when no other site answers, and the home that loses every other
     /// site loses the metadata majority too, so under the lease degrading could never
     /// help. The price: a failover while it is degraded cannot fence it (the plan says
-    /// so), and what it writes meanwhile becomes its divergent tail.
+    /// so), and what it writes meanwhile becomes its divergent tail. A node degrades only
+    /// once it held a lease since it started (`Out::leased_since_start`).
     pub fn answers_open(&self, out: &Out<'_>) -> bool {
         (out.open || (self.degraded_since.is_some() && self.raft.is_leader()))
             && self.fenced.is_none()

@@ -383,6 +383,11 @@ impl<S: LogStore> NodeCore<S> {
         let Some(point) = g.recovering else {
             return Ok(false);
         };
+        if g.fenced.is_some() {
+            // A fenced replica keeps its data as the failover found it: nothing copies
+            // over what it may hold that the new epoch does not.
+            return Ok(false);
+        }
         if point != from && !accept_stale {
             tracing::info!(%group, copied_for = from.0, recovery_point = point.0,
                 "block copy made for an earlier recovery point; copying again");

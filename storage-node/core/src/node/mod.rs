@@ -324,6 +324,7 @@ macro_rules! out {
             },
             open: $core.cfg.bug == Some($crate::node::CoreBug::IgnoreLease)
                 || $core.lease.open(&$core.cfg, $now),
+            leased_since_start: $core.cfg.lease.is_none() || $core.lease.until.is_some(),
         }
     };
 }
@@ -573,6 +574,11 @@ impl<S: LogStore> NodeCore<S> {
             epoch,
             epoch_start,
             hold_until,
+            recovery_unsynced: None,
+            failover_hold: self
+                .log
+                .get(&failover::failover_hold_key(g))?
+                .map(|_| now + failover::FAILOVER_HOLD),
             fenced,
             suspended: Vec::new(),
             heard_leader: None,
@@ -812,6 +818,13 @@ impl<S: LogStore> NodeCore<S> {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::debug!(%group, from = msg.from, epoch, ours = g.epoch,
                 "message of another epoch dropped");
+            return;
+        }
+        if msg.get_msg_type() == MessageType::MsgSnapshot
+            && g.failover_hold.is_some_and(|h| now < h)
+        {
+            tracing::info!(%group, from = msg.from,
+                "reported for a failover being executed: snapshot not installed");
             return;
         }
         if g.raft.leader() == Some(NodeId(msg.from)) || msg.term > g.raft.term().0 {

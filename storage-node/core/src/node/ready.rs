@@ -66,6 +66,8 @@ struct Readied {
     read_states: Vec<raft::ReadState>,
     must_sync: bool,
     urgent: bool,
+    /// It installed a snapshot (whose recovery record it writes).
+    snapshot: bool,
     delivered: Option<LogIndex>,
     /// Its last entry's index and term (see `Unsynced::last`) and the bytes it wrote.
     last: u64,
@@ -200,6 +202,7 @@ impl<S: LogStore> NodeCore<S> {
                 read_states: work.read_states,
                 must_sync: work.must_sync,
                 urgent: work.votes || work.snapshot.is_some(),
+                snapshot: work.snapshot.is_some(),
                 delivered,
                 last,
                 last_term,
@@ -291,6 +294,10 @@ impl<S: LogStore> NodeCore<S> {
                 // Negative control: the promise goes out before it is kept.
                 send_persisted(g, std::mem::take(&mut u.persisted), out.effects);
             }
+            if r.snapshot {
+                // Its recovery record is not durable yet: no copy starts until it is.
+                g.recovery_unsynced = Some(number);
+            }
             let in_unsynced = self.sync.unsynced.iter().any(|u| u.group == id);
             let in_syncing = self.sync.syncing.iter().any(|u| u.group == id);
             if r.must_sync || in_unsynced {
@@ -300,6 +307,7 @@ impl<S: LogStore> NodeCore<S> {
                 self.sync.syncing.push(u);
             } else {
                 g.raft.on_persisted(number);
+                g.recovery_unsynced = None;
                 send_persisted(g, u.persisted, out.effects);
             }
             // 7. Applied index to raft, then answer what completed.
@@ -324,6 +332,10 @@ impl<S: LogStore> NodeCore<S> {
         }
         if meta_changed && self.cfg.reconcile {
             self.reconcile(now)?;
+        } else if meta_changed {
+            // A driver that places groups itself (the simulation) still follows the
+            // metadata's epochs: failovers and discards run the same code.
+            self.reconcile_epochs(now)?;
         }
         for (ctx, index) in lease_states {
             self.lease_read_state(ctx, index, now);
@@ -346,7 +358,17 @@ impl<S: LogStore> NodeCore<S> {
         let now = self.last_now;
         let mut list = Vec::new();
         for (&id, g) in self.groups.iter_mut() {
-            let Some(point) = g.recovering else {
+            // A fenced replica copies nothing (its data is kept as it is); nor does one
+            // whose recovery record is not synced yet: copied blocks that outlive a power
+            // loss which took the record (and the snapshot) would be newer than the log,
+            // and the replica would not know it. Found by the site-loss simulation (seed
+            // 620): a survivor that lost power during its copy came back whole to its
+            // own eyes, with blocks 127 entries past its log, and the failover re-formed
+            // the group from it.
+            let Some(point) = g
+                .recovering
+                .filter(|_| g.fenced.is_none() && g.recovery_unsynced.is_none())
+            else {
                 continue;
             };
             list.push((id, point));

@@ -236,6 +236,9 @@ impl<S: LogStore> NodeCore<S> {
             }
             g.term_synced = g.term_synced.max(u.term);
             g.raft.on_persisted(u.number);
+            if g.recovery_unsynced.is_some_and(|n| n <= u.number) {
+                g.recovery_unsynced = None;
+            }
             if g.applied > g.raft.applied_index() {
                 g.raft.advance_apply_to(g.applied);
                 g.complete_reads(&mut out);
@@ -245,6 +248,8 @@ impl<S: LogStore> NodeCore<S> {
                 note_commit(g, b, out.effects);
             }
         }
+        // A recovery record it made durable lets its copy start.
+        self.publish_recovering();
         // What was urgent may have been this sync: decide again for what is left.
         self.want_syncs();
         self.start_sync_if_due(now);
