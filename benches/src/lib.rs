@@ -4,6 +4,7 @@
 //! replicated volume on the playground against qemu-nbd). `plot`: PNG charts of results.
 
 pub mod plot;
+pub mod targets;
 
 use std::io::Write;
 use std::path::Path;
@@ -187,7 +188,18 @@ pub fn run_fio(row: &Row, uri: &str, size: u64, runtime_secs: u64) -> Result<Sam
     })
 }
 
-/// Runs `row` with `qemu-img bench` (sequential by construction) against `uri`.
+/// The requests `run_qemu_img_bench` makes for `row`: twice the region for large
+/// blocks, else the guessed rate for the runtime.
+pub fn qemu_img_bench_count(row: &Row, size: u64, runtime_secs: u64, rate_guess: u64) -> u64 {
+    if row.block_bytes >= 1 << 20 {
+        (size / row.block_bytes).max(64) * 2
+    } else {
+        rate_guess * runtime_secs.max(1)
+    }
+}
+
+/// Runs `row` with `qemu-img bench` (sequential by construction) against `uri`. Writes
+/// carry a non-zero pattern (zeros would let a server skip work a guest makes it do).
 pub fn run_qemu_img_bench(
     row: &Row,
     uri: &str,
@@ -195,11 +207,7 @@ pub fn run_qemu_img_bench(
     runtime_secs: u64,
     rate_guess: u64,
 ) -> Result<Sample> {
-    let count = if row.block_bytes >= 1 << 20 {
-        (size / row.block_bytes).max(64) * 2
-    } else {
-        rate_guess * runtime_secs.max(1)
-    };
+    let count = qemu_img_bench_count(row, size, runtime_secs, rate_guess);
     let mut cmd = Command::new("qemu-img");
     cmd.args(["bench", "-f", "raw", "-t", "none", "-n"]).args([
         "-c",
@@ -210,7 +218,7 @@ pub fn run_qemu_img_bench(
         &row.block_bytes.to_string(),
     ]);
     if row.write {
-        cmd.arg("-w");
+        cmd.args(["-w", "--pattern=165"]);
         if row.flush_every > 0 {
             cmd.arg(format!("--flush-interval={}", row.flush_every));
         }
