@@ -130,7 +130,10 @@ fn run_qemu_img_bench_counted(
     guess: u64,
 ) -> Result<(Sample, u64)> {
     let count = crate::qemu_img_bench_count(row, size, runtime_secs, guess);
-    Ok((run_qemu_img_bench(row, uri, size, runtime_secs, guess)?, count))
+    Ok((
+        run_qemu_img_bench(row, uri, size, runtime_secs, guess)?,
+        count,
+    ))
 }
 
 /// One import: `qemu-img convert` of `source` (raw) into a target.
@@ -152,7 +155,9 @@ pub fn import_into(source: &Path, targets: &[Target], repeat: usize) -> Result<V
             let before = snapshot(&t.pids);
             let t0 = Instant::now();
             let st = Command::new("qemu-img")
-                .args(["convert", "-n", "-f", "raw", "-O", "raw", "-t", "none", "-W"])
+                .args([
+                    "convert", "-n", "-f", "raw", "-O", "raw", "-t", "none", "-W",
+                ])
                 .arg(source)
                 .arg(&t.uri)
                 .status()
@@ -322,14 +327,19 @@ pub struct Fairness {
 
 fn fio_job(uri: &str, rw: &str, bs: &str, depth: u32, size: u64, runtime_secs: u64) -> Command {
     let mut cmd = Command::new("fio");
-    cmd.args(["--name=job", "--ioengine=nbd", "--output-format=json", "--time_based"])
-        .arg(format!("--uri={uri}"))
-        .arg(format!("--rw={rw}"))
-        .arg(format!("--bs={bs}"))
-        .arg(format!("--iodepth={depth}"))
-        .arg(format!("--size={size}"))
-        .arg(format!("--runtime={runtime_secs}"))
-        .arg("--ramp_time=1");
+    cmd.args([
+        "--name=job",
+        "--ioengine=nbd",
+        "--output-format=json",
+        "--time_based",
+    ])
+    .arg(format!("--uri={uri}"))
+    .arg(format!("--rw={rw}"))
+    .arg(format!("--bs={bs}"))
+    .arg(format!("--iodepth={depth}"))
+    .arg(format!("--size={size}"))
+    .arg(format!("--runtime={runtime_secs}"))
+    .arg("--ramp_time=1");
     cmd
 }
 
@@ -349,7 +359,12 @@ fn p99_us(v: &serde_json::Value) -> f64 {
         / 1000.0
 }
 
-pub fn measure_fairness(small: &str, large: &str, size: u64, runtime_secs: u64) -> Result<Fairness> {
+pub fn measure_fairness(
+    small: &str,
+    large: &str,
+    size: u64,
+    runtime_secs: u64,
+) -> Result<Fairness> {
     let alone = fio_json(
         fio_job(small, "randwrite", "4k", 1, size, runtime_secs)
             .output()

@@ -23,7 +23,9 @@ use clap::Parser;
 use roamdisk_benches::targets::{
     import_into, measure_device, measure_targets, targets_table, Target,
 };
-use roamdisk_benches::{fill_image, row, start_qemu_nbd, wait_listening, free_port, Client, Server};
+use roamdisk_benches::{
+    fill_image, free_port, row, start_qemu_nbd, wait_listening, Client, Server,
+};
 use roamdisk_playground::Manifest;
 
 #[derive(Parser, Debug)]
@@ -115,7 +117,16 @@ fn start_ceph(peer: &Path, image_mib: u64) -> Result<Ceph> {
     }
     let port = free_port()?;
     let child = Command::new("qemu-nbd")
-        .args(["-f", "raw", "-b", "127.0.0.1", "-x", "img1", "--cache=none", "--persistent"])
+        .args([
+            "-f",
+            "raw",
+            "-b",
+            "127.0.0.1",
+            "-x",
+            "img1",
+            "--cache=none",
+            "--persistent",
+        ])
         .args(["--shared=16", "-p", &port.to_string()])
         .arg(&spec)
         .env("QEMU_MODULE_DIR", &modules)
@@ -250,7 +261,15 @@ fn main() -> Result<()> {
         row(Fio, "4k randread QD32", false, true, 4096, 32, 0),
         row(Fio, "1M seq write QD8", true, false, 1 << 20, 8, 0),
         row(Fio, "1M seq read QD8", false, false, 1 << 20, 8, 0),
-        row(QemuImgBench, "4k write QD32 flush/32", true, false, 4096, 32, 32),
+        row(
+            QemuImgBench,
+            "4k write QD32 flush/32",
+            true,
+            false,
+            4096,
+            32,
+            32,
+        ),
         row(QemuImgBench, "4k read QD32", false, false, 4096, 32, 0),
         row(QemuImgBench, "1M seq write QD8", true, false, 1 << 20, 8, 0),
         row(QemuImgBench, "1M seq read QD8", false, false, 1 << 20, 8, 0),
@@ -316,7 +335,10 @@ fn main() -> Result<()> {
             i.secs,
             i.mib_per_s,
             if i.target == "roamdisk" {
-                format!("{:.2}", i.mib_per_s / (device.direct_1m_qd8_mib_per_s / 3.0))
+                format!(
+                    "{:.2}",
+                    i.mib_per_s / (device.direct_1m_qd8_mib_per_s / 3.0)
+                )
             } else {
                 "-".into()
             },

@@ -3,7 +3,10 @@
 //!
 //! Key layout (all integers big-endian so that keys sort numerically):
 //! - `g` group(8) `s`            → group state (`codec`-encoded [`StoredState`])
-//! - `g` group(8) `e` index(8)   → entry (raft-rs protobuf)
+//! - `g` group(8) `e` index(8)   → entry (raft-rs protobuf), or for an entry longer than
+//!   [`payload::INLINE_MAX_BYTES`] a [`payload::Pointer`] to its encoding in a segment
+//!   file beside the database (`DIR.payload/`): large writes are written once, not to the
+//!   WAL, a memtable and SST files (decision 034)
 //! - `r` key                     → node record
 //!
 //! `write` uses an unsynced RocksDB write (in the WAL, so it survives kill -9); `sync`
@@ -14,7 +17,8 @@
 //! iterator was 29 % of the store thread under 4 KiB writes (`perf`: an uncached SST
 //! block read and its checksum per seek).
 //!
-//! Here: keys, group states and the [`RocksLogStore`]; in `cache`, the [`EntryCache`].
+//! Here: keys, group states and the [`RocksLogStore`]; in `cache`, the [`EntryCache`]; in
+//! `payload`, the segment files.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -30,11 +34,20 @@ use serde::{Deserialize, Serialize};
 
 mod cache;
 pub mod faults;
+pub mod payload;
 #[cfg(test)]
 mod tests;
 
 use cache::EntryCache;
 pub use cache::ENTRY_CACHE_BYTES;
+use payload::{Pointer, Segments};
+
+/// Where the segment files of the store in `dir` live.
+pub fn payload_dir(dir: &Path) -> std::path::PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_owned();
+    name.push(".payload");
+    dir.with_file_name(name)
+}
 
 /// On-disk form of a [`GroupState`], versioned by field order (append only).
 #[derive(Serialize, Deserialize)]
@@ -129,6 +142,8 @@ struct Cached {
     /// raft-rs asks for terms constantly, and reading one from RocksDB would decode a
     /// whole (up to 32 MiB) entry. Bounded like the log itself.
     terms: std::collections::VecDeque<u64>,
+    /// The entries stored in segments: index → segment.
+    pointers: std::collections::BTreeMap<u64, u64>,
 }
 
 impl Cached {
@@ -137,6 +152,15 @@ impl Cached {
             last_index: state.truncated_index,
             state,
             terms: Default::default(),
+            pointers: Default::default(),
+        }
+    }
+
+    /// Forgets the pointers at `range`, listing their segments in `dropped`.
+    fn drop_pointers(&mut self, range: impl std::ops::RangeBounds<u64>, dropped: &mut Vec<u64>) {
+        let gone: Vec<u64> = self.pointers.range(range).map(|(i, _)| *i).collect();
+        for i in gone {
+            dropped.push(self.pointers.remove(&i).expect("listed"));
         }
     }
 
@@ -160,6 +184,10 @@ pub struct RocksLogStore {
     entries: Mutex<EntryCache>,
     /// The emulated page-cache faults of a test node (`faults`); locked last.
     faults: Option<Mutex<faults::Faults>>,
+    /// The segment files of large entries; locked after `cache`, before `entries`.
+    payload: Mutex<Segments>,
+    /// Entries longer than this (encoded) go to a segment.
+    inline_max: usize,
 }
 
 /// Page-cache faults to emulate (tests only; see [`faults`]).
@@ -178,6 +206,16 @@ impl RocksLogStore {
 
     /// Opens the store, emulating page-cache faults with `test` (see [`faults`]).
     pub fn open_with(dir: &Path, test: Option<TestFaults>) -> Result<RocksLogStore, StoreError> {
+        Self::open_inline(dir, test, payload::INLINE_MAX_BYTES)
+    }
+
+    /// Opens the store with entries longer than `inline_max` bytes in segments (tests
+    /// put every entry there with 0).
+    pub fn open_inline(
+        dir: &Path,
+        test: Option<TestFaults>,
+        inline_max: usize,
+    ) -> Result<RocksLogStore, StoreError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         // Raft logs are written once and deleted soon: keep compaction cheap.
@@ -203,6 +241,8 @@ impl RocksLogStore {
             cache: RwLock::new(HashMap::new()),
             entries: Mutex::new(EntryCache::new(ENTRY_CACHE_BYTES)),
             faults,
+            payload: Mutex::new(Segments::open(&payload_dir(dir))?),
+            inline_max,
         };
         store.load_cache()?;
         Ok(store)
@@ -238,8 +278,26 @@ impl RocksLogStore {
             .map(|f| f.lock().unwrap().state().clone())
     }
 
+    /// The entry stored under `v`: inline, or read from its segment (`None` if its bytes
+    /// are missing or fail their check).
+    fn decode_entry(&self, v: &[u8]) -> Result<Option<(Entry, Option<u64>)>, StoreError> {
+        let (bytes, segment) = match Pointer::decode(v)? {
+            None => (std::borrow::Cow::Borrowed(v), None),
+            Some(p) => match self.payload.lock().unwrap().read(&p)? {
+                Some(b) => (std::borrow::Cow::Owned(b), Some(p.segment)),
+                None => return Ok(None),
+            },
+        };
+        let mut e = Entry::default();
+        e.merge_from_bytes(&bytes)
+            .map_err(|err| corrupt("log entry", err))?;
+        Ok(Some((e, segment)))
+    }
+
     fn load_cache(&self) -> Result<(), StoreError> {
         let mut cache = HashMap::new();
+        // Logs cut at an entry whose segment bytes did not survive (see `payload`).
+        let mut cut = Vec::new();
         for item in self.db.prefix_iterator(b"g") {
             let (k, v) = item.map_err(backend)?;
             if k.first() != Some(&b'g') {
@@ -257,9 +315,17 @@ impl RocksLogStore {
                     if !k.starts_with(&entry_prefix(g)) {
                         break;
                     }
-                    let mut e = Entry::default();
-                    e.merge_from_bytes(&v)
-                        .map_err(|err| corrupt("log entry", err))?;
+                    let Some((e, segment)) = self.decode_entry(&v)? else {
+                        tracing::warn!(group = %g, index = c.last_index + 1,
+                            "a log entry's segment bytes are missing or torn (written, \
+                             never synced, before a power loss): the log ends before it");
+                        cut.push((g, c.last_index + 1));
+                        break;
+                    };
+                    if let Some(s) = segment {
+                        c.pointers.insert(e.index, s);
+                        self.payload.lock().unwrap().add_ref(s);
+                    }
                     if e.index != c.last_index + 1 {
                         return Err(corrupt(
                             "log",
@@ -272,6 +338,17 @@ impl RocksLogStore {
                 cache.insert(g, c);
             }
         }
+        if !cut.is_empty() {
+            let mut wb = WriteBatch::default();
+            for (g, from) in cut {
+                wb.delete_range(entry_key(g, from), entry_key(g, u64::MAX));
+                wb.delete(entry_key(g, u64::MAX));
+            }
+            let mut wo = WriteOptions::default();
+            wo.set_sync(true);
+            self.db.write_opt(wb, &wo).map_err(backend)?;
+        }
+        self.payload.lock().unwrap().opened();
         *self.cache.write().unwrap() = cache;
         Ok(())
     }
@@ -332,9 +409,12 @@ impl LogStore for RocksLogStore {
             .take((high - low) as usize)
         {
             let (k, v) = item.map_err(backend)?;
-            let mut e = Entry::default();
-            e.merge_from_bytes(&v)
-                .map_err(|err| corrupt("log entry", err))?;
+            let (e, _) = self.decode_entry(&v)?.ok_or_else(|| {
+                corrupt(
+                    "log entry",
+                    format!("group {g}: an entry's segment bytes are missing"),
+                )
+            })?;
             let expected = low + out.len() as u64;
             if e.index != expected || k.as_ref() != entry_key(g, e.index).as_slice() {
                 return Err(corrupt(
@@ -411,8 +491,11 @@ impl LogStore for RocksLogStore {
     fn write(&self, batch: LogBatch) -> Result<(), StoreError> {
         // Work on copies of the cached states so that a failed write changes nothing.
         let mut cache = self.cache.write().unwrap();
+        let mut payload = self.payload.lock().unwrap();
         let mut touched: HashMap<GroupId, Option<Cached>> = HashMap::new();
         let mut wb = WriteBatch::default();
+        // Segment pointers this batch adds and deletes, counted once it is written.
+        let (mut added, mut dropped) = (Vec::new(), Vec::new());
         for op in &batch.ops {
             let group_of = |g: GroupId,
                             touched: &mut HashMap<GroupId, Option<Cached>>|
@@ -440,6 +523,13 @@ impl LogStore for RocksLogStore {
                     continue;
                 }
                 LogOp::Remove { group } => {
+                    if let Some(c) = touched
+                        .entry(*group)
+                        .or_insert_with(|| cache.get(group).cloned())
+                        .as_mut()
+                    {
+                        c.drop_pointers(.., &mut dropped);
+                    }
                     wb.delete(state_key(*group));
                     wb.delete_range(entry_key(*group, 0), entry_key(*group, u64::MAX));
                     wb.delete(entry_key(*group, u64::MAX));
@@ -470,14 +560,20 @@ impl LogStore for RocksLogStore {
                     }
                     if first.index <= c.last_index {
                         wb.delete_range(entry_key(g, first.index), entry_key(g, c.last_index + 1));
+                        c.drop_pointers(first.index.., &mut dropped);
                     }
                     c.terms
                         .truncate((first.index - c.state.truncated_index - 1) as usize);
                     for e in entries {
-                        wb.put(
-                            entry_key(g, e.index),
-                            e.write_to_bytes().expect("encode entry"),
-                        );
+                        let bytes = e.write_to_bytes().expect("encode entry");
+                        if bytes.len() > self.inline_max {
+                            let p = payload.append(&bytes)?;
+                            wb.put(entry_key(g, e.index), p.encode());
+                            c.pointers.insert(e.index, p.segment);
+                            added.push(p.segment);
+                        } else {
+                            wb.put(entry_key(g, e.index), bytes);
+                        }
                         c.terms.push_back(e.term);
                     }
                     c.last_index = entries.last().expect("non-empty").index;
@@ -496,6 +592,7 @@ impl LogStore for RocksLogStore {
                     ..
                 } => {
                     wb.delete_range(entry_key(g, 0), entry_key(g, u64::MAX));
+                    c.drop_pointers(.., &mut dropped);
                     c.state.truncated_index = *index;
                     c.state.truncated_term = *term;
                     c.state.conf_state = conf_state.clone();
@@ -520,6 +617,7 @@ impl LogStore for RocksLogStore {
                             corrupt("compact", format!("group {g}: entry {index} absent"))
                         })?;
                         wb.delete_range(entry_key(g, 0), entry_key(g, index + 1));
+                        c.drop_pointers(..=*index, &mut dropped);
                         c.terms.drain(..(*index - c.state.truncated_index) as usize);
                         c.state.truncated_index = *index;
                         c.state.truncated_term = term;
@@ -534,6 +632,13 @@ impl LogStore for RocksLogStore {
         let mut wo = WriteOptions::default();
         wo.set_sync(false);
         self.db.write_opt(wb, &wo).map_err(backend)?;
+        for s in added {
+            payload.add_ref(s);
+        }
+        for s in dropped {
+            payload.drop_ref(s);
+        }
+        drop(payload);
         if let Some(f) = &self.faults {
             f.lock().unwrap().written(&batch);
         }
@@ -552,15 +657,26 @@ impl LogStore for RocksLogStore {
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        let Some(faults) = &self.faults else {
-            return self.db.flush_wal(true).map_err(backend);
+        let covered = match &self.faults {
+            Some(faults) => {
+                let mut f = faults.lock().unwrap();
+                f.before_sync()?;
+                Some(f.state().unsynced.clone())
+            }
+            None => None,
         };
-        let covered = {
-            let mut f = faults.lock().unwrap();
-            f.before_sync()?;
-            f.state().unsynced.clone()
-        };
+        // The segments first: a pointer this sync makes durable has durable bytes.
+        let pending = self.payload.lock().unwrap().sync_begin();
+        if let Err(e) = pending.run() {
+            self.payload.lock().unwrap().sync_failed(pending);
+            return Err(e);
+        }
         self.db.flush_wal(true).map_err(backend)?;
-        faults.lock().unwrap().synced(&covered)
+        // Segments dead before this sync began: no durable pointer into them remains.
+        self.payload.lock().unwrap().unlink(&pending.dead)?;
+        match (&self.faults, covered) {
+            (Some(faults), Some(covered)) => faults.lock().unwrap().synced(&covered),
+            _ => Ok(()),
+        }
     }
 }

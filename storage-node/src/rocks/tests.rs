@@ -112,3 +112,126 @@ fn rocks_store_passes_conformance() {
     let path = dir.path().join("db");
     roamdisk_core::logstore::conformance(|| RocksLogStore::open(&path).unwrap());
 }
+
+#[test]
+fn rocks_store_with_every_entry_in_segments_passes_conformance() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    roamdisk_core::logstore::conformance(|| RocksLogStore::open_inline(&path, None, 0).unwrap());
+}
+
+fn create(s: &RocksLogStore, g: u64) {
+    let mut b = LogBatch::default();
+    b.push(LogOp::Create {
+        group: GroupId(g),
+        state: GroupState::default(),
+    });
+    s.write(b).unwrap();
+}
+
+fn segment_files(path: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(payload_dir(path))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn large_entries_go_to_segments_and_read_back_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let g = GroupId(1);
+    let big: Vec<Entry> = (1..=8).map(|i| entry(i, 1, 100 << 10)).collect();
+    let small = entry(9, 1, 100);
+    {
+        let s = RocksLogStore::open(&path).unwrap();
+        create(&s, 1);
+        s.write(append(1, big.clone())).unwrap();
+        s.write(append(1, vec![small.clone()])).unwrap();
+        s.sync().unwrap();
+        let p = s.payload.lock().unwrap();
+        assert!(
+            p.bytes_appended >= 8 * (100 << 10),
+            "the large entries went to a segment"
+        );
+        assert!(p.bytes_appended < 9 * (100 << 10), "the small one did not");
+    }
+    let s = RocksLogStore::open(&path).unwrap();
+    let mut all = big;
+    all.push(small);
+    assert_eq!(s.entries(g, 1, 10, u64::MAX).unwrap(), all);
+    assert_eq!(s.last_index(g).unwrap(), 9);
+    assert_eq!(s.term(g, 5).unwrap(), Some(1));
+}
+
+#[test]
+fn a_torn_segment_ends_the_log_before_the_first_entry_it_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let g = GroupId(1);
+    {
+        let s = RocksLogStore::open_inline(&path, None, 0).unwrap();
+        create(&s, 1);
+        s.write(append(1, (1..=10).map(|i| entry(i, 1, 1000)).collect()))
+            .unwrap();
+        s.sync().unwrap();
+    }
+    // A power loss that kept the pointers (the WAL) and lost the end of the bytes.
+    let seg = segment_files(&path)
+        .into_iter()
+        .find(|p| std::fs::metadata(p).unwrap().len() > 0)
+        .unwrap();
+    let len = std::fs::metadata(&seg).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    f.set_len(len * 6 / 10).unwrap();
+    drop(f);
+    let s = RocksLogStore::open(&path).unwrap();
+    let last = s.last_index(g).unwrap();
+    assert!((1..10).contains(&last), "the log was cut: ends at {last}");
+    assert_eq!(
+        s.entries(g, 1, last + 1, u64::MAX).unwrap().len() as u64,
+        last
+    );
+    // The cut is durable, and the log goes on from there.
+    s.write(append(1, vec![entry(last + 1, 2, 10)])).unwrap();
+    s.sync().unwrap();
+    drop(s);
+    let s = RocksLogStore::open(&path).unwrap();
+    assert_eq!(s.last_index(g).unwrap(), last + 1);
+    assert_eq!(s.term(g, last + 1).unwrap(), Some(2));
+}
+
+#[test]
+fn a_segment_is_unlinked_once_nothing_points_at_it_and_a_sync_made_that_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let g = GroupId(1);
+    let s = RocksLogStore::open_inline(&path, None, 0).unwrap();
+    create(&s, 1);
+    // Enough to fill more than one segment.
+    let per = 4 << 20;
+    let n = (payload::SEGMENT_BYTES / per as u64) + 4;
+    for i in 1..=n {
+        s.write(append(1, vec![entry(i, 1, per)])).unwrap();
+    }
+    s.sync().unwrap();
+    let before = segment_files(&path).len();
+    assert!(before >= 2, "{before} segments");
+    let mut b = LogBatch::default();
+    b.push(LogOp::Applied { group: g, index: n });
+    b.push(LogOp::Compact { group: g, index: n });
+    s.write(b).unwrap();
+    assert_eq!(
+        segment_files(&path).len(),
+        before,
+        "nothing is unlinked before a sync covers the compaction"
+    );
+    s.sync().unwrap();
+    let after = segment_files(&path).len();
+    assert_eq!(after, 1, "only the active segment stays: {after}");
+    drop(s);
+    let s = RocksLogStore::open(&path).unwrap();
+    assert_eq!(s.last_index(g).unwrap(), n);
+}
