@@ -196,19 +196,15 @@ pub struct Device {
 pub fn measure_device(dir: &Path, runtime_secs: u64) -> Result<Device> {
     let file = dir.join("fio-device-test");
     let fio = |args: &[&str]| -> Result<serde_json::Value> {
-        let out = Command::new("fio")
-            .args(["--name=device", "--output-format=json", "--time_based"])
-            .arg(format!("--filename={}", file.display()))
-            .arg(format!("--runtime={runtime_secs}"))
-            .args(args)
-            .output()
-            .context("run fio (package fio)")?;
-        if !out.status.success() {
-            bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let start = text.find('{').context("fio printed no JSON")?;
-        Ok(serde_json::from_str(&text[start..])?)
+        fio_json(
+            Command::new("fio")
+                .args(["--name=device", "--output-format=json", "--time_based"])
+                .arg(format!("--filename={}", file.display()))
+                .arg(format!("--runtime={runtime_secs}"))
+                .args(args)
+                .output()
+                .context("run fio (package fio)")?,
+        )
     };
     let bw = fio(&[
         "--rw=write",

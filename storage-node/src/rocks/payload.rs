@@ -24,7 +24,7 @@
 //! it is in a log, so the disk they take is the retained and unapplied logs plus at most
 //! one partly dead segment per writing stretch.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -287,18 +287,6 @@ impl Segments {
             }
         }
         Ok(())
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// Segments on disk and the pointers into each (for tests and status).
-    pub fn files(&self) -> BTreeMap<u64, u64> {
-        self.files
-            .keys()
-            .map(|id| (*id, self.refs.get(id).copied().unwrap_or(0)))
-            .collect()
     }
 
     /// At open, after every pointer was counted: segments nothing points at (but the
