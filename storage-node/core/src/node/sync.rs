@@ -12,7 +12,7 @@
 //! for a sync; a burst of early-answered writes does not. So the written log syncs at
 //! once only when it is *urgent*: a Ready changed the term or vote or installed a
 //! snapshot, a group is the metadata group or site-durable, a read waits on this
-//! replica, `LAZY_SYNC_BYTES_MAX` of entries or `LAZY_SYNC_HELD_MAX` held messages wait,
+//! replica, `LAZY_SYNC_BYTES_MAX` of entries or `lazy_sync_held_max` held messages wait,
 //! or the leader asked ([`SyncWanted`]). A leader asks when its commit is awaited
 //! (`GroupCore::commit_awaited`). Otherwise the sync starts `SYNC_LAZY_MAX` after the
 //! oldest unsynced write. While syncs run back to back, a written Ready waits up to
@@ -44,6 +44,15 @@ pub const SYNC_LAZY_MAX: Duration = Duration::from_millis(10);
 /// urgent: raft-rs keeps at most 64 appends in flight per follower, and stops sending to
 /// one whose responses do not come back.
 pub const LAZY_SYNC_HELD_MAX: usize = 32;
+
+/// Held messages that make a put-off sync urgent with `max_inflight_msgs` appends in
+/// flight per follower: `LAZY_SYNC_HELD_MAX`, or half the window if that is smaller. A
+/// follower holding a whole window of append responses pauses its leader until the lazy
+/// sync (measured with a window of 8 and the threshold at 32: a QD1 4 KiB writer stalled
+/// 8 ms every 10 ms, p99 0.8 -> 8.4 ms).
+pub fn lazy_sync_held_max(max_inflight_msgs: usize) -> usize {
+    LAZY_SYNC_HELD_MAX.min(max_inflight_msgs / 2).max(1)
+}
 /// Written bytes of entries that make a put-off sync urgent. Putting off pays where
 /// syncs cost latency (bursts of small writes, then FLUSH), not where they cost
 /// bandwidth: large writes sync as they come (measured: 1 MiB writes lost 10 % at 8 MiB).
@@ -187,7 +196,7 @@ impl<S: LogStore> NodeCore<S> {
         let s = &self.sync;
         let bytes: u64 = s.unsynced.iter().map(|u| u.bytes).sum();
         let held: usize = s.unsynced.iter().map(|u| u.persisted.len()).sum();
-        let urgent = held >= LAZY_SYNC_HELD_MAX
+        let urgent = held >= lazy_sync_held_max(self.cfg.group.max_inflight_msgs)
             || bytes >= LAZY_SYNC_BYTES_MAX
             || s.unsynced
                 .iter()
@@ -254,5 +263,24 @@ impl<S: LogStore> NodeCore<S> {
         self.want_syncs();
         self.start_sync_if_due(now);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{lazy_sync_held_max, LAZY_SYNC_HELD_MAX};
+
+    #[test]
+    fn held_messages_make_a_sync_urgent_before_a_window_fills() {
+        // The default window (64) keeps the fixed threshold.
+        assert_eq!(lazy_sync_held_max(64), LAZY_SYNC_HELD_MAX);
+        assert_eq!(lazy_sync_held_max(1024), LAZY_SYNC_HELD_MAX);
+        // A smaller window syncs at half of it, so a leader never waits out a lazy sync
+        // with its window full.
+        for w in [1, 2, 3, 8, 16, 63] {
+            let t = lazy_sync_held_max(w);
+            assert!(t >= 1 && t < w.max(2), "window {w}: threshold {t}");
+        }
+        assert_eq!(lazy_sync_held_max(8), 4);
     }
 }
